@@ -1,0 +1,19 @@
+"""flashtile: FlashAttention-class attention kernels in Triton, with a tiled PyTorch path for CPU."""
+
+from flashtile.api import UnsupportedError, flash_attn_func, scaled_dot_product_attention
+from flashtile.dispatch import use_backend
+
+try:
+    from importlib.metadata import version as _version
+
+    __version__ = _version("flashtile")
+except Exception:  # not installed (running from a source tree)
+    __version__ = "0+unknown"
+
+__all__ = [
+    "flash_attn_func",
+    "scaled_dot_product_attention",
+    "use_backend",
+    "UnsupportedError",
+    "__version__",
+]

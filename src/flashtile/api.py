@@ -1,0 +1,189 @@
+"""Public attention functions: validate, normalise layout by strides (no copies), build one spec,
+dispatch.
+
+Shape contracts (flash layout):
+  q   [batch, seqlen_q, heads_q, head_dim]
+  k   [batch, seqlen_k, heads_kv, head_dim]
+  v   [batch, seqlen_k, heads_kv, head_dim_v]
+  out [batch, seqlen_q, heads_q, head_dim_v]        lse float32 [batch, heads_q, seqlen_q]
+heads_q % heads_kv == 0 (GQA / MQA). scaled_dot_product_attention takes torch's [B, H, S, D].
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Tuple, Union
+
+import torch
+
+from flashtile import dispatch, ops, reference
+from flashtile.spec import AttentionSpec, default_softmax_scale, mask_edges
+
+Tensor = torch.Tensor
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+class UnsupportedError(NotImplementedError, ValueError):
+    """A valid request flashtile cannot serve yet (both NotImplementedError and ValueError)."""
+
+
+def _check_tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must have 4 dims [batch, seqlen, heads, head_dim], got shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+    return t
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    """Kernels index any strides except the last dim; copy only when that one is not 1."""
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+        raise ValueError(f"batch size differs: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    if v.shape[1] != k.shape[1]:
+        raise ValueError(f"k and v must have the same seqlen, got k {k.shape[1]}, v {v.shape[1]}")
+    if v.shape[2] != k.shape[2]:
+        raise ValueError(f"k and v must have the same number of heads, got k {k.shape[2]}, v {v.shape[2]}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"head_dim of q ({q.shape[3]}) and k ({k.shape[3]}) must match")
+    hq, hkv = q.shape[2], k.shape[2]
+    if hkv == 0 and hq != 0 or hkv != 0 and hq % hkv != 0:
+        raise ValueError(f"heads of q ({hq}) must be a multiple of heads of k/v ({hkv}) (GQA/MQA)")
+    for name, d in (("q/k head_dim", q.shape[3]), ("v head_dim", v.shape[3])):
+        if d < 1:
+            raise ValueError(f"{name} must be >= 1, got {d}")
+        if d > MAX_HEAD_DIM:
+            raise UnsupportedError(f"{name} = {d} > {MAX_HEAD_DIM} is not supported yet (wide heads are planned)")
+
+
+def _check_scale(softmax_scale: Optional[float]) -> None:
+    if softmax_scale is not None and (not isinstance(softmax_scale, numbers.Real) or isinstance(softmax_scale, bool)):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+
+
+def _check_window(window_size: Tuple[int, int]) -> Tuple[int, int]:
+    try:
+        left, right = window_size
+    except (TypeError, ValueError):
+        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}") from None
+    for side, w in (("left", left), ("right", right)):
+        if not isinstance(w, numbers.Integral) or w < -1:
+            raise ValueError(f"window_size {side} must be an int >= -1 (-1 = unbounded), got {w!r}")
+    return int(left), int(right)
+
+
+def _not_yet(name: str, value: object, issue: str) -> None:
+    raise UnsupportedError(f"{name}={value!r} is not supported yet ({issue} is planned)")
+
+
+def _run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> Tuple[Tensor, Tensor]:
+    """Dispatch one normalised call; returns out [B, Sq, Hq, Dv] and lse [B, Hq, Sq]."""
+    backend = dispatch.resolve_backend(q.device)
+    if backend == "reference":
+        out, lse = reference.attention_ref(q, k, v, softmax_scale=spec.softmax_scale,
+                                           window_size=_edges_to_window(spec), upcast=True)
+        return out.to(q.dtype), lse.float()
+    return ops.attention_fwd(q, k, v, spec.softmax_scale, spec.left, spec.right, backend)
+
+
+def _edges_to_window(spec: AttentionSpec) -> Tuple[int, int]:
+    return (-1 if spec.left is None else spec.left, -1 if spec.right is None else spec.right)
+
+
+def flash_attn_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
+    """Exact attention softmax(q k^T * softmax_scale) v without materialising the scores.
+
+    FlashAttention-2's signature and semantics. q [B, Sq, Hq, D], k [B, Sk, Hkv, D],
+    v [B, Sk, Hkv, Dv] with Hq % Hkv == 0; returns out [B, Sq, Hq, Dv] in q's dtype, or with
+    return_attn_probs=True the tuple (out, lse, None) with lse float32 [B, Hq, Sq] (natural log).
+    causal: key j visible to query i iff j <= i + Sk - Sq (bottom-right aligned).
+    window_size=(left, right), -1 unbounded: i + Sk - Sq - left <= j <= i + Sk - Sq + right.
+    A query row that sees no key gives out 0 and lse -inf. The backward is always deterministic.
+    """
+    _check_qkv(q, k, v)
+    _check_scale(softmax_scale)
+    window = _check_window(window_size)
+    if dropout_p != 0.0:
+        _not_yet("dropout_p", dropout_p, "dropout")
+    if softcap != 0.0:
+        _not_yet("softcap", softcap, "softcap")
+    if alibi_slopes is not None:
+        _not_yet("alibi_slopes", "<tensor>", "ALiBi")
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    B, Sq, Hq, D = q.shape
+    Sk = k.shape[1]
+    left, right = mask_edges(Sq, Sk, bool(causal), window)
+    spec = AttentionSpec(batch=B, seqlen_q=Sq, seqlen_k=Sk, heads_q=Hq, heads_kv=k.shape[2],
+                         head_dim=D, head_dim_v=v.shape[3], dtype_name=str(q.dtype).split(".")[-1],
+                         softmax_scale=default_softmax_scale(D, softmax_scale), causal=bool(causal),
+                         left=left, right=right)
+    out, lse = _run(q, k, v, spec)
+    if return_attn_probs:
+        return out, lse, None
+    return out
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """Drop-in for torch.nn.functional.scaled_dot_product_attention on 4-D inputs.
+
+    query [B, Hq, Sq, D], key [B, Hkv, Sk, D], value [B, Hkv, Sk, Dv] -> [B, Hq, Sq, Dv].
+    Hkv != Hq needs enable_gqa=True, as in torch. is_causal follows torch: top-left aligned
+    (query i sees key j iff j <= i), which differs from flash_attn_func when Sq != Sk.
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(name, t)
+    if attn_mask is not None:
+        _not_yet("attn_mask", "<tensor>", "arbitrary masks")
+    if dropout_p != 0.0:
+        _not_yet("dropout_p", dropout_p, "dropout")
+    if attn_mask is not None and is_causal:
+        raise ValueError("attn_mask and is_causal cannot both be set (torch's rule)")
+    if key.shape[1] != query.shape[1] and not enable_gqa:
+        raise ValueError(f"query has {query.shape[1]} heads and key {key.shape[1]}: pass enable_gqa=True for GQA")
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    _check_qkv(q, k, v)
+    _check_scale(scale)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    B, Sq, Hq, D = q.shape
+    Sk = k.shape[1]
+    left, right = mask_edges(Sq, Sk, bool(is_causal), (-1, -1), top_left=True)
+    spec = AttentionSpec(batch=B, seqlen_q=Sq, seqlen_k=Sk, heads_q=Hq, heads_kv=k.shape[2],
+                         head_dim=D, head_dim_v=v.shape[3], dtype_name=str(q.dtype).split(".")[-1],
+                         softmax_scale=default_softmax_scale(D, scale), causal=bool(is_causal),
+                         left=left, right=right)
+    out, _ = _run(q, k, v, spec)
+    return out.transpose(1, 2)

@@ -1,0 +1,70 @@
+"""The one place that decides which implementation runs an attention call.
+
+Backends:
+  triton     the Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1)
+  cpu        the tiled online-softmax PyTorch path (memory linear in S), any device
+  reference  the plain PyTorch oracle (materialises S x S; for checking, not for speed)
+  auto       CUDA tensors -> triton, CPU tensors -> cpu
+
+Chosen by FLASHTILE_BACKEND or, with priority, by the context manager ``use_backend``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Iterator, Optional
+
+import torch
+
+BACKENDS = ("auto", "triton", "cpu", "reference")
+
+_local = threading.local()
+
+
+def _check_name(name: str, source: str) -> str:
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def backend_setting() -> str:
+    """The backend asked for: use_backend's innermost value, else FLASHTILE_BACKEND, else 'auto'."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    return _check_name(os.environ.get("FLASHTILE_BACKEND", "auto") or "auto", "FLASHTILE_BACKEND")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the enclosed flashtile calls on backend ``name`` (auto | triton | cpu | reference)."""
+    name = _check_name(name, "use_backend")
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def triton_interpreting() -> bool:
+    """True when Triton's interpreter runs kernels on the CPU (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(device: torch.device, setting: Optional[str] = None) -> str:
+    """The concrete backend ('triton' | 'cpu' | 'reference') for tensors on ``device``."""
+    setting = backend_setting() if setting is None else _check_name(setting, "backend")
+    if setting == "auto":
+        return "triton" if device.type == "cuda" else "cpu"
+    if setting == "triton" and device.type != "cuda" and not triton_interpreting():
+        raise RuntimeError(
+            "backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 to run the kernels on the CPU "
+            "through Triton's interpreter; use backend 'cpu' for CPU tensors"
+        )
+    return setting

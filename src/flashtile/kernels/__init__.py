@@ -1,0 +1,1 @@
+"""@triton.jit code only: no torch autograd, no validation, no dispatch (design.md)."""

@@ -1,0 +1,286 @@
+"""The backward attention kernels, deterministic and without atomics (Metal FlashAttention's design).
+
+Three launches:
+  1. attention_bwd_preprocess: delta = rowsum(dO * O) per query row (fp32), the softmax Jacobian term.
+  2. attention_bwd_dkdv_kernel: a program owns BLOCK_N keys of one kv head and walks every query
+     tile (of every query head that program covers) that can see them, accumulating dK and dV in
+     registers; each dK/dV element is written by exactly one program.
+  3. attention_bwd_dq_kernel: a program owns BLOCK_M queries and walks the visible key tiles,
+     accumulating dQ in registers.
+P is recomputed from the saved log-sum-exp: p = exp2(s * scale * log2(e) - lse * log2(e)).
+"""
+
+import triton
+import triton.language as tl
+
+from flashtile.kernels.common import key_phases, query_phases, visible
+
+LOG2E: tl.constexpr = 1.4426950408889634
+
+
+@triton.jit
+def attention_bwd_preprocess(
+    Out, DOut, Delta,
+    stride_ob, stride_os, stride_oh,
+    stride_dob, stride_dos, stride_doh,
+    seqlen_q, heads_q, head_dim_v,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    """Delta fp32 [B, Hq, Sq] = sum_d Out * DOut."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads_q
+    h = bh % heads_q
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_DV)
+    mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < head_dim_v)
+    o = tl.load(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DOut + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None].to(tl.int64) * stride_dos + offs_d[None, :],
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + bh.to(tl.int64) * seqlen_q + offs_m, tl.sum(o * do, 1), mask=offs_m < seqlen_q)
+
+
+@triton.jit
+def _load_lse2(Lse, rows, seqlen_q):
+    """lse in the log2 domain; a fully masked row (lse = -inf) gets +inf so that p = exp2(-inf) = 0."""
+    lse = tl.load(Lse + rows, mask=rows < seqlen_q, other=0.0)
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m, offs_n, offs_d, offs_dv,
+                start, stop, stride_qs, stride_dos, qk_scale,
+                seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dK, dV for one key tile over query tiles [start, stop) of one query head."""
+    for start_m in range(start, stop, BLOCK_M):
+        rows = start_m + offs_m
+        q_ptrs = q_base + rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
+        do_ptrs = do_base + rows[:, None].to(tl.int64) * stride_dos + offs_dv[None, :]
+        # -- load the query tile; only masked tiles can cross the sequence end --
+        if MASKED:
+            q_mask = rows[:, None] < seqlen_q
+            do_mask = rows[:, None] < seqlen_q
+        else:
+            q_mask = rows[:, None] >= 0
+            do_mask = rows[:, None] >= 0
+        if not EVEN_D:
+            q_mask = q_mask & (offs_d[None, :] < head_dim)
+        if not EVEN_DV:
+            do_mask = do_mask & (offs_dv[None, :] < head_dim_v)
+        if MASKED or not EVEN_D:
+            q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+        if MASKED or not EVEN_DV:
+            do = tl.load(do_ptrs, mask=do_mask, other=0.0)
+        else:
+            do = tl.load(do_ptrs)
+        lse2 = _load_lse2(lse_base, rows, seqlen_q)
+        delta = tl.load(delta_base + rows, mask=rows < seqlen_q, other=0.0)
+        # -- P^T = exp2(K Q^T * scale - lse), recomputed from the forward's statistics --
+        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        pt = tl.math.exp2(st * qk_scale - lse2[None, :])
+        if MASKED:
+            vis = visible(rows, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            pt = tl.where(tl.trans(vis) & (rows[None, :] < seqlen_q), pt, 0.0)
+        # -- dV += P^T dO ; dP^T = V dO^T ; dS^T = P^T * (dP^T - delta) ; dK += dS^T Q --
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def attention_bwd_dkdv_kernel(
+    Q, K, V, DOut, Lse, Delta, DK, DV,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh,
+    seqlen_q, seqlen_k, heads_q, group_size, heads_per_program, n_head_programs,
+    head_dim, head_dim_v, softmax_scale, window_left, window_right,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dK, dV for BLOCK_N keys. Program p covers query heads [p*hpp, (p+1)*hpp) of one kv head and
+    writes head p of DK/DV: hpp = group_size sums the GQA group in registers (DK is [B, Sk, Hkv, D]);
+    hpp = 1 writes per-query-head partials (DK is [B, Sk, Hq, D]) that the launcher sums."""
+    n_n_tiles = tl.cdiv(seqlen_k, BLOCK_N)
+    pid = tl.program_id(0)
+    tile = pid % n_n_tiles
+    bh = pid // n_n_tiles
+    b = bh // n_head_programs
+    hp = bh % n_head_programs
+    h_q0 = hp * heads_per_program
+    h_kv = h_q0 // group_size
+
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    # -- this program's K and V tiles stay in registers for the whole walk over queries --
+    k_mask = offs_n[:, None] < seqlen_k
+    if not EVEN_D:
+        k_mask = k_mask & (offs_d[None, :] < head_dim)
+    v_mask = offs_n[:, None] < seqlen_k
+    if not EVEN_DV:
+        v_mask = v_mask & (offs_dv[None, :] < head_dim_v)
+    k = tl.load(K + b.to(tl.int64) * stride_kb + h_kv * stride_kh + offs_n[:, None].to(tl.int64) * stride_ks + offs_d[None, :],
+                mask=k_mask, other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + h_kv * stride_vh + offs_n[:, None].to(tl.int64) * stride_vs + offs_dv[None, :],
+                mask=v_mask, other=0.0)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    qk_scale = softmax_scale * LOG2E
+
+    n_lo = tile * BLOCK_N
+    n_hi = tl.minimum(n_lo + BLOCK_N, seqlen_k)
+    a, bb, c, d = query_phases(n_lo, n_hi, seqlen_q, seqlen_k, window_left, window_right,
+                               BLOCK_M, HAS_LEFT, HAS_RIGHT)
+    for g in range(0, heads_per_program):
+        h = h_q0 + g
+        q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
+        do_base = DOut + b.to(tl.int64) * stride_dob + h * stride_doh
+        lse_base = Lse + (b * heads_q + h).to(tl.int64) * seqlen_q
+        delta_base = Delta + (b * heads_q + h).to(tl.int64) * seqlen_q
+        if HAS_RIGHT:
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m, offs_n, offs_d, offs_dv,
+                                 a, bb, stride_qs, stride_dos, qk_scale, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                                 window_left, window_right, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m, offs_n, offs_d, offs_dv,
+                             bb, c, stride_qs, stride_dos, qk_scale, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                             window_left, window_right, BLOCK_M, False, HAS_LEFT, HAS_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION)
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m, offs_n, offs_d, offs_dv,
+                             c, d, stride_qs, stride_dos, qk_scale, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                             window_left, window_right, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION)
+
+    dk = dk * softmax_scale
+    dk_mask = offs_n[:, None] < seqlen_k
+    if not EVEN_D:
+        dk_mask = dk_mask & (offs_d[None, :] < head_dim)
+    dv_mask = offs_n[:, None] < seqlen_k
+    if not EVEN_DV:
+        dv_mask = dv_mask & (offs_dv[None, :] < head_dim_v)
+    tl.store(DK + b.to(tl.int64) * stride_dkb + hp * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dks + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=dk_mask)
+    tl.store(DV + b.to(tl.int64) * stride_dvb + hp * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvs + offs_dv[None, :],
+             dv.to(DV.dtype.element_ty), mask=dv_mask)
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv,
+              start, stop, stride_ks, stride_vs, qk_scale,
+              seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+              EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dQ over key tiles [start, stop)."""
+    for start_n in range(start, stop, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            k_mask = cols[:, None] < seqlen_k
+            v_mask = cols[:, None] < seqlen_k
+        else:
+            k_mask = cols[:, None] >= 0
+            v_mask = cols[:, None] >= 0
+        if not EVEN_D:
+            k_mask = k_mask & (offs_d[None, :] < head_dim)
+        if not EVEN_DV:
+            v_mask = v_mask & (offs_dv[None, :] < head_dim_v)
+        if MASKED or not EVEN_D:
+            k = tl.load(k_ptrs + start_n * stride_ks, mask=k_mask, other=0.0)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_ks)
+        if MASKED or not EVEN_DV:
+            v = tl.load(v_ptrs + start_n * stride_vs, mask=v_mask, other=0.0)
+        else:
+            v = tl.load(v_ptrs + start_n * stride_vs)
+        # -- P = exp2(Q K^T * scale - lse); dP = dO V^T; dS = P * (dP - delta); dQ += dS K --
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        if MASKED:
+            vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            p = tl.where(vis, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def attention_bwd_dq_kernel(
+    Q, K, V, DOut, Lse, Delta, DQ,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    seqlen_q, seqlen_k, heads_q, group_size, head_dim, head_dim_v,
+    softmax_scale, window_left, window_right,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """dQ [B, Sq, Hq, D] for BLOCK_M query rows of one (batch, query head)."""
+    n_m_tiles = tl.cdiv(seqlen_q, BLOCK_M)
+    pid = tl.program_id(0)
+    tile = pid % n_m_tiles
+    bh = pid // n_m_tiles
+    if HAS_RIGHT:
+        tile = n_m_tiles - 1 - tile
+    b = bh // heads_q
+    h = bh % heads_q
+    h_kv = h // group_size
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q_mask = offs_m[:, None] < seqlen_q
+    if not EVEN_D:
+        q_mask = q_mask & (offs_d[None, :] < head_dim)
+    do_mask = offs_m[:, None] < seqlen_q
+    if not EVEN_DV:
+        do_mask = do_mask & (offs_dv[None, :] < head_dim_v)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :],
+                mask=q_mask, other=0.0)
+    do = tl.load(DOut + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None].to(tl.int64) * stride_dos + offs_dv[None, :],
+                 mask=do_mask, other=0.0)
+    lse2 = _load_lse2(Lse + bh.to(tl.int64) * seqlen_q, offs_m, seqlen_q)
+    delta = tl.load(Delta + bh.to(tl.int64) * seqlen_q + offs_m, mask=offs_m < seqlen_q, other=0.0)
+
+    k_ptrs = K + b.to(tl.int64) * stride_kb + h_kv * stride_kh + offs_n[:, None].to(tl.int64) * stride_ks + offs_d[None, :]
+    v_ptrs = V + b.to(tl.int64) * stride_vb + h_kv * stride_vh + offs_n[:, None].to(tl.int64) * stride_vs + offs_dv[None, :]
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    qk_scale = softmax_scale * LOG2E
+
+    m_lo = tile * BLOCK_M
+    m_hi = tl.minimum(m_lo + BLOCK_M, seqlen_q)
+    a, bb, c, d = key_phases(m_lo, m_hi, seqlen_q, seqlen_k, window_left, window_right,
+                             BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    if HAS_LEFT:
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv,
+                       a, bb, stride_ks, stride_vs, qk_scale, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                       window_left, window_right, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv,
+                   bb, c, stride_ks, stride_vs, qk_scale, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                   window_left, window_right, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION)
+    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv,
+                   c, d, stride_ks, stride_vs, qk_scale, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                   window_left, window_right, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION)
+
+    dq = dq * softmax_scale
+    dq_mask = offs_m[:, None] < seqlen_q
+    if not EVEN_D:
+        dq_mask = dq_mask & (offs_d[None, :] < head_dim)
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqs + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=dq_mask)

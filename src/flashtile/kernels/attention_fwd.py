@@ -1,0 +1,147 @@
+"""The one forward attention kernel (FlashAttention-2 algorithm).
+
+Each program owns BLOCK_M query rows of one (batch, query head) and streams the visible key/value
+tiles through an online softmax held in registers, so the S x S score matrix never exists.
+Features are tl.constexpr flags (causal / sliding window as HAS_LEFT / HAS_RIGHT, padded head dims
+as EVEN_D), so an unused feature costs nothing: Triton compiles one specialisation per flag set.
+"""
+
+import triton
+import triton.language as tl
+
+from flashtile.kernels.common import key_phases, visible
+
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv,
+               start, stop, stride_ks, stride_vs, qk_scale,
+               seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online-softmax update over key tiles [start, stop) in steps of BLOCK_N."""
+    for start_n in range(start, stop, BLOCK_N):
+        cols = start_n + offs_n
+        # -- load K tile (as K^T) and V tile; only masked tiles can cross the sequence end --
+        if MASKED:
+            k_mask = cols[None, :] < seqlen_k
+            if not EVEN_D:
+                k_mask = k_mask & (offs_d[:, None] < head_dim)
+            kt = tl.load(k_ptrs + start_n * stride_ks, mask=k_mask, other=0.0)
+        elif EVEN_D:
+            kt = tl.load(k_ptrs + start_n * stride_ks)
+        else:
+            kt = tl.load(k_ptrs + start_n * stride_ks, mask=offs_d[:, None] < head_dim, other=0.0)
+        # -- scores in the log2 domain: qk_scale = softmax_scale * log2(e) --
+        qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            qk = tl.where(vis, qk, float("-inf"))
+        # -- online softmax: new running max, rescale what was accumulated --
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        if MASKED:
+            # a row with nothing visible so far keeps m = -inf; subtract 0 so p = exp2(-inf) = 0, not NaN
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_sub = m_new
+        p = tl.math.exp2(qk - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v_mask = cols[:, None] < seqlen_k
+            if not EVEN_DV:
+                v_mask = v_mask & (offs_dv[None, :] < head_dim_v)
+            v = tl.load(v_ptrs + start_n * stride_vs, mask=v_mask, other=0.0)
+        elif EVEN_DV:
+            v = tl.load(v_ptrs + start_n * stride_vs)
+        else:
+            v = tl.load(v_ptrs + start_n * stride_vs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def attention_fwd_kernel(
+    Q, K, V, Out, Lse,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    seqlen_q, seqlen_k, heads_q, group_size, head_dim, head_dim_v,
+    softmax_scale, window_left, window_right,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Q [B, Sq, Hq, D], K [B, Sk, Hkv, D], V [B, Sk, Hkv, Dv] -> Out [B, Sq, Hq, Dv], Lse fp32 [B, Hq, Sq].
+
+    Grid: one program per (query tile, batch x query head), query tiles fastest so that programs
+    sharing K/V run together (L2 reuse); with a right mask edge the heavy tiles go first.
+    """
+    # -- which tile of which head --
+    n_m_tiles = tl.cdiv(seqlen_q, BLOCK_M)
+    pid = tl.program_id(0)
+    tile = pid % n_m_tiles
+    bh = pid // n_m_tiles
+    if HAS_RIGHT:
+        tile = n_m_tiles - 1 - tile  # longest rows first: better tail balance
+    b = bh // heads_q
+    h = bh % heads_q
+    h_kv = h // group_size
+
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
+    k_ptrs = K + b.to(tl.int64) * stride_kb + h_kv * stride_kh + offs_n[None, :].to(tl.int64) * stride_ks + offs_d[:, None]
+    v_ptrs = V + b.to(tl.int64) * stride_vb + h_kv * stride_vh + offs_n[:, None].to(tl.int64) * stride_vs + offs_dv[None, :]
+
+    q_mask = offs_m[:, None] < seqlen_q
+    if not EVEN_D:
+        q_mask = q_mask & (offs_d[None, :] < head_dim)
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    qk_scale = softmax_scale * LOG2E
+
+    # -- three phases: masked head (window's left edge), unmasked body, masked tail (diagonal, end) --
+    m_lo = tile * BLOCK_M
+    m_hi = tl.minimum(m_lo + BLOCK_M, seqlen_q)
+    a, bb, c, d = key_phases(m_lo, m_hi, seqlen_q, seqlen_k, window_left, window_right,
+                             BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    if HAS_LEFT:
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv,
+                                   a, bb, stride_ks, stride_vs, qk_scale, seqlen_q, seqlen_k,
+                                   head_dim, head_dim_v, window_left, window_right,
+                                   BLOCK_N, True, HAS_LEFT, HAS_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv,
+                               bb, c, stride_ks, stride_vs, qk_scale, seqlen_q, seqlen_k,
+                               head_dim, head_dim_v, window_left, window_right,
+                               BLOCK_N, False, HAS_LEFT, HAS_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv,
+                               c, d, stride_ks, stride_vs, qk_scale, seqlen_q, seqlen_k,
+                               head_dim, head_dim_v, window_left, window_right,
+                               BLOCK_N, True, HAS_LEFT, HAS_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION)
+
+    # -- epilogue: normalise; a row that saw no key gives out 0 and lse -inf --
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
+
+    lse_ptrs = Lse + bh.to(tl.int64) * seqlen_q + offs_m
+    tl.store(lse_ptrs, lse, mask=offs_m < seqlen_q)
+    o_ptrs = Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_os + offs_dv[None, :]
+    o_mask = offs_m[:, None] < seqlen_q
+    if not EVEN_DV:
+        o_mask = o_mask & (offs_dv[None, :] < head_dim_v)
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=o_mask)

@@ -1,0 +1,85 @@
+"""Shared @triton.jit helpers: the visibility rule in index form and the loop bounds it implies.
+
+Every kernel expresses causal and sliding-window masking through one rule (FlashAttention-2,
+bottom-right aligned): with off = seqlen_k - seqlen_q, key j is visible to query i iff
+    j >= i + off - window_left   (when HAS_LEFT)
+    j <= i + off + window_right  (when HAS_RIGHT; causal is window_right = 0)
+Loops over tiles are split in three phases: a masked head, an unmasked body and a masked tail,
+so that only tiles crossing a mask edge (or the sequence end) pay for per-element masking.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
+            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """[M, N] bool: key offs_n is visible to query offs_m (bounds on the key side included)."""
+    shift = seqlen_k - seqlen_q
+    vis = offs_n[None, :] < seqlen_k
+    if HAS_RIGHT:
+        vis = vis & (offs_n[None, :] <= offs_m[:, None] + shift + window_right)
+    if HAS_LEFT:
+        vis = vis & (offs_n[None, :] >= offs_m[:, None] + shift - window_left)
+    return vis
+
+
+@triton.jit
+def key_phases(m_lo, m_hi, seqlen_q, seqlen_k, window_left, window_right,
+               BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Key-tile bounds for the query rows [m_lo, m_hi).
+
+    Returns (a, b, c, d): tiles starting in [a, b) and [c, d) need the element mask, tiles in
+    [b, c) are fully visible to every row and lie wholly inside the sequence. a, b, c are
+    multiples of BLOCK_N; d is the end of the visible keys (exclusive).
+    """
+    shift = seqlen_k - seqlen_q
+    lo = 0
+    hi = seqlen_k
+    full_lo = 0
+    full_hi = (seqlen_k // BLOCK_N) * BLOCK_N
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, m_hi - 1 + shift + window_right + 1)
+        # last key seen by the first row bounds the keys that every row sees
+        full_hi = tl.minimum(full_hi, ((m_lo + shift + window_right + 1) // BLOCK_N) * BLOCK_N)
+    if HAS_LEFT:
+        lo = tl.maximum(lo, m_lo + shift - window_left)
+        first_all = m_hi - 1 + shift - window_left  # first key seen by the last row
+        full_lo = ((tl.maximum(first_all, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N
+    hi = tl.maximum(hi, 0)
+    lo = (tl.minimum(lo, hi) // BLOCK_N) * BLOCK_N
+    b = tl.minimum(tl.maximum(full_lo, lo), hi)
+    c = tl.minimum(tl.maximum(full_hi, b), hi)
+    c = tl.maximum(c, b)
+    return lo, b, c, hi
+
+
+@triton.jit
+def query_phases(n_lo, n_hi, seqlen_q, seqlen_k, window_left, window_right,
+                 BLOCK_M: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Query-tile bounds for the key columns [n_lo, n_hi) (the mirror of key_phases).
+
+    Returns (a, b, c, d): query tiles starting in [a, b) and [c, d) need the element mask, tiles in
+    [b, c) see every key of the block and lie wholly inside the query sequence.
+    """
+    shift = seqlen_k - seqlen_q
+    lo = 0
+    hi = seqlen_q
+    full_lo = 0
+    full_hi = (seqlen_q // BLOCK_M) * BLOCK_M
+    if HAS_RIGHT:
+        # query i sees key j when i >= j - shift - window_right
+        lo = tl.maximum(lo, n_lo - shift - window_right)
+        first_all = n_hi - 1 - shift - window_right  # first query that sees the last key
+        full_lo = ((tl.maximum(first_all, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    if HAS_LEFT:
+        # query i sees key j when i <= j - shift + window_left
+        hi = tl.minimum(hi, n_hi - 1 - shift + window_left + 1)
+        full_hi = tl.minimum(full_hi, ((n_lo - shift + window_left + 1) // BLOCK_M) * BLOCK_M)
+    hi = tl.maximum(hi, 0)
+    lo = (tl.minimum(lo, hi) // BLOCK_M) * BLOCK_M
+    b = tl.minimum(tl.maximum(full_lo, lo), hi)
+    c = tl.minimum(tl.maximum(full_hi, b), hi)
+    c = tl.maximum(c, b)
+    return lo, b, c, hi

@@ -1,0 +1,292 @@
+"""flashtile.flash_attn_func / scaled_dot_product_attention against the float64 oracle.
+
+Runs the Triton kernels natively on a GPU and under Triton's interpreter on a CPU (conftest.py),
+plus the tiled CPU path. Tolerance: FlashAttention's rule (reference.check_close), factor 2 for the
+output and 3 for gradients, against the same math done by torch in the input dtype.
+"""
+
+import math
+
+import pytest
+import torch
+
+import flashtile as ft
+from flashtile import attention_launch
+from flashtile.reference import attention_ref, check_close
+from conftest import DEVICE, HAS_GPU
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32] if HAS_GPU else [torch.float16, torch.float32]
+# the tiled CPU path runs only on CPU tensors; the Triton kernels run on the GPU or in the interpreter
+BACKENDS = ["triton"] if HAS_GPU else ["triton", "cpu"]
+
+# (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim): odd sizes, Sq != Sk, GQA, MQA
+SHAPES_CPU = [
+    (1, 1, 1, 1, 1, 1),
+    (2, 37, 37, 2, 1, 40),
+    (1, 113, 37, 4, 2, 59),
+    (1, 37, 113, 3, 3, 72),
+    (1, 64, 64, 2, 2, 64),
+    (1, 29, 43, 4, 1, 111),
+    (1, 40, 50, 1, 1, 256),
+]
+SHAPES_GPU = SHAPES_CPU + [
+    (2, 257, 257, 4, 2, 96),
+    (1, 513, 1023, 8, 2, 128),
+    (1, 1023, 513, 2, 2, 256),
+    (2, 1024, 1024, 4, 4, 64),
+    (1, 257, 113, 6, 2, 128),
+]
+SHAPES = SHAPES_GPU if HAS_GPU else SHAPES_CPU
+
+
+def _rand(*shape, dtype, requires_grad=True):
+    return torch.randn(*shape, device=DEVICE, dtype=dtype).requires_grad_(requires_grad)
+
+
+def _make(shape, dtype):
+    B, Sq, Sk, Hq, Hkv, D = shape
+    return _rand(B, Sq, Hq, D, dtype=dtype), _rand(B, Sk, Hkv, D, dtype=dtype), _rand(B, Sk, Hkv, D, dtype=dtype)
+
+
+def _grads(out, inputs, dout):
+    return torch.autograd.grad(out, inputs, dout)
+
+
+def _assert_close(name, out, ref, lowprec, factor):
+    ok, err, bound = check_close(out, ref, lowprec, factor=factor)
+    assert ok, f"{name}: max error {err:.3e} exceeds bound {bound:.3e}"
+
+
+def check_against_oracle(q, k, v, dout=None, backward=True, **kw):
+    """Forward (out and lse) and gradients of flashtile vs the oracle, FlashAttention's rule."""
+    out, lse, _ = ft.flash_attn_func(q, k, v, return_attn_probs=True, **kw)
+    ref, ref_lse = attention_ref(q, k, v, upcast=True, **kw)
+    low, low_lse = attention_ref(q, k, v, upcast=False, **kw)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    assert lse.dtype == torch.float32 and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+    _assert_close("out", out, ref, low, 2)
+    _assert_close("lse", lse, ref_lse, low_lse, 2)
+    if not backward:
+        return
+    dout = torch.randn_like(out) if dout is None else dout
+    got = _grads(out, (q, k, v), dout)
+    want = _grads(ref, (q, k, v), dout.to(ref.dtype))
+    low_g = _grads(low, (q, k, v), dout)
+    for name, g, w, lg in zip(("dq", "dk", "dv"), got, want, low_g):
+        assert g.shape == w.shape and g.dtype == q.dtype
+        _assert_close(name, g, w, lg, 3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_oracle(shape, causal, dtype, backend):
+    q, k, v = _make(shape, dtype)
+    with ft.use_backend(backend):
+        check_against_oracle(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("window", [(8, 0), (5, 11), (-1, 3), (20, -1)])
+def test_sliding_window(window, backend):
+    q, k, v = _make((1, 70, 57, 2, 1, 32), torch.float32)
+    with ft.use_backend(backend):
+        check_against_oracle(q, k, v, window_size=window)
+        check_against_oracle(q, k, v, window_size=window, causal=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softmax_scale_and_strides(backend):
+    """[B, H, S, D] storage seen through a transpose, a slice of a packed qkv, and a custom scale."""
+    B, S, H, D = 2, 45, 3, 48
+    qkv = torch.randn(B, S, 3, H, D, device=DEVICE, dtype=torch.float16)
+    q, k, v = (t.requires_grad_() for t in qkv.unbind(2))  # strides of a packed [B, S, 3, H, D]
+    assert not q.is_contiguous()
+    with ft.use_backend(backend):
+        check_against_oracle(q, k, v, softmax_scale=0.3, causal=True)
+    heads_first = [torch.randn(B, H, S, D, device=DEVICE, dtype=torch.float32) for _ in range(3)]
+    q, k, v = (t.transpose(1, 2).requires_grad_() for t in heads_first)
+    with ft.use_backend(backend):
+        check_against_oracle(q, k, v)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_last_dim_not_contiguous_is_copied(backend):
+    q, k, v = (torch.randn(1, 33, 2, 24, device=DEVICE)[..., ::2] for _ in range(3))
+    assert q.stride(-1) == 2
+    with ft.use_backend(backend):
+        check_against_oracle(q.requires_grad_(), k.requires_grad_(), v.requires_grad_())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_masked_rows(backend):
+    """Causal with Sq > Sk leaves the first Sq - Sk rows with no key: out 0, lse -inf, zero grads."""
+    q, k, v = _make((1, 50, 20, 2, 1, 16), torch.float32)
+    with ft.use_backend(backend):
+        out, lse, _ = ft.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+        dq, dk, dv = _grads(out, (q, k, v), torch.randn_like(out))
+    assert torch.all(out[:, :30] == 0) and torch.all(lse[:, :, :30] == float("-inf"))
+    assert torch.all(dq[:, :30] == 0)
+    assert torch.isfinite(out).all() and torch.isfinite(dq).all() and torch.isfinite(dk).all()
+    with ft.use_backend(backend):
+        check_against_oracle(q, k, v, causal=True)
+        # a window that leaves whole query tiles without keys
+        check_against_oracle(q, k, v, window_size=(0, 0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_nan_out(backend):
+    q, k, v = _make((1, 20, 20, 1, 1, 16), torch.float32)
+    q = q.detach().clone()
+    q[0, 3, 0, 5] = float("nan")
+    with ft.use_backend(backend):
+        out = ft.flash_attn_func(q, k.detach(), v.detach())
+    assert torch.isnan(out[0, 3]).all()
+    assert not torch.isnan(out[0, 4]).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 5, 5, 2, 2, 16), (1, 0, 5, 2, 2, 16), (1, 5, 0, 2, 2, 16)])
+def test_empty(shape, backend):
+    q, k, v = _make(shape, torch.float32)
+    with ft.use_backend(backend):
+        out, lse, _ = ft.flash_attn_func(q, k, v, return_attn_probs=True)
+        assert out.shape == (shape[0], shape[1], shape[3], shape[5])
+        if out.numel():
+            assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+            dq, dk, dv = _grads(out, (q, k, v), torch.randn_like(out))
+            assert torch.all(dq == 0) and dk.numel() == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_is_deterministic(backend):
+    q, k, v = _make((2, 77, 77, 4, 1, 32), torch.float16)
+    dout = torch.randn(2, 77, 4, 32, device=DEVICE, dtype=torch.float16)
+    with ft.use_backend(backend):
+        runs = [_grads(ft.flash_attn_func(q, k, v, causal=True), (q, k, v), dout) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("expand", [False, True])
+def test_gqa_group_sum_paths_agree(expand):
+    """dK/dV summed over the GQA group in registers, or from per-head partials, give the oracle."""
+    q, k, v = _make((1, 45, 45, 6, 2, 32), torch.float32)
+    scale = 1 / math.sqrt(32)
+    with torch.no_grad():
+        out, lse = attention_launch.attention_forward(q, k, v, scale, None, 0)
+        dout = torch.randn_like(out)
+        dq, dk, dv = attention_launch.attention_backward(dout, q, k, v, out, lse, scale, None, 0, expand_gqa=expand)
+    ref, _ = attention_ref(q, k, v, causal=True)
+    want = _grads(ref, (q, k, v), dout.double() if ref.dtype == torch.float64 else dout)
+    for g, w in zip((dq, dk, dv), want):
+        assert (g.double() - w.double()).abs().max() < 1e-4
+
+
+def test_poisoned_outputs_are_fully_written(monkeypatch):
+    """Every output element is written by the kernels: allocate outputs filled with NaN."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(attention_launch, "_empty", nan_empty)
+    q, k, v = _make((2, 67, 51, 4, 2, 40), torch.float16)
+    with ft.use_backend("triton"):
+        check_against_oracle(q, k, v, causal=True)
+        check_against_oracle(q, k, v)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_scaled_dot_product_attention_matches_torch(causal, backend):
+    """Same layout and semantics as torch SDPA, including top-left causal when Sq != Sk and GQA."""
+    B, Hq, Hkv, Sq, Sk, D = 2, 4, 2, 23, 41, 32
+    q = torch.randn(B, Hq, Sq, D, device=DEVICE, dtype=torch.float32, requires_grad=True)
+    k = torch.randn(B, Hkv, Sk, D, device=DEVICE, dtype=torch.float32, requires_grad=True)
+    v = torch.randn(B, Hkv, Sk, D, device=DEVICE, dtype=torch.float32, requires_grad=True)
+    with ft.use_backend(backend):
+        out = ft.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=0.2, enable_gqa=True)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=causal, scale=0.2, enable_gqa=True)
+    assert out.shape == ref.shape
+    assert (out.double() - ref).abs().max() < 1e-5
+    dout = torch.randn_like(out)
+    for g, w in zip(_grads(out, (q, k, v), dout), _grads(ref, (qd, kd, vd), dout.double())):
+        assert (g.double() - w).abs().max() < 1e-4
+
+
+def test_compile_fullgraph():
+    """The custom ops trace into one graph (fake implementations give shapes and dtypes)."""
+    q, k, v = _make((1, 33, 33, 2, 1, 16), torch.float32)
+
+    def f(q, k, v):
+        return ft.flash_attn_func(q, k, v, causal=True).sum()
+
+    backend = "inductor" if HAS_GPU else "aot_eager"
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
+    got = compiled(q, k, v)
+    got.backward()
+    want = f(q, k, v)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_backend_selection(monkeypatch):
+    from flashtile import dispatch
+
+    monkeypatch.setenv("FLASHTILE_BACKEND", "reference")
+    assert dispatch.backend_setting() == "reference"
+    with ft.use_backend("cpu"):
+        assert dispatch.backend_setting() == "cpu"
+        with ft.use_backend("auto"):
+            assert dispatch.resolve_backend(torch.device("cpu")) == "cpu"
+    monkeypatch.setenv("FLASHTILE_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="FLASHTILE_BACKEND"):
+        dispatch.backend_setting()
+    with pytest.raises(ValueError, match="use_backend"):
+        with ft.use_backend("cuda"):
+            pass
+    monkeypatch.setenv("FLASHTILE_BACKEND", "reference")
+    q, k, v = _make((1, 9, 9, 1, 1, 8), torch.float32)
+    out = ft.flash_attn_func(q, k, v, causal=True)
+    ref, _ = attention_ref(q, k, v, causal=True)
+    assert (out.double() - ref.double()).abs().max() < 1e-5
+
+
+def _bad_inputs():
+    t = lambda *s, dt=torch.float32: torch.randn(*s, dtype=dt, device=DEVICE)  # noqa: E731
+    ok = (t(1, 8, 2, 16), t(1, 8, 2, 16), t(1, 8, 2, 16))
+    return [
+        ("q must have 4 dims", (t(8, 2, 16), ok[1], ok[2]), {}, ValueError),
+        ("k must be a torch.Tensor", (ok[0], [1.0], ok[2]), {}, TypeError),
+        ("dtype", (t(1, 8, 2, 16, dt=torch.float64), ok[1], ok[2]), {}, TypeError),
+        ("share one dtype", (ok[0], t(1, 8, 2, 16, dt=torch.float16), ok[2]), {}, TypeError),
+        ("batch size", (t(2, 8, 2, 16), ok[1], ok[2]), {}, ValueError),
+        ("same seqlen", (ok[0], ok[1], t(1, 9, 2, 16)), {}, ValueError),
+        ("head_dim of q", (t(1, 8, 2, 32), ok[1], ok[2]), {}, ValueError),
+        ("multiple of heads", (t(1, 8, 3, 16), ok[1], ok[2]), {}, ValueError),
+        ("> 256", (t(1, 8, 2, 300), t(1, 8, 2, 300), ok[2]), {}, NotImplementedError),
+        ("window_size", ok, {"window_size": (-2, 0)}, ValueError),
+        ("softmax_scale", ok, {"softmax_scale": "x"}, TypeError),
+        ("dropout_p", ok, {"dropout_p": 0.1}, NotImplementedError),
+        ("softcap", ok, {"softcap": 5.0}, NotImplementedError),
+        ("alibi_slopes", ok, {"alibi_slopes": torch.ones(2)}, NotImplementedError),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_inputs(), ids=lambda c: c[0])
+def test_bad_input_raises_clear_error(case):
+    match, args, kwargs, exc = case
+    with pytest.raises(exc, match=match):
+        ft.flash_attn_func(*args, **kwargs)
+
+
+def test_sdpa_bad_input():
+    q = torch.randn(1, 4, 8, 16, device=DEVICE)
+    k = torch.randn(1, 2, 8, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        ft.scaled_dot_product_attention(q, k, k)
+    with pytest.raises(NotImplementedError, match="attn_mask"):
+        ft.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.bool, device=DEVICE))
