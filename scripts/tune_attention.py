@@ -66,8 +66,9 @@ def main() -> None:
                 d0 = attention_backward(do, q, k, v, ref_out, ref_lse, scale, None, right, config=default)
                 print(f"D={D} causal={causal} S={S}: default {default}")
                 for part in ("dkdv", "dq"):
-                    grid = ([16, 32, 64], [64, 128], [4, 8], [1, 2, 3]) if part == "dkdv" else ([32, 64, 128], [32, 64], [4, 8], [1, 2, 3])
-                    for bm, bn, w, st in itertools.product(*grid):
+                    tiles = [(32, 128), (64, 128), (32, 64), (64, 64), (16, 64)] if part == "dkdv" else \
+                        [(128, 64), (64, 64), (128, 32), (64, 32)]
+                    for (bm, bn), w, st in itertools.product(tiles, [4, 8], [2, 3]):
                         c = KernelConfig(bm, bn, w, st)
                         cfg = BackwardConfig(c, default.dq) if part == "dkdv" else BackwardConfig(default.dkdv, c)
                         try:

@@ -15,10 +15,10 @@ import triton.language as tl
 
 from flashtile.kernels.common import key_phases, query_phases, visible
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seqlen_q", "heads_q"])
 def attention_bwd_preprocess(
     Out, DOut, Delta,
     stride_ob, stride_os, stride_oh,
@@ -94,7 +94,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m, off
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "heads_per_program", "n_head_programs", "window_left", "window_right"])
 def attention_bwd_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DK, DV,
     stride_qb, stride_qs, stride_qh,
@@ -215,7 +215,7 @@ def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, of
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "window_left", "window_right"])
 def attention_bwd_dq_kernel(
     Q, K, V, DOut, Lse, Delta, DQ,
     stride_qb, stride_qs, stride_qh,

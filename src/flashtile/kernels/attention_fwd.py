@@ -11,8 +11,8 @@ import triton.language as tl
 
 from flashtile.kernels.common import key_phases, visible
 
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -65,7 +65,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "window_left", "window_right"])
 def attention_fwd_kernel(
     Q, K, V, Out, Lse,
     stride_qb, stride_qs, stride_qh,

@@ -1,0 +1,88 @@
+"""PNG plots of a results document: per mode, one subplot per group, TFLOP/s against x.
+
+Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend switch), so it
+works headless and never disturbs a caller's own matplotlib state.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+from .report import MODE_ORDER, _providers, _speed
+
+
+def _group_title(group: tuple[Any, ...], keys: list[str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in zip(keys, group)) or "all"
+
+
+def _natural(group: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Numbers numerically (64 before 128), other labels as text."""
+    return tuple((0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in group)
+
+
+def _log2_axis(xs: list[float]) -> bool:
+    """Powers of two spanning more than 4x read best on a log2 axis (S = 512 .. 16384)."""
+    pos = [x for x in xs if x > 0]
+    if len(pos) < 2 or max(pos) / min(pos) <= 4:
+        return False
+    return all(abs(math.log2(x) - round(math.log2(x))) < 1e-9 for x in pos)
+
+
+def render_plots(doc: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
+    """Write <suite>_<mode>.png for each mode present; return the paths."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    suite = doc["suite"]
+    xkey, gkeys = suite["x"], list(suite.get("group", []))
+    providers = _providers(doc)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    modes = sorted({e["case"]["mode"] for e in doc["results"]}, key=lambda m: (MODE_ORDER + (m,)).index(m))
+    for mode in modes:
+        entries = [e for e in doc["results"] if e["case"]["mode"] == mode]
+        groups = sorted({tuple(e["case"]["labels"].get(k) for k in gkeys) for e in entries}, key=_natural)
+        # Columns follow the last group key (e.g. causal no / yes) when it has few values.
+        last = {g[-1] for g in groups} if gkeys else set()
+        ncols = len(last) if 1 <= len(last) <= 4 else min(3, len(groups))
+        ncols = max(1, ncols)
+        nrows = math.ceil(len(groups) / ncols)
+        fig = Figure(figsize=(5.0 * ncols, 3.6 * nrows), layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        for i, group in enumerate(groups):
+            ax = axes[i // ncols][i % ncols]
+            members = [e for e in entries if tuple(e["case"]["labels"].get(k) for k in gkeys) == group]
+            xs_all = sorted({float(e["case"]["labels"][xkey]) for e in members})
+            for idx, p in enumerate(providers):
+                pts = sorted(
+                    (float(e["case"]["labels"][xkey]), _speed(e["cells"].get(p)))
+                    for e in members
+                    if _speed(e["cells"].get(p)) is not None
+                )
+                if pts:
+                    # A fixed colour per provider, so a missing line never recolours the others.
+                    width = 2.5 if p == suite.get("subject") else 1.2
+                    style = {"linewidth": width, "color": f"C{idx % 10}"}
+                    ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p, **style)
+            if _log2_axis(xs_all):
+                ax.set_xscale("log", base=2)
+            ax.minorticks_off()
+            ax.set_xticks(xs_all)
+            ax.set_xticklabels([f"{x:g}" for x in xs_all], rotation=45 if len(xs_all) > 6 else 0)
+            ax.set_title(_group_title(group, gkeys))
+            ax.set_xlabel(xkey)
+            ax.set_ylabel("TFLOP/s")
+            ax.set_ylim(bottom=0)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize="small")
+        for j in range(len(groups), nrows * ncols):
+            axes[j // ncols][j % ncols].set_visible(False)
+        fig.suptitle(f"flashtile {suite['name']} suite, {mode}")
+        path = out / f"{suite['name']}_{mode}.png"
+        fig.savefig(path, dpi=110)
+        paths.append(path)
+    return paths

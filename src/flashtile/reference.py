@@ -1,0 +1,167 @@
+"""Plain PyTorch attention: the oracle every implementation is checked against.
+
+It materialises the full ``[B, H, Sq, Sk]`` score matrix, so it is for checking, not for speed. It is
+differentiable through torch autograd; tests get reference gradients by calling ``backward`` through it.
+
+Also home of the tolerance rule (FlashAttention's): an implementation passes when its error against
+the high-precision oracle is at most ``factor`` times the error that the same math in the input dtype
+makes, plus ``atol``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from .masks import Window, visibility_mask
+
+
+def _work_dtype(t: torch.Tensor, upcast: bool) -> torch.dtype:
+    """float64 on CPU / float32 on GPU when upcasting, else the input dtype."""
+    if not upcast:
+        return t.dtype
+    return torch.float64 if t.device.type == "cpu" else torch.float32
+
+
+def alibi_bias(
+    alibi_slopes: torch.Tensor,
+    batch: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> torch.Tensor:
+    """ALiBi bias ``-slope * |i + Sk - Sq - j|`` shaped ``[B or 1, Hq, Sq, Sk]``.
+
+    ``alibi_slopes`` is ``[Hq]`` or ``[B, Hq]`` (float32 in the public API).
+    """
+    slopes = alibi_slopes.to(device=device, dtype=dtype)
+    if slopes.dim() == 1:
+        slopes = slopes.unsqueeze(0)
+    if slopes.dim() != 2 or slopes.shape[0] not in (1, batch):
+        raise ValueError(f"alibi_slopes: expected shape [Hq] or [B, Hq], got {tuple(alibi_slopes.shape)}")
+    qi = torch.arange(seqlen_q, device=device).unsqueeze(1)
+    kj = torch.arange(seqlen_k, device=device).unsqueeze(0)
+    dist = (qi + (seqlen_k - seqlen_q) - kj).abs().to(dtype)
+    return -slopes[:, :, None, None] * dist
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Window = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    upcast: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention by the book.
+
+    Shapes: q ``[B, Sq, Hq, D]``, k ``[B, Sk, Hkv, D]``, v ``[B, Sk, Hkv, Dv]`` with ``Hq % Hkv == 0``
+    (query head ``h`` uses key/value head ``h // (Hq // Hkv)``).
+    Returns out ``[B, Sq, Hq, Dv]`` and lse ``[B, Hq, Sq]`` (natural log of the softmax denominator,
+    including the scale, softcap and bias).
+
+    Order of operations (FlashAttention's): ``s = scale * q k^T``; ``s = softcap * tanh(s / softcap)``
+    if softcap > 0; ``s += -slope * |i + Sk - Sq - j|`` with ALiBi; masked keys get ``-inf``;
+    softmax over keys; ``@ v``.
+
+    ``upcast=True`` computes in float64 on CPU (float32 on GPU) and returns out in that dtype and lse in
+    it too. ``upcast=False`` does the same math in the input dtype (the "low-precision torch" baseline
+    of the tolerance rule) and returns out in the input dtype, lse in float32.
+    A fully masked row gives out 0 and lse -inf, with zero (finite) gradients.
+    """
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("attention_ref: q, k, v must be 4-D [batch, seqlen, heads, head_dim]")
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    seqlen_k, heads_kv = k.shape[1], k.shape[2]
+    if heads_kv == 0 or heads_q % heads_kv != 0:
+        raise ValueError(f"attention_ref: Hq ({heads_q}) must be a multiple of Hkv ({heads_kv})")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    group = heads_q // heads_kv
+
+    dtype = _work_dtype(q, upcast)
+    # [B, S, H, D] -> [B, H, S, D]; GQA by repeating each key/value head for its query heads.
+    qw = q.to(dtype).transpose(1, 2)
+    kw = k.to(dtype).transpose(1, 2).repeat_interleave(group, dim=1)
+    vw = v.to(dtype).transpose(1, 2).repeat_interleave(group, dim=1)
+
+    # Scale q before the product (as FlashAttention's reference does) so low precision overflows later.
+    scores = torch.matmul(qw * softmax_scale, kw.transpose(-1, -2))
+    if softcap > 0:
+        scores = torch.tanh(scores / softcap) * softcap
+    if alibi_slopes is not None:
+        scores = scores + alibi_bias(
+            alibi_slopes, batch, seqlen_q, seqlen_k, dtype=dtype, device=q.device
+        )
+    visible = visibility_mask(seqlen_q, seqlen_k, causal, window_size, device=q.device)
+    scores = scores.masked_fill(~visible, float("-inf"))
+
+    # Softmax by hand so that all -inf rows give zeros, not NaN, in value and gradient. The row max
+    # is detached: softmax and lse are invariant to it, so no gradient is lost.
+    row_max = scores.amax(dim=-1, keepdim=True).detach() if seqlen_k > 0 else scores.new_full(
+        (*scores.shape[:-1], 1), float("-inf")
+    )
+    row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
+    probs = torch.exp(scores - row_max)
+    denom = probs.sum(dim=-1, keepdim=True)
+    empty = denom == 0  # NaN rows compare False and keep propagating NaN
+    safe_denom = torch.where(empty, torch.ones_like(denom), denom)
+    probs = probs / safe_denom
+    out = torch.matmul(probs, vw).transpose(1, 2)
+    lse = torch.where(
+        empty, torch.full_like(denom, float("-inf")), torch.log(safe_denom) + row_max
+    ).squeeze(-1)
+
+    if not upcast:
+        out = out.to(q.dtype)
+        lse = lse.float()
+    return out, lse
+
+
+def _abs_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |a - ref| in float64, treating equal values (incl. equal infinities) as exact.
+
+    Positions where ref is NaN are ignored; a NaN in ``a`` where ref is not NaN counts as inf.
+    """
+    if a.numel() == 0:
+        return 0.0
+    a = a.detach().to(torch.float64)
+    ref = ref.detach().to(device=a.device, dtype=torch.float64)
+    diff = (a - ref).abs()
+    diff = torch.where(a == ref, torch.zeros_like(diff), diff)
+    diff = torch.where(torch.isnan(ref), torch.zeros_like(diff), diff)
+    diff = torch.where(torch.isnan(diff), torch.full_like(diff, math.inf), diff)
+    return float(diff.max())
+
+
+def check_close(
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    lowprec: torch.Tensor,
+    factor: float = 2.0,
+    atol: float = 1e-5,
+) -> Tuple[bool, float, float]:
+    """FlashAttention's tolerance rule: ``max|out - ref| <= factor * max|lowprec - ref| + atol``.
+
+    ``ref`` is the high-precision oracle (``attention_ref(upcast=True)``), ``lowprec`` the same math in
+    the input dtype (``upcast=False``). Compared in float64. Any NaN in ``out`` where ``ref`` is not
+    NaN, or any infinite error, fails. Use factor 2 for outputs, 3 for gradients.
+    Returns ``(ok, err, bound)``.
+    """
+    if out.shape != ref.shape or lowprec.shape != ref.shape:
+        raise ValueError(
+            f"check_close: shapes differ: out {tuple(out.shape)}, ref {tuple(ref.shape)}, "
+            f"lowprec {tuple(lowprec.shape)}"
+        )
+    err = _abs_err(out, ref)
+    bound = factor * _abs_err(lowprec, ref) + atol
+    ok = math.isfinite(err) and err <= bound
+    return ok, err, bound
