@@ -17,6 +17,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from flashtile import dispatch, ops, reference
+from flashtile.masks import Edges
 from flashtile.spec import AttentionSpec, default_softmax_scale, mask_edges
 
 Tensor = torch.Tensor
@@ -94,13 +95,9 @@ def _run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> Tuple[Tensor, 
     backend = dispatch.resolve_backend(q.device)
     if backend == "reference":
         out, lse = reference.attention_ref(q, k, v, softmax_scale=spec.softmax_scale,
-                                           window_size=_edges_to_window(spec), upcast=True)
+                                           window_size=Edges(spec.left, spec.right), upcast=True)
         return out.to(q.dtype), lse.float()
     return ops.attention_fwd(q, k, v, spec.softmax_scale, spec.left, spec.right, backend)
-
-
-def _edges_to_window(spec: AttentionSpec) -> Tuple[int, int]:
-    return (-1 if spec.left is None else spec.left, -1 if spec.right is None else spec.right)
 
 
 def flash_attn_func(

@@ -12,19 +12,33 @@ blocks and drop the element mask on blocks that need none.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 
-Window = Tuple[int, int]
+
+class Edges(NamedTuple):
+    """Normalised visibility edges around the bottom-right diagonal; None = unbounded.
+
+    Unlike FlashAttention's window_size, any int is a real edge (torch SDPA's top-left causal with
+    Sk > Sq is right = Sq - Sk < 0). Passed as ``window_size`` it is taken as is (causal already folded).
+    """
+
+    left: Optional[int]
+    right: Optional[int]
 
 
-def effective_window(causal: bool, window_size: Window = (-1, -1)) -> Window:
-    """The (left, right) window after folding in ``causal``; negative sides become -1 (unbounded)."""
+Window = Union[Tuple[int, int], Edges]
+
+
+def effective_window(causal: bool, window_size: Window = (-1, -1)) -> Edges:
+    """Edges from FlashAttention's (causal, window_size): negative sides are unbounded, causal is right = 0."""
+    if isinstance(window_size, Edges):
+        return window_size
     left, right = int(window_size[0]), int(window_size[1])
     if causal:
         right = 0
-    return (left if left >= 0 else -1, right if right >= 0 else -1)
+    return Edges(left if left >= 0 else None, right if right >= 0 else None)
 
 
 def visibility_mask(
@@ -51,16 +65,16 @@ def visibility_mask(
         k_len = max(seqlen_k - k_start, 0)
     left, right = effective_window(causal, window_size)
     off = seqlen_k - seqlen_q
-    if left < 0 and right < 0:
+    if left is None and right is None:
         return torch.ones(q_len, k_len, dtype=torch.bool, device=device)
     qi = torch.arange(q_start, q_start + q_len, device=device).unsqueeze(1)
     kj = torch.arange(k_start, k_start + k_len, device=device).unsqueeze(0)
     # rel = how far key j sits right of the diagonal key of query i.
     rel = kj - (qi + off)
     mask = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
-    if left >= 0:
+    if left is not None:
         mask &= rel >= -left
-    if right >= 0:
+    if right is not None:
         mask &= rel <= right
     return mask
 
@@ -85,8 +99,8 @@ def key_block_range(
     off = seqlen_k - seqlen_q
     # The lower bound grows with i, so the first query sees furthest left; the upper bound also
     # grows with i, so the last query sees furthest right.
-    k_lo = q_lo + off - left if left >= 0 else 0
-    k_hi = (q_hi - 1) + off + right + 1 if right >= 0 else seqlen_k
+    k_lo = q_lo + off - left if left is not None else 0
+    k_hi = (q_hi - 1) + off + right + 1 if right is not None else seqlen_k
     k_lo = min(max(k_lo, 0), seqlen_k)
     k_hi = min(max(k_hi, 0), seqlen_k)
     if k_hi <= k_lo:
@@ -113,8 +127,8 @@ def block_fully_visible(
     left, right = effective_window(causal, window_size)
     off = seqlen_k - seqlen_q
     # The tightest left bound comes from the last query, the tightest right bound from the first.
-    if left >= 0 and k_lo < (q_hi - 1) + off - left:
+    if left is not None and k_lo < (q_hi - 1) + off - left:
         return False
-    if right >= 0 and k_hi - 1 > q_lo + off + right:
+    if right is not None and k_hi - 1 > q_lo + off + right:
         return False
     return True

@@ -11,12 +11,11 @@ from typing import Optional, Tuple
 
 import torch
 
+from flashtile.masks import Edges
+
 Tensor = torch.Tensor
 
 
-def _window_size(left: Optional[int], right: Optional[int]) -> Tuple[int, int]:
-    """Edges -> FlashAttention's window_size for the CPU path (None -> -1 = unbounded)."""
-    return (-1 if left is None else left, -1 if right is None else right)
 
 
 @torch.library.custom_op("flashtile::attention_fwd", mutates_args=())
@@ -28,7 +27,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float,
         return attention_forward(q, k, v, softmax_scale, left, right)
     if backend == "cpu":
         from flashtile import cpu
-        out, lse = cpu.attention_forward(q, k, v, softmax_scale, window_size=_window_size(left, right))
+        out, lse = cpu.attention_forward(q, k, v, softmax_scale, window_size=Edges(left, right))
         return out.contiguous(), lse.contiguous()
     raise ValueError(f"flashtile::attention_fwd: unknown backend {backend!r}")
 
@@ -54,7 +53,7 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     if backend == "cpu":
         from flashtile import cpu
         dq, dk, dv = cpu.attention_backward(dout, q, k, v, out, lse, softmax_scale,
-                                            window_size=_window_size(left, right))
+                                            window_size=Edges(left, right))
         return dq.contiguous(), dk.contiguous(), dv.contiguous()
     raise ValueError(f"flashtile::attention_bwd: unknown backend {backend!r}")
 

@@ -11,6 +11,8 @@ import dataclasses
 import math
 from typing import Optional, Tuple
 
+from flashtile.masks import Edges, effective_window
+
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSpec:
@@ -57,14 +59,12 @@ class AttentionSpec:
 
 
 def mask_edges(seqlen_q: int, seqlen_k: int, causal: bool, window_size: Tuple[int, int],
-               top_left: bool = False) -> Tuple[Optional[int], Optional[int]]:
-    """(left, right) edges from FlashAttention's (causal, window_size) or SDPA's top-left is_causal."""
-    left = None if window_size[0] < 0 else int(window_size[0])
-    right = None if window_size[1] < 0 else int(window_size[1])
-    if causal:
-        diag = (seqlen_q - seqlen_k) if top_left else 0
-        right = diag if right is None else min(right, diag)
-    return left, right
+               top_left: bool = False) -> Edges:
+    """Edges from FlashAttention's (causal, window_size), or torch SDPA's top-left is_causal."""
+    edges = effective_window(causal and not top_left, window_size)
+    if causal and top_left:
+        edges = Edges(edges.left, seqlen_q - seqlen_k)
+    return edges
 
 
 def default_softmax_scale(head_dim: int, softmax_scale: Optional[float]) -> float:
