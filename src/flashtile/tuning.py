@@ -78,9 +78,15 @@ def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype:
     if arch is None:
         return BackwardConfig(KernelConfig(32, 32, 4, 1), KernelConfig(32, 32, 4, 1))
     fp32 = dtype == torch.float32
+    if fp32:
+        if d <= 64:
+            return BackwardConfig(KernelConfig(32, 128, 8, 3), KernelConfig(128, 32, 8, 3))
+        if d <= 128:
+            return BackwardConfig(KernelConfig(32, 64, 8, 2), KernelConfig(64, 32, 8, 2))
+        return BackwardConfig(KernelConfig(16, 64, 8, 1), KernelConfig(64, 32, 8, 1))
+    # H200 sweep (bf16, S=4096, non-causal), each kernel timed with the other fixed
     if d <= 64:
-        return BackwardConfig(KernelConfig(32 if fp32 else 64, 128, 8, 3), KernelConfig(128, 32 if fp32 else 64, 8, 3))
+        return BackwardConfig(KernelConfig(32, 128, 4, 3), KernelConfig(128, 64, 4, 3))
     if d <= 128:
-        return BackwardConfig(KernelConfig(32, 64 if fp32 else 128, 8, 2 if fp32 else 3),
-                              KernelConfig(64 if fp32 else 128, 32 if fp32 else 64, 8, 2))
-    return BackwardConfig(KernelConfig(16 if fp32 else 32, 64, 8, 1 if fp32 else 2), KernelConfig(64, 32, 8, 1 if fp32 else 2))
+        return BackwardConfig(KernelConfig(64, 64, 4, 2), KernelConfig(128, 64, 8, 3))
+    return BackwardConfig(KernelConfig(64, 64, 8, 2), KernelConfig(128, 32, 8, 3))
