@@ -1,0 +1,349 @@
+"""The command line (info / verify / bench) and the benchmark harness, without a GPU.
+
+Nothing here times anything: the runner is exercised on CPU tensors with a fake timer, and the
+report is rendered from synthetic results.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from flashtile.__main__ import main
+from flashtile.bench import report, runner, suites
+from flashtile.bench.peers import PROVIDERS, Provider, _attention
+from flashtile.bench.suites import SUITES, attention_case, attention_flops, filter_cases, tflops
+from flashtile.bench.validate import compare
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run_module(*args: str) -> subprocess.CompletedProcess:
+    """python -m flashtile ... from the source tree, on CPU."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), CUDA_VISIBLE_DEVICES="")
+    return subprocess.run(
+        [sys.executable, "-m", "flashtile", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# info
+
+
+def test_info_subprocess_names_backend():
+    proc = _run_module("info")
+    assert proc.returncode == 0, proc.stderr
+    assert "backend for CPU tensors" in proc.stdout
+    assert "backend setting" in proc.stdout
+    assert "torch" in proc.stdout and "triton" in proc.stdout
+
+
+def test_info_reports_versions_and_backends(capsys):
+    from flashtile.info import collect_info
+
+    info = collect_info()
+    for key in ("flashtile", "python", "torch", "triton", "numpy", "device", "backend_setting", "backend_cpu"):
+        assert key in info
+    assert info["backend_cpu"] in ("cpu", "triton", "reference") or info["backend_cpu"].startswith("error")
+    assert main(["info"]) == 0
+    assert "backend for CUDA tensors" in capsys.readouterr().out
+
+
+def test_verify_forwards_arguments(monkeypatch):
+    calls = []
+    fake = types.ModuleType("flashtile.verify")
+
+    def run_verify(backends=None, quick=False):
+        calls.append((backends, quick))
+        return 3
+
+    fake.run_verify = run_verify
+    monkeypatch.setitem(sys.modules, "flashtile.verify", fake)
+    assert main(["verify", "--backend", "cpu", "--backend", "reference", "--quick"]) == 3
+    assert main(["verify"]) == 3
+    assert calls == [(["cpu", "reference"], True), (None, False)]
+
+
+def test_usage_errors_return_codes(capsys):
+    assert main([]) == 2
+    assert main(["--help"]) == 0
+    assert main(["bench", "--help"]) == 0
+    assert main(["bench", "--suite", "nope"]) == 2
+    assert main(["bench", "--dry-run", "--providers", "nope"]) == 2
+    assert main(["bench", "--dry-run", "--seqlens", "3"]) == 2  # no case matches
+    capsys.readouterr()
+
+
+# ----------------------------------------------------------------------------------------------
+# bench --dry-run and the case lists
+
+
+def test_bench_dry_run_subprocess_lists_72_cases():
+    proc = _run_module("bench", "--dry-run", "--suite", "standard")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == "72 cases"
+    assert sum(1 for line in lines if line.lstrip()[:1].isdigit() and ". D=" in line) == 72
+
+
+@pytest.mark.parametrize(
+    "args, count",
+    [
+        (["--suite", "standard"], 72),
+        (["--suite", "standard", "--headdims", "64", "--modes", "fwd"], 12),
+        (["--suite", "standard", "--seqlens", "512,1024", "--causal", "yes"], 12),
+        (["--suite", "standard", "--quick"], 24),
+        (["--suite", "wide"], 48),
+        (["--suite", "wide", "--causal", "no", "--modes", "fwd"], 12),
+    ],
+)
+def test_bench_dry_run_counts(args, count, capsys):
+    assert main(["bench", "--dry-run", *args]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"{count} cases"
+
+
+def test_bench_without_cuda_says_so(capsys, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["bench", "--suite", "standard", "--out", str(tmp_path)]) == 2
+    assert "CUDA" in capsys.readouterr().err
+
+
+def test_standard_suite_shapes():
+    cases = suites.standard_suite()
+    assert len(cases) == 72
+    for c in cases:
+        s = c.shape
+        assert s["B"] * s["Sq"] == 16384 and s["H"] * s["D"] == 2048
+        assert c.dtype == "bfloat16" and c.kind == "attention"
+        assert c.providers[0] == "flashtile" and "sdpa_flash" in c.references
+        # math is skipped exactly when its float32 scores would exceed the limit
+        assert ("sdpa_math" in c.skip) == (4 * s["B"] * s["H"] * s["Sq"] * s["Sk"] >= suites.MATH_SCORES_LIMIT_BYTES)
+    assert len({c.key for c in cases}) == 72
+
+
+def test_wide_suite_shapes():
+    cases = suites.wide_suite()
+    assert {c.shape["D"] for c in cases} == set(range(320, 1025, 64))
+    assert all(c.shape["B"] == 1 and c.shape["H"] == 48 and c.shape["Sq"] == 8192 for c in cases)
+    assert all(set(c.providers) == {"flashtile", "sdpa_efficient", "sdpa_math"} for c in cases)
+
+
+def test_filter_narrows_providers():
+    cases = filter_cases(suites.standard_suite(), providers=["flashtile", "sdpa_math"], seqlens=[16384])
+    assert cases and all(c.providers == ("flashtile", "sdpa_math") for c in cases)
+    assert all(set(c.skip) <= {"sdpa_math"} for c in cases)
+    assert filter_cases(suites.standard_suite(), providers=["nobody"]) == []
+
+
+# ----------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def test_flop_formula():
+    fwd = 4 * 2 * 3 * 128 * 128 * 64
+    assert attention_flops(2, 3, 128, 128, 64, False, "fwd") == fwd
+    assert attention_flops(2, 3, 128, 128, 64, True, "fwd") == fwd / 2
+    assert attention_flops(2, 3, 128, 128, 64, False, "fwd_bwd") == 3.5 * fwd
+    assert attention_flops(2, 3, 128, 128, 64, True, "fwd_bwd") == 3.5 * fwd / 2
+    # causal with Sq != Sk is not a triangle: no halving
+    assert attention_flops(1, 1, 64, 128, 64, True, "fwd") == 4 * 64 * 128 * 64
+    with pytest.raises(ValueError):
+        attention_flops(1, 1, 1, 1, 1, False, "bwd")
+    assert tflops(2e12, 1000.0) == pytest.approx(2.0)
+    # the standard suite does the same work at every S: 4 * 16384 * 2048 * S
+    for c in suites.standard_suite():
+        base = 4.0 * 16384 * 2048 * c.shape["Sq"] * (0.5 if c.shape["causal"] else 1.0)
+        assert c.flops == pytest.approx(base * (3.5 if c.mode == "fwd_bwd" else 1.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+
+
+def test_compare_catches_wrong_outputs():
+    g = torch.Generator().manual_seed(0)
+    ref = {"out": torch.randn(2, 64, 2, 16, generator=g)}
+    close = {"out": ref["out"] + 1e-3}
+    assert compare(close, ref)[0]
+    assert not compare({"out": ref["out"] + 0.5}, ref)[0]
+    nan = ref["out"].clone()
+    nan[0, 0, 0, 0] = float("nan")
+    assert not compare({"out": nan}, ref)[0]
+    assert not compare({}, ref)[0]
+    # a small-magnitude output with a dropped slice: within 2e-2 everywhere but wrong in bulk
+    small = {"out": ref["out"] * 0.01}
+    dropped = {"out": small["out"].clone()}
+    dropped["out"][:, :32] = 0
+    assert not compare(dropped, small)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# the runner, end to end on CPU with a fake timer
+
+
+def _broken_build(case, inputs):
+    """A provider that ignores causality: must be reported as wrong, never timed."""
+    import torch.nn.functional as F
+
+    def call(q, k, v):
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+
+    return _attention(case, inputs, layout="bhsd", call=call)
+
+
+def _failing_build(case, inputs):
+    raise NotImplementedError("head dim not supported yet")
+
+
+def test_runner_records_ok_wrong_error_and_skip(monkeypatch, tmp_path):
+    timed = []
+
+    def fake_median(fn, **kw):
+        fn()
+        timed.append(fn)
+        return 2.0
+
+    monkeypatch.setattr(runner, "median_ms", fake_median)
+    monkeypatch.setattr(runner, "warm_up", lambda fn, calls=2: fn())
+    monkeypatch.setitem(PROVIDERS, "broken", Provider("broken", "attention", "test", _broken_build))
+    monkeypatch.setitem(PROVIDERS, "failing", Provider("failing", "attention", "test", _failing_build))
+    providers = ("sdpa_math", "broken", "failing", "sdpa_flash")
+    cases = [
+        attention_case("standard", b=1, h=2, s=s, d=16, causal=True, mode=mode, providers=providers,
+                       references=("sdpa_math", "sdpa_flash"), dtype="float32", math_limit=4 * 2 * 64 * 64 + 1)
+        for mode in ("fwd", "fwd_bwd")
+        for s in (64, 96)
+    ]
+    opts = runner.RunOptions(out_dir=tmp_path, device="cpu")
+    doc, code = runner.run_suite(SUITES["standard"], cases, opts, {"device": "test", "date": "2026-01-01"})
+    assert code == 0
+    assert len(doc["results"]) == 4
+    for entry in doc["results"]:
+        cells = entry["cells"]
+        assert cells["broken"]["status"] == "wrong" and cells["broken"]["tflops"] is None
+        assert cells["failing"]["status"] == "error" and "not supported" in cells["failing"]["reason"]
+        assert cells["sdpa_flash"]["status"] == "ok"
+        if entry["case"]["shape"]["Sq"] == 96:  # math skipped: sdpa_flash is the reference
+            assert cells["sdpa_math"]["status"] == "skipped" and "GB" in cells["sdpa_math"]["reason"]
+            assert cells["sdpa_flash"]["reference"] == "sdpa_flash"
+        else:
+            assert cells["sdpa_math"]["status"] == "ok" and cells["sdpa_flash"]["reference"] == "sdpa_math"
+            assert set(cells["sdpa_flash"]["check"]) == ({"out"} if entry["case"]["mode"] == "fwd" else {"out", "dq", "dk", "dv"})
+        for p in ("sdpa_math", "sdpa_flash"):
+            if cells[p]["status"] == "ok":
+                assert cells[p]["median_ms"] == 2.0
+                assert cells[p]["tflops"] == pytest.approx(entry["case"]["flops"] / 2e-3 / 1e12)
+    saved = report.load_json(tmp_path / "standard.json")
+    assert len(saved["results"]) == 4
+
+    # --resume skips what is done; a rerun of one provider merges into the same file cell by cell
+    opts2 = runner.RunOptions(out_dir=tmp_path, device="cpu", resume=True)
+    n = len(timed)
+    doc2, _ = runner.run_suite(SUITES["standard"], cases, opts2, {"device": "test", "date": "2026-01-02"})
+    assert len(timed) == n
+    only_math = filter_cases(cases, providers=["sdpa_math"])
+    doc3, _ = runner.run_suite(SUITES["standard"], only_math, runner.RunOptions(out_dir=tmp_path, device="cpu"),
+                               {"device": "test", "date": "2026-01-03"})
+    assert len(doc3["runs"]) == 2  # the --resume run measured nothing, so it is not recorded
+    assert all("broken" in e["cells"] for e in doc3["results"])
+
+    # no reference at all: speeds are recorded but flagged as unchecked
+    lone = [attention_case("standard", b=1, h=1, s=32, d=8, causal=False, mode="fwd", providers=("broken",),
+                           references=(), dtype="float32")]
+    doc4, _ = runner.run_suite(SUITES["standard"], lone, runner.RunOptions(out_dir=tmp_path / "lone", device="cpu"), {})
+    assert doc4["results"][0]["cells"]["broken"]["status"] == "unchecked"
+    assert report.format_cell(doc4["results"][0]["cells"]["broken"]).endswith("?")
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+
+
+def _synthetic_document() -> dict:
+    """Results for the quick standard suite with every kind of cell."""
+    doc = report.new_document(SUITES["standard"].layout())
+    doc["runs"].append({"date": "2026-11-20 12:00 UTC", "device": "NVIDIA H200", "capability": "sm_90",
+                        "torch": "2.11.0+cu130", "cuda": "13.0", "triton": "3.6.0", "cudnn": "9.19.0",
+                        "python": "3.12.3", "flashtile": "0.1.0", "warmup_ms": 25, "rep_ms": 100})
+    speeds = {"flashtile": 400.0, "sdpa_flash": 300.0, "sdpa_cudnn": 500.0, "sdpa_efficient": 150.0, "sdpa_math": 40.0, "flex": 380.0}
+    for i, case in enumerate(suites.standard_suite(quick=True)):
+        cells = {}
+        for p in case.providers:
+            if p in case.skip:
+                cells[p] = {"status": "skipped", "reason": case.skip[p], "median_ms": None, "tflops": None}
+            elif p == "flex" and case.shape["D"] == 128 and case.mode == "fwd_bwd":
+                cells[p] = {"status": "error", "reason": "OutOfMemoryError: out of shared memory", "median_ms": None, "tflops": None}
+            elif p == "flashtile" and i == 3:
+                cells[p] = {"status": "wrong", "reason": "differs from sdpa_flash", "median_ms": None, "tflops": None,
+                            "check": {"out": {"max_abs": float("inf"), "rel_rms": 0.5}}}
+            else:
+                t = speeds[p] * (1 + 0.01 * i)
+                cells[p] = {"status": "ok", "tflops": t, "median_ms": case.flops / t / 1e9, "reason": None}
+        report.add_cells(doc, case.to_dict(), cells)
+    return doc
+
+
+def test_report_renders_table_json_png(tmp_path):
+    doc = _synthetic_document()
+    written = report.write_report(doc, tmp_path)
+    text = written["text"]
+    assert "NVIDIA H200" in text and "torch 2.11.0+cu130" in text and "cuDNN 9.19.0" in text
+    assert "| D | causal | S | mode | flashtile | sdpa_flash | sdpa_cudnn | sdpa_efficient | sdpa_math | flex |" in text
+    assert "vs sdpa_flash" in text and "vs sdpa_cudnn" in text and "vs flex" in text and "vs best" in text
+    assert "| 64 | no | 1024 | fwd | 400.0 | 300.0 | 500.0 | 150.0 | 40.0 | 380.0 | 1.33 | 0.80 | 1.05 | 0.80 (sdpa_cudnn) |" in text
+    assert "wrong" in text and "### Notes" in text and "out of shared memory" in text
+    assert (tmp_path / "standard.md").read_text() == text
+    for mode in ("fwd", "fwd_bwd"):
+        png = tmp_path / f"standard_{mode}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(written["png"]) == sorted([tmp_path / "standard_fwd.png", tmp_path / "standard_fwd_bwd.png"])
+    # strict JSON (no bare Infinity), and the markdown can be rebuilt from it alone
+    raw = (tmp_path / "standard.json").read_text()
+    json.loads(raw, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert report.render_json_file(tmp_path / "standard.json") == text
+
+
+def test_report_merges_runs_cell_by_cell(tmp_path):
+    a = _synthetic_document()
+    b = report.new_document(SUITES["standard"].layout())
+    b["runs"].append({"date": "2026-11-21 12:00 UTC", "device": "NVIDIA H200"})
+    first = a["results"][0]
+    report.add_cells(b, first["case"], {"flashtile": {"status": "ok", "tflops": 999.0, "median_ms": 1.0}})
+    report.save_json(a, tmp_path / "a.json")
+    report.save_json(b, tmp_path / "b.json")
+    out = tmp_path / "merged"
+    assert main(["bench", "--from-json", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(out), "--no-plots"]) == 0
+    merged = report.load_json(out / "standard.json")
+    cells = next(e["cells"] for e in merged["results"] if e["case"]["key"] == first["case"]["key"])
+    assert cells["flashtile"]["tflops"] == 999.0 and cells["sdpa_cudnn"]["status"] == "ok"
+    assert len(merged["runs"]) == 2 and len(merged["results"]) == len(a["results"])
+    assert "2 runs" in (out / "standard.md").read_text()
+
+
+def test_report_wide_suite_layout(tmp_path):
+    doc = report.new_document(SUITES["wide"].layout())
+    for case in suites.wide_suite(quick=True):
+        cells = {p: {"status": "ok", "tflops": 100.0 + case.shape["D"] / 10, "median_ms": 1.0} for p in case.providers}
+        cells["flashtile"] = {"status": "error", "reason": "UnsupportedError: head_dim 320 > 256", "median_ms": None, "tflops": None}
+        report.add_cells(doc, case.to_dict(), cells)
+    written = report.write_report(doc, tmp_path)
+    assert "vs sdpa_efficient" in written["text"] and "vs flex" not in written["text"]
+    assert (tmp_path / "wide_fwd.png").exists()
+
+
+def test_bench_package_imports_without_cuda():
+    code = (
+        "import torch, flashtile.bench, flashtile.bench.peers, flashtile.bench.runner, flashtile.bench.cli;"
+        "assert not torch.cuda.is_initialized()"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
