@@ -97,6 +97,26 @@ def test_sliding_window(window, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("features", ["softcap", "alibi", "alibi_batched", "softcap+alibi+causal", "softcap+window"])
+def test_softcap_and_alibi(features, dtype, backend):
+    B, Sq, Sk, Hq, Hkv, D = 2, 45, 61, 4, 2, 40
+    q, k, v = _make((B, Sq, Sk, Hq, Hkv, D), dtype)
+    kw = {}
+    if "softcap" in features:
+        kw["softcap"] = 1.5  # small cap: tanh far from linear, so a wrong derivative shows
+    if "alibi" in features:
+        shape = (B, Hq) if "batched" in features else (Hq,)
+        kw["alibi_slopes"] = torch.rand(*shape, device=DEVICE, dtype=torch.float32) * 0.5
+    if "causal" in features:
+        kw["causal"] = True
+    if "window" in features:
+        kw["window_size"] = (9, 3)
+    with ft.use_backend(backend):
+        check_against_oracle(q, k, v, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_softmax_scale_and_strides(backend):
     """[B, H, S, D] storage seen through a transpose, a slice of a packed qkv, and a custom scale."""
     B, S, H, D = 2, 45, 3, 48
@@ -271,8 +291,9 @@ def _bad_inputs():
         ("window_size", ok, {"window_size": (-2, 0)}, ValueError),
         ("softmax_scale", ok, {"softmax_scale": "x"}, TypeError),
         ("dropout_p", ok, {"dropout_p": 0.1}, NotImplementedError),
-        ("softcap", ok, {"softcap": 5.0}, NotImplementedError),
-        ("alibi_slopes", ok, {"alibi_slopes": torch.ones(2)}, NotImplementedError),
+        ("softcap", ok, {"softcap": -1.0}, ValueError),
+        ("alibi_slopes must have shape", ok, {"alibi_slopes": torch.ones(3, device=DEVICE)}, ValueError),
+        ("alibi_slopes must be float32", ok, {"alibi_slopes": torch.ones(2, device=DEVICE, dtype=torch.float16)}, TypeError),
     ]
 
 

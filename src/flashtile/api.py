@@ -90,14 +90,40 @@ def _not_yet(name: str, value: object, issue: str) -> None:
     raise UnsupportedError(f"{name}={value!r} is not supported yet ({issue} is planned)")
 
 
-def _run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> Tuple[Tensor, Tensor]:
+def _run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
+         alibi_slopes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Dispatch one normalised call; returns out [B, Sq, Hq, Dv] and lse [B, Hq, Sq]."""
     backend = dispatch.resolve_backend(q.device)
     if backend == "reference":
         out, lse = reference.attention_ref(q, k, v, softmax_scale=spec.softmax_scale,
-                                           window_size=Edges(spec.left, spec.right), upcast=True)
+                                           window_size=Edges(spec.left, spec.right), softcap=spec.softcap,
+                                           alibi_slopes=alibi_slopes, upcast=True)
         return out.to(q.dtype), lse.float()
-    return ops.attention_fwd(q, k, v, spec.softmax_scale, spec.left, spec.right, backend)
+    return ops.attention_fwd(q, k, v, spec.softmax_scale, spec.left, spec.right, spec.softcap, alibi_slopes,
+                             backend)
+
+
+def _check_softcap(softcap: float) -> float:
+    if not isinstance(softcap, numbers.Real) or isinstance(softcap, bool) or not softcap >= 0:
+        raise ValueError(f"softcap must be a float >= 0 (0 = off), got {softcap!r}")
+    return float(softcap)
+
+
+def _check_alibi(alibi_slopes: Optional[Tensor], q: Tensor) -> Optional[Tensor]:
+    """ALiBi slopes: float32 [Hq] or [B, Hq] on q's device (FlashAttention-2's contract)."""
+    if alibi_slopes is None:
+        return None
+    if not isinstance(alibi_slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
+    B, _, Hq, _ = q.shape
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+    if alibi_slopes.device != q.device:
+        raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
+    if tuple(alibi_slopes.shape) not in ((Hq,), (B, Hq)):
+        raise ValueError(f"alibi_slopes must have shape [Hq] = [{Hq}] or [B, Hq] = [{B}, {Hq}], "
+                         f"got {list(alibi_slopes.shape)}")
+    return alibi_slopes.detach().contiguous()
 
 
 def flash_attn_func(
@@ -120,6 +146,8 @@ def flash_attn_func(
     return_attn_probs=True the tuple (out, lse, None) with lse float32 [B, Hq, Sq] (natural log).
     causal: key j visible to query i iff j <= i + Sk - Sq (bottom-right aligned).
     window_size=(left, right), -1 unbounded: i + Sk - Sq - left <= j <= i + Sk - Sq + right.
+    softcap > 0: scores s = scale * q.k become softcap * tanh(s / softcap) before masking.
+    alibi_slopes: float32 [Hq] or [B, Hq]; adds -slope * |i + Sk - Sq - j| to the scores.
     A query row that sees no key gives out 0 and lse -inf. The backward is always deterministic.
     """
     _check_qkv(q, k, v)
@@ -127,10 +155,8 @@ def flash_attn_func(
     window = _check_window(window_size)
     if dropout_p != 0.0:
         _not_yet("dropout_p", dropout_p, "dropout")
-    if softcap != 0.0:
-        _not_yet("softcap", softcap, "softcap")
-    if alibi_slopes is not None:
-        _not_yet("alibi_slopes", "<tensor>", "ALiBi")
+    softcap = _check_softcap(softcap)
+    alibi_slopes = _check_alibi(alibi_slopes, q)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, Sq, Hq, D = q.shape
     Sk = k.shape[1]
@@ -138,8 +164,8 @@ def flash_attn_func(
     spec = AttentionSpec(batch=B, seqlen_q=Sq, seqlen_k=Sk, heads_q=Hq, heads_kv=k.shape[2],
                          head_dim=D, head_dim_v=v.shape[3], dtype_name=str(q.dtype).split(".")[-1],
                          softmax_scale=default_softmax_scale(D, softmax_scale), causal=bool(causal),
-                         left=left, right=right)
-    out, lse = _run(q, k, v, spec)
+                         left=left, right=right, softcap=softcap, has_alibi=alibi_slopes is not None)
+    out, lse = _run(q, k, v, spec, alibi_slopes)
     if return_attn_probs:
         return out, lse, None
     return out

@@ -31,6 +31,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def _alibi_args(alibi_slopes: Optional[torch.Tensor], dummy: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """Slopes pointer and batch stride ([Hq] broadcasts over batch with stride 0)."""
+    if alibi_slopes is None:
+        return dummy, 0
+    slopes = alibi_slopes.to(torch.float32).contiguous()
+    return slopes, (slopes.stride(0) if slopes.dim() == 2 else 0)
+
+
 def _mask_flags(left: Optional[int], right: Optional[int]) -> Tuple[bool, bool, int, int]:
     """Edges (spec.mask_edges; None = unbounded) -> (HAS_LEFT, HAS_RIGHT, left, right)."""
     return left is not None, right is not None, left or 0, right or 0
@@ -50,6 +58,7 @@ def _device_ctx(t: torch.Tensor):
 
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
                       left: Optional[int] = None, right: Optional[int] = None,
+                      softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
                       config: Optional[KernelConfig] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns out [B, Sq, Hq, Dv] (q's dtype) and lse fp32 [B, Hq, Sq].
 
@@ -70,17 +79,18 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     cfg = config or forward_config(q.device, D, Dv, q.dtype, causal)
     block_d, block_dv = padded_head_dim(D), padded_head_dim(Dv)
     grid = (triton.cdiv(Sq, cfg.block_m) * B * Hq,)
+    slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
     with _device_ctx(q):
         attention_fwd_kernel[grid](
-            q, k, v, out, lse,
+            q, k, v, out, lse, slopes,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
+            out.stride(0), out.stride(1), out.stride(2), stride_alibi_b,
             Sq, Sk, Hq, Hq // Hkv, D, Dv,
-            softmax_scale, left, right,
+            softmax_scale, softcap, left, right,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-            HAS_LEFT=has_left, HAS_RIGHT=has_right,
+            HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
             EVEN_D=block_d == D, EVEN_DV=block_dv == Dv, DOT_PRECISION=_dot_precision(q.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -105,6 +115,7 @@ def _expand_gqa(q: torch.Tensor, k: torch.Tensor, block_n: int) -> bool:
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, softmax_scale: float,
                        left: Optional[int] = None, right: Optional[int] = None,
+                       softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
                        config: Optional[BackwardConfig] = None, expand_gqa: Optional[bool] = None,
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dq, dk, dv (contiguous, dtypes of q, k, v)."""
@@ -120,8 +131,9 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     has_left, has_right, left, right = _mask_flags(left, right)
     cfg = config or backward_config(q.device, D, Dv, q.dtype, causal)
     block_d, block_dv = padded_head_dim(D), padded_head_dim(Dv)
-    flags = dict(HAS_LEFT=has_left, HAS_RIGHT=has_right, EVEN_D=block_d == D, EVEN_DV=block_dv == Dv,
-                 DOT_PRECISION=_dot_precision(q.dtype))
+    flags = dict(HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+                 EVEN_D=block_d == D, EVEN_DV=block_dv == Dv, DOT_PRECISION=_dot_precision(q.dtype))
+    slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
     delta = _empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
     with _device_ctx(q):
         pre_m = 64
@@ -141,15 +153,15 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             heads_per_program, n_head_programs = group, Hkv
         c = cfg.dkdv
         attention_bwd_dkdv_kernel[(triton.cdiv(Sk, c.block_n) * B * n_head_programs,)](
-            q, k, v, dout, lse, delta, dk_buf, dv_buf,
+            q, k, v, dout, lse, delta, dk_buf, dv_buf, slopes,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
             dk_buf.stride(0), dk_buf.stride(1), dk_buf.stride(2),
-            dv_buf.stride(0), dv_buf.stride(1), dv_buf.stride(2),
+            dv_buf.stride(0), dv_buf.stride(1), dv_buf.stride(2), stride_alibi_b,
             Sq, Sk, Hq, group, heads_per_program, n_head_programs,
-            D, Dv, softmax_scale, left, right,
+            D, Dv, softmax_scale, softcap, left, right,
             BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
             num_warps=c.num_warps, num_stages=c.num_stages, **flags,
         )
@@ -158,13 +170,13 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             dv.copy_(dv_buf.view(B, Sk, Hkv, group, Dv).sum(3))
         c = cfg.dq
         attention_bwd_dq_kernel[(triton.cdiv(Sq, c.block_m) * B * Hq,)](
-            q, k, v, dout, lse, delta, dq,
+            q, k, v, dout, lse, delta, dq, slopes,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            Sq, Sk, Hq, group, D, Dv, softmax_scale, left, right,
+            dq.stride(0), dq.stride(1), dq.stride(2), stride_alibi_b,
+            Sq, Sk, Hq, group, D, Dv, softmax_scale, softcap, left, right,
             BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
             num_warps=c.num_warps, num_stages=c.num_stages, **flags,
         )

@@ -38,6 +38,8 @@ class AttentionSpec:
     # causal is right = 0; torch SDPA's top-left causal is right = seqlen_q - seqlen_k.
     left: Optional[int] = None
     right: Optional[int] = None
+    softcap: float = 0.0  # > 0: scores become softcap * tanh(scores / softcap)
+    has_alibi: bool = False  # the slopes tensor travels beside the spec
 
     @property
     def group_size(self) -> int:

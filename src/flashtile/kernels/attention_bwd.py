@@ -13,7 +13,7 @@ P is recomputed from the saved log-sum-exp: p = exp2(s * scale * log2(e) - lse *
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import key_phases, query_phases, visible
+from flashtile.kernels.common import key_phases, query_phases, score_log2, score_params, visible
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -50,9 +50,10 @@ def _load_lse2(Lse, rows, seqlen_q):
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m, offs_n, offs_d, offs_dv,
-                start, stop, stride_qs, stride_dos, qk_scale,
+                start, stop, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                 seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                 BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dK, dV for one key tile over query tiles [start, stop) of one query head."""
     for start_m in range(start, stop, BLOCK_M):
@@ -81,8 +82,9 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m, off
         lse2 = _load_lse2(lse_base, rows, seqlen_q)
         delta = tl.load(delta_base + rows, mask=rows < seqlen_q, other=0.0)
         # -- P^T = exp2(K Q^T * scale - lse), recomputed from the forward's statistics --
-        st = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-        pt = tl.math.exp2(st * qk_scale - lse2[None, :])
+        st, tt = score_log2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), offs_n, rows, seqlen_k, seqlen_q,
+                            qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI)
+        pt = tl.math.exp2(st - lse2[None, :])
         if MASKED:
             vis = visible(rows, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             pt = tl.where(tl.trans(vis) & (rows[None, :] < seqlen_q), pt, 0.0)
@@ -90,23 +92,25 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m, off
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dst = pt * (dpt - delta[None, :])
+        if SOFTCAP:
+            dst = dst * (1.0 - tt * tt)  # d/dx c*tanh(x/c) = 1 - tanh^2
         dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "heads_per_program", "n_head_programs", "window_left", "window_right"])
 def attention_bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DK, DV,
+    Q, K, V, DOut, Lse, Delta, DK, DV, Alibi,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
-    stride_dvb, stride_dvs, stride_dvh,
+    stride_dvb, stride_dvs, stride_dvh, stride_alibi_b,
     seqlen_q, seqlen_k, heads_q, group_size, heads_per_program, n_head_programs,
-    head_dim, head_dim_v, softmax_scale, window_left, window_right,
+    head_dim, head_dim_v, softmax_scale, softcap, window_left, window_right,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dK, dV for BLOCK_N keys. Program p covers query heads [p*hpp, (p+1)*hpp) of one kv head and
@@ -140,7 +144,6 @@ def attention_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    qk_scale = softmax_scale * LOG2E
 
     n_lo = tile * BLOCK_N
     n_hi = tl.minimum(n_lo + BLOCK_N, seqlen_k)
@@ -152,16 +155,18 @@ def attention_bwd_dkdv_kernel(
         do_base = DOut + b.to(tl.int64) * stride_dob + h * stride_doh
         lse_base = Lse + (b * heads_q + h).to(tl.int64) * seqlen_q
         delta_base = Delta + (b * heads_q + h).to(tl.int64) * seqlen_q
+        qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale,
+                                                                        softcap, SOFTCAP, HAS_ALIBI)
         if HAS_RIGHT:
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m, offs_n, offs_d, offs_dv,
-                                 a, bb, stride_qs, stride_dos, qk_scale, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                 window_left, window_right, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION)
+                                 a, bb, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                                 window_left, window_right, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m, offs_n, offs_d, offs_dv,
-                             bb, c, stride_qs, stride_dos, qk_scale, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                             window_left, window_right, BLOCK_M, False, HAS_LEFT, HAS_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION)
+                             bb, c, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                             window_left, window_right, BLOCK_M, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m, offs_n, offs_d, offs_dv,
-                             c, d, stride_qs, stride_dos, qk_scale, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                             window_left, window_right, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION)
+                             c, d, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                             window_left, window_right, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
 
     dk = dk * softmax_scale
     dk_mask = offs_n[:, None] < seqlen_k
@@ -178,9 +183,10 @@ def attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv,
-              start, stop, stride_ks, stride_vs, qk_scale,
+              start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
               seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+              SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
               EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dQ over key tiles [start, stop)."""
     for start_n in range(start, stop, BLOCK_N):
@@ -204,29 +210,32 @@ def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, of
         else:
             v = tl.load(v_ptrs + start_n * stride_vs)
         # -- P = exp2(Q K^T * scale - lse); dP = dO V^T; dS = P * (dP - delta); dQ += dS K --
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        s, t = score_log2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), offs_m, cols, seqlen_q, seqlen_k,
+                          qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI)
+        p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
             vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "window_left", "window_right"])
 def attention_bwd_dq_kernel(
-    Q, K, V, DOut, Lse, Delta, DQ,
+    Q, K, V, DOut, Lse, Delta, DQ, Alibi,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
-    stride_dqb, stride_dqs, stride_dqh,
+    stride_dqb, stride_dqs, stride_dqh, stride_alibi_b,
     seqlen_q, seqlen_k, heads_q, group_size, head_dim, head_dim_v,
-    softmax_scale, window_left, window_right,
+    softmax_scale, softcap, window_left, window_right,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dQ [B, Sq, Hq, D] for BLOCK_M query rows of one (batch, query head)."""
@@ -261,7 +270,8 @@ def attention_bwd_dq_kernel(
     k_ptrs = K + b.to(tl.int64) * stride_kb + h_kv * stride_kh + offs_n[:, None].to(tl.int64) * stride_ks + offs_d[None, :]
     v_ptrs = V + b.to(tl.int64) * stride_vb + h_kv * stride_vh + offs_n[:, None].to(tl.int64) * stride_vs + offs_dv[None, :]
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    qk_scale = softmax_scale * LOG2E
+    qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale, softcap,
+                                                                    SOFTCAP, HAS_ALIBI)
 
     m_lo = tile * BLOCK_M
     m_hi = tl.minimum(m_lo + BLOCK_M, seqlen_q)
@@ -269,14 +279,14 @@ def attention_bwd_dq_kernel(
                              BLOCK_N, HAS_LEFT, HAS_RIGHT)
     if HAS_LEFT:
         dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv,
-                       a, bb, stride_ks, stride_vs, qk_scale, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                       window_left, window_right, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION)
+                       a, bb, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                       window_left, window_right, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
     dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv,
-                   bb, c, stride_ks, stride_vs, qk_scale, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                   window_left, window_right, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION)
+                   bb, c, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                   window_left, window_right, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
     dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv,
-                   c, d, stride_ks, stride_vs, qk_scale, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                   window_left, window_right, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION)
+                   c, d, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                   window_left, window_right, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
 
     dq = dq * softmax_scale
     dq_mask = offs_m[:, None] < seqlen_q

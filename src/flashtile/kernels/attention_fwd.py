@@ -9,7 +9,7 @@ as EVEN_D), so an unused feature costs nothing: Triton compiles one specialisati
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import key_phases, visible
+from flashtile.kernels.common import key_phases, score_log2, score_params, visible
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -17,10 +17,10 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 @triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv,
-               start, stop, stride_ks, stride_vs, qk_scale,
+               start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online-softmax update over key tiles [start, stop) in steps of BLOCK_N."""
     for start_n in range(start, stop, BLOCK_N):
@@ -36,7 +36,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv
         else:
             kt = tl.load(k_ptrs + start_n * stride_ks, mask=offs_d[:, None] < head_dim, other=0.0)
         # -- scores in the log2 domain: qk_scale = softmax_scale * log2(e) --
-        qk = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale
+        qk, _ = score_log2(tl.dot(q, kt, input_precision=DOT_PRECISION), offs_m, cols, seqlen_q, seqlen_k,
+                           qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI)
         if MASKED:
             vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             qk = tl.where(vis, qk, float("-inf"))
@@ -67,15 +68,15 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "window_left", "window_right"])
 def attention_fwd_kernel(
-    Q, K, V, Out, Lse,
+    Q, K, V, Out, Lse, Alibi,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
-    stride_ob, stride_os, stride_oh,
+    stride_ob, stride_os, stride_oh, stride_alibi_b,
     seqlen_q, seqlen_k, heads_q, group_size, head_dim, head_dim_v,
-    softmax_scale, window_left, window_right,
+    softmax_scale, softcap, window_left, window_right,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Q [B, Sq, Hq, D], K [B, Sk, Hkv, D], V [B, Sk, Hkv, Dv] -> Out [B, Sq, Hq, Dv], Lse fp32 [B, Hq, Sq].
@@ -111,7 +112,8 @@ def attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    qk_scale = softmax_scale * LOG2E
+    qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale, softcap,
+                                                                   SOFTCAP, HAS_ALIBI)
 
     # -- three phases: masked head (window's left edge), unmasked body, masked tail (diagonal, end) --
     m_lo = tile * BLOCK_M
@@ -120,17 +122,17 @@ def attention_fwd_kernel(
                              BLOCK_N, HAS_LEFT, HAS_RIGHT)
     if HAS_LEFT:
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv,
-                                   a, bb, stride_ks, stride_vs, qk_scale, seqlen_q, seqlen_k,
+                                   a, bb, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
                                    head_dim, head_dim_v, window_left, window_right,
-                                   BLOCK_N, True, HAS_LEFT, HAS_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION)
+                                   BLOCK_N, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv,
-                               bb, c, stride_ks, stride_vs, qk_scale, seqlen_q, seqlen_k,
+                               bb, c, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
                                head_dim, head_dim_v, window_left, window_right,
-                               BLOCK_N, False, HAS_LEFT, HAS_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION)
+                               BLOCK_N, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
     acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv,
-                               c, d, stride_ks, stride_vs, qk_scale, seqlen_q, seqlen_k,
+                               c, d, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
                                head_dim, head_dim_v, window_left, window_right,
-                               BLOCK_N, True, HAS_LEFT, HAS_RIGHT, EVEN_D, EVEN_DV, DOT_PRECISION)
+                               BLOCK_N, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
 
     # -- epilogue: normalise; a row that saw no key gives out 0 and lse -inf --
     empty = l_i == 0.0

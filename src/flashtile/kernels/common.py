@@ -83,3 +83,43 @@ def query_phases(n_lo, n_hi, seqlen_q, seqlen_k, window_left, window_right,
     c = tl.minimum(tl.maximum(full_hi, b), hi)
     c = tl.maximum(c, b)
     return lo, b, c, hi
+
+
+@triton.jit
+def tanh(x):
+    """tanh through exp2 (saturates correctly at +-inf; no libdevice, so the interpreter runs it)."""
+    return 1.0 - 2.0 / (1.0 + tl.math.exp2(x * 2.8853900817779268))  # 2 * log2(e)
+
+
+@triton.jit
+def score_log2(qk, offs_m, cols, seqlen_q, seqlen_k, qk_scale, softcap_pre, softcap_post, alibi_log2,
+               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """Raw q.k -> the score in the log2 domain, FlashAttention's order: scale, softcap, ALiBi.
+
+    Without softcap: qk * softmax_scale * log2(e). With softcap c: c * tanh(qk * scale / c) * log2(e)
+    (softcap_pre = scale / c, softcap_post = c * log2(e)). ALiBi adds
+    -slope * |i + Sk - Sq - j| * log2(e) (alibi_log2 = slope * log2(e)).
+    Returns (score, t) with t = tanh(...) when SOFTCAP (the backward needs 1 - t^2), else score.
+    """
+    if SOFTCAP:
+        t = tanh(qk * softcap_pre)
+        s = t * softcap_post
+    else:
+        t = qk
+        s = qk * qk_scale
+    if HAS_ALIBI:
+        dist = (offs_m[:, None] + (seqlen_k - seqlen_q)) - cols[None, :]
+        s = s - alibi_log2 * tl.abs(dist).to(tl.float32)
+    return s, t
+
+
+@triton.jit
+def score_params(Alibi, b, h, stride_alibi_b, softmax_scale, softcap, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """(qk_scale, softcap_pre, softcap_post, alibi_log2) for common.score_log2, for query head h."""
+    softcap_pre = 0.0
+    if SOFTCAP:
+        softcap_pre = softmax_scale / softcap
+    alibi_log2 = 0.0
+    if HAS_ALIBI:
+        alibi_log2 = tl.load(Alibi + b * stride_alibi_b + h).to(tl.float32) * 1.4426950408889634
+    return softmax_scale * 1.4426950408889634, softcap_pre, softcap * 1.4426950408889634, alibi_log2
