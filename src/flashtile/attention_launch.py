@@ -13,8 +13,7 @@ import torch
 import triton
 
 from flashtile.dispatch import triton_interpreting
-from flashtile.kernels.attention_bwd import (attention_bwd_dkdv_kernel, attention_bwd_dq_kernel,
-                                             attention_bwd_preprocess)
+from flashtile.kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
 from flashtile.kernels.attention_fwd import attention_fwd_kernel
 from flashtile.tuning import BackwardConfig, KernelConfig, backward_config, forward_config, padded_head_dim
 
@@ -136,12 +135,19 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
     delta = _empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
     with _device_ctx(q):
-        pre_m = 64
-        attention_bwd_preprocess[(triton.cdiv(Sq, pre_m), B * Hq)](
-            out, dout, delta,
+        # dQ first: it also writes delta, which the dK/dV launch reads
+        c = cfg.dq
+        attention_bwd_dq_kernel[(triton.cdiv(Sq, c.block_m) * B * Hq,)](
+            q, k, v, out, dout, lse, delta, dq, slopes,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
-            Sq, Hq, Dv, BLOCK_M=pre_m, BLOCK_DV=block_dv,
+            dq.stride(0), dq.stride(1), dq.stride(2), stride_alibi_b,
+            Sq, Sk, Hq, group, D, Dv, softmax_scale, softcap, left, right,
+            BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+            num_warps=c.num_warps, num_stages=c.num_stages, **flags,
         )
         expand = _expand_gqa(q, k, cfg.dkdv.block_n) if expand_gqa is None else (expand_gqa and group > 1)
         if expand:  # per-query-head fp32 partials, summed over the group below
@@ -168,16 +174,4 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         if expand:
             dk.copy_(dk_buf.view(B, Sk, Hkv, group, D).sum(3))
             dv.copy_(dv_buf.view(B, Sk, Hkv, group, Dv).sum(3))
-        c = cfg.dq
-        attention_bwd_dq_kernel[(triton.cdiv(Sq, c.block_m) * B * Hq,)](
-            q, k, v, dout, lse, delta, dq, slopes,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2), stride_alibi_b,
-            Sq, Sk, Hq, group, D, Dv, softmax_scale, softcap, left, right,
-            BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-            num_warps=c.num_warps, num_stages=c.num_stages, **flags,
-        )
     return dq, dk, dv

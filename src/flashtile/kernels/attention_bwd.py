@@ -1,12 +1,12 @@
 """The backward attention kernels, deterministic and without atomics (Metal FlashAttention's design).
 
-Three launches:
-  1. attention_bwd_preprocess: delta = rowsum(dO * O) per query row (fp32), the softmax Jacobian term.
+Two launches, in this order:
+  1. attention_bwd_dq_kernel: a program owns BLOCK_M queries; it first computes and stores
+     delta = rowsum(dO * O) for its rows (the softmax Jacobian term, fp32), then walks the visible key
+     tiles accumulating dQ in registers.
   2. attention_bwd_dkdv_kernel: a program owns BLOCK_N keys of one kv head and walks every query
      tile (of every query head that program covers) that can see them, accumulating dK and dV in
-     registers; each dK/dV element is written by exactly one program.
-  3. attention_bwd_dq_kernel: a program owns BLOCK_M queries and walks the visible key tiles,
-     accumulating dQ in registers.
+     registers; it reads the delta written by launch 1. Each dK/dV element is written by one program.
 P is recomputed from the saved log-sum-exp: p = exp2(s * scale * log2(e) - lse * log2(e)).
 """
 
@@ -16,29 +16,6 @@ import triton.language as tl
 from flashtile.kernels.common import key_phases, query_phases, score_log2, score_params, visible
 
 LOG2E = tl.constexpr(1.4426950408889634)
-
-
-@triton.jit(do_not_specialize=["seqlen_q", "heads_q"])
-def attention_bwd_preprocess(
-    Out, DOut, Delta,
-    stride_ob, stride_os, stride_oh,
-    stride_dob, stride_dos, stride_doh,
-    seqlen_q, heads_q, head_dim_v,
-    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-):
-    """Delta fp32 [B, Hq, Sq] = sum_d Out * DOut."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // heads_q
-    h = bh % heads_q
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_DV)
-    mask = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < head_dim_v)
-    o = tl.load(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :],
-                mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DOut + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None].to(tl.int64) * stride_dos + offs_d[None, :],
-                 mask=mask, other=0.0).to(tl.float32)
-    tl.store(Delta + bh.to(tl.int64) * seqlen_q + offs_m, tl.sum(o * do, 1), mask=offs_m < seqlen_q)
 
 
 @triton.jit
@@ -226,10 +203,11 @@ def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, of
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "window_left", "window_right"])
 def attention_bwd_dq_kernel(
-    Q, K, V, DOut, Lse, Delta, DQ, Alibi,
+    Q, K, V, Out, DOut, Lse, Delta, DQ, Alibi,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
     stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh, stride_alibi_b,
     seqlen_q, seqlen_k, heads_q, group_size, head_dim, head_dim_v,
@@ -238,7 +216,7 @@ def attention_bwd_dq_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dQ [B, Sq, Hq, D] for BLOCK_M query rows of one (batch, query head)."""
+    """dQ [B, Sq, Hq, D] and Delta fp32 [B, Hq, Sq] for BLOCK_M query rows of one (batch, query head)."""
     n_m_tiles = tl.cdiv(seqlen_q, BLOCK_M)
     pid = tl.program_id(0)
     tile = pid % n_m_tiles
@@ -265,7 +243,11 @@ def attention_bwd_dq_kernel(
     do = tl.load(DOut + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None].to(tl.int64) * stride_dos + offs_dv[None, :],
                  mask=do_mask, other=0.0)
     lse2 = _load_lse2(Lse + bh.to(tl.int64) * seqlen_q, offs_m, seqlen_q)
-    delta = tl.load(Delta + bh.to(tl.int64) * seqlen_q + offs_m, mask=offs_m < seqlen_q, other=0.0)
+    # -- delta = rowsum(dO * O): computed here once per row, read again by the dK/dV launch --
+    o = tl.load(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_os + offs_dv[None, :],
+                mask=do_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh.to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
 
     k_ptrs = K + b.to(tl.int64) * stride_kb + h_kv * stride_kh + offs_n[:, None].to(tl.int64) * stride_ks + offs_d[None, :]
     v_ptrs = V + b.to(tl.int64) * stride_vb + h_kv * stride_vh + offs_n[:, None].to(tl.int64) * stride_vs + offs_dv[None, :]
