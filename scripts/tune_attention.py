@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=4096)
     ap.add_argument("--bwd", action="store_true")
     ap.add_argument("--causal", default="0,1")
+    ap.add_argument("--step", action="store_true", help="with --bwd: time a full fwd+bwd step with the best pair vs the default and SDPA FLASH")
     args = ap.parse_args()
     S = args.seqlen
     for D in [int(x) for x in args.headdims.split(",")]:
@@ -65,6 +66,7 @@ def main() -> None:
                 default = backward_config(q.device, D, D, q.dtype, causal)
                 d0 = attention_backward(do, q, k, v, ref_out, ref_lse, scale, None, right, config=default)
                 print(f"D={D} causal={causal} S={S}: default {default}")
+                results = {"dkdv": [], "dq": []}
                 for part in ("dkdv", "dq"):
                     tiles = [(32, 128), (64, 128), (32, 64), (64, 64), (16, 64)] if part == "dkdv" else \
                         [(128, 64), (64, 64), (128, 32), (64, 32)]
@@ -76,10 +78,43 @@ def main() -> None:
                             err = max((a.float() - b.float()).abs().max().item() for a, b in zip(g, d0))
                             ms = _time(lambda: attention_backward(do, q, k, v, ref_out, ref_lse, scale, None, right, config=cfg))
                             print(f"  {part} {bm:3d} {bn:3d} w{w} s{st}: bwd total {bflops / ms * 1e-9:6.1f} TFLOP/s err {err:.1e}")
+                            results[part].append((ms, c))
                         except Exception as e:
                             print(f"  {part} {bm:3d} {bn:3d} w{w} s{st}: failed {type(e).__name__}")
+                if args.step:
+                    _best_step(q, k, v, causal, D, S, flops, results)
             del q, k, v
             torch.cuda.empty_cache()
+
+
+def _best_step(q, k, v, causal, D, S, flops, results) -> None:
+    """fwd+bwd through flash_attn_func (as the benchmark times it) with the default and the best pair."""
+    import flashtile as ft
+    from flashtile import attention_launch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    best = BackwardConfig(min(results["dkdv"], key=lambda r: r[0])[1], min(results["dq"], key=lambda r: r[0])[1])
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    do = torch.randn_like(q)
+
+    def step():
+        ft.flash_attn_func(*leaves, causal=causal).backward(do)
+
+    real = attention_launch.backward_config
+    for name, cfg in (("default", None), ("best", best)):
+        attention_launch.backward_config = (lambda *a, **kw: cfg) if cfg else real
+        ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median", grad_to_none=leaves)
+        print(f"  step {name} {cfg}: fwd+bwd {3.5 * flops / ms * 1e-9:6.1f} TFLOP/s")
+    attention_launch.backward_config = real
+    st = [t.transpose(1, 2).clone().requires_grad_() for t in (q, k, v)]
+    dot = do.transpose(1, 2)
+
+    def sdpa_step():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            torch.nn.functional.scaled_dot_product_attention(*st, is_causal=causal).backward(dot)
+
+    ms = triton.testing.do_bench(sdpa_step, warmup=25, rep=100, return_mode="median", grad_to_none=st)
+    print(f"  step sdpa_flash: fwd+bwd {3.5 * flops / ms * 1e-9:6.1f} TFLOP/s")
 
 
 if __name__ == "__main__":

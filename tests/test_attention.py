@@ -311,3 +311,17 @@ def test_sdpa_bad_input():
         ft.scaled_dot_product_attention(q, k, k)
     with pytest.raises(NotImplementedError, match="attn_mask"):
         ft.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.bool, device=DEVICE))
+
+
+def test_custom_ops_pass_opcheck():
+    """The torch.library ops (used under torch.compile) have consistent fake impls, schema and autograd."""
+    from flashtile import ops
+
+    q, k, v = _make((1, 19, 19, 2, 1, 16), torch.float32)
+    backend = "triton"
+    args = (q, k, v, 0.25, None, 0, 0.0, None, backend)
+    torch.library.opcheck(ops.attention_fwd, args)
+    out, lse = ops.attention_fwd(*args)
+    (out * torch.randn_like(out)).sum().backward()
+    ref, _ = attention_ref(q, k, v, softmax_scale=0.25, causal=True)
+    assert (out.double() - ref.double()).abs().max() < 1e-5

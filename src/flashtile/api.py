@@ -99,8 +99,8 @@ def _run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
                                            window_size=Edges(spec.left, spec.right), softcap=spec.softcap,
                                            alibi_slopes=alibi_slopes, upcast=True)
         return out.to(q.dtype), lse.float()
-    return ops.attention_fwd(q, k, v, spec.softmax_scale, spec.left, spec.right, spec.softcap, alibi_slopes,
-                             backend)
+    return ops.attention(q, k, v, spec.softmax_scale, spec.left, spec.right, spec.softcap, alibi_slopes,
+                         backend)
 
 
 def _check_softcap(softcap: float) -> float:
