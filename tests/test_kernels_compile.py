@@ -21,6 +21,7 @@ if __name__ == "__main__" or os.environ.get("FLASHTILE_COMPILE_CHECK") == "1":
     from flashtile.kernels.attention_fwd import attention_fwd_kernel
 
 FP32_POINTERS = {"Lse", "Delta", "Alibi"}
+INT32_POINTERS = {"CuSeqQ", "CuSeqK"}
 FLOAT_SCALARS = {"softmax_scale", "softcap"}
 
 
@@ -32,7 +33,8 @@ def _compile(kernel, elem: str, constexprs: dict, num_warps: int = 8, num_stages
             signature[p.name] = "constexpr"
             constants[(i,)] = constexprs[p.name]
         elif p.name[0].isupper():
-            signature[p.name] = "*fp32" if p.name in FP32_POINTERS else f"*{elem}"
+            signature[p.name] = ("*fp32" if p.name in FP32_POINTERS else "*i32" if p.name in INT32_POINTERS
+                                 else f"*{elem}")
         elif p.name in FLOAT_SCALARS:
             signature[p.name] = "fp32"
         else:
@@ -42,8 +44,8 @@ def _compile(kernel, elem: str, constexprs: dict, num_warps: int = 8, num_stages
 
 
 FLAG_SETS = [
-    dict(HAS_LEFT=False, HAS_RIGHT=False, SOFTCAP=False, HAS_ALIBI=False, EVEN_D=True, EVEN_DV=True),
-    dict(HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, HAS_ALIBI=True, EVEN_D=False, EVEN_DV=False),
+    dict(HAS_LEFT=False, HAS_RIGHT=False, SOFTCAP=False, HAS_ALIBI=False, VARLEN=False, EVEN_D=True, EVEN_DV=True),
+    dict(HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, HAS_ALIBI=True, VARLEN=True, EVEN_D=False, EVEN_DV=False),
 ]
 
 

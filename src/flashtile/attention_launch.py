@@ -1,11 +1,14 @@
 """Launchers for the Triton attention kernels: size the grid, pick the config, allocate, launch.
 
 Inputs arrive in flash layout with any strides whose last dim is contiguous (api.py guarantees it):
-q [B, Sq, Hq, D], k [B, Sk, Hkv, D], v [B, Sk, Hkv, Dv]. Outputs are allocated contiguous.
+q [B, Sq, Hq, D], k [B, Sk, Hkv, D], v [B, Sk, Hkv, Dv]; or packed (varlen) q [total_q, Hq, D],
+k/v [total_k, Hkv, D|Dv] with int32 cu_seqlens [B+1]. Outputs are allocated contiguous; lse is
+[B, Hq, Sq] dense or [Hq, total_q] packed (FlashAttention-2's layouts).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional, Tuple
 
@@ -55,18 +58,59 @@ def _device_ctx(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Batch / sequence geometry shared by every launch of one call."""
+
+    batch: int
+    seqlen_q: int  # the maximum over sequences when packed
+    seqlen_k: int
+    cu_seqlens_q: Optional[torch.Tensor] = None  # packed (varlen) when set
+    cu_seqlens_k: Optional[torch.Tensor] = None
+
+    @property
+    def varlen(self) -> bool:
+        return self.cu_seqlens_q is not None
+
+    def bsh(self, t: torch.Tensor) -> Tuple[int, int, int]:
+        """(batch, sequence, head) strides; packed tensors have no batch dim (stride 0)."""
+        return (0, t.stride(0), t.stride(1)) if self.varlen else (t.stride(0), t.stride(1), t.stride(2))
+
+    def lse_shape(self, heads: int, rows: int) -> Tuple[int, ...]:
+        return (heads, rows) if self.varlen else (self.batch, heads, self.seqlen_q)
+
+    def lse_bh(self, lse: torch.Tensor) -> Tuple[int, int]:
+        """(batch, head) strides of lse / delta."""
+        return (0, lse.stride(0)) if self.varlen else (lse.stride(0), lse.stride(1))
+
+    def cu(self, dummy: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return (self.cu_seqlens_q, self.cu_seqlens_k) if self.varlen else (dummy, dummy)
+
+
+def _dense_layout(q: torch.Tensor, k: torch.Tensor) -> _Layout:
+    return _Layout(q.shape[0], q.shape[1], k.shape[1])
+
+
+def _packed_layout(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                   max_seqlen_k: int) -> _Layout:
+    return _Layout(cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k)
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
                       left: Optional[int] = None, right: Optional[int] = None,
                       softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
-                      config: Optional[KernelConfig] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Returns out [B, Sq, Hq, Dv] (q's dtype) and lse fp32 [B, Hq, Sq].
+                      config: Optional[KernelConfig] = None,
+                      layout: Optional[_Layout] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Returns out [B, Sq, Hq, Dv] (q's dtype) and lse fp32 [B, Hq, Sq] (packed: [total_q, Hq, Dv], [Hq, total_q]).
 
     left/right: visibility edges around the bottom-right diagonal (spec.mask_edges), None = unbounded.
     """
-    B, Sq, Hq, D = q.shape
-    Sk, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
-    out = _empty((B, Sq, Hq, Dv), dtype=q.dtype, device=q.device)
-    lse = _empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    layout = layout or _dense_layout(q, k)
+    *lead, Hq, D = q.shape
+    Hkv, Dv = k.shape[-2], v.shape[-1]
+    B, Sq, Sk = layout.batch, layout.seqlen_q, layout.seqlen_k
+    out = _empty((*lead, Hq, Dv), dtype=q.dtype, device=q.device)
+    lse = _empty(layout.lse_shape(Hq, q.shape[0]), dtype=torch.float32, device=q.device)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
     if Sk == 0:  # nothing to attend to: every row is fully masked
@@ -79,35 +123,34 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     block_d, block_dv = padded_head_dim(D), padded_head_dim(Dv)
     grid = (triton.cdiv(Sq, cfg.block_m) * B * Hq,)
     slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
+    cu_q, cu_k = layout.cu(lse)
     with _device_ctx(q):
         attention_fwd_kernel[grid](
-            q, k, v, out, lse, slopes,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2), stride_alibi_b,
+            q, k, v, out, lse, slopes, cu_q, cu_k,
+            *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(out), *layout.lse_bh(lse), stride_alibi_b,
             Sq, Sk, Hq, Hq // Hkv, D, Dv,
             softmax_scale, softcap, left, right,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
             HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+            VARLEN=layout.varlen,
             EVEN_D=block_d == D, EVEN_DV=block_dv == Dv, DOT_PRECISION=_dot_precision(q.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out, lse
 
 
-def _expand_gqa(q: torch.Tensor, k: torch.Tensor, block_n: int) -> bool:
+def _expand_gqa(q: torch.Tensor, k: torch.Tensor, block_n: int, layout: _Layout) -> bool:
     """Sum the GQA group in registers unless that leaves the GPU too few programs to fill it.
 
     With few kv heads (MQA) one program per (key tile, kv head) is too little parallelism; then each
     query head writes its own fp32 partial dK/dV and torch sums the group (still deterministic).
     """
-    B, Sk, Hkv = k.shape[0], k.shape[1], k.shape[2]
-    if q.shape[2] == Hkv:
+    Hkv = k.shape[-2]
+    if q.shape[-2] == Hkv:
         return False
     if q.device.type != "cuda" or triton_interpreting():
         return False
-    programs = B * Hkv * triton.cdiv(Sk, block_n)
+    programs = layout.batch * Hkv * triton.cdiv(layout.seqlen_k, block_n)
     return programs < 2 * _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
 
 
@@ -116,62 +159,75 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        left: Optional[int] = None, right: Optional[int] = None,
                        softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
                        config: Optional[BackwardConfig] = None, expand_gqa: Optional[bool] = None,
+                       layout: Optional[_Layout] = None,
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dq, dk, dv (contiguous, dtypes of q, k, v)."""
-    B, Sq, Hq, D = q.shape
-    Sk, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    layout = layout or _dense_layout(q, k)
+    Hq, D = q.shape[-2], q.shape[-1]
+    Hkv, Dv = k.shape[-2], v.shape[-1]
+    B, Sq, Sk = layout.batch, layout.seqlen_q, layout.seqlen_k
     group = Hq // Hkv
-    dq = _empty((B, Sq, Hq, D), dtype=q.dtype, device=q.device)
-    dk = _empty((B, Sk, Hkv, D), dtype=k.dtype, device=k.device)
-    dv = _empty((B, Sk, Hkv, Dv), dtype=v.dtype, device=v.device)
-    if Sq == 0 or Sk == 0 or B == 0 or Hq == 0:
+    dq = _empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = _empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = _empty(v.shape, dtype=v.dtype, device=v.device)
+    if Sq == 0 or Sk == 0 or B == 0 or Hq == 0 or q.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     causal = right is not None
     has_left, has_right, left, right = _mask_flags(left, right)
     cfg = config or backward_config(q.device, D, Dv, q.dtype, causal)
     block_d, block_dv = padded_head_dim(D), padded_head_dim(Dv)
     flags = dict(HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
-                 EVEN_D=block_d == D, EVEN_DV=block_dv == Dv, DOT_PRECISION=_dot_precision(q.dtype))
+                 VARLEN=layout.varlen, EVEN_D=block_d == D, EVEN_DV=block_dv == Dv,
+                 DOT_PRECISION=_dot_precision(q.dtype))
     slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
-    delta = _empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    delta = _empty(lse.shape, dtype=torch.float32, device=q.device)
+    cu_q, cu_k = layout.cu(lse)
     with _device_ctx(q):
         # dQ first: it also writes delta, which the dK/dV launch reads
         c = cfg.dq
         attention_bwd_dq_kernel[(triton.cdiv(Sq, c.block_m) * B * Hq,)](
-            q, k, v, out, dout, lse, delta, dq, slopes,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2), stride_alibi_b,
+            q, k, v, out, dout, lse, delta, dq, slopes, cu_q, cu_k,
+            *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(out), *layout.bsh(dout), *layout.bsh(dq),
+            *layout.lse_bh(lse), stride_alibi_b,
             Sq, Sk, Hq, group, D, Dv, softmax_scale, softcap, left, right,
             BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
             num_warps=c.num_warps, num_stages=c.num_stages, **flags,
         )
-        expand = _expand_gqa(q, k, cfg.dkdv.block_n) if expand_gqa is None else (expand_gqa and group > 1)
+        expand = _expand_gqa(q, k, cfg.dkdv.block_n, layout) if expand_gqa is None else (expand_gqa and group > 1)
         if expand:  # per-query-head fp32 partials, summed over the group below
-            dk_buf = _empty((B, Sk, Hq, D), dtype=torch.float32, device=q.device)
-            dv_buf = _empty((B, Sk, Hq, Dv), dtype=torch.float32, device=q.device)
+            dk_buf = _empty((*k.shape[:-2], Hq, D), dtype=torch.float32, device=q.device)
+            dv_buf = _empty((*v.shape[:-2], Hq, Dv), dtype=torch.float32, device=q.device)
             heads_per_program, n_head_programs = 1, Hq
         else:
             dk_buf, dv_buf = dk, dv
             heads_per_program, n_head_programs = group, Hkv
         c = cfg.dkdv
         attention_bwd_dkdv_kernel[(triton.cdiv(Sk, c.block_n) * B * n_head_programs,)](
-            q, k, v, dout, lse, delta, dk_buf, dv_buf, slopes,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            dk_buf.stride(0), dk_buf.stride(1), dk_buf.stride(2),
-            dv_buf.stride(0), dv_buf.stride(1), dv_buf.stride(2), stride_alibi_b,
+            q, k, v, dout, lse, delta, dk_buf, dv_buf, slopes, cu_q, cu_k,
+            *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(dout), *layout.bsh(dk_buf), *layout.bsh(dv_buf),
+            *layout.lse_bh(lse), stride_alibi_b,
             Sq, Sk, Hq, group, heads_per_program, n_head_programs,
             D, Dv, softmax_scale, softcap, left, right,
             BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
             num_warps=c.num_warps, num_stages=c.num_stages, **flags,
         )
         if expand:
-            dk.copy_(dk_buf.view(B, Sk, Hkv, group, D).sum(3))
-            dv.copy_(dv_buf.view(B, Sk, Hkv, group, Dv).sum(3))
+            dk.copy_(dk_buf.unflatten(-2, (Hkv, group)).sum(-2))
+            dv.copy_(dv_buf.unflatten(-2, (Hkv, group)).sum(-2))
     return dq, dk, dv
+
+
+def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                             softmax_scale: float, left=None, right=None, softcap: float = 0.0, alibi_slopes=None):
+    """Packed sequences: q [total_q, Hq, D] -> out [total_q, Hq, Dv], lse fp32 [Hq, total_q]."""
+    layout = _packed_layout(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return attention_forward(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, layout=layout)
+
+
+def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
+                              max_seqlen_k: int, softmax_scale: float, left=None, right=None, softcap: float = 0.0,
+                              alibi_slopes=None):
+    """Gradients of attention_varlen_forward: dq, dk, dv in the packed layouts of q, k, v."""
+    layout = _packed_layout(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return attention_backward(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes,
+                              layout=layout)

@@ -2,7 +2,8 @@
 
 The ops are opaque to torch.compile (fullgraph works) and carry the chosen backend as a string
 argument, so the decision made in dispatch.py is baked into the traced graph. The forward saves
-q, k, v, out and lse; the backward recomputes P from lse (no S x S tensor is stored).
+q, k, v, out and lse; the backward recomputes P from lse (no S x S tensor is stored). One op pair
+serves dense ([B, S, H, D]) and packed varlen ([total, H, D] + cu_seqlens) inputs.
 
 Eager calls skip the custom-op machinery and go through a plain autograd.Function over the same
 implementations: torch.library.custom_op costs tens of microseconds of host time per call
@@ -21,80 +22,116 @@ Tensor = torch.Tensor
 
 
 def _forward_impl(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, left: Optional[int], right: Optional[int],
-                  softcap: float, alibi_slopes: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
+                  softcap: float, alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+                  cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+                  backend: str) -> Tuple[Tensor, Tensor]:
+    packed = cu_seqlens_q is not None
     if backend == "triton":
-        from flashtile.attention_launch import attention_forward
-        return attention_forward(q, k, v, softmax_scale, left, right, softcap, alibi_slopes)
+        from flashtile import attention_launch as launch
+        if packed:
+            return launch.attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                   softmax_scale, left, right, softcap, alibi_slopes)
+        return launch.attention_forward(q, k, v, softmax_scale, left, right, softcap, alibi_slopes)
     if backend == "cpu":
         from flashtile import cpu
-        out, lse = cpu.attention_forward(q, k, v, softmax_scale, window_size=Edges(left, right),
-                                         softcap=softcap, alibi_slopes=alibi_slopes)
+        kw = dict(window_size=Edges(left, right), softcap=softcap, alibi_slopes=alibi_slopes)
+        if packed:
+            out, lse = cpu.attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, **kw)
+        else:
+            out, lse = cpu.attention_forward(q, k, v, softmax_scale, **kw)
         return out.contiguous(), lse.contiguous()
     raise ValueError(f"flashtile::attention_fwd: unknown backend {backend!r}")
 
 
+def _backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   softmax_scale: float, left: Optional[int], right: Optional[int], softcap: float,
+                   alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                   max_seqlen_q: int, max_seqlen_k: int, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    packed = cu_seqlens_q is not None
+    if backend == "triton":
+        from flashtile import attention_launch as launch
+        if packed:
+            return launch.attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                    max_seqlen_k, softmax_scale, left, right, softcap, alibi_slopes)
+        return launch.attention_backward(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes)
+    if backend == "cpu":
+        from flashtile import cpu
+        kw = dict(window_size=Edges(left, right), softcap=softcap, alibi_slopes=alibi_slopes)
+        if packed:
+            grads = cpu.attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, **kw)
+        else:
+            grads = cpu.attention_backward(dout, q, k, v, out, lse, softmax_scale, **kw)
+        return tuple(g.contiguous() for g in grads)
+    raise ValueError(f"flashtile::attention_bwd: unknown backend {backend!r}")
+
+
 @torch.library.custom_op("flashtile::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, left: Optional[int], right: Optional[int],
-                  softcap: float, alibi_slopes: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
-    """out [B, Sq, Hq, Dv] (contiguous, q's dtype), lse fp32 [B, Hq, Sq]."""
-    return _forward_impl(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, backend)
+                  softcap: float, alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+                  cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+                  backend: str) -> Tuple[Tensor, Tensor]:
+    """out [B, Sq, Hq, Dv] and lse fp32 [B, Hq, Sq]; packed: out [total_q, Hq, Dv], lse [Hq, total_q]."""
+    return _forward_impl(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+                         max_seqlen_q, max_seqlen_k, backend)
 
 
 @attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, backend):
-    B, Sq, Hq, _ = q.shape
-    out = q.new_empty((B, Sq, Hq, v.shape[3]))
-    lse = q.new_empty((B, Hq, Sq), dtype=torch.float32)
+def _attention_fwd_fake(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+                        max_seqlen_q, max_seqlen_k, backend):
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+    if cu_seqlens_q is not None:
+        lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    else:
+        lse = q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
     return out, lse
-
-
-def _backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                   softmax_scale: float, left: Optional[int], right: Optional[int], softcap: float,
-                   alibi_slopes: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    if dout.stride(-1) != 1:
-        dout = dout.contiguous()
-    if backend == "triton":
-        from flashtile.attention_launch import attention_backward
-        return attention_backward(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes)
-    if backend == "cpu":
-        from flashtile import cpu
-        dq, dk, dv = cpu.attention_backward(dout, q, k, v, out, lse, softmax_scale,
-                                            window_size=Edges(left, right), softcap=softcap,
-                                            alibi_slopes=alibi_slopes)
-        return dq.contiguous(), dk.contiguous(), dv.contiguous()
-    raise ValueError(f"flashtile::attention_bwd: unknown backend {backend!r}")
 
 
 @torch.library.custom_op("flashtile::attention_bwd", mutates_args=())
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   softmax_scale: float, left: Optional[int], right: Optional[int], softcap: float,
-                  alibi_slopes: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """dq, dk, dv (contiguous, dtypes of q, k, v)."""
-    return _backward_impl(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes, backend)
+                  alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                  max_seqlen_q: int, max_seqlen_k: int, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv (contiguous, shapes and dtypes of q, k, v)."""
+    return _backward_impl(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes,
+                          cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend)
 
 
 @attention_bwd.register_fake
-def _attention_bwd_fake(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes, backend):
+def _attention_bwd_fake(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes, cu_seqlens_q,
+                        cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
             torch.empty(v.shape, dtype=v.dtype, device=v.device))
 
 
+_N_ARGS = 13  # inputs of attention_fwd; backward returns a gradient (or None) for each
+
+
 def _setup_context(ctx, inputs, output):
-    q, k, v, softmax_scale, left, right, softcap, alibi_slopes, backend = inputs
+    (q, k, v, softmax_scale, left, right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+     max_seqlen_k, backend) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
-    ctx.softmax_scale, ctx.left, ctx.right, ctx.softcap, ctx.backend = softmax_scale, left, right, softcap, backend
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k)
+    ctx.args = (softmax_scale, left, right, softcap)
+    ctx.lengths = (max_seqlen_q, max_seqlen_k)
+    ctx.backend = backend
+
+
+def _grads(ctx, dout, backward_fn):
+    # lse is returned for inspection; like FlashAttention, gradients flow through out only
+    q, k, v, out, lse, alibi_slopes, cu_q, cu_k = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    softmax_scale, left, right, softcap = ctx.args
+    dq, dk, dv = backward_fn(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes,
+                             cu_q, cu_k, *ctx.lengths, ctx.backend)
+    return (dq, dk, dv) + (None,) * (_N_ARGS - 3)
 
 
 def _backward(ctx, dout, dlse):
-    # lse is returned for inspection; like FlashAttention, gradients flow through out only
-    q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
-    if dout is None:
-        dout = torch.zeros_like(out)
-    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, ctx.softmax_scale, ctx.left, ctx.right, ctx.softcap,
-                               alibi_slopes, ctx.backend)
-    return dq, dk, dv, None, None, None, None, None, None
+    return _grads(ctx, dout, attention_bwd)  # the op, so torch.compile traces the backward too
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -104,23 +141,32 @@ class _EagerAttention(torch.autograd.Function):
     """The same forward/backward as the custom ops, without their per-call dispatch overhead."""
 
     @staticmethod
-    def forward(ctx, q, k, v, softmax_scale, left, right, softcap, alibi_slopes, backend):
-        out, lse = _forward_impl(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, backend)
-        _setup_context(ctx, (q, k, v, softmax_scale, left, right, softcap, alibi_slopes, backend), (out, lse))
+    def forward(ctx, *inputs):
+        out, lse = _forward_impl(*inputs)
+        _setup_context(ctx, inputs, (out, lse))
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
-        dq, dk, dv = _backward_impl(dout, q, k, v, out, lse, ctx.softmax_scale, ctx.left, ctx.right, ctx.softcap,
-                                    alibi_slopes, ctx.backend)
-        return dq, dk, dv, None, None, None, None, None, None
+        return _grads(ctx, dout, _backward_impl)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, left: Optional[int], right: Optional[int],
-              softcap: float, alibi_slopes: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
+              softcap: float, alibi_slopes: Optional[Tensor], backend: str,
+              cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
+              max_seqlen_q: int = 0, max_seqlen_k: int = 0) -> Tuple[Tensor, Tensor]:
     """Differentiable attention: the custom op under torch.compile, an autograd.Function in eager."""
+    args = (q, k, v, softmax_scale, left, right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
+            max_seqlen_q, max_seqlen_k, backend)
     if torch.compiler.is_compiling():
-        return attention_fwd(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, backend)
-    return _EagerAttention.apply(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, backend)
+        return attention_fwd(*args)
+    return _EagerAttention.apply(*args)
+
+
+def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+                     max_seqlen_k: int, softmax_scale: float, left: Optional[int], right: Optional[int],
+                     softcap: float, alibi_slopes: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
+    """Packed sequences: q [total_q, Hq, D] -> out [total_q, Hq, Dv], lse fp32 [Hq, total_q]."""
+    return attention(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, backend,
+                     cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))

@@ -13,7 +13,7 @@ P is recomputed from the saved log-sum-exp: p = exp2(s * scale * log2(e) - lse *
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import key_phases, query_phases, score_log2, score_params, visible
+from flashtile.kernels.common import key_phases, query_phases, score_log2, score_params, sequence_bounds, visible
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -75,19 +75,21 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m, off
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "heads_per_program", "n_head_programs", "window_left", "window_right"])
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "heads_per_program", "n_head_programs",
+                               "window_left", "window_right", "stride_lse_b", "stride_lse_h"])
 def attention_bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DK, DV, Alibi,
+    Q, K, V, DOut, Lse, Delta, DK, DV, Alibi, CuSeqQ, CuSeqK,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
-    stride_dvb, stride_dvs, stride_dvh, stride_alibi_b,
+    stride_dvb, stride_dvs, stride_dvh, stride_lse_b, stride_lse_h, stride_alibi_b,
     seqlen_q, seqlen_k, heads_q, group_size, heads_per_program, n_head_programs,
     head_dim, head_dim_v, softmax_scale, softcap, window_left, window_right,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    VARLEN: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dK, dV for BLOCK_N keys. Program p covers query heads [p*hpp, (p+1)*hpp) of one kv head and
@@ -101,8 +103,13 @@ def attention_bwd_dkdv_kernel(
     hp = bh % n_head_programs
     h_q0 = hp * heads_per_program
     h_kv = h_q0 // group_size
+    q_start, k_start, seqlen_q, seqlen_k = sequence_bounds(CuSeqQ, CuSeqK, b, seqlen_q, seqlen_k, VARLEN)
+    if VARLEN:
+        if tile * BLOCK_N >= seqlen_k:  # a key tile past this sequence's end
+            return
 
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_rows = (k_start + offs_n).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -114,9 +121,9 @@ def attention_bwd_dkdv_kernel(
     v_mask = offs_n[:, None] < seqlen_k
     if not EVEN_DV:
         v_mask = v_mask & (offs_dv[None, :] < head_dim_v)
-    k = tl.load(K + b.to(tl.int64) * stride_kb + h_kv * stride_kh + offs_n[:, None].to(tl.int64) * stride_ks + offs_d[None, :],
+    k = tl.load(K + b.to(tl.int64) * stride_kb + h_kv * stride_kh + k_rows[:, None] * stride_ks + offs_d[None, :],
                 mask=k_mask, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + h_kv * stride_vh + offs_n[:, None].to(tl.int64) * stride_vs + offs_dv[None, :],
+    v = tl.load(V + b.to(tl.int64) * stride_vb + h_kv * stride_vh + k_rows[:, None] * stride_vs + offs_dv[None, :],
                 mask=v_mask, other=0.0)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -128,10 +135,11 @@ def attention_bwd_dkdv_kernel(
                                BLOCK_M, HAS_LEFT, HAS_RIGHT)
     for g in range(0, heads_per_program):
         h = h_q0 + g
-        q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh
-        do_base = DOut + b.to(tl.int64) * stride_dob + h * stride_doh
-        lse_base = Lse + (b * heads_q + h).to(tl.int64) * seqlen_q
-        delta_base = Delta + (b * heads_q + h).to(tl.int64) * seqlen_q
+        # bases at this sequence's first query row: the tile loops index rows from 0
+        q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qs
+        do_base = DOut + b.to(tl.int64) * stride_dob + h * stride_doh + q_start.to(tl.int64) * stride_dos
+        lse_base = Lse + b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start
+        delta_base = Delta + b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start
         qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale,
                                                                         softcap, SOFTCAP, HAS_ALIBI)
         if HAS_RIGHT:
@@ -152,9 +160,9 @@ def attention_bwd_dkdv_kernel(
     dv_mask = offs_n[:, None] < seqlen_k
     if not EVEN_DV:
         dv_mask = dv_mask & (offs_dv[None, :] < head_dim_v)
-    tl.store(DK + b.to(tl.int64) * stride_dkb + hp * stride_dkh + offs_n[:, None].to(tl.int64) * stride_dks + offs_d[None, :],
+    tl.store(DK + b.to(tl.int64) * stride_dkb + hp * stride_dkh + k_rows[:, None] * stride_dks + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=dk_mask)
-    tl.store(DV + b.to(tl.int64) * stride_dvb + hp * stride_dvh + offs_n[:, None].to(tl.int64) * stride_dvs + offs_dv[None, :],
+    tl.store(DV + b.to(tl.int64) * stride_dvb + hp * stride_dvh + k_rows[:, None] * stride_dvs + offs_dv[None, :],
              dv.to(DV.dtype.element_ty), mask=dv_mask)
 
 
@@ -201,19 +209,21 @@ def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, of
     return dq
 
 
-@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "window_left", "window_right"])
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "window_left", "window_right",
+                               "stride_lse_b", "stride_lse_h"])
 def attention_bwd_dq_kernel(
-    Q, K, V, Out, DOut, Lse, Delta, DQ, Alibi,
+    Q, K, V, Out, DOut, Lse, Delta, DQ, Alibi, CuSeqQ, CuSeqK,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     stride_dob, stride_dos, stride_doh,
-    stride_dqb, stride_dqs, stride_dqh, stride_alibi_b,
+    stride_dqb, stride_dqs, stride_dqh, stride_lse_b, stride_lse_h, stride_alibi_b,
     seqlen_q, seqlen_k, heads_q, group_size, head_dim, head_dim_v,
     softmax_scale, softcap, window_left, window_right,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    VARLEN: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dQ [B, Sq, Hq, D] and Delta fp32 [B, Hq, Sq] for BLOCK_M query rows of one (batch, query head)."""
@@ -226,11 +236,17 @@ def attention_bwd_dq_kernel(
     b = bh // heads_q
     h = bh % heads_q
     h_kv = h // group_size
+    q_start, k_start, seqlen_q, seqlen_k = sequence_bounds(CuSeqQ, CuSeqK, b, seqlen_q, seqlen_k, VARLEN)
+    if VARLEN:
+        if tile * BLOCK_M >= seqlen_q:
+            return
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    q_rows = (q_start + offs_m).to(tl.int64)
+    k_rows = (k_start + offs_n).to(tl.int64)
 
     q_mask = offs_m[:, None] < seqlen_q
     if not EVEN_D:
@@ -238,19 +254,20 @@ def attention_bwd_dq_kernel(
     do_mask = offs_m[:, None] < seqlen_q
     if not EVEN_DV:
         do_mask = do_mask & (offs_dv[None, :] < head_dim_v)
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :],
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :],
                 mask=q_mask, other=0.0)
-    do = tl.load(DOut + b.to(tl.int64) * stride_dob + h * stride_doh + offs_m[:, None].to(tl.int64) * stride_dos + offs_dv[None, :],
+    do = tl.load(DOut + b.to(tl.int64) * stride_dob + h * stride_doh + q_rows[:, None] * stride_dos + offs_dv[None, :],
                  mask=do_mask, other=0.0)
-    lse2 = _load_lse2(Lse + bh.to(tl.int64) * seqlen_q, offs_m, seqlen_q)
+    lse_offset = b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start
+    lse2 = _load_lse2(Lse + lse_offset, offs_m, seqlen_q)
     # -- delta = rowsum(dO * O): computed here once per row, read again by the dK/dV launch --
-    o = tl.load(Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_os + offs_dv[None, :],
+    o = tl.load(Out + b.to(tl.int64) * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + offs_dv[None, :],
                 mask=do_mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + bh.to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
+    tl.store(Delta + lse_offset + offs_m, delta, mask=offs_m < seqlen_q)
 
-    k_ptrs = K + b.to(tl.int64) * stride_kb + h_kv * stride_kh + offs_n[:, None].to(tl.int64) * stride_ks + offs_d[None, :]
-    v_ptrs = V + b.to(tl.int64) * stride_vb + h_kv * stride_vh + offs_n[:, None].to(tl.int64) * stride_vs + offs_dv[None, :]
+    k_ptrs = K + b.to(tl.int64) * stride_kb + h_kv * stride_kh + k_rows[:, None] * stride_ks + offs_d[None, :]
+    v_ptrs = V + b.to(tl.int64) * stride_vb + h_kv * stride_vh + k_rows[:, None] * stride_vs + offs_dv[None, :]
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale, softcap,
                                                                     SOFTCAP, HAS_ALIBI)
@@ -274,5 +291,5 @@ def attention_bwd_dq_kernel(
     dq_mask = offs_m[:, None] < seqlen_q
     if not EVEN_D:
         dq_mask = dq_mask & (offs_d[None, :] < head_dim)
-    tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + offs_m[:, None].to(tl.int64) * stride_dqs + offs_d[None, :],
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + q_rows[:, None] * stride_dqs + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=dq_mask)

@@ -9,7 +9,7 @@ as EVEN_D), so an unused feature costs nothing: Triton compiles one specialisati
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import key_phases, score_log2, score_params, visible
+from flashtile.kernels.common import key_phases, score_log2, score_params, sequence_bounds, visible
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -66,23 +66,27 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "window_left", "window_right"])
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "window_left", "window_right",
+                               "stride_lse_b", "stride_lse_h"])
 def attention_fwd_kernel(
-    Q, K, V, Out, Lse, Alibi,
+    Q, K, V, Out, Lse, Alibi, CuSeqQ, CuSeqK,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
-    stride_ob, stride_os, stride_oh, stride_alibi_b,
+    stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h, stride_alibi_b,
     seqlen_q, seqlen_k, heads_q, group_size, head_dim, head_dim_v,
     softmax_scale, softcap, window_left, window_right,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+    VARLEN: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Q [B, Sq, Hq, D], K [B, Sk, Hkv, D], V [B, Sk, Hkv, Dv] -> Out [B, Sq, Hq, Dv], Lse fp32 [B, Hq, Sq].
 
     Grid: one program per (query tile, batch x query head), query tiles fastest so that programs
     sharing K/V run together (L2 reuse); with a right mask edge the heavy tiles go first.
+    VARLEN: sequences are packed ([total, H, D], batch strides 0); sequence b spans rows
+    CuSeqQ[b]:CuSeqQ[b+1] (keys: CuSeqK), seqlen_q / seqlen_k are the maxima, lse is [Hq, total_q].
     """
     # -- which tile of which head --
     n_m_tiles = tl.cdiv(seqlen_q, BLOCK_M)
@@ -94,15 +98,21 @@ def attention_fwd_kernel(
     b = bh // heads_q
     h = bh % heads_q
     h_kv = h // group_size
+    q_start, k_start, seqlen_q, seqlen_k = sequence_bounds(CuSeqQ, CuSeqK, b, seqlen_q, seqlen_k, VARLEN)
+    if VARLEN:
+        if tile * BLOCK_M >= seqlen_q:  # a tile past this sequence's end (the grid covers the longest)
+            return
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
-    k_ptrs = K + b.to(tl.int64) * stride_kb + h_kv * stride_kh + offs_n[None, :].to(tl.int64) * stride_ks + offs_d[:, None]
-    v_ptrs = V + b.to(tl.int64) * stride_vb + h_kv * stride_vh + offs_n[:, None].to(tl.int64) * stride_vs + offs_dv[None, :]
+    q_rows = (q_start + offs_m).to(tl.int64)
+    k_rows = (k_start + offs_n).to(tl.int64)
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :]
+    k_ptrs = K + b.to(tl.int64) * stride_kb + h_kv * stride_kh + k_rows[None, :] * stride_ks + offs_d[:, None]
+    v_ptrs = V + b.to(tl.int64) * stride_vb + h_kv * stride_vh + k_rows[:, None] * stride_vs + offs_dv[None, :]
 
     q_mask = offs_m[:, None] < seqlen_q
     if not EVEN_D:
@@ -140,9 +150,9 @@ def attention_fwd_kernel(
     acc = acc / l_safe[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
 
-    lse_ptrs = Lse + bh.to(tl.int64) * seqlen_q + offs_m
+    lse_ptrs = Lse + b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_rows
     tl.store(lse_ptrs, lse, mask=offs_m < seqlen_q)
-    o_ptrs = Out + b.to(tl.int64) * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_os + offs_dv[None, :]
+    o_ptrs = Out + b.to(tl.int64) * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + offs_dv[None, :]
     o_mask = offs_m[:, None] < seqlen_q
     if not EVEN_DV:
         o_mask = o_mask & (offs_dv[None, :] < head_dim_v)

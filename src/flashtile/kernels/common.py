@@ -123,3 +123,20 @@ def score_params(Alibi, b, h, stride_alibi_b, softmax_scale, softcap, SOFTCAP: t
     if HAS_ALIBI:
         alibi_log2 = tl.load(Alibi + b * stride_alibi_b + h).to(tl.float32) * 1.4426950408889634
     return softmax_scale * 1.4426950408889634, softcap_pre, softcap * 1.4426950408889634, alibi_log2
+
+
+@triton.jit
+def sequence_bounds(CuSeqQ, CuSeqK, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr):
+    """(q_start, k_start, seqlen_q, seqlen_k) of sequence b.
+
+    VARLEN: rows CuSeqQ[b]:CuSeqQ[b+1] of the packed tensors (keys: CuSeqK); otherwise the batch
+    dimension separates sequences and every sequence has the full (maximum) lengths.
+    """
+    q_start = b * 0
+    k_start = b * 0
+    if VARLEN:
+        q_start = tl.load(CuSeqQ + b)
+        seqlen_q = tl.load(CuSeqQ + b + 1) - q_start
+        k_start = tl.load(CuSeqK + b)
+        seqlen_k = tl.load(CuSeqK + b + 1) - k_start
+    return q_start, k_start, seqlen_q, seqlen_k
