@@ -2,6 +2,7 @@
 
 from flashtile.api import UnsupportedError, flash_attn_func, scaled_dot_product_attention
 from flashtile.dispatch import use_backend
+from flashtile.varlen import flash_attn_varlen_func
 
 try:
     from importlib.metadata import version as _version
@@ -12,6 +13,7 @@ except Exception:  # not installed (running from a source tree)
 
 __all__ = [
     "flash_attn_func",
+    "flash_attn_varlen_func",
     "scaled_dot_product_attention",
     "use_backend",
     "UnsupportedError",

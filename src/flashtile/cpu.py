@@ -19,6 +19,7 @@ from typing import Iterator, Optional, Tuple
 import torch
 
 from .masks import Window, block_fully_visible, effective_window, key_block_range, visibility_mask
+from .masks import BlockMask
 
 # Tile sizes: up to 256 query rows x 512 keys, with the fp32 score tile (batch chunk x heads x rows x
 # keys) capped near _TILE_ELEMS so the few tile-sized temporaries stay in cache while the matmuls stay
@@ -132,6 +133,80 @@ def _scores(
     return s, t
 
 
+class _BlockSparse:
+    """A ``BlockMask`` as the tiled loops use it: which key tiles to visit, and each tile's element mask.
+
+    Tiles are made of whole mask blocks: block_m becomes a multiple of the mask's bq (query tiles start
+    on mask-block boundaries) and block_n a multiple of bk. A key tile is a run of consecutive mask
+    blocks that are non-empty for some (b, h) of the batch chunk, clipped to the keys the causal /
+    window rule leaves; blocks empty for the whole chunk are never visited. The element mask is
+    applied only when some block of the tile is not full for some (b, h); it is ANDed with the
+    causal / window mask, and ALiBi / softcap are untouched.
+    """
+
+    def __init__(self, block_mask: BlockMask, batch: int, heads_q: int, heads_kv: int,
+                 seqlen_q: int, seqlen_k: int, device: torch.device) -> None:
+        if not isinstance(block_mask, BlockMask):
+            raise TypeError(f"block_mask must be a flashtile.masks.BlockMask or None, got {type(block_mask).__name__}")
+        block_mask.check_compatible(batch, heads_q, seqlen_q, seqlen_k, device=device)
+        self.bq, self.bk = block_mask.block_size
+        self.kind = block_mask.kind
+        self.elements = block_mask.element_mask
+        self.heads_kv, self.group = heads_kv, heads_q // heads_kv
+        self.seqlen_q, self.seqlen_k = seqlen_q, seqlen_k
+
+    def tiles(self, block_m: int, block_n: int) -> Tuple[int, int]:
+        """Tile sizes rounded to whole mask blocks (down, but at least one block)."""
+        return max(self.bq, block_m // self.bq * self.bq), max(self.bk, block_n // self.bk * self.bk)
+
+    def _kinds(self, b0: int, b1: int, q_lo: int, q_hi: int, kb0: int, kb1: int) -> torch.Tensor:
+        kind = self.kind[b0:b1] if self.kind.shape[0] > 1 else self.kind
+        return kind[:, :, q_lo // self.bq : -(-q_hi // self.bq), kb0:kb1]
+
+    def key_blocks(self, b0: int, b1: int, q_lo: int, q_hi: int, window: Window,
+                   block_n: int) -> Iterator[Tuple[int, int, bool]]:
+        """Like ``_key_blocks`` (``(k_lo, k_hi, needs_visibility_mask)``), minus blocks empty for the chunk."""
+        lo, hi = key_block_range(q_lo, q_hi, self.seqlen_q, self.seqlen_k, False, window)
+        if hi <= lo:
+            return
+        bk = self.bk
+        kb0 = lo // bk
+        kinds = self._kinds(b0, b1, q_lo, q_hi, kb0, -(-hi // bk))
+        live = (kinds != BlockMask.EMPTY).flatten(0, 2).any(dim=0).tolist()
+        per_tile = max(1, block_n // bk)
+        i = 0
+        while i < len(live):
+            if not live[i]:
+                i += 1
+                continue
+            j = i + 1
+            while j < len(live) and live[j] and j - i < per_tile:
+                j += 1
+            k_lo, k_hi = max((kb0 + i) * bk, lo), min((kb0 + j) * bk, hi)
+            full = block_fully_visible(q_lo, q_hi, k_lo, k_hi, self.seqlen_q, self.seqlen_k, False, window)
+            yield k_lo, k_hi, not full
+            i = j
+
+    def and_mask(self, mask: Optional[torch.Tensor], b0: int, b1: int, q_lo: int, q_hi: int,
+                 k_lo: int, k_hi: int) -> Optional[torch.Tensor]:
+        """``mask`` (``[rows, keys]`` or None) AND the block mask of the tile, broadcastable to the
+        scores ``[b, Hkv, G, rows, keys]``; unchanged when the tile is full for every (b, h)."""
+        bq, bk = self.bq, self.bk
+        qb0, kb0 = q_lo // bq, k_lo // bk
+        kinds = self._kinds(b0, b1, q_lo, q_hi, kb0, -(-k_hi // bk))
+        full = kinds == BlockMask.FULL
+        if bool(full.all()):
+            return mask
+        if self.elements is not None:
+            em = self.elements[b0:b1] if self.elements.shape[0] > 1 else self.elements
+            em = em[:, :, q_lo:q_hi, k_lo:k_hi]
+        else:  # no partial blocks: a block is all visible (full) or all hidden (empty)
+            em = full.repeat_interleave(bq, dim=2).repeat_interleave(bk, dim=3)
+            em = em[:, :, q_lo - qb0 * bq : q_hi - qb0 * bq, k_lo - kb0 * bk : k_hi - kb0 * bk]
+        em = em.unflatten(1, (self.heads_kv, self.group)) if em.shape[1] > 1 else em.unsqueeze(2)
+        return em if mask is None else em & mask
+
+
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -141,12 +216,16 @@ def attention_forward(
     window_size: Window = (-1, -1),
     softcap: float = 0.0,
     alibi_slopes: Optional[torch.Tensor] = None,
+    *,
+    block_mask: Optional[BlockMask] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Tiled attention forward.
 
     q ``[B, Sq, Hq, D]``, k ``[B, Sk, Hkv, D]``, v ``[B, Sk, Hkv, Dv]`` (fp16 / bf16 / fp32, any strides).
     Returns out ``[B, Sq, Hq, Dv]`` in q's dtype and lse float32 ``[B, Hq, Sq]``. Computes in float32.
     Fully masked rows: out 0, lse -inf. NaN inputs propagate.
+    ``block_mask`` (masks.BlockMask, ``[B|1, Hq|1, Sq, Sk]``): ANDed with the causal / window rule;
+    key blocks empty for a whole batch chunk are skipped.
     """
     _check_inputs(q, k, v)
     batch, seqlen_q, heads_q, head_dim = q.shape
@@ -156,6 +235,9 @@ def attention_forward(
     # Every row of out and lse is written below (fully masked rows too), so no initialisation.
     out = torch.empty(batch, seqlen_q, heads_q, head_dim_v, dtype=q.dtype, device=device)
     lse = torch.empty(batch, heads_q, seqlen_q, dtype=torch.float32, device=device)
+    sparse = None
+    if block_mask is not None:
+        sparse = _BlockSparse(block_mask, batch, heads_q, heads_kv, seqlen_q, seqlen_k, device)
     if lse.numel() == 0:  # no query rows: nothing to compute
         return out, lse
     window = effective_window(causal, window_size)
@@ -163,6 +245,8 @@ def attention_forward(
     slopes = _prepare_slopes(alibi_slopes, batch, heads_q, device)
     qf, kf, vf = _heads_first(q), _heads_first(k), _heads_first(v)
     chunk, block_m, block_n = _tiles(batch, heads_q, seqlen_q, seqlen_k)
+    if sparse is not None:
+        block_m, block_n = sparse.tiles(block_m, block_n)
 
     for b0 in range(0, batch, chunk):
         b1 = min(b0 + chunk, batch)
@@ -174,13 +258,17 @@ def attention_forward(
             m = torch.full((nb, heads_kv, group * rows, 1), _NEG_INF, dtype=torch.float32, device=device)
             l = torch.zeros_like(m)
             acc = torch.zeros(nb, heads_kv, group * rows, head_dim_v, dtype=torch.float32, device=device)
-            for k_lo, k_hi, needs_mask in _key_blocks(q_lo, q_hi, seqlen_q, seqlen_k, window, block_n):
+            blocks = (_key_blocks(q_lo, q_hi, seqlen_q, seqlen_k, window, block_n) if sparse is None
+                      else sparse.key_blocks(b0, b1, q_lo, q_hi, window, block_n))
+            for k_lo, k_hi, needs_mask in blocks:
                 mask = None
                 if needs_mask:
                     mask = visibility_mask(
                         seqlen_q, seqlen_k, causal, window_size,
                         q_start=q_lo, q_len=rows, k_start=k_lo, k_len=k_hi - k_lo, device=device,
                     )
+                if sparse is not None:
+                    mask = sparse.and_mask(mask, b0, b1, q_lo, q_hi, k_lo, k_hi)
                 bias = _alibi_tile(slopes, b0, b1, heads_kv, group, q_lo, q_hi, k_lo, k_hi, offset)
                 s, _ = _scores(qt, kf[b0:b1, :, k_lo:k_hi], softcap, bias, mask, group, rows)
                 m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
@@ -211,6 +299,8 @@ def attention_backward(
     window_size: Window = (-1, -1),
     softcap: float = 0.0,
     alibi_slopes: Optional[torch.Tensor] = None,
+    *,
+    block_mask: Optional[BlockMask] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tiled attention backward from the forward's out and lse.
 
@@ -218,6 +308,7 @@ def attention_backward(
     Returns dq ``[B, Sq, Hq, D]``, dk ``[B, Sk, Hkv, D]``, dv ``[B, Sk, Hkv, Dv]`` in the dtypes of
     q, k, v. dk/dv are summed over the query heads of each GQA group; ALiBi slopes get no gradient.
     Deterministic: tiles are visited in a fixed order and summed sequentially.
+    ``block_mask``: the forward's (see ``attention_forward``).
     """
     _check_inputs(q, k, v)
     batch, seqlen_q, heads_q, head_dim = q.shape
@@ -225,6 +316,9 @@ def attention_backward(
     group = heads_q // heads_kv
     device = q.device
     dq = torch.empty(q.shape, dtype=q.dtype, device=device)  # every row is written below
+    sparse = None
+    if block_mask is not None:
+        sparse = _BlockSparse(block_mask, batch, heads_q, heads_kv, seqlen_q, seqlen_k, device)
     window = effective_window(causal, window_size)
     offset = seqlen_k - seqlen_q
     slopes = _prepare_slopes(alibi_slopes, batch, heads_q, device)
@@ -238,6 +332,8 @@ def attention_backward(
     dk_acc = torch.zeros(batch, heads_kv, seqlen_k, head_dim, dtype=torch.float32, device=device)
     dv_acc = torch.zeros(batch, heads_kv, seqlen_k, head_dim_v, dtype=torch.float32, device=device)
     chunk, block_m, block_n = _tiles(batch, heads_q, seqlen_q, seqlen_k)
+    if sparse is not None:
+        block_m, block_n = sparse.tiles(block_m, block_n)
 
     for b0 in range(0, batch, chunk):
         b1 = min(b0 + chunk, batch)
@@ -251,13 +347,17 @@ def attention_backward(
             lse_t = lse_safe[b0:b1, :, q_lo:q_hi].reshape(nb, heads_kv, gr, 1)
             delta_t = delta[b0:b1, :, q_lo:q_hi].reshape(nb, heads_kv, gr, 1)
             dq_t = torch.zeros(nb, heads_kv, gr, head_dim, dtype=torch.float32, device=device)
-            for k_lo, k_hi, needs_mask in _key_blocks(q_lo, q_hi, seqlen_q, seqlen_k, window, block_n):
+            blocks = (_key_blocks(q_lo, q_hi, seqlen_q, seqlen_k, window, block_n) if sparse is None
+                      else sparse.key_blocks(b0, b1, q_lo, q_hi, window, block_n))
+            for k_lo, k_hi, needs_mask in blocks:
                 mask = None
                 if needs_mask:
                     mask = visibility_mask(
                         seqlen_q, seqlen_k, causal, window_size,
                         q_start=q_lo, q_len=rows, k_start=k_lo, k_len=k_hi - k_lo, device=device,
                     )
+                if sparse is not None:
+                    mask = sparse.and_mask(mask, b0, b1, q_lo, q_hi, k_lo, k_hi)
                 bias = _alibi_tile(slopes, b0, b1, heads_kv, group, q_lo, q_hi, k_lo, k_hi, offset)
                 kt = kf[b0:b1, :, k_lo:k_hi]
                 vt = vf[b0:b1, :, k_lo:k_hi]
@@ -276,4 +376,107 @@ def attention_backward(
             dq[b0:b1, q_lo:q_hi] = dq_t.view(nb, heads_q, rows, head_dim).transpose(1, 2)
     dk = dk_acc.transpose(1, 2).to(k.dtype).contiguous()
     dv = dv_acc.transpose(1, 2).to(v.dtype).contiguous()
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------------
+# Variable-length (packed) sequences: FlashAttention-2's varlen layout.
+#
+# q ``[total_q, Hq, D]``, k ``[total_k, Hkv, D]``, v ``[total_k, Hkv, Dv]``; sequence b owns rows
+# ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]`` of q and ``cu_seqlens_k[b]:cu_seqlens_k[b + 1]`` of k / v.
+# Each sequence is attended on its own (bottom-right alignment per sequence), through the dense
+# functions above on ``[1, len, H, D]`` views (no copies of the packed tensors).
+# ---------------------------------------------------------------------------------------------------
+
+
+def _varlen_bounds(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor):
+    """[(q_lo, q_hi, k_lo, k_hi)] per sequence, read on the host (the caller validated the offsets)."""
+    cq = [int(x) for x in cu_seqlens_q.tolist()]
+    ck = [int(x) for x in cu_seqlens_k.tolist()]
+    if len(cq) != len(ck):
+        raise ValueError(f"cpu varlen attention: cu_seqlens_q has {len(cq)} entries, cu_seqlens_k {len(ck)}")
+    return [(cq[b], cq[b + 1], ck[b], ck[b + 1]) for b in range(len(cq) - 1)]
+
+
+def _varlen_slopes(alibi_slopes: Optional[torch.Tensor], b: int) -> Optional[torch.Tensor]:
+    """Slopes of sequence b: ``[Hq]`` as given, or row b of ``[B, Hq]``."""
+    if alibi_slopes is None or alibi_slopes.dim() == 1:
+        return alibi_slopes
+    return alibi_slopes[b]
+
+
+def attention_varlen_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    softmax_scale: float,
+    window_size: Window = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Tiled attention forward over packed sequences.
+
+    q ``[total_q, Hq, D]``, k ``[total_k, Hkv, D]``, v ``[total_k, Hkv, Dv]``; cu_seqlens_* int
+    ``[B + 1]`` offsets. ``window_size`` is FlashAttention's pair (causal folded in by the caller as
+    right = 0) or a ``masks.Edges``; it is relative to each sequence's own bottom-right diagonal.
+    ``alibi_slopes`` is ``[Hq]`` or ``[B, Hq]``. Returns out ``[total_q, Hq, Dv]`` in q's dtype and
+    lse float32 ``[Hq, total_q]``. Query rows with no visible key (empty k sequence): out 0, lse -inf.
+    """
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError("cpu varlen attention: q, k, v must be 3-D [total_tokens, heads, head_dim]")
+    total_q, heads_q, _ = q.shape
+    out = torch.zeros(total_q, heads_q, v.shape[2], dtype=q.dtype, device=q.device)
+    lse = torch.full((heads_q, total_q), _NEG_INF, dtype=torch.float32, device=q.device)
+    for b, (q_lo, q_hi, k_lo, k_hi) in enumerate(_varlen_bounds(cu_seqlens_q, cu_seqlens_k)):
+        if q_hi == q_lo:
+            continue
+        o, l = attention_forward(
+            q[q_lo:q_hi].unsqueeze(0), k[k_lo:k_hi].unsqueeze(0), v[k_lo:k_hi].unsqueeze(0),
+            softmax_scale, causal=False, window_size=window_size, softcap=softcap,
+            alibi_slopes=_varlen_slopes(alibi_slopes, b),
+        )
+        out[q_lo:q_hi] = o[0]
+        lse[:, q_lo:q_hi] = l[0]
+    return out, lse
+
+
+def attention_varlen_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    softmax_scale: float,
+    window_size: Window = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tiled attention backward over packed sequences, from the forward's out and lse ``[Hq, total_q]``.
+
+    Shapes as in ``attention_varlen_forward``. Returns dq ``[total_q, Hq, D]``, dk ``[total_k, Hkv, D]``,
+    dv ``[total_k, Hkv, Dv]`` in the dtypes of q, k, v (zero for rows of empty sequences).
+    Deterministic: sequences and tiles are visited in a fixed order.
+    """
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError("cpu varlen attention: q, k, v must be 3-D [total_tokens, heads, head_dim]")
+    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+    for b, (q_lo, q_hi, k_lo, k_hi) in enumerate(_varlen_bounds(cu_seqlens_q, cu_seqlens_k)):
+        if q_hi == q_lo or k_hi == k_lo:  # no query row or no key: every gradient of it is 0
+            continue
+        g_q, g_k, g_v = attention_backward(
+            dout[q_lo:q_hi].unsqueeze(0), q[q_lo:q_hi].unsqueeze(0), k[k_lo:k_hi].unsqueeze(0),
+            v[k_lo:k_hi].unsqueeze(0), out[q_lo:q_hi].unsqueeze(0), lse[:, q_lo:q_hi].unsqueeze(0),
+            softmax_scale, causal=False, window_size=window_size, softcap=softcap,
+            alibi_slopes=_varlen_slopes(alibi_slopes, b),
+        )
+        dq[q_lo:q_hi] = g_q[0]
+        dk[k_lo:k_hi] = g_k[0]
+        dv[k_lo:k_hi] = g_v[0]
     return dq, dk, dv

@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 import torch
 
 from .masks import Window, visibility_mask
+from .masks import BlockMask
 
 
 def _work_dtype(t: torch.Tensor, upcast: bool) -> torch.dtype:
@@ -49,6 +50,22 @@ def alibi_bias(
     return -slopes[:, :, None, None] * dist
 
 
+def _and_block_mask(
+    visible: torch.Tensor,
+    block_mask: BlockMask,
+    batch: int,
+    heads_q: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """``visible`` ``[Sq, Sk]`` AND the block mask's element mask: bool ``[B|1, Hq|1, Sq, Sk]``."""
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(f"block_mask must be a flashtile.masks.BlockMask or None, got {type(block_mask).__name__}")
+    block_mask.check_compatible(batch, heads_q, seqlen_q, seqlen_k, device=device)
+    return visible & block_mask.dense()
+
+
 def attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -60,6 +77,7 @@ def attention_ref(
     softcap: float = 0.0,
     alibi_slopes: Optional[torch.Tensor] = None,
     upcast: bool = True,
+    block_mask: Optional[BlockMask] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact attention by the book.
 
@@ -76,6 +94,8 @@ def attention_ref(
     it too. ``upcast=False`` does the same math in the input dtype (the "low-precision torch" baseline
     of the tolerance rule) and returns out in the input dtype, lse in float32.
     A fully masked row gives out 0 and lse -inf, with zero (finite) gradients.
+    ``block_mask`` (masks.BlockMask for ``[B|1, Hq|1, Sq, Sk]``): its ``dense()`` mask is ANDed into
+    the causal / window visibility.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError("attention_ref: q, k, v must be 4-D [batch, seqlen, heads, head_dim]")
@@ -102,6 +122,8 @@ def attention_ref(
             alibi_slopes, batch, seqlen_q, seqlen_k, dtype=dtype, device=q.device
         )
     visible = visibility_mask(seqlen_q, seqlen_k, causal, window_size, device=q.device)
+    if block_mask is not None:
+        visible = _and_block_mask(visible, block_mask, batch, heads_q, seqlen_q, seqlen_k, q.device)
     scores = scores.masked_fill(~visible, float("-inf"))
 
     # Softmax by hand so that all -inf rows give zeros, not NaN, in value and gradient. The row max
@@ -165,3 +187,42 @@ def check_close(
     bound = factor * _abs_err(lowprec, ref) + atol
     ok = math.isfinite(err) and err <= bound
     return ok, err, bound
+
+
+def attention_varlen_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    **kw,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The oracle for packed sequences: ``attention_ref`` on each sequence alone.
+
+    q ``[total_q, Hq, D]``, k ``[total_k, Hkv, D]``, v ``[total_k, Hkv, Dv]``; sequence b owns rows
+    ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]`` of q and ``cu_seqlens_k[b]:cu_seqlens_k[b + 1]`` of k / v.
+    Keyword arguments are ``attention_ref``'s (softmax_scale, causal, window_size, softcap,
+    alibi_slopes, upcast); ``alibi_slopes`` may be ``[Hq]`` or ``[B, Hq]`` (row b for sequence b).
+    Returns out ``[total_q, Hq, Dv]`` and lse ``[Hq, total_q]`` (FlashAttention-2's varlen layout),
+    in the dtypes ``attention_ref`` gives for ``upcast``. Differentiable.
+    """
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError("attention_varlen_ref: q, k, v must be 3-D [total_tokens, heads, head_dim]")
+    cq = [int(x) for x in cu_seqlens_q.tolist()]
+    ck = [int(x) for x in cu_seqlens_k.tolist()]
+    if len(cq) != len(ck):
+        raise ValueError(f"attention_varlen_ref: cu_seqlens_q has {len(cq)} entries, cu_seqlens_k {len(ck)}")
+    slopes = kw.pop("alibi_slopes", None)
+    upcast = kw.get("upcast", True)
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        s = slopes[b] if slopes is not None and slopes.dim() == 2 else slopes
+        o, l = attention_ref(q[cq[b]:cq[b + 1]].unsqueeze(0), k[ck[b]:ck[b + 1]].unsqueeze(0),
+                             v[ck[b]:ck[b + 1]].unsqueeze(0), alibi_slopes=s, **kw)
+        outs.append(o[0])
+        lses.append(l[0])
+    if not outs:  # no sequence at all
+        dtype = _work_dtype(q, upcast)
+        return (q.new_zeros((0, q.shape[1], v.shape[2]), dtype=dtype if upcast else q.dtype),
+                q.new_zeros((q.shape[1], 0), dtype=dtype if upcast else torch.float32))
+    return torch.cat(outs, dim=0), torch.cat(lses, dim=1)

@@ -1,0 +1,488 @@
+"""Block-sparse masks: masks.BlockMask (data structure, builders, index lists) and the tiled CPU path
+with ``block_mask=`` against the oracle ``reference.attention_ref(block_mask=...)``.
+
+Tolerance: FlashAttention's rule (reference.check_close), factor 2 for out / lse, 3 for gradients.
+Mask blocks are small ((16, 16), (32, 16), ...) and sequence lengths are not multiples of them, so
+every test has cropped edge blocks; the CPU path also runs with small tiles and one-batch chunks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+
+import pytest
+import torch
+
+from flashtile import cpu
+from flashtile.masks import BlockMask, visibility_mask
+from flashtile.reference import attention_ref, check_close
+
+NEG_INF = float("-inf")
+
+
+def _gen(*parts) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(parts).encode()))
+
+
+def _kind_by_loops(mask4: torch.Tensor, bq: int, bk: int) -> torch.Tensor:
+    """The definition, block by block: 0 nothing visible, 2 every in-range element visible, else 1."""
+    nb, nh, sq, sk = mask4.shape
+    nq, nk = math.ceil(sq / bq), math.ceil(sk / bk)
+    kind = torch.empty(nb, nh, nq, nk, dtype=torch.int8)
+    for b in range(nb):
+        for h in range(nh):
+            for i in range(nq):
+                for j in range(nk):
+                    blk = mask4[b, h, i * bq : (i + 1) * bq, j * bk : (j + 1) * bk]
+                    kind[b, h, i, j] = 0 if not blk.any() else (2 if blk.all() else 1)
+    return kind
+
+
+def _block_pattern_mask(gen, shape, block, p_full=0.35, p_empty=0.35):
+    """A mask with many empty / full blocks: per block pick empty, full or random elements."""
+    *lead, sq, sk = shape
+    bq, bk = block
+    nq, nk = math.ceil(sq / bq), math.ceil(sk / bk)
+    choice = torch.rand(*lead, nq, nk, generator=gen)
+    expand = lambda t: t.repeat_interleave(bq, -2).repeat_interleave(bk, -1)[..., :sq, :sk]  # noqa: E731
+    full = expand(choice < p_full)
+    empty = expand(choice >= 1 - p_empty)
+    noise = torch.rand(*lead, sq, sk, generator=gen) < 0.5
+    return full | (noise & ~empty)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The data structure
+# ---------------------------------------------------------------------------------------------------
+
+MASK_CASES = [
+    # (mask shape, block_size)
+    ((37, 50), (16, 16)),
+    ((3, 64, 64), (16, 16)),  # S a multiple of the block
+    ((2, 3, 113, 70), (32, 16)),
+    ((1, 2, 5, 200), (8, 64)),
+    ((2, 1, 1, 1), (16, 16)),
+    ((2, 2, 17, 33), (1, 1)),
+    ((40, 24), (64, 64)),  # one block bigger than the sequences
+]
+
+
+@pytest.mark.parametrize("shape,block", MASK_CASES, ids=lambda x: "x".join(map(str, x)))
+def test_from_dense_kinds(shape, block):
+    gen = _gen("kinds", shape, block)
+    mask = _block_pattern_mask(gen, shape, block)
+    bm = BlockMask.from_dense(mask, block)
+    mask4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    want = _kind_by_loops(mask4, *block)
+    assert bm.kind.dtype == torch.int8 and torch.equal(bm.kind, want)
+    assert bm.shape == tuple(mask4.shape) and bm.block_size == tuple(block)
+    assert (bm.seqlen_q, bm.seqlen_k) == shape[-2:]
+    assert bm.num_blocks == tuple(want.shape[2:])
+    assert torch.equal(bm.dense(), mask4)
+    assert (bm.element_mask is None) == (not (want == 1).any())
+    assert bm.density() == pytest.approx(float((want != 0).float().mean()))
+
+
+def test_from_dense_plain_masks():
+    # All visible: every block full, no element mask kept; all hidden: every block empty.
+    ones = BlockMask.from_dense(torch.ones(50, 70, dtype=torch.bool), (16, 32))
+    assert bool((ones.kind == BlockMask.FULL).all()) and ones.element_mask is None
+    assert ones.density() == 1.0 and torch.equal(ones.dense(), torch.ones(1, 1, 50, 70, dtype=torch.bool))
+    zeros = BlockMask.from_dense(torch.zeros(2, 50, 70, dtype=torch.bool), 16)
+    assert bool((zeros.kind == BlockMask.EMPTY).all()) and zeros.element_mask is None
+    assert zeros.density() == 0.0 and zeros.shape == (1, 2, 50, 70) and zeros.block_size == (16, 16)
+    assert int(zeros.full_kv_num.sum()) == 0 and int(zeros.partial_kv_num.sum()) == 0
+    # Edge blocks count only in-range elements: a mask True everywhere but in the last column.
+    m = torch.ones(40, 40, dtype=torch.bool)
+    m[:, 39] = False
+    bm = BlockMask.from_dense(m, (16, 16))
+    assert bm.kind[0, 0, :, :2].eq(2).all() and bm.kind[0, 0, :, 2].eq(1).all()
+
+
+def test_broadcast_dims_stay_size_one():
+    m = torch.rand(33, 45) < 0.5
+    bm = BlockMask.from_dense(m.expand(3, 4, 33, 45), (16, 16))  # stride-0 view: never materialised
+    assert bm.shape == (1, 1, 33, 45) and bm.kind.shape == (1, 1, 3, 3)
+    assert torch.equal(bm.dense()[0, 0], m)
+    bm3 = BlockMask.from_dense(torch.rand(1, 33, 45) < 0.5, 16)
+    assert bm3.shape == (1, 1, 33, 45)
+    bm4 = BlockMask.from_dense(torch.rand(2, 1, 33, 45) < 0.5, 16)
+    assert bm4.shape == (2, 1, 33, 45) and bm4.full_kv_idx.shape == (2, 1, 3, 3)
+
+
+def test_from_dense_non_contiguous():
+    gen = _gen("nc")
+    base = _block_pattern_mask(gen, (2, 3, 60, 90), (8, 8))
+    m = base.transpose(2, 3)[:, :, ::2]  # [2, 3, 45, 60], odd strides
+    bm = BlockMask.from_dense(m, (8, 8))
+    assert torch.equal(bm.kind, _kind_by_loops(m, 8, 8)) and torch.equal(bm.dense(), m)
+    assert bm.element_mask is None or bm.element_mask.is_contiguous()
+
+
+def test_from_dense_classifies_in_slabs(monkeypatch):
+    """The block classification works on query-block slabs when the mask is large."""
+    import flashtile.masks as masks
+
+    gen = _gen("slabs")
+    m = _block_pattern_mask(gen, (2, 2, 77, 53), (8, 16))
+    want = BlockMask.from_dense(m, (8, 16)).kind
+    monkeypatch.setattr(masks, "_CLASSIFY_ELEMS", 1)
+    assert torch.equal(BlockMask.from_dense(m, (8, 16)).kind, want)
+
+
+def test_index_lists():
+    gen = _gen("index")
+    mask = _block_pattern_mask(gen, (2, 3, 150, 130), (16, 8))
+    bm = BlockMask.from_dense(mask, (16, 8))
+    nq, nk = bm.num_blocks
+    lists = [
+        ("full_kv", BlockMask.FULL, bm.kind, nk),
+        ("partial_kv", BlockMask.PARTIAL, bm.kind, nk),
+        ("full_q", BlockMask.FULL, bm.kind.transpose(2, 3), nq),
+        ("partial_q", BlockMask.PARTIAL, bm.kind.transpose(2, 3), nq),
+    ]
+    for name, value, kind, n in lists:
+        num, idx = getattr(bm, f"{name}_num"), getattr(bm, f"{name}_idx")
+        assert num.dtype == torch.int32 and idx.dtype == torch.int32
+        assert num.shape == kind.shape[:3] and idx.shape == kind.shape
+        assert num.is_contiguous() and idx.is_contiguous()
+        for b in range(2):
+            for h in range(3):
+                for r in range(kind.shape[2]):
+                    want = torch.nonzero(kind[b, h, r] == value).flatten().tolist()
+                    row = idx[b, h, r].tolist()
+                    assert int(num[b, h, r]) == len(want), name
+                    assert row[: len(want)] == want, name  # ascending, exactly the blocks of that kind
+                    assert sorted(row) == list(range(n)), name  # every entry a valid block index
+    assert int(bm.full_kv_num.sum()) == int((bm.kind == 2).sum()) == int(bm.full_q_num.sum())
+    assert int(bm.partial_kv_num.sum()) == int((bm.kind == 1).sum()) == int(bm.partial_q_num.sum())
+
+
+def test_from_blocks():
+    gen = _gen("blocks")
+    blocks = torch.rand(2, 1, 4, 5, generator=gen) < 0.5
+    bm = BlockMask.from_blocks(blocks, (16, 8), seqlen_q=50, seqlen_k=37)
+    assert bm.shape == (2, 1, 50, 37) and bm.element_mask is None
+    assert torch.equal(bm.kind, torch.where(blocks, 2, 0).to(torch.int8))
+    want = blocks.repeat_interleave(16, 2).repeat_interleave(8, 3)[:, :, :50, :37]
+    assert torch.equal(bm.dense(), want)
+    assert bm.density() == pytest.approx(float(blocks.float().mean()))
+    assert torch.equal(bm.full_kv_num, blocks.sum(-1).to(torch.int32))
+    # seqlen defaults to whole blocks; 2-D and 3-D blocks get size-1 leading dims
+    bm2 = BlockMask.from_blocks(blocks[0, 0], 16)
+    assert bm2.shape == (1, 1, 64, 80) and bm2.block_size == (16, 16)
+    assert BlockMask.from_blocks(blocks[:, 0], (16, 8), 64, 40).shape == (1, 2, 64, 40)
+    with pytest.raises(ValueError, match="seqlen_q=70"):
+        BlockMask.from_blocks(blocks, (16, 8), seqlen_q=70, seqlen_k=37)
+    with pytest.raises(ValueError, match="seqlen_k=32"):
+        BlockMask.from_blocks(blocks, (16, 8), seqlen_q=64, seqlen_k=32)
+    with pytest.raises(TypeError, match="bool"):
+        BlockMask.from_blocks(blocks.int(), (16, 8))
+
+
+@pytest.mark.parametrize("sq,sk", [(77, 77), (50, 113), (113, 50), (1, 40), (0, 5)])
+@pytest.mark.parametrize("block", [(16, 16), (32, 16)], ids=["16x16", "32x16"])
+def test_causal_and_window_builders(sq, sk, block):
+    bm = BlockMask.causal(sq, sk, block)
+    assert torch.equal(bm.dense()[0, 0], visibility_mask(sq, sk, True))
+    assert torch.equal(bm.kind, _kind_by_loops(visibility_mask(sq, sk, True)[None, None], *block))
+    for window in [(10, 0), (5, 20), (-1, 3), (30, -1), (-1, -1), (0, 0)]:
+        bw = BlockMask.sliding_window(sq, sk, window, block)
+        want = visibility_mask(sq, sk, False, window)
+        assert torch.equal(bw.dense()[0, 0], want), window
+        assert torch.equal(bw.kind, _kind_by_loops(want[None, None], *block)), window
+    assert BlockMask.sliding_window(sq, sk, (-1, -1), block).element_mask is None
+
+
+def test_document_builder():
+    ids = torch.tensor([0] * 20 + [1] * 35 + [2] * 3 + [5] * 42)  # 100 tokens, 4 documents
+    bm = BlockMask.document(ids, block_size=(16, 16))
+    want = ids[:, None] == ids[None, :]
+    assert bm.shape == (1, 1, 100, 100) and torch.equal(bm.dense()[0, 0], want)
+    assert torch.equal(bm.kind, _kind_by_loops(want[None, None], 16, 16))
+    causal = BlockMask.document(ids, block_size=(16, 16), causal=True)
+    assert torch.equal(causal.dense()[0, 0], want & torch.ones(100, 100, dtype=torch.bool).tril())
+    # batched ids, and cross attention with other key ids (bottom-right causal)
+    gen = _gen("docs")
+    ids_b = torch.randint(0, 3, (2, 60), generator=gen).sort(dim=1).values
+    ids_k = torch.randint(0, 3, (1, 90), generator=gen).sort(dim=1).values
+    bb = BlockMask.document(ids_b, ids_k, block_size=(16, 32), causal=True)
+    want_b = (ids_b[:, :, None] == ids_k[:, None, :]) & visibility_mask(60, 90, True)
+    assert bb.shape == (2, 1, 60, 90) and torch.equal(bb.dense()[:, 0], want_b)
+    with pytest.raises(ValueError, match="batch"):
+        BlockMask.document(torch.zeros(2, 10, dtype=torch.long), torch.zeros(3, 10, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer"):
+        BlockMask.document(torch.zeros(10))
+    with pytest.raises(ValueError, match=r"\[seqlen\] or \[batch, seqlen\]"):
+        BlockMask.document(torch.zeros(1, 2, 10, dtype=torch.long))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        BlockMask.document([0, 0, 1])
+
+
+def test_validation_errors():
+    m = torch.ones(20, 20, dtype=torch.bool)
+    with pytest.raises(TypeError, match="bool"):
+        BlockMask.from_dense(m.float())
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        BlockMask.from_dense([[True]])
+    for shape in [(20,), (1, 1, 1, 20, 20)]:
+        with pytest.raises(ValueError, match="2, 3 or 4 dims"):
+            BlockMask.from_dense(torch.ones(shape, dtype=torch.bool))
+    for bad in [0, -16, (16,), (16, 0), (16, 2.0), "16", True, (16, 16, 16), None]:
+        with pytest.raises(ValueError, match="block_size"):
+            BlockMask.from_dense(m, bad)
+    with pytest.raises(ValueError, match="window_size"):
+        BlockMask.sliding_window(10, 10, (-2, 0), 16)
+    with pytest.raises(ValueError, match="seqlen_q"):
+        BlockMask.causal(-1, 10, 16)
+    # The raw constructor checks kind against the element mask and the sizes.
+    kind = torch.full((1, 1, 2, 2), 2, dtype=torch.int8)
+    with pytest.raises(ValueError, match="needs"):
+        BlockMask((16, 16), 40, 20, kind)
+    with pytest.raises(ValueError, match="element_mask is required"):
+        BlockMask((16, 16), 20, 20, torch.ones(1, 1, 2, 2, dtype=torch.int8))
+    with pytest.raises(ValueError, match="disagrees"):
+        BlockMask((16, 16), 20, 20, kind, ~torch.eye(20, dtype=torch.bool)[None, None])
+    with pytest.raises(ValueError, match="0 \\(empty\\)"):
+        BlockMask((16, 16), 20, 20, kind + 1)
+    with pytest.raises(TypeError, match="int8"):
+        BlockMask((16, 16), 20, 20, kind.long())
+    # A block marked partial that is in fact full is allowed (slower, not wrong).
+    eye = BlockMask((16, 16), 20, 20, torch.ones(1, 1, 2, 2, dtype=torch.int8), m[None, None])
+    assert torch.equal(eye.dense()[0, 0], m)
+
+
+def test_frozen_to_and_repr():
+    bm = BlockMask.causal(50, 70, (16, 16))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        bm.kind = bm.kind  # type: ignore[misc]
+    assert bm.to("cpu") is bm and bm.device == torch.device("cpu")
+    r = repr(bm)
+    assert r.startswith("BlockMask(shape=[1, 1, 50, 70], block_size=(16, 16)") and "density=" in r
+    if torch.cuda.is_available():
+        g = bm.to("cuda")
+        assert g.kind.is_cuda and g.element_mask.is_cuda and g.full_kv_idx.is_cuda and g.partial_kv_num.is_cuda
+        assert torch.equal(g.dense().cpu(), bm.dense()) and torch.equal(g.full_kv_idx.cpu(), bm.full_kv_idx)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The CPU path against the oracle
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["default_tiles", "small_tiles"])
+def tiles(request, monkeypatch):
+    """Shipped tiles (one tile covers S <= 200), and small ones with one batch element per chunk."""
+    if request.param == "small_tiles":
+        monkeypatch.setattr(cpu, "BLOCK_M", 24)  # rounds to whole mask blocks
+        monkeypatch.setattr(cpu, "BLOCK_N", 40)
+        monkeypatch.setattr(cpu, "_TILE_ELEMS", 1)  # batch chunk 1
+    return request.param
+
+
+def _make(gen, shape, dtype, scale_q=1.0):
+    batch, s_q, s_k, h_q, h_kv, d = shape
+    q = (torch.randn(batch, s_q, h_q, d, generator=gen) * scale_q).to(dtype)
+    k = torch.randn(batch, s_k, h_kv, d, generator=gen).to(dtype)
+    v = torch.randn(batch, s_k, h_kv, d, generator=gen).to(dtype)
+    dout = torch.randn(batch, s_q, h_q, d, generator=gen).to(dtype)
+    return q, k, v, dout
+
+
+def _check(q, k, v, dout, bm, *, causal=False, window=(-1, -1), softcap=0.0, alibi=None, scale=None):
+    """CPU path forward + backward with ``block_mask=bm`` vs the oracle; returns (out, lse, dq, dk, dv)."""
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    out, lse = cpu.attention_forward(q, k, v, scale, causal, window, softcap, alibi, block_mask=bm)
+    dq, dk, dv = cpu.attention_backward(dout, q, k, v, out, lse, scale, causal, window, softcap, alibi,
+                                        block_mask=bm)
+    kw = dict(softmax_scale=scale, causal=causal, window_size=window, softcap=softcap, alibi_slopes=alibi,
+              block_mask=bm)
+    hi = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    lo = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = attention_ref(*hi, **kw)
+    low_out, low_lse = attention_ref(*lo, upcast=False, **kw)
+    ref_out.backward(dout.double())
+    low_out.backward(dout)
+    checks = [("out", out, ref_out, low_out, 2.0), ("lse", lse, ref_lse, low_lse, 2.0)]
+    checks += [(n, g, h.grad, l.grad, 3.0) for n, g, h, l in zip(("dq", "dk", "dv"), (dq, dk, dv), hi, lo)]
+    for name, got, ref, low, factor in checks:
+        assert got.shape == ref.shape
+        ok, err, bound = check_close(got, ref, low, factor=factor)
+        assert ok, f"{name}: err {err:.3g} > bound {bound:.3g}"
+    return out, lse, dq, dk, dv
+
+
+def _mask_for(kind, gen, shape, block):
+    """A BlockMask of the given kind for attention of ``shape`` (B, Sq, Sk, Hq, Hkv, D)."""
+    batch, sq, sk, hq = shape[:4]
+    if kind == "dense_bh":
+        return BlockMask.from_dense(_block_pattern_mask(gen, (batch, hq, sq, sk), block), block)
+    if kind == "dense_2d":
+        return BlockMask.from_dense(_block_pattern_mask(gen, (sq, sk), block), block)
+    if kind == "dense_h":
+        return BlockMask.from_dense(_block_pattern_mask(gen, (1, hq, sq, sk), block), block)
+    if kind == "dense_b":
+        return BlockMask.from_dense(_block_pattern_mask(gen, (batch, 1, sq, sk), block), block)
+    if kind == "blocks":
+        nq, nk = math.ceil(sq / block[0]), math.ceil(sk / block[1])
+        return BlockMask.from_blocks(torch.rand(batch, hq, nq, nk, generator=gen) < 0.5, block, sq, sk)
+    if kind == "causal":
+        return BlockMask.causal(sq, sk, block)
+    if kind == "window":
+        return BlockMask.sliding_window(sq, sk, (25, 10), block)
+    if kind == "document":
+        ids = torch.randint(0, 4, (batch, sq), generator=gen).sort(dim=1).values
+        ids_k = ids if sk == sq else torch.randint(0, 4, (batch, sk), generator=gen).sort(dim=1).values
+        return BlockMask.document(ids, ids_k, block_size=block, causal=True)
+    raise AssertionError(kind)
+
+
+# batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim
+SHAPES = [
+    (2, 113, 113, 4, 2, 32),  # GQA
+    (1, 77, 150, 3, 1, 40),  # MQA, Sq < Sk
+    (2, 150, 61, 2, 2, 24),  # Sq > Sk
+]
+KINDS = ["dense_bh", "dense_2d", "dense_h", "dense_b", "blocks", "causal", "window", "document"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_cpu_matches_oracle(tiles, kind, shape, dtype):
+    gen = _gen(kind, shape, dtype, tiles)
+    block = (16, 16) if shape[1] % 2 else (32, 16)
+    bm = _mask_for(kind, gen, shape, block)
+    q, k, v, dout = _make(gen, shape, dtype)
+    _check(q, k, v, dout, bm)
+
+
+FEATURES = {
+    "causal": dict(causal=True),
+    "window": dict(window=(30, 5)),
+    "causal_window": dict(causal=True, window=(40, -1)),
+    "softcap": dict(softcap=2.0),
+    "alibi": dict(alibi="batch_heads", causal=True),
+    "all": dict(causal=True, window=(50, -1), softcap=3.0, alibi="heads", scale=0.3),
+}
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_cpu_composes_with_features(tiles, feature, dtype):
+    opts = dict(FEATURES[feature])
+    shape = (2, 101, 133, 4, 2, 32)
+    gen = _gen(feature, dtype, tiles)
+    bm = _mask_for("dense_bh", gen, shape, (16, 16))
+    q, k, v, dout = _make(gen, shape, dtype, scale_q=3.0 if "softcap" in opts else 1.0)
+    alibi = opts.pop("alibi", None)
+    if alibi is not None:
+        rows = (shape[0],) if alibi == "batch_heads" else ()
+        opts["alibi"] = torch.rand(*rows, shape[3], generator=gen) * 0.5 + 0.01
+    _check(q, k, v, dout, bm, **opts)
+
+
+def test_cpu_bf16_small():
+    gen = _gen("bf16")
+    shape = (1, 45, 70, 2, 1, 32)
+    q, k, v, dout = _make(gen, shape, torch.bfloat16)
+    _check(q, k, v, dout, _mask_for("dense_bh", gen, shape, (16, 16)), causal=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_fully_masked_rows(tiles, dtype):
+    gen = _gen("dead", dtype, tiles)
+    shape = (2, 100, 90, 4, 2, 32)
+    mask = _block_pattern_mask(gen, (2, 4, 100, 90), (16, 16))
+    mask[:, :, 20:45] = False  # rows 20..44 see nothing: spans block edges
+    mask[1, 2] = False  # one whole (batch, head)
+    mask[:, :, 70:75, 30:] = False
+    mask[:, :, 70:75, :30] = False
+    bm = BlockMask.from_dense(mask, (16, 16))
+    q, k, v, dout = _make(gen, shape, dtype)
+    out, lse, dq, dk, dv = _check(q, k, v, dout, bm)
+    dead = ~mask.any(dim=-1)  # [B, Hq, Sq]
+    assert bool(dead[:, :, 20:45].all()) and bool(dead[1, 2].all())
+    assert torch.all(lse[dead] == NEG_INF) and torch.isfinite(lse[~dead]).all()
+    out_bhs = out.transpose(1, 2)
+    dq_bhs = dq.transpose(1, 2)
+    assert torch.all(out_bhs[dead] == 0) and torch.all(dq_bhs[dead] == 0)
+    assert all(torch.isfinite(t).all() for t in (out, dq, dk, dv))
+    # With the causal rule too (Sq > Sk leaves the first rows dead anyway).
+    _check(q, k, v, dout, bm, causal=True)
+
+
+def test_empty_blocks_are_skipped(tiles):
+    """Keys in blocks empty for every (b, h) are never read: NaN there changes nothing."""
+    gen = _gen("skip", tiles)
+    shape = (2, 96, 112, 2, 1, 16)
+    blocks = torch.rand(2, 2, 6, 7, generator=gen) < 0.5
+    blocks[:, :, :, 3] = False  # key block 3 (keys 48..63) empty everywhere
+    bm = BlockMask.from_blocks(blocks, (16, 16), 96, 112)
+    q, k, v, dout = _make(gen, shape, torch.float32)
+    out, lse = cpu.attention_forward(q, k, v, 0.25, block_mask=bm)
+    grads = cpu.attention_backward(dout, q, k, v, out, lse, 0.25, block_mask=bm)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, 48:64] = float("nan")
+    v2[:, 48:64] = float("nan")
+    out2, lse2 = cpu.attention_forward(q, k2, v2, 0.25, block_mask=bm)
+    grads2 = cpu.attention_backward(dout, q, k2, v2, out2, lse2, 0.25, block_mask=bm)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    assert torch.equal(grads[0], grads2[0])
+    assert all(torch.equal(g[:, 48:64], torch.zeros_like(g[:, 48:64])) for g in grads2[1:])
+    _check(q, k, v, dout, bm)
+
+
+def test_all_full_mask_equals_no_mask(tiles):
+    gen = _gen("full", tiles)
+    q, k, v, dout = _make(gen, (2, 70, 90, 2, 2, 16), torch.float32)
+    bm = BlockMask.from_dense(torch.ones(70, 90, dtype=torch.bool), (32, 16))
+    for causal in (False, True):
+        out, lse = cpu.attention_forward(q, k, v, 0.3, causal, block_mask=bm)
+        ref_out, ref_lse = cpu.attention_forward(q, k, v, 0.3, causal)
+        assert torch.allclose(out, ref_out, atol=1e-6) and torch.allclose(lse, ref_lse, atol=1e-6)
+
+
+def test_deterministic():
+    gen = _gen("det")
+    shape = (2, 113, 113, 4, 2, 32)
+    bm = _mask_for("document", gen, shape, (16, 16))
+    q, k, v, dout = _make(gen, shape, torch.float16)
+    runs = []
+    for _ in range(2):
+        out, lse = cpu.attention_forward(q, k, v, 0.2, block_mask=bm)
+        runs.append((out, lse, *cpu.attention_backward(dout, q, k, v, out, lse, 0.2, block_mask=bm)))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_empty_inputs():
+    q = torch.randn(2, 0, 2, 8)
+    k = v = torch.randn(2, 5, 1, 8)
+    bm = BlockMask.from_dense(torch.ones(0, 5, dtype=torch.bool), 16)
+    out, lse = cpu.attention_forward(q, k, v, 0.3, block_mask=bm)
+    assert out.shape == (2, 0, 2, 8) and lse.shape == (2, 2, 0)
+    dq, dk, dv = cpu.attention_backward(out, q, k, v, out, lse, 0.3, block_mask=bm)
+    assert torch.all(dk == 0) and torch.all(dv == 0)
+
+
+def test_incompatible_mask_errors():
+    q, k, v, dout = _make(_gen("bad"), (2, 40, 50, 4, 2, 8), torch.float32)
+    cases = [
+        (BlockMask.causal(41, 50, 16), "seqlen"),
+        (BlockMask.from_dense(torch.ones(3, 1, 40, 50, dtype=torch.bool), 16), "batch 3"),
+        (BlockMask.from_dense(torch.ones(2, 40, 50, dtype=torch.bool), 16), "2 heads"),
+    ]
+    for bm, match in cases:
+        with pytest.raises(ValueError, match=match):
+            cpu.attention_forward(q, k, v, 0.3, block_mask=bm)
+        with pytest.raises(ValueError, match=match):
+            cpu.attention_backward(dout, q, k, v, dout, torch.zeros(2, 4, 40), 0.3, block_mask=bm)
+        with pytest.raises(ValueError, match=match):
+            attention_ref(q, k, v, block_mask=bm)
+    dense = torch.ones(40, 50, dtype=torch.bool)
+    with pytest.raises(TypeError, match="BlockMask"):
+        cpu.attention_forward(q, k, v, 0.3, block_mask=dense)
+    with pytest.raises(TypeError, match="BlockMask"):
+        attention_ref(q, k, v, block_mask=dense)
