@@ -21,7 +21,8 @@ if __name__ == "__main__" or os.environ.get("FLASHTILE_COMPILE_CHECK") == "1":
     from flashtile.kernels.attention_fwd import attention_fwd_kernel
 
 FP32_POINTERS = {"Lse", "Delta", "Alibi"}
-INT32_POINTERS = {"CuSeqQ", "CuSeqK"}
+INT32_POINTERS = {"CuSeqQ", "CuSeqK", "FullNum", "FullIdx", "PartNum", "PartIdx"}
+UINT8_POINTERS = {"ElemMask"}
 FLOAT_SCALARS = {"softmax_scale", "softcap"}
 
 
@@ -34,7 +35,7 @@ def _compile(kernel, elem: str, constexprs: dict, num_warps: int = 8, num_stages
             constants[(i,)] = constexprs[p.name]
         elif p.name[0].isupper():
             signature[p.name] = ("*fp32" if p.name in FP32_POINTERS else "*i32" if p.name in INT32_POINTERS
-                                 else f"*{elem}")
+                                 else "*u8" if p.name in UINT8_POINTERS else f"*{elem}")
         elif p.name in FLOAT_SCALARS:
             signature[p.name] = "fp32"
         else:
@@ -44,15 +45,20 @@ def _compile(kernel, elem: str, constexprs: dict, num_warps: int = 8, num_stages
 
 
 FLAG_SETS = [
-    dict(HAS_LEFT=False, HAS_RIGHT=False, SOFTCAP=False, HAS_ALIBI=False, VARLEN=False, EVEN_D=True, EVEN_DV=True),
-    dict(HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, HAS_ALIBI=True, VARLEN=True, EVEN_D=False, EVEN_DV=False),
+    dict(HAS_LEFT=False, HAS_RIGHT=False, SOFTCAP=False, HAS_ALIBI=False, VARLEN=False, BLOCK_SPARSE=False,
+         EVEN_D=True, EVEN_DV=True),
+    dict(HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, HAS_ALIBI=True, VARLEN=True, BLOCK_SPARSE=False,
+         EVEN_D=False, EVEN_DV=False),
+    dict(HAS_LEFT=False, HAS_RIGHT=True, SOFTCAP=False, HAS_ALIBI=False, VARLEN=False, BLOCK_SPARSE=True,
+         EVEN_D=True, EVEN_DV=True),
 ]
 
 
 def compile_all() -> None:
     for elem, precision in (("bf16", "ieee"), ("fp32", "tf32")):
         for flags in FLAG_SETS:
-            common = dict(flags, DOT_PRECISION=precision, BLOCK_D=64, BLOCK_DV=64)
+            common = dict(flags, DOT_PRECISION=precision, BLOCK_D=64, BLOCK_DV=64,
+                          BLOCK_SQ=128 if flags["BLOCK_SPARSE"] else 0, BLOCK_SK=128 if flags["BLOCK_SPARSE"] else 0)
             fwd = _compile(attention_fwd_kernel, elem, dict(common, BLOCK_M=128, BLOCK_N=64))
             dq = _compile(attention_bwd_dq_kernel, elem, dict(common, BLOCK_M=64, BLOCK_N=32))
             dkdv = _compile(attention_bwd_dkdv_kernel, elem, dict(common, BLOCK_M=32, BLOCK_N=64))

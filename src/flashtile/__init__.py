@@ -1,6 +1,8 @@
 """flashtile: FlashAttention-class attention kernels in Triton, with a tiled PyTorch path for CPU."""
 
-from flashtile.api import UnsupportedError, flash_attn_func, scaled_dot_product_attention
+from flashtile.api import flash_attn_func, scaled_dot_product_attention
+from flashtile.errors import UnsupportedError
+from flashtile.masks import BlockMask
 from flashtile.dispatch import use_backend
 from flashtile.varlen import flash_attn_varlen_func
 
@@ -16,6 +18,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "scaled_dot_product_attention",
     "use_backend",
+    "BlockMask",
     "UnsupportedError",
     "__version__",
 ]

@@ -17,17 +17,14 @@ from typing import Optional, Tuple, Union
 import torch
 
 from flashtile import dispatch, ops, reference
-from flashtile.masks import Edges
+from flashtile.errors import UnsupportedError
+from flashtile.masks import BlockMask, Edges
 from flashtile.spec import AttentionSpec, default_softmax_scale, mask_edges
 
 Tensor = torch.Tensor
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
-
-
-class UnsupportedError(NotImplementedError, ValueError):
-    """A valid request flashtile cannot serve yet (both NotImplementedError and ValueError)."""
 
 
 def _check_tensor(name: str, t: object) -> Tensor:
@@ -90,17 +87,31 @@ def _not_yet(name: str, value: object, issue: str) -> None:
     raise UnsupportedError(f"{name}={value!r} is not supported yet ({issue} is planned)")
 
 
-def _run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec,
-         alibi_slopes: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+def _run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, alibi_slopes: Optional[Tensor] = None,
+         block_mask: Optional[BlockMask] = None) -> Tuple[Tensor, Tensor]:
     """Dispatch one normalised call; returns out [B, Sq, Hq, Dv] and lse [B, Hq, Sq]."""
     backend = dispatch.resolve_backend(q.device)
     if backend == "reference":
         out, lse = reference.attention_ref(q, k, v, softmax_scale=spec.softmax_scale,
                                            window_size=Edges(spec.left, spec.right), softcap=spec.softcap,
-                                           alibi_slopes=alibi_slopes, upcast=True)
+                                           alibi_slopes=alibi_slopes, upcast=True, block_mask=block_mask)
         return out.to(q.dtype), lse.float()
+    if block_mask is not None and backend == "triton":
+        bq, bk = block_mask.block_size
+        if any(x < 16 or x & (x - 1) for x in (bq, bk)):
+            raise UnsupportedError(f"block_mask.block_size {(bq, bk)}: the Triton kernels need powers of two >= 16")
     return ops.attention(q, k, v, spec.softmax_scale, spec.left, spec.right, spec.softcap, alibi_slopes,
-                         backend)
+                         backend, block_mask=block_mask)
+
+
+def _check_block_mask(block_mask: Optional[BlockMask], q: Tensor, k: Tensor) -> Optional[BlockMask]:
+    """A masks.BlockMask whose shape fits [B, Hq, Sq, Sk] (B and H may be 1: broadcast)."""
+    if block_mask is None:
+        return None
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(f"block_mask must be a flashtile.BlockMask, got {type(block_mask).__name__}")
+    block_mask.check_compatible(q.shape[0], q.shape[2], q.shape[1], k.shape[1], device=q.device)
+    return block_mask
 
 
 def _check_softcap(softcap: float) -> float:
@@ -138,6 +149,7 @@ def flash_attn_func(
     alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
+    block_mask: Optional[BlockMask] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
     """Exact attention softmax(q k^T * softmax_scale) v without materialising the scores.
 
@@ -148,6 +160,8 @@ def flash_attn_func(
     window_size=(left, right), -1 unbounded: i + Sk - Sq - left <= j <= i + Sk - Sq + right.
     softcap > 0: scores s = scale * q.k become softcap * tanh(s / softcap) before masking.
     alibi_slopes: float32 [Hq] or [B, Hq]; adds -slope * |i + Sk - Sq - j| to the scores.
+    block_mask: a flashtile.BlockMask for [B|1, Hq|1, Sq, Sk]; keys outside it are masked, and empty
+    blocks are never loaded. It composes with causal / window (both must allow a key).
     A query row that sees no key gives out 0 and lse -inf. The backward is always deterministic.
     """
     _check_qkv(q, k, v)
@@ -165,7 +179,8 @@ def flash_attn_func(
                          head_dim=D, head_dim_v=v.shape[3], dtype_name=str(q.dtype).split(".")[-1],
                          softmax_scale=default_softmax_scale(D, softmax_scale), causal=bool(causal),
                          left=left, right=right, softcap=softcap, has_alibi=alibi_slopes is not None)
-    out, lse = _run(q, k, v, spec, alibi_slopes)
+    block_mask = _check_block_mask(block_mask, q, k)
+    out, lse = _run(q, k, v, spec, alibi_slopes, block_mask)
     if return_attn_probs:
         return out, lse, None
     return out
@@ -180,12 +195,14 @@ def scaled_dot_product_attention(
     is_causal: bool = False,
     scale: Optional[float] = None,
     enable_gqa: bool = False,
+    block_mask: Optional[BlockMask] = None,
 ) -> Tensor:
     """Drop-in for torch.nn.functional.scaled_dot_product_attention on 4-D inputs.
 
     query [B, Hq, Sq, D], key [B, Hkv, Sk, D], value [B, Hkv, Sk, Dv] -> [B, Hq, Sq, Dv].
     Hkv != Hq needs enable_gqa=True, as in torch. is_causal follows torch: top-left aligned
     (query i sees key j iff j <= i), which differs from flash_attn_func when Sq != Sk.
+    block_mask: a flashtile.BlockMask (FlexAttention's idea), as in flash_attn_func.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t)
@@ -208,5 +225,6 @@ def scaled_dot_product_attention(
                          head_dim=D, head_dim_v=v.shape[3], dtype_name=str(q.dtype).split(".")[-1],
                          softmax_scale=default_softmax_scale(D, scale), causal=bool(is_causal),
                          left=left, right=right)
-    out, _ = _run(q, k, v, spec)
+    block_mask = _check_block_mask(block_mask, q, k)
+    out, _ = _run(q, k, v, spec, block_mask=block_mask)
     return out.transpose(1, 2)

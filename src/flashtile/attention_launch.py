@@ -87,6 +87,37 @@ class _Layout:
         return (self.cu_seqlens_q, self.cu_seqlens_k) if self.varlen else (dummy, dummy)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Sparse:
+    """Kernel arguments of a masks.BlockMask (or inert placeholders when there is none)."""
+
+    kv_lists: Tuple[torch.Tensor, ...]  # full num, full idx, partial num, partial idx (per query block)
+    q_lists: Tuple[torch.Tensor, ...]  # the same per key block (the dK/dV pass)
+    element_mask: torch.Tensor
+    scalars: Tuple[int, int, int, int]  # row multipliers of b and h, query and key blocks per row
+    block: Tuple[int, int]
+
+    @property
+    def enabled(self) -> bool:
+        return self.block != (0, 0)
+
+
+def _sparse_args(block_mask, dummy: torch.Tensor) -> _Sparse:
+    if block_mask is None:
+        return _Sparse((dummy,) * 4, (dummy,) * 4, dummy, (0, 0, 0, 0), (0, 0))
+    bm = block_mask
+    Bm, Hm, nq, nk = bm.kind.shape
+    em = bm.element_mask.view(torch.uint8) if bm.element_mask is not None else dummy
+    return _Sparse((bm.full_kv_num, bm.full_kv_idx, bm.partial_kv_num, bm.partial_kv_idx),
+                   (bm.full_q_num, bm.full_q_idx, bm.partial_q_num, bm.partial_q_idx), em,
+                   (Hm if Bm > 1 else 0, 1 if Hm > 1 else 0, nq, nk), tuple(bm.block_size))
+
+
+def _fit_tile(tile: int, block: int) -> int:
+    """Kernel tiles must tile a sparse block exactly; blocks are powers of two >= 16 (checked in api)."""
+    return tile if block == 0 else min(tile, block)
+
+
 def _dense_layout(q: torch.Tensor, k: torch.Tensor) -> _Layout:
     return _Layout(q.shape[0], q.shape[1], k.shape[1])
 
@@ -100,7 +131,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
                       left: Optional[int] = None, right: Optional[int] = None,
                       softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
                       config: Optional[KernelConfig] = None,
-                      layout: Optional[_Layout] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                      layout: Optional[_Layout] = None, block_mask=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns out [B, Sq, Hq, Dv] (q's dtype) and lse fp32 [B, Hq, Sq] (packed: [total_q, Hq, Dv], [Hq, total_q]).
 
     left/right: visibility edges around the bottom-right diagonal (spec.mask_edges), None = unbounded.
@@ -121,18 +152,20 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     has_left, has_right, left, right = _mask_flags(left, right)
     cfg = config or forward_config(q.device, D, Dv, q.dtype, causal)
     block_d, block_dv = padded_head_dim(D), padded_head_dim(Dv)
-    grid = (triton.cdiv(Sq, cfg.block_m) * B * Hq,)
+    sp = _sparse_args(block_mask, lse)
+    block_m, block_n = _fit_tile(cfg.block_m, sp.block[0]), _fit_tile(cfg.block_n, sp.block[1])
+    grid = (triton.cdiv(Sq, block_m) * B * Hq,)
     slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
     cu_q, cu_k = layout.cu(lse)
     with _device_ctx(q):
         attention_fwd_kernel[grid](
-            q, k, v, out, lse, slopes, cu_q, cu_k,
+            q, k, v, out, lse, slopes, cu_q, cu_k, *sp.kv_lists, sp.element_mask,
             *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(out), *layout.lse_bh(lse), stride_alibi_b,
             Sq, Sk, Hq, Hq // Hkv, D, Dv,
-            softmax_scale, softcap, left, right,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+            softmax_scale, softcap, left, right, *sp.scalars,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
             HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
-            VARLEN=layout.varlen,
+            VARLEN=layout.varlen, BLOCK_SPARSE=sp.enabled, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
             EVEN_D=block_d == D, EVEN_DV=block_dv == Dv, DOT_PRECISION=_dot_precision(q.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -159,7 +192,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        left: Optional[int] = None, right: Optional[int] = None,
                        softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
                        config: Optional[BackwardConfig] = None, expand_gqa: Optional[bool] = None,
-                       layout: Optional[_Layout] = None,
+                       layout: Optional[_Layout] = None, block_mask=None,
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dq, dk, dv (contiguous, dtypes of q, k, v)."""
     layout = layout or _dense_layout(q, k)
@@ -176,21 +209,23 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     has_left, has_right, left, right = _mask_flags(left, right)
     cfg = config or backward_config(q.device, D, Dv, q.dtype, causal)
     block_d, block_dv = padded_head_dim(D), padded_head_dim(Dv)
+    sp = _sparse_args(block_mask, lse)
     flags = dict(HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
-                 VARLEN=layout.varlen, EVEN_D=block_d == D, EVEN_DV=block_dv == Dv,
-                 DOT_PRECISION=_dot_precision(q.dtype))
+                 VARLEN=layout.varlen, BLOCK_SPARSE=sp.enabled, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
+                 EVEN_D=block_d == D, EVEN_DV=block_dv == Dv, DOT_PRECISION=_dot_precision(q.dtype))
     slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
     delta = _empty(lse.shape, dtype=torch.float32, device=q.device)
     cu_q, cu_k = layout.cu(lse)
     with _device_ctx(q):
         # dQ first: it also writes delta, which the dK/dV launch reads
         c = cfg.dq
-        attention_bwd_dq_kernel[(triton.cdiv(Sq, c.block_m) * B * Hq,)](
-            q, k, v, out, dout, lse, delta, dq, slopes, cu_q, cu_k,
+        block_m, block_n = _fit_tile(c.block_m, sp.block[0]), _fit_tile(c.block_n, sp.block[1])
+        attention_bwd_dq_kernel[(triton.cdiv(Sq, block_m) * B * Hq,)](
+            q, k, v, out, dout, lse, delta, dq, slopes, cu_q, cu_k, *sp.kv_lists, sp.element_mask,
             *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(out), *layout.bsh(dout), *layout.bsh(dq),
             *layout.lse_bh(lse), stride_alibi_b,
-            Sq, Sk, Hq, group, D, Dv, softmax_scale, softcap, left, right,
-            BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+            Sq, Sk, Hq, group, D, Dv, softmax_scale, softcap, left, right, *sp.scalars,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
             num_warps=c.num_warps, num_stages=c.num_stages, **flags,
         )
         expand = _expand_gqa(q, k, cfg.dkdv.block_n, layout) if expand_gqa is None else (expand_gqa and group > 1)
@@ -202,13 +237,14 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             dk_buf, dv_buf = dk, dv
             heads_per_program, n_head_programs = group, Hkv
         c = cfg.dkdv
-        attention_bwd_dkdv_kernel[(triton.cdiv(Sk, c.block_n) * B * n_head_programs,)](
-            q, k, v, dout, lse, delta, dk_buf, dv_buf, slopes, cu_q, cu_k,
+        block_m, block_n = _fit_tile(c.block_m, sp.block[0]), _fit_tile(c.block_n, sp.block[1])
+        attention_bwd_dkdv_kernel[(triton.cdiv(Sk, block_n) * B * n_head_programs,)](
+            q, k, v, dout, lse, delta, dk_buf, dv_buf, slopes, cu_q, cu_k, *sp.q_lists, sp.element_mask,
             *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(dout), *layout.bsh(dk_buf), *layout.bsh(dv_buf),
             *layout.lse_bh(lse), stride_alibi_b,
             Sq, Sk, Hq, group, heads_per_program, n_head_programs,
-            D, Dv, softmax_scale, softcap, left, right,
-            BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+            D, Dv, softmax_scale, softcap, left, right, *sp.scalars,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
             num_warps=c.num_warps, num_stages=c.num_stages, **flags,
         )
         if expand:

@@ -24,21 +24,22 @@ Tensor = torch.Tensor
 def _forward_impl(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, left: Optional[int], right: Optional[int],
                   softcap: float, alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
                   cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
-                  backend: str) -> Tuple[Tensor, Tensor]:
+                  backend: str, block_mask=None) -> Tuple[Tensor, Tensor]:
     packed = cu_seqlens_q is not None
     if backend == "triton":
         from flashtile import attention_launch as launch
         if packed:
             return launch.attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                    softmax_scale, left, right, softcap, alibi_slopes)
-        return launch.attention_forward(q, k, v, softmax_scale, left, right, softcap, alibi_slopes)
+        return launch.attention_forward(q, k, v, softmax_scale, left, right, softcap, alibi_slopes,
+                                        block_mask=block_mask)
     if backend == "cpu":
         from flashtile import cpu
         kw = dict(window_size=Edges(left, right), softcap=softcap, alibi_slopes=alibi_slopes)
         if packed:
             out, lse = cpu.attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, **kw)
         else:
-            out, lse = cpu.attention_forward(q, k, v, softmax_scale, **kw)
+            out, lse = cpu.attention_forward(q, k, v, softmax_scale, **kw, block_mask=block_mask)
         return out.contiguous(), lse.contiguous()
     raise ValueError(f"flashtile::attention_fwd: unknown backend {backend!r}")
 
@@ -46,7 +47,7 @@ def _forward_impl(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, left: O
 def _backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    softmax_scale: float, left: Optional[int], right: Optional[int], softcap: float,
                    alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
-                   max_seqlen_q: int, max_seqlen_k: int, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                   max_seqlen_q: int, max_seqlen_k: int, backend: str, block_mask=None) -> Tuple[Tensor, Tensor, Tensor]:
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     packed = cu_seqlens_q is not None
@@ -55,14 +56,15 @@ def _backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
         if packed:
             return launch.attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                     max_seqlen_k, softmax_scale, left, right, softcap, alibi_slopes)
-        return launch.attention_backward(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes)
+        return launch.attention_backward(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes,
+                                         block_mask=block_mask)
     if backend == "cpu":
         from flashtile import cpu
         kw = dict(window_size=Edges(left, right), softcap=softcap, alibi_slopes=alibi_slopes)
         if packed:
             grads = cpu.attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, **kw)
         else:
-            grads = cpu.attention_backward(dout, q, k, v, out, lse, softmax_scale, **kw)
+            grads = cpu.attention_backward(dout, q, k, v, out, lse, softmax_scale, **kw, block_mask=block_mask)
         return tuple(g.contiguous() for g in grads)
     raise ValueError(f"flashtile::attention_bwd: unknown backend {backend!r}")
 
@@ -119,14 +121,14 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _grads(ctx, dout, backward_fn):
+def _grads(ctx, dout, backward_fn, **extra):
     # lse is returned for inspection; like FlashAttention, gradients flow through out only
     q, k, v, out, lse, alibi_slopes, cu_q, cu_k = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     softmax_scale, left, right, softcap = ctx.args
     dq, dk, dv = backward_fn(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes,
-                             cu_q, cu_k, *ctx.lengths, ctx.backend)
+                             cu_q, cu_k, *ctx.lengths, ctx.backend, **extra)
     return (dq, dk, dv) + (None,) * (_N_ARGS - 3)
 
 
@@ -138,30 +140,37 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _EagerAttention(torch.autograd.Function):
-    """The same forward/backward as the custom ops, without their per-call dispatch overhead."""
+    """The same forward/backward as the custom ops, without their per-call dispatch overhead.
+
+    It also carries what the op schema cannot: a masks.BlockMask (a Python object) goes first.
+    """
 
     @staticmethod
-    def forward(ctx, *inputs):
-        out, lse = _forward_impl(*inputs)
+    def forward(ctx, block_mask, *inputs):
+        out, lse = _forward_impl(*inputs, block_mask=block_mask)
         _setup_context(ctx, inputs, (out, lse))
+        ctx.block_mask = block_mask
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        return _grads(ctx, dout, _backward_impl)
+        return (None,) + _grads(ctx, dout, _backward_impl, block_mask=ctx.block_mask)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, left: Optional[int], right: Optional[int],
               softcap: float, alibi_slopes: Optional[Tensor], backend: str,
               cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
-              max_seqlen_q: int = 0, max_seqlen_k: int = 0) -> Tuple[Tensor, Tensor]:
+              max_seqlen_q: int = 0, max_seqlen_k: int = 0, block_mask=None) -> Tuple[Tensor, Tensor]:
     """Differentiable attention: the custom op under torch.compile, an autograd.Function in eager."""
     args = (q, k, v, softmax_scale, left, right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
             max_seqlen_q, max_seqlen_k, backend)
     if torch.compiler.is_compiling():
+        if block_mask is not None:
+            from flashtile.errors import UnsupportedError
+            raise UnsupportedError("block_mask under torch.compile is not supported yet (it runs in eager mode)")
         return attention_fwd(*args)
-    return _EagerAttention.apply(*args)
+    return _EagerAttention.apply(block_mask, *args)
 
 
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,

@@ -13,7 +13,7 @@ P is recomputed from the saved log-sum-exp: p = exp2(s * scale * log2(e) - lse *
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import key_phases, query_phases, score_log2, score_params, sequence_bounds, visible
+from flashtile.kernels.common import key_phases, query_phases, block_list, score_log2, score_params, sequence_bounds, visible
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -26,10 +26,10 @@ def _load_lse2(Lse, rows, seqlen_q):
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m, offs_n, offs_d, offs_dv,
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, offs_m, offs_n, offs_d, offs_dv,
                 start, stop, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                 seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
-                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, ELEM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dK, dV for one key tile over query tiles [start, stop) of one query head."""
@@ -64,6 +64,10 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m, off
         pt = tl.math.exp2(st - lse2[None, :])
         if MASKED:
             vis = visible(rows, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            if ELEM:  # em_ptrs: uint8 [BLOCK_M, BLOCK_N] pointers at query row 0 of this key tile
+                em = tl.load(em_ptrs + start_m * seqlen_k,
+                             mask=(rows[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k), other=0)
+                vis = vis & (em != 0)
             pt = tl.where(tl.trans(vis) & (rows[None, :] < seqlen_q), pt, 0.0)
         # -- dV += P^T dO ; dP^T = V dO^T ; dS^T = P^T * (dP^T - delta) ; dK += dS^T Q --
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
@@ -76,9 +80,10 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m, off
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "heads_per_program", "n_head_programs",
-                               "window_left", "window_right", "stride_lse_b", "stride_lse_h"])
+                               "window_left", "window_right", "stride_lse_b", "stride_lse_h", "sparse_mb", "sparse_mh", "sparse_nq", "sparse_nk"])
 def attention_bwd_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DK, DV, Alibi, CuSeqQ, CuSeqK,
+    FullNum, FullIdx, PartNum, PartIdx, ElemMask,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -87,9 +92,10 @@ def attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvs, stride_dvh, stride_lse_b, stride_lse_h, stride_alibi_b,
     seqlen_q, seqlen_k, heads_q, group_size, heads_per_program, n_head_programs,
     head_dim, head_dim_v, softmax_scale, softcap, window_left, window_right,
+    sparse_mb, sparse_mh, sparse_nq, sparse_nk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_SPARSE: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dK, dV for BLOCK_N keys. Program p covers query heads [p*hpp, (p+1)*hpp) of one kv head and
@@ -142,16 +148,34 @@ def attention_bwd_dkdv_kernel(
         delta_base = Delta + b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start
         qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale,
                                                                         softcap, SOFTCAP, HAS_ALIBI)
-        if HAS_RIGHT:
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m, offs_n, offs_d, offs_dv,
-                                 a, bb, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                 window_left, window_right, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m, offs_n, offs_d, offs_dv,
-                             bb, c, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                             window_left, window_right, BLOCK_M, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_m, offs_n, offs_d, offs_dv,
-                             c, d, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                             window_left, window_right, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
+        if BLOCK_SPARSE:
+            # -- block-sparse: the query blocks listed for this key block (lists of the transposed mask) --
+            row = b * sparse_mb + h * sparse_mh
+            em_ptrs = ElemMask + row.to(tl.int64) * seqlen_q * seqlen_k + offs_m[:, None].to(tl.int64) * seqlen_k + offs_n[None, :]
+            k_block = n_lo // BLOCK_SK
+            for part in tl.static_range(2):
+                Num = FullNum if part == 0 else PartNum
+                Idx = FullIdx if part == 0 else PartIdx
+                count, base = block_list(Num, Idx, row, k_block, sparse_nk, sparse_nq)
+                for i in range(0, count):
+                    start = tl.load(Idx + base + i) * BLOCK_SQ
+                    stop = tl.minimum(start + BLOCK_SQ, seqlen_q)
+                    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, offs_m, offs_n,
+                                         offs_d, offs_dv, start, stop, stride_qs, stride_dos, qk_scale, softcap_pre,
+                                         softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                                         window_left, window_right, BLOCK_M, True, part == 1, HAS_LEFT, HAS_RIGHT,
+                                         SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
+        else:
+            if HAS_RIGHT:
+                dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, offs_m, offs_n, offs_d, offs_dv,
+                                     a, bb, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                                     window_left, window_right, BLOCK_M, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, offs_m, offs_n, offs_d, offs_dv,
+                                 bb, c, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                                 window_left, window_right, BLOCK_M, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, offs_m, offs_n, offs_d, offs_dv,
+                                 c, d, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                                 window_left, window_right, BLOCK_M, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
 
     dk = dk * softmax_scale
     dk_mask = offs_n[:, None] < seqlen_k
@@ -167,10 +191,10 @@ def attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv,
+def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, offs_m, offs_n, offs_d, offs_dv,
               start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
               seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
-              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, ELEM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
               EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dQ over key tiles [start, stop)."""
@@ -200,6 +224,9 @@ def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, of
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
             vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            if ELEM:  # em_ptrs: uint8 [BLOCK_M, BLOCK_N] pointers at key column 0
+                em = tl.load(em_ptrs + start_n, mask=(offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k), other=0)
+                vis = vis & (em != 0)
             p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -210,9 +237,10 @@ def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, of
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "window_left", "window_right",
-                               "stride_lse_b", "stride_lse_h"])
+                               "stride_lse_b", "stride_lse_h", "sparse_mb", "sparse_mh", "sparse_nq", "sparse_nk"])
 def attention_bwd_dq_kernel(
     Q, K, V, Out, DOut, Lse, Delta, DQ, Alibi, CuSeqQ, CuSeqK,
+    FullNum, FullIdx, PartNum, PartIdx, ElemMask,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -221,9 +249,10 @@ def attention_bwd_dq_kernel(
     stride_dqb, stride_dqs, stride_dqh, stride_lse_b, stride_lse_h, stride_alibi_b,
     seqlen_q, seqlen_k, heads_q, group_size, head_dim, head_dim_v,
     softmax_scale, softcap, window_left, window_right,
+    sparse_mb, sparse_mh, sparse_nq, sparse_nk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_SPARSE: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dQ [B, Sq, Hq, D] and Delta fp32 [B, Hq, Sq] for BLOCK_M query rows of one (batch, query head)."""
@@ -276,16 +305,34 @@ def attention_bwd_dq_kernel(
     m_hi = tl.minimum(m_lo + BLOCK_M, seqlen_q)
     a, bb, c, d = key_phases(m_lo, m_hi, seqlen_q, seqlen_k, window_left, window_right,
                              BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    if HAS_LEFT:
-        dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv,
-                       a, bb, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                       window_left, window_right, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv,
-                   bb, c, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                   window_left, window_right, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv,
-                   c, d, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                   window_left, window_right, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
+    if BLOCK_SPARSE:
+        # -- block-sparse: the key blocks listed for this query block, full then partial --
+        row = b * sparse_mb + h * sparse_mh
+        em_ptrs = ElemMask + row.to(tl.int64) * seqlen_q * seqlen_k + offs_m[:, None].to(tl.int64) * seqlen_k + offs_n[None, :]
+        q_block = m_lo // BLOCK_SQ
+        for part in tl.static_range(2):
+            Num = FullNum if part == 0 else PartNum
+            Idx = FullIdx if part == 0 else PartIdx
+            count, base = block_list(Num, Idx, row, q_block, sparse_nq, sparse_nk)
+            for i in range(0, count):
+                start = tl.load(Idx + base + i) * BLOCK_SK
+                stop = tl.minimum(start + BLOCK_SK, seqlen_k)
+                dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, offs_m, offs_n, offs_d, offs_dv,
+                               start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                               seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                               BLOCK_N, True, part == 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
+                               DOT_PRECISION)
+    else:
+        if HAS_LEFT:
+            dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, offs_m, offs_n, offs_d, offs_dv,
+                           a, bb, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                           window_left, window_right, BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, offs_m, offs_n, offs_d, offs_dv,
+                       bb, c, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                       window_left, window_right, BLOCK_N, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, offs_m, offs_n, offs_d, offs_dv,
+                       c, d, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
+                       window_left, window_right, BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
 
     dq = dq * softmax_scale
     dq_mask = offs_m[:, None] < seqlen_q

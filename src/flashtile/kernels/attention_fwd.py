@@ -9,20 +9,24 @@ as EVEN_D), so an unused feature costs nothing: Triton compiles one specialisati
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import key_phases, score_log2, score_params, sequence_bounds, visible
+from flashtile.kernels.common import block_list, key_phases, score_log2, score_params, sequence_bounds, visible
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv,
+def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, offs_m, offs_n, offs_d, offs_dv,
                start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
-               BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, ELEM: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online-softmax update over key tiles [start, stop) in steps of BLOCK_N."""
+    """Online-softmax update over key tiles [start, stop) in steps of BLOCK_N.
+
+    MASKED applies the visibility rule and the sequence end; ELEM also ANDs the element mask of a
+    partial block-sparse block (em_ptrs: uint8 [BLOCK_M, BLOCK_N] pointers at key column 0).
+    """
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + offs_n
         # -- load K tile (as K^T) and V tile; only masked tiles can cross the sequence end --
@@ -40,6 +44,9 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv
                            qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI)
         if MASKED:
             vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            if ELEM:
+                em = tl.load(em_ptrs + start_n, mask=(offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k), other=0)
+                vis = vis & (em != 0)
             qk = tl.where(vis, qk, float("-inf"))
         # -- online softmax: new running max, rescale what was accumulated --
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -66,19 +73,55 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv
     return acc, l_i, m_i
 
 
+@triton.jit
+def _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, offs_m, offs_n, offs_d, offs_dv,
+                    Num, Idx, row, q_block, n_q_blocks, n_k_blocks,
+                    stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                    seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                    BLOCK_N: tl.constexpr, BLOCK_SK: tl.constexpr, ELEM: tl.constexpr,
+                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Visit the key blocks of one block-sparse list (full or partial) of this query block."""
+    count, base = block_list(Num, Idx, row, q_block, n_q_blocks, n_k_blocks)
+    for i in range(0, count):
+        start = tl.load(Idx + base + i) * BLOCK_SK
+        stop = tl.minimum(start + BLOCK_SK, seqlen_k)
+        if HAS_LEFT or HAS_RIGHT or ELEM:
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, offs_m, offs_n, offs_d, offs_dv,
+                                       start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post,
+                                       alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                                       BLOCK_N, True, ELEM, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
+                                       DOT_PRECISION)
+        elif stop - start == BLOCK_SK:  # a full block inside the sequence: no per-element work
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, offs_m, offs_n, offs_d, offs_dv,
+                                       start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post,
+                                       alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                                       BLOCK_N, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
+                                       DOT_PRECISION)
+        else:  # the block that holds the sequence end
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, offs_m, offs_n, offs_d, offs_dv,
+                                       start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post,
+                                       alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                                       BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
+                                       DOT_PRECISION)
+    return acc, l_i, m_i
+
+
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "window_left", "window_right",
-                               "stride_lse_b", "stride_lse_h"])
+                               "stride_lse_b", "stride_lse_h", "sparse_mb", "sparse_mh", "sparse_nq", "sparse_nk"])
 def attention_fwd_kernel(
     Q, K, V, Out, Lse, Alibi, CuSeqQ, CuSeqK,
+    FullNum, FullIdx, PartNum, PartIdx, ElemMask,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h, stride_alibi_b,
     seqlen_q, seqlen_k, heads_q, group_size, head_dim, head_dim_v,
     softmax_scale, softcap, window_left, window_right,
+    sparse_mb, sparse_mh, sparse_nq, sparse_nk,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    VARLEN: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_SPARSE: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Q [B, Sq, Hq, D], K [B, Sk, Hkv, D], V [B, Sk, Hkv, Dv] -> Out [B, Sq, Hq, Dv], Lse fp32 [B, Hq, Sq].
@@ -87,6 +130,8 @@ def attention_fwd_kernel(
     sharing K/V run together (L2 reuse); with a right mask edge the heavy tiles go first.
     VARLEN: sequences are packed ([total, H, D], batch strides 0); sequence b spans rows
     CuSeqQ[b]:CuSeqQ[b+1] (keys: CuSeqK), seqlen_q / seqlen_k are the maxima, lse is [Hq, total_q].
+    BLOCK_SPARSE: only the key blocks listed for this query block are visited (masks.BlockMask's
+    full / partial lists, blocks of BLOCK_SQ x BLOCK_SK); partial blocks AND the uint8 element mask.
     """
     # -- which tile of which head --
     n_m_tiles = tl.cdiv(seqlen_q, BLOCK_M)
@@ -125,24 +170,42 @@ def attention_fwd_kernel(
     qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale, softcap,
                                                                    SOFTCAP, HAS_ALIBI)
 
-    # -- three phases: masked head (window's left edge), unmasked body, masked tail (diagonal, end) --
     m_lo = tile * BLOCK_M
     m_hi = tl.minimum(m_lo + BLOCK_M, seqlen_q)
-    a, bb, c, d = key_phases(m_lo, m_hi, seqlen_q, seqlen_k, window_left, window_right,
-                             BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    if HAS_LEFT:
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv,
-                                   a, bb, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
+    if BLOCK_SPARSE:
+        # -- block-sparse: full blocks, then partial blocks with the element mask --
+        row = b * sparse_mb + h * sparse_mh
+        em_ptrs = ElemMask + row.to(tl.int64) * seqlen_q * seqlen_k + offs_m[:, None].to(tl.int64) * seqlen_k + offs_n[None, :]
+        q_block = m_lo // BLOCK_SQ
+        acc, l_i, m_i = _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, offs_m, offs_n, offs_d, offs_dv,
+                                        FullNum, FullIdx, row, q_block, sparse_nq, sparse_nk,
+                                        stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                                        seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                                        BLOCK_N, BLOCK_SK, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
+                                        EVEN_D, EVEN_DV, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, offs_m, offs_n, offs_d, offs_dv,
+                                        PartNum, PartIdx, row, q_block, sparse_nq, sparse_nk,
+                                        stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                                        seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                                        BLOCK_N, BLOCK_SK, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
+                                        EVEN_D, EVEN_DV, DOT_PRECISION)
+    else:
+        # -- three phases: masked head (window's left edge), unmasked body, masked tail (diagonal, end) --
+        a, bb, c, d = key_phases(m_lo, m_hi, seqlen_q, seqlen_k, window_left, window_right,
+                                 BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        if HAS_LEFT:
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ptrs, offs_m, offs_n, offs_d, offs_dv,
+                                       a, bb, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
+                                       head_dim, head_dim_v, window_left, window_right,
+                                       BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ptrs, offs_m, offs_n, offs_d, offs_dv,
+                                   bb, c, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
                                    head_dim, head_dim_v, window_left, window_right,
-                                   BLOCK_N, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv,
-                               bb, c, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
-                               head_dim, head_dim_v, window_left, window_right,
-                               BLOCK_N, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, offs_m, offs_n, offs_d, offs_dv,
-                               c, d, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
-                               head_dim, head_dim_v, window_left, window_right,
-                               BLOCK_N, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
+                                   BLOCK_N, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ptrs, offs_m, offs_n, offs_d, offs_dv,
+                                   c, d, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
+                                   head_dim, head_dim_v, window_left, window_right,
+                                   BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
 
     # -- epilogue: normalise; a row that saw no key gives out 0 and lse -inf --
     empty = l_i == 0.0

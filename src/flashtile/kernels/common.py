@@ -140,3 +140,14 @@ def sequence_bounds(CuSeqQ, CuSeqK, b, seqlen_q, seqlen_k, VARLEN: tl.constexpr)
         k_start = tl.load(CuSeqK + b)
         seqlen_k = tl.load(CuSeqK + b + 1) - k_start
     return q_start, k_start, seqlen_q, seqlen_k
+
+
+@triton.jit
+def block_list(Num, Idx, row, block, n_blocks_per_row, n_entries):
+    """(count, idx_base) of one block-sparse list: entries Idx[idx_base + i] for i < count.
+
+    Lists are [rows, n_blocks_per_row] (counts) and [rows, n_blocks_per_row, n_entries] (indices),
+    row = b * mask_b + h * mask_h (0 multipliers broadcast a BlockMask over batch or heads).
+    """
+    slot = row.to(tl.int64) * n_blocks_per_row + block
+    return tl.load(Num + slot), slot * n_entries

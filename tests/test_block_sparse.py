@@ -1,0 +1,103 @@
+"""block_mask= through the public API: Triton kernels (GPU or interpreter) and the CPU path vs the oracle."""
+
+import pytest
+import torch
+
+import flashtile as ft
+from flashtile.reference import attention_ref, check_close
+from conftest import DEVICE, HAS_GPU
+
+BACKENDS = ["triton"] if HAS_GPU else ["triton", "cpu"]
+DTYPES = [torch.float16, torch.bfloat16, torch.float32] if HAS_GPU else [torch.float16, torch.float32]
+
+
+def _qkv(B, Sq, Sk, Hq, Hkv, D, dtype):
+    mk = lambda S, H: torch.randn(B, S, H, D, device=DEVICE, dtype=dtype, requires_grad=True)  # noqa: E731
+    return mk(Sq, Hq), mk(Sk, Hkv), mk(Sk, Hkv)
+
+
+def _random_mask(Bm, Hm, Sq, Sk, block):
+    """Random element mask with whole empty and whole full blocks, so all three block kinds occur."""
+    mask = torch.rand(Bm, Hm, Sq, Sk, device=DEVICE) > 0.4
+    nq, nk = -(-Sq // block[0]), -(-Sk // block[1])
+    kinds = torch.randint(0, 3, (Bm, Hm, nq, nk), device=DEVICE)
+    expand = kinds.repeat_interleave(block[0], 2).repeat_interleave(block[1], 3)[:, :, :Sq, :Sk]
+    return torch.where(expand == 0, False, torch.where(expand == 2, True, mask))
+
+
+def _check(q, k, v, bm, **kw):
+    out, lse, _ = ft.flash_attn_func(q, k, v, return_attn_probs=True, block_mask=bm, **kw)
+    ref, ref_lse = attention_ref(q, k, v, upcast=True, block_mask=bm, **kw)
+    low, low_lse = attention_ref(q, k, v, upcast=False, block_mask=bm, **kw)
+    for name, a, r, lo, f in (("out", out, ref, low, 2), ("lse", lse, ref_lse, low_lse, 2)):
+        ok, err, bound = check_close(a, r, lo, factor=f)
+        assert ok, f"{name}: {err:.3e} > {bound:.3e}"
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(ref, (q, k, v), dout.to(ref.dtype))
+    lowg = torch.autograd.grad(low, (q, k, v), dout)
+    for name, g, w, lg in zip(("dq", "dk", "dv"), got, want, lowg):
+        ok, err, bound = check_close(g, w, lg, factor=3)
+        assert ok, f"{name}: {err:.3e} > {bound:.3e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [
+    dict(shape=(2, 70, 70, 2, 2, 32), mask=(2, 1), block=(16, 16)),
+    dict(shape=(1, 45, 77, 4, 2, 40), mask=(1, 4), block=(32, 16), causal=True),
+    dict(shape=(2, 64, 50, 2, 1, 16), mask=(1, 1), block=(16, 32), window_size=(20, 5)),
+    dict(shape=(1, 33, 33, 3, 3, 24), mask=(1, 3), block=(16, 16), softcap=2.0),
+], ids=["batch-bcast", "gqa-causal", "mqa-window", "softcap"])
+def test_block_mask_matches_oracle(case, dtype, backend):
+    q, k, v = _qkv(*case["shape"], dtype)
+    B, Sq, Sk = case["shape"][:3]
+    bm = ft.BlockMask.from_dense(_random_mask(*case["mask"], Sq, Sk, case["block"]), block_size=case["block"])
+    kw = {key: case[key] for key in ("causal", "window_size", "softcap") if key in case}
+    with ft.use_backend(backend):
+        _check(q, k, v, bm, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_builders_and_empty_blocks_are_never_read(backend):
+    """Keys in empty blocks are poisoned with NaN: they must not reach the output or the gradients."""
+    B, S, H, D, blk = 1, 96, 2, 32, 16
+    docs = torch.tensor([0] * 40 + [1] * 30 + [2] * 26, device=DEVICE)
+    bm = ft.BlockMask.document(docs, block_size=(blk, blk), causal=True)
+    q, k, v = _qkv(B, S, S, H, H, D, torch.float32)
+    with ft.use_backend(backend):
+        _check(q, k, v, bm)
+    empty_cols = (bm.kind[0, 0] == 0).all(0).nonzero().flatten()  # key blocks empty for every query block
+    k2, v2 = k.detach().clone(), v.detach().clone()
+    for kb in empty_cols.tolist():
+        k2[:, kb * blk:(kb + 1) * blk] = float("nan")
+        v2[:, kb * blk:(kb + 1) * blk] = float("nan")
+    with ft.use_backend(backend):
+        out = ft.flash_attn_func(q.detach(), k2, v2, block_mask=bm)
+        causal = ft.flash_attn_func(q.detach(), k.detach(), v.detach(), block_mask=ft.BlockMask.causal(S, S, (blk, blk)))
+        plain_causal = ft.flash_attn_func(q.detach(), k.detach(), v.detach(), causal=True)
+    assert torch.isfinite(out).all()
+    assert (causal - plain_causal).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sdpa_accepts_block_mask(backend):
+    B, H, S, D = 1, 2, 48, 16
+    q, k, v = (torch.randn(B, H, S, D, device=DEVICE) for _ in range(3))
+    bm = ft.BlockMask.sliding_window(S, S, (10, 0), block_size=(16, 16), device=DEVICE)
+    with ft.use_backend(backend):
+        out = ft.scaled_dot_product_attention(q, k, v, block_mask=bm)
+    ref, _ = attention_ref(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=bm)
+    assert (out.transpose(1, 2).double() - ref.double()).abs().max() < 1e-5
+
+
+def test_block_mask_errors():
+    q, k, v = _qkv(1, 32, 32, 2, 2, 16, torch.float32)
+    with pytest.raises(TypeError, match="block_mask"):
+        ft.flash_attn_func(q, k, v, block_mask=torch.ones(32, 32, dtype=torch.bool))
+    wrong = ft.BlockMask.causal(48, 48, (16, 16), device=DEVICE)
+    with pytest.raises(ValueError, match="block_mask"):
+        ft.flash_attn_func(q, k, v, block_mask=wrong)
+    odd = ft.BlockMask.causal(32, 32, (24, 16), device=DEVICE)
+    with ft.use_backend("triton"), pytest.raises(NotImplementedError, match="powers of two"):
+        ft.flash_attn_func(q, k, v, block_mask=odd)
