@@ -309,8 +309,13 @@ def test_sdpa_bad_input():
     k = torch.randn(1, 2, 8, 16, device=DEVICE)
     with pytest.raises(ValueError, match="enable_gqa"):
         ft.scaled_dot_product_attention(q, k, k)
+    with pytest.raises(ValueError, match="attn_mask"):
+        ft.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(3, 8, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(TypeError, match="attn_mask"):
+        ft.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.int32, device=DEVICE))
+    bias = torch.zeros(8, 8, device=DEVICE, requires_grad=True)
     with pytest.raises(NotImplementedError, match="attn_mask"):
-        ft.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.bool, device=DEVICE))
+        ft.scaled_dot_product_attention(q, q, q, attn_mask=bias)
 
 
 def test_custom_ops_pass_opcheck():
@@ -319,7 +324,7 @@ def test_custom_ops_pass_opcheck():
 
     q, k, v = _make((1, 19, 19, 2, 1, 16), torch.float32)
     backend = "triton"
-    args = (q, k, v, 0.25, None, 0, 0.0, None, None, None, 0, 0, backend)
+    args = (q, k, v, 0.25, None, 0, 0.0, None, None, None, 0, 0, None, backend)
     torch.library.opcheck(ops.attention_fwd, args)
     out, lse = ops.attention_fwd(*args)
     (out * torch.randn_like(out)).sum().backward()

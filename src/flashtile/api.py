@@ -88,20 +88,44 @@ def _not_yet(name: str, value: object, issue: str) -> None:
 
 
 def _run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, alibi_slopes: Optional[Tensor] = None,
-         block_mask: Optional[BlockMask] = None) -> Tuple[Tensor, Tensor]:
+         block_mask: Optional[BlockMask] = None, attn_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Dispatch one normalised call; returns out [B, Sq, Hq, Dv] and lse [B, Hq, Sq]."""
     backend = dispatch.resolve_backend(q.device)
-    if backend == "reference":
+    # an attn_mask is itself S x S, so on the CPU the plain (S x S) oracle costs no more memory order
+    if backend == "reference" or (backend == "cpu" and attn_mask is not None):
         out, lse = reference.attention_ref(q, k, v, softmax_scale=spec.softmax_scale,
                                            window_size=Edges(spec.left, spec.right), softcap=spec.softcap,
-                                           alibi_slopes=alibi_slopes, upcast=True, block_mask=block_mask)
+                                           alibi_slopes=alibi_slopes, upcast=True, block_mask=block_mask,
+                                           attn_mask=attn_mask)
         return out.to(q.dtype), lse.float()
     if block_mask is not None and backend == "triton":
         bq, bk = block_mask.block_size
         if any(x < 16 or x & (x - 1) for x in (bq, bk)):
             raise UnsupportedError(f"block_mask.block_size {(bq, bk)}: the Triton kernels need powers of two >= 16")
     return ops.attention(q, k, v, spec.softmax_scale, spec.left, spec.right, spec.softcap, alibi_slopes,
-                         backend, block_mask=block_mask)
+                         backend, block_mask=block_mask, attn_mask=attn_mask)
+
+
+def _check_attn_mask(attn_mask: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tensor]:
+    """torch SDPA's attn_mask: bool (True = may attend) or a float bias, broadcastable to [B, Hq, Sq, Sk]."""
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {q.device}")
+    full = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+    try:
+        if attn_mask.dim() > 4 or torch.broadcast_shapes(attn_mask.shape, full) != torch.Size(full):
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(f"attn_mask of shape {list(attn_mask.shape)} does not broadcast to "
+                         f"[B, H, Sq, Sk] = {list(full)}") from None
+    if attn_mask.requires_grad and torch.is_grad_enabled():
+        raise UnsupportedError("attn_mask that requires grad: gradients for the bias are not supported yet")
+    return attn_mask
 
 
 def _check_block_mask(block_mask: Optional[BlockMask], q: Tensor, k: Tensor) -> Optional[BlockMask]:
@@ -202,12 +226,12 @@ def scaled_dot_product_attention(
     query [B, Hq, Sq, D], key [B, Hkv, Sk, D], value [B, Hkv, Sk, Dv] -> [B, Hq, Sq, Dv].
     Hkv != Hq needs enable_gqa=True, as in torch. is_causal follows torch: top-left aligned
     (query i sees key j iff j <= i), which differs from flash_attn_func when Sq != Sk.
+    attn_mask: as torch defines it, broadcastable to [B, Hq, Sq, Sk]: bool (True = may attend) or a
+    float bias added to the scores; no gradient for the bias (NotImplementedError if it requires grad).
     block_mask: a flashtile.BlockMask (FlexAttention's idea), as in flash_attn_func.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t)
-    if attn_mask is not None:
-        _not_yet("attn_mask", "<tensor>", "arbitrary masks")
     if dropout_p != 0.0:
         _not_yet("dropout_p", dropout_p, "dropout")
     if attn_mask is not None and is_causal:
@@ -226,5 +250,6 @@ def scaled_dot_product_attention(
                          softmax_scale=default_softmax_scale(D, scale), causal=bool(is_causal),
                          left=left, right=right)
     block_mask = _check_block_mask(block_mask, q, k)
-    out, _ = _run(q, k, v, spec, block_mask=block_mask)
+    attn_mask = _check_attn_mask(attn_mask, q, k)
+    out, _ = _run(q, k, v, spec, block_mask=block_mask, attn_mask=attn_mask)
     return out.transpose(1, 2)

@@ -113,6 +113,20 @@ def _sparse_args(block_mask, dummy: torch.Tensor) -> _Sparse:
                    (Hm if Bm > 1 else 0, 1 if Hm > 1 else 0, nq, nk), tuple(bm.block_size))
 
 
+def _attn_mask_args(attn_mask: Optional[torch.Tensor], shape: Tuple[int, int, int, int],
+                    dummy: torch.Tensor) -> Tuple[int, torch.Tensor, Tuple[int, int, int, int]]:
+    """(ATTN_MASK kind, pointer, strides) of torch SDPA's attn_mask broadcast to [B, Hq, Sq, Sk] (0 strides)."""
+    if attn_mask is None:
+        return 0, dummy, (0, 0, 0, 0)
+    m = attn_mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    m = m.expand(*shape)
+    if m.dtype == torch.bool:
+        return 1, m.view(torch.uint8), tuple(m.stride())
+    return 2, m, tuple(m.stride())
+
+
 def _fit_tile(tile: int, block: int) -> int:
     """Kernel tiles must tile a sparse block exactly; blocks are powers of two >= 16 (checked in api)."""
     return tile if block == 0 else min(tile, block)
@@ -131,7 +145,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
                       left: Optional[int] = None, right: Optional[int] = None,
                       softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
                       config: Optional[KernelConfig] = None,
-                      layout: Optional[_Layout] = None, block_mask=None) -> Tuple[torch.Tensor, torch.Tensor]:
+                      layout: Optional[_Layout] = None, block_mask=None,
+                      attn_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns out [B, Sq, Hq, Dv] (q's dtype) and lse fp32 [B, Hq, Sq] (packed: [total_q, Hq, Dv], [Hq, total_q]).
 
     left/right: visibility edges around the bottom-right diagonal (spec.mask_edges), None = unbounded.
@@ -153,20 +168,21 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     cfg = config or forward_config(q.device, D, Dv, q.dtype, causal)
     block_d, block_dv = padded_head_dim(D), padded_head_dim(Dv)
     sp = _sparse_args(block_mask, lse)
+    am_kind, am, am_strides = _attn_mask_args(attn_mask, (B, Hq, Sq, Sk), lse)
     block_m, block_n = _fit_tile(cfg.block_m, sp.block[0]), _fit_tile(cfg.block_n, sp.block[1])
     grid = (triton.cdiv(Sq, block_m) * B * Hq,)
     slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
     cu_q, cu_k = layout.cu(lse)
     with _device_ctx(q):
         attention_fwd_kernel[grid](
-            q, k, v, out, lse, slopes, cu_q, cu_k, *sp.kv_lists, sp.element_mask,
+            q, k, v, out, lse, slopes, cu_q, cu_k, *sp.kv_lists, sp.element_mask, am,
             *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(out), *layout.lse_bh(lse), stride_alibi_b,
             Sq, Sk, Hq, Hq // Hkv, D, Dv,
-            softmax_scale, softcap, left, right, *sp.scalars,
+            softmax_scale, softcap, left, right, *sp.scalars, *am_strides,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
             HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
             VARLEN=layout.varlen, BLOCK_SPARSE=sp.enabled, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
-            EVEN_D=block_d == D, EVEN_DV=block_dv == Dv, DOT_PRECISION=_dot_precision(q.dtype),
+            ATTN_MASK=am_kind, EVEN_D=block_d == D, EVEN_DV=block_dv == Dv, DOT_PRECISION=_dot_precision(q.dtype),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out, lse
@@ -193,6 +209,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
                        config: Optional[BackwardConfig] = None, expand_gqa: Optional[bool] = None,
                        layout: Optional[_Layout] = None, block_mask=None,
+                       attn_mask: Optional[torch.Tensor] = None,
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dq, dk, dv (contiguous, dtypes of q, k, v)."""
     layout = layout or _dense_layout(q, k)
@@ -210,8 +227,10 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     cfg = config or backward_config(q.device, D, Dv, q.dtype, causal)
     block_d, block_dv = padded_head_dim(D), padded_head_dim(Dv)
     sp = _sparse_args(block_mask, lse)
+    am_kind, am, am_strides = _attn_mask_args(attn_mask, (B, Hq, Sq, Sk), lse)
     flags = dict(HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
                  VARLEN=layout.varlen, BLOCK_SPARSE=sp.enabled, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
+                 ATTN_MASK=am_kind,
                  EVEN_D=block_d == D, EVEN_DV=block_dv == Dv, DOT_PRECISION=_dot_precision(q.dtype))
     slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
     delta = _empty(lse.shape, dtype=torch.float32, device=q.device)
@@ -221,10 +240,10 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         c = cfg.dq
         block_m, block_n = _fit_tile(c.block_m, sp.block[0]), _fit_tile(c.block_n, sp.block[1])
         attention_bwd_dq_kernel[(triton.cdiv(Sq, block_m) * B * Hq,)](
-            q, k, v, out, dout, lse, delta, dq, slopes, cu_q, cu_k, *sp.kv_lists, sp.element_mask,
+            q, k, v, out, dout, lse, delta, dq, slopes, cu_q, cu_k, *sp.kv_lists, sp.element_mask, am,
             *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(out), *layout.bsh(dout), *layout.bsh(dq),
             *layout.lse_bh(lse), stride_alibi_b,
-            Sq, Sk, Hq, group, D, Dv, softmax_scale, softcap, left, right, *sp.scalars,
+            Sq, Sk, Hq, group, D, Dv, softmax_scale, softcap, left, right, *sp.scalars, *am_strides,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
             num_warps=c.num_warps, num_stages=c.num_stages, **flags,
         )
@@ -239,11 +258,11 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         c = cfg.dkdv
         block_m, block_n = _fit_tile(c.block_m, sp.block[0]), _fit_tile(c.block_n, sp.block[1])
         attention_bwd_dkdv_kernel[(triton.cdiv(Sk, block_n) * B * n_head_programs,)](
-            q, k, v, dout, lse, delta, dk_buf, dv_buf, slopes, cu_q, cu_k, *sp.q_lists, sp.element_mask,
+            q, k, v, dout, lse, delta, dk_buf, dv_buf, slopes, cu_q, cu_k, *sp.q_lists, sp.element_mask, am,
             *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(dout), *layout.bsh(dk_buf), *layout.bsh(dv_buf),
             *layout.lse_bh(lse), stride_alibi_b,
             Sq, Sk, Hq, group, heads_per_program, n_head_programs,
-            D, Dv, softmax_scale, softcap, left, right, *sp.scalars,
+            D, Dv, softmax_scale, softcap, left, right, *sp.scalars, *am_strides,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
             num_warps=c.num_warps, num_stages=c.num_stages, **flags,
         )

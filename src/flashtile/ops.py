@@ -23,7 +23,7 @@ Tensor = torch.Tensor
 
 def _forward_impl(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, left: Optional[int], right: Optional[int],
                   softcap: float, alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
-                  cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+                  cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[Tensor],
                   backend: str, block_mask=None) -> Tuple[Tensor, Tensor]:
     packed = cu_seqlens_q is not None
     if backend == "triton":
@@ -32,9 +32,11 @@ def _forward_impl(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, left: O
             return launch.attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                    softmax_scale, left, right, softcap, alibi_slopes)
         return launch.attention_forward(q, k, v, softmax_scale, left, right, softcap, alibi_slopes,
-                                        block_mask=block_mask)
+                                        block_mask=block_mask, attn_mask=attn_mask)
     if backend == "cpu":
         from flashtile import cpu
+        if attn_mask is not None:
+            raise ValueError("flashtile::attention_fwd: the cpu backend takes no attn_mask (api.py routes it)")
         kw = dict(window_size=Edges(left, right), softcap=softcap, alibi_slopes=alibi_slopes)
         if packed:
             out, lse = cpu.attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, **kw)
@@ -47,7 +49,8 @@ def _forward_impl(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, left: O
 def _backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    softmax_scale: float, left: Optional[int], right: Optional[int], softcap: float,
                    alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
-                   max_seqlen_q: int, max_seqlen_k: int, backend: str, block_mask=None) -> Tuple[Tensor, Tensor, Tensor]:
+                   max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[Tensor], backend: str,
+                   block_mask=None) -> Tuple[Tensor, Tensor, Tensor]:
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     packed = cu_seqlens_q is not None
@@ -57,7 +60,7 @@ def _backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
             return launch.attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                     max_seqlen_k, softmax_scale, left, right, softcap, alibi_slopes)
         return launch.attention_backward(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes,
-                                         block_mask=block_mask)
+                                         block_mask=block_mask, attn_mask=attn_mask)
     if backend == "cpu":
         from flashtile import cpu
         kw = dict(window_size=Edges(left, right), softcap=softcap, alibi_slopes=alibi_slopes)
@@ -72,16 +75,16 @@ def _backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
 @torch.library.custom_op("flashtile::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, left: Optional[int], right: Optional[int],
                   softcap: float, alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
-                  cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+                  cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[Tensor],
                   backend: str) -> Tuple[Tensor, Tensor]:
     """out [B, Sq, Hq, Dv] and lse fp32 [B, Hq, Sq]; packed: out [total_q, Hq, Dv], lse [Hq, total_q]."""
     return _forward_impl(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-                         max_seqlen_q, max_seqlen_k, backend)
+                         max_seqlen_q, max_seqlen_k, attn_mask, backend)
 
 
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-                        max_seqlen_q, max_seqlen_k, backend):
+                        max_seqlen_q, max_seqlen_k, attn_mask, backend):
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     if cu_seqlens_q is not None:
         lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
@@ -94,28 +97,29 @@ def _attention_fwd_fake(q, k, v, softmax_scale, left, right, softcap, alibi_slop
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   softmax_scale: float, left: Optional[int], right: Optional[int], softcap: float,
                   alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
-                  max_seqlen_q: int, max_seqlen_k: int, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                  max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[Tensor],
+                  backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv (contiguous, shapes and dtypes of q, k, v)."""
     return _backward_impl(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes,
-                          cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend)
+                          cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, backend)
 
 
 @attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes, cu_seqlens_q,
-                        cu_seqlens_k, max_seqlen_q, max_seqlen_k, backend):
+                        cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, backend):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
             torch.empty(v.shape, dtype=v.dtype, device=v.device))
 
 
-_N_ARGS = 13  # inputs of attention_fwd; backward returns a gradient (or None) for each
+_N_ARGS = 14  # inputs of attention_fwd; backward returns a gradient (or None) for each
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, softmax_scale, left, right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-     max_seqlen_k, backend) = inputs
+     max_seqlen_k, attn_mask, backend) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k)
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, attn_mask)
     ctx.args = (softmax_scale, left, right, softcap)
     ctx.lengths = (max_seqlen_q, max_seqlen_k)
     ctx.backend = backend
@@ -123,12 +127,12 @@ def _setup_context(ctx, inputs, output):
 
 def _grads(ctx, dout, backward_fn, **extra):
     # lse is returned for inspection; like FlashAttention, gradients flow through out only
-    q, k, v, out, lse, alibi_slopes, cu_q, cu_k = ctx.saved_tensors
+    q, k, v, out, lse, alibi_slopes, cu_q, cu_k, attn_mask = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     softmax_scale, left, right, softcap = ctx.args
     dq, dk, dv = backward_fn(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes,
-                             cu_q, cu_k, *ctx.lengths, ctx.backend, **extra)
+                             cu_q, cu_k, *ctx.lengths, attn_mask, ctx.backend, **extra)
     return (dq, dk, dv) + (None,) * (_N_ARGS - 3)
 
 
@@ -161,10 +165,11 @@ class _EagerAttention(torch.autograd.Function):
 def attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, left: Optional[int], right: Optional[int],
               softcap: float, alibi_slopes: Optional[Tensor], backend: str,
               cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
-              max_seqlen_q: int = 0, max_seqlen_k: int = 0, block_mask=None) -> Tuple[Tensor, Tensor]:
+              max_seqlen_q: int = 0, max_seqlen_k: int = 0, block_mask=None,
+              attn_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Differentiable attention: the custom op under torch.compile, an autograd.Function in eager."""
     args = (q, k, v, softmax_scale, left, right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-            max_seqlen_q, max_seqlen_k, backend)
+            max_seqlen_q, max_seqlen_k, attn_mask, backend)
     if torch.compiler.is_compiling():
         if block_mask is not None:
             from flashtile.errors import UnsupportedError

@@ -78,6 +78,7 @@ def attention_ref(
     alibi_slopes: Optional[torch.Tensor] = None,
     upcast: bool = True,
     block_mask: Optional[BlockMask] = None,
+    attn_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact attention by the book.
 
@@ -94,6 +95,8 @@ def attention_ref(
     it too. ``upcast=False`` does the same math in the input dtype (the "low-precision torch" baseline
     of the tolerance rule) and returns out in the input dtype, lse in float32.
     A fully masked row gives out 0 and lse -inf, with zero (finite) gradients.
+    ``attn_mask`` (torch SDPA's, broadcastable to ``[B, Hq, Sq, Sk]``): bool ANDs into the visibility,
+    float is added to the scores after softcap and ALiBi.
     ``block_mask`` (masks.BlockMask for ``[B|1, Hq|1, Sq, Sk]``): its ``dense()`` mask is ANDed into
     the causal / window visibility.
     """
@@ -121,7 +124,11 @@ def attention_ref(
         scores = scores + alibi_bias(
             alibi_slopes, batch, seqlen_q, seqlen_k, dtype=dtype, device=q.device
         )
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        scores = scores + attn_mask.to(dtype)  # torch SDPA's additive bias, broadcast to [B, Hq, Sq, Sk]
     visible = visibility_mask(seqlen_q, seqlen_k, causal, window_size, device=q.device)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        visible = visible & attn_mask  # torch SDPA's bool mask: True = may attend
     if block_mask is not None:
         visible = _and_block_mask(visible, block_mask, batch, heads_q, seqlen_q, seqlen_k, q.device)
     scores = scores.masked_fill(~visible, float("-inf"))

@@ -15,6 +15,7 @@ examples:
   python -m flashtile bench --suite standard --dry-run
   python -m flashtile bench --suite standard --headdims 64 --modes fwd --max-minutes 8
   python -m flashtile bench --suite wide --causal no
+  python -m flashtile bench --suite variants --variants window softcap --max-minutes 6 --resume
   python -m flashtile bench --from-json a/standard.json b/standard.json --out bench_results
 
 Results merge cell by cell into <out>/<suite>.json (use --fresh to start over), so a suite can be
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--causal", choices=("both", "yes", "no"), default="both", help="causal cases to run")
     p.add_argument("--modes", nargs="+", metavar="MODE", help=f"only these modes ({', '.join(MODES)})")
     p.add_argument("--providers", nargs="+", metavar="NAME", help="only these providers (references still run, untimed, for validation)")
+    p.add_argument("--variants", nargs="+", metavar="NAME",
+                   help="variants suite: only these variants (window, softcap, alibi, gqa, varlen, block_sparse)")
     p.add_argument("--out", default="bench_results", help="output directory (default: bench_results)")
     p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up time per cell (default 25)")
     p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench measuring time per cell (default 100)")
@@ -77,13 +80,22 @@ def select_cases(args: argparse.Namespace) -> tuple[Suite, list[Case]]:
     providers = _words(args.providers)
     if providers is not None and (bad := sorted(set(providers) - set(PROVIDERS))):
         raise SystemExit(f"--providers: unknown {bad}; known: {', '.join(PROVIDERS)}")
+    built = suite.build(args.quick)
+    variants = _words(getattr(args, "variants", None))
+    if variants is not None:
+        known = sorted({str(c.shape["variant"]) for c in built if "variant" in c.shape})
+        if not known:
+            raise SystemExit(f"--variants: suite {suite.name} has no variants (try --suite variants)")
+        if bad := sorted(set(variants) - set(known)):
+            raise SystemExit(f"--variants: unknown {bad}; suite {suite.name} has {', '.join(known)}")
     cases = filter_cases(
-        suite.build(args.quick),
+        built,
         seqlens=_ints(args.seqlens, "--seqlens"),
         headdims=_ints(args.headdims, "--headdims"),
         causal=args.causal,
         modes=modes,
         providers=providers,
+        variants=variants,
     )
     return suite, cases
 
@@ -94,6 +106,8 @@ def print_cases(suite: Suite, cases: Sequence[Case]) -> None:
     for i, c in enumerate(cases, 1):
         s = c.shape
         dims = " ".join(f"{k}={s[k]}" for k in ("B", "H") if k in s)
+        if "Hkv" in s and s["Hkv"] != s.get("H"):
+            dims += f" Hkv={s['Hkv']}"
         skip = f"  skip: {', '.join(c.skip)}" if c.skip else ""
         print(f"{i:4d}. {c.name:<34} {dims:<12} {c.flops / 1e12:8.3f} TFLOP  "
               f"providers: {', '.join(c.providers)}{skip}")

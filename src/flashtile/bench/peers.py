@@ -34,12 +34,18 @@ class Prepared:
         grad_to_none: leaf tensors whose .grad do_bench resets between repetitions.
         context: entered around validation, warm-up and timing (e.g. a forced SDPA backend);
             entering it once keeps its Python cost out of the timed region.
+        reference: for a provider that computes another problem than the case (the variants
+            suite's flashtile_dense), the outputs of a trusted implementation of *that* problem;
+            the runner validates against it instead of the case's reference.
+        reference_name: what the report calls that reference.
     """
 
     fn: Callable[[], Any]
     result: Callable[[], Tensors]
     grad_to_none: list[torch.Tensor] | None = None
     context: Callable[[], ContextManager[Any]] = contextlib.nullcontext
+    reference: Callable[[], Tensors] | None = None
+    reference_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -161,13 +167,80 @@ def _build_flashtile(case: Case, inputs: Mapping[str, torch.Tensor]) -> Prepared
     import flashtile
     from flashtile.dispatch import use_backend
 
-    causal = _causal(case)
+    from . import variants
+
+    shape = case.shape
+    device = inputs["q"].device
+    # Masks, slopes and offsets are built here, once, outside the timed region.
+    kwargs = variants.flashtile_kwargs(shape, device)
+
+    if variants.variant_of(shape) == "varlen":
+        if shape["B"] != 1:
+            raise variants.VariantError("varlen cases pack their sequences into B = 1")
+        cu_seqlens, max_len = variants.varlen_offsets(shape, device)
+
+        def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
+            out = flashtile.flash_attn_varlen_func(q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_len, max_len,
+                                                   **kwargs)
+            return out.unsqueeze(0)
+
+    else:
+
+        def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
+            return flashtile.flash_attn_func(q, k, v, **kwargs)
+
+    # Force the Triton kernels: a stray FLASHTILE_BACKEND=reference must not be benchmarked.
+    return _attention(case, inputs, layout="bshd", call=call, context=lambda: use_backend("triton"))
+
+
+def dense_shape(case: Case) -> dict[str, Any]:
+    """The problem flashtile_dense solves: the case's B, H, S, D and causal flag, no variant, Hkv = H."""
+    s = case.shape
+    return {"B": s["B"], "H": s["H"], "Hkv": s["H"], "Sq": s["Sq"], "Sk": s["Sk"], "D": s["D"],
+            "causal": bool(s.get("causal", False))}
+
+
+def _build_flashtile_dense(case: Case, inputs: Mapping[str, torch.Tensor]) -> Prepared:
+    """flashtile without the case's variant, on the same shape: the denominator of "vs flashtile dense"."""
+    import flashtile
+    from flashtile.dispatch import use_backend
+
+    from . import variants
+
+    dense = dense_shape(case)
+    causal = dense["causal"]
+    own = dict(inputs)
+    group = dense["H"] // case.shape["Hkv"]
+    if group != 1:  # GQA's dense counterpart is MHA: every query head gets its own K/V head
+        own["k"] = inputs["k"].repeat_interleave(group, dim=2)
+        own["v"] = inputs["v"].repeat_interleave(group, dim=2)
 
     def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Any:
         return flashtile.flash_attn_func(q, k, v, causal=causal)
 
-    # Force the Triton kernels: a stray FLASHTILE_BACKEND=reference must not be benchmarked.
-    return _attention(case, inputs, layout="bshd", call=call, context=lambda: use_backend("triton"))
+    prepared = _attention(case, own, layout="bshd", call=call, context=lambda: use_backend("triton"))
+    score_mod, mask_mod = variants.mods(dense, own["q"].device)
+
+    def reference() -> Tensors:
+        return variants.dense_reference(own["q"], own["k"], own["v"], own.get("dout"),
+                                        score_mod=score_mod, mask_mod=mask_mod)
+
+    prepared.reference = reference
+    prepared.reference_name = "torch_ref (dense)"
+    return prepared
+
+
+def _build_torch_ref(case: Case, inputs: Mapping[str, torch.Tensor]) -> Prepared:
+    """The float32 reference of a case: every (batch, head) by the book, with Flex's mods densely."""
+    from . import variants
+
+    score_mod, mask_mod = variants.mods(case.shape, inputs["q"].device)
+
+    def result() -> Tensors:
+        return variants.dense_reference(inputs["q"], inputs["k"], inputs["v"], inputs.get("dout"),
+                                        score_mod=score_mod, mask_mod=mask_mod)
+
+    return Prepared(fn=result, result=result)
 
 
 def _sdpa_builder(backend: str) -> Callable[[Case, Mapping[str, torch.Tensor]], Prepared]:
@@ -177,19 +250,24 @@ def _sdpa_builder(backend: str) -> Callable[[Case, Mapping[str, torch.Tensor]], 
         import torch.nn.functional as F
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
+        from . import variants
+
         chosen = getattr(SDPBackend, backend)
         s = case.shape
         causal = _causal(case)
-        kwargs: dict[str, Any] = {}
+        # Variant tensors (ALiBi's explicit bias) are built here, outside the timed region.
+        kwargs: dict[str, Any] = variants.sdpa_kwargs(s, inputs["q"].device, inputs["q"].dtype)
         if s["Hkv"] != s["H"]:
             kwargs["enable_gqa"] = True
-        if causal and s["Sq"] != s["Sk"]:
-            # SDPA's is_causal is top-left aligned; flashtile (like FlashAttention) is bottom-right.
-            from torch.nn.attention.bias import causal_lower_right
+        # An explicit bias already hides what causal hides (SDPA takes one or the other).
+        if "attn_mask" not in kwargs:
+            if causal and s["Sq"] != s["Sk"]:
+                # SDPA's is_causal is top-left aligned; flashtile (like FlashAttention) is bottom-right.
+                from torch.nn.attention.bias import causal_lower_right
 
-            kwargs["attn_mask"] = causal_lower_right(s["Sq"], s["Sk"])
-        else:
-            kwargs["is_causal"] = causal
+                kwargs["attn_mask"] = causal_lower_right(s["Sq"], s["Sk"])
+            else:
+                kwargs["is_causal"] = causal
 
         def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return F.scaled_dot_product_attention(q, k, v, **kwargs)
@@ -216,8 +294,12 @@ def _raise_dynamo_limits() -> None:
 def _build_flex(case: Case, inputs: Mapping[str, torch.Tensor]) -> Prepared:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    from . import variants
+
     s = case.shape
-    causal = _causal(case)
+    device = inputs["q"].device
+    if variants.variant_of(s) == "varlen" and s["B"] != 1:
+        raise variants.VariantError("varlen cases pack their sequences into B = 1")
     # A fresh compile per shape: FlexAttention's kernel is specialised on it, and a stale cache
     # (or hitting the recompile limit) would fall back to the unfused eager path.
     torch._dynamo.reset()
@@ -225,18 +307,16 @@ def _build_flex(case: Case, inputs: Mapping[str, torch.Tensor]) -> Prepared:
     # fullgraph=True turns any graph break into an error instead of a slow eager fallback.
     compiled = torch.compile(flex_attention, fullgraph=True, dynamic=False)
 
+    # Causal (bottom-right, as in flashtile) and every variant's mask / score rule; varlen runs as
+    # a document mask over the packed tokens. The block mask is built here, once per case.
+    score_mod, mask_mod = variants.mods(s, device)
     block_mask = None
-    if causal:
-        offset = s["Sk"] - s["Sq"]  # bottom-right alignment, as in flashtile
-
-        def causal_mask(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any:
-            return q_idx + offset >= kv_idx
-
-        # Built here, outside the timed region, once per shape.
-        block_mask = create_block_mask(
-            causal_mask, B=None, H=None, Q_LEN=s["Sq"], KV_LEN=s["Sk"], device=inputs["q"].device
-        )
+    if mask_mod is not None:
+        block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=s["Sq"], KV_LEN=s["Sk"], device=device,
+                                       BLOCK_SIZE=variants.flex_block_size(s))
     kwargs: dict[str, Any] = {"block_mask": block_mask}
+    if score_mod is not None:
+        kwargs["score_mod"] = score_mod
     if s["Hkv"] != s["H"]:
         kwargs["enable_gqa"] = True
 
@@ -254,7 +334,9 @@ PROVIDERS: dict[str, Provider] = {
         Provider("sdpa_cudnn", "attention", "torch SDPA, CUDNN_ATTENTION", _sdpa_builder("CUDNN_ATTENTION")),
         Provider("sdpa_efficient", "attention", "torch SDPA, EFFICIENT_ATTENTION (xformers-style)", _sdpa_builder("EFFICIENT_ATTENTION")),
         Provider("sdpa_math", "attention", "torch SDPA, MATH (materialises S x S)", _sdpa_builder("MATH")),
-        Provider("flex", "attention", "torch.compile(flex_attention), block mask for causal", _build_flex),
+        Provider("flex", "attention", "torch.compile(flex_attention), block mask for causal / masks, score_mod for softcap / ALiBi", _build_flex),
+        Provider("flashtile_dense", "attention", "flashtile on the same shape without the variant (variants suite baseline)", _build_flashtile_dense),
+        Provider("torch_ref", "attention", "float32 attention by the book, one head at a time (reference only)", _build_torch_ref),
     )
 }
 

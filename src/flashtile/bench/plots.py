@@ -32,6 +32,8 @@ def _log2_axis(xs: list[float]) -> bool:
 
 def render_plots(doc: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
     """Write <suite>_<mode>.png for each mode present; return the paths."""
+    if doc["suite"].get("plot") == "bars":
+        return render_bars(doc, out_dir)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -81,6 +83,61 @@ def render_plots(doc: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
             ax.legend(fontsize="small")
         for j in range(len(groups), nrows * ncols):
             axes[j // ncols][j % ncols].set_visible(False)
+        fig.suptitle(f"flashtile {suite['name']} suite, {mode}")
+        path = out / f"{suite['name']}_{mode}.png"
+        fig.savefig(path, dpi=110)
+        paths.append(path)
+    return paths
+
+
+def _tick(labels: Mapping[str, Any], keys: list[str]) -> str:
+    """One bar group's label: values on their own lines, yes/no flags as "name=yes"."""
+    return "\n".join(f"{k}={labels.get(k)}" if labels.get(k) in ("yes", "no") else str(labels.get(k)) for k in keys)
+
+
+def render_bars(doc: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
+    """Per mode, one group of bars per case (TFLOP/s of each provider), for suites whose cases are
+    not points on a numeric axis (the variants suite). Bars are labelled by the suite's group labels
+    and x; a provider without a speed on a case has no bar there."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    suite = doc["suite"]
+    group = list(suite.get("group", []))
+    keys = group[:1] + [suite["x"]] + group[1:]  # e.g. variant, setting, causal
+    providers = _providers(doc)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    modes = sorted({e["case"]["mode"] for e in doc["results"]}, key=lambda m: (MODE_ORDER + (m,)).index(m))
+    for mode in modes:
+        entries = sorted((e for e in doc["results"] if e["case"]["mode"] == mode),
+                         key=lambda e: _natural(tuple(e["case"]["labels"].get(k) for k in keys)))
+        shown = [p for p in providers if any(_speed(e["cells"].get(p)) is not None for e in entries)]
+        n = max(1, len(shown))
+        width = 0.8 / n
+        fig = Figure(figsize=(max(8.0, 1.1 * len(entries) + 2.0), 5.0), layout="constrained")
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        for idx, p in enumerate(providers):
+            if p not in shown:
+                continue
+            pos = shown.index(p)
+            xs, ys = [], []
+            for i, e in enumerate(entries):
+                speed = _speed(e["cells"].get(p))
+                if speed is not None:
+                    xs.append(i - 0.4 + width * (pos + 0.5))
+                    ys.append(speed)
+            # A fixed colour per provider (its index among all providers), as in the line plots.
+            edge = "black" if p == suite.get("subject") else "none"
+            ax.bar(xs, ys, width, label=p, color=f"C{idx % 10}", edgecolor=edge)
+        ax.set_xticks(range(len(entries)))
+        ax.set_xticklabels([_tick(e["case"]["labels"], keys) for e in entries], fontsize="small")
+        ax.set_ylabel("TFLOP/s (visible work)")
+        ax.set_ylim(bottom=0)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize="small", ncols=min(n, 6))
         fig.suptitle(f"flashtile {suite['name']} suite, {mode}")
         path = out / f"{suite['name']}_{mode}.png"
         fig.savefig(path, dpi=110)

@@ -137,17 +137,37 @@ def format_cell(cell: Mapping[str, Any] | None) -> str:
 
 
 def _providers(doc: Mapping[str, Any]) -> list[str]:
-    """Every provider of the suite in first-seen order, the subject first."""
+    """Every provider of the suite in first-seen order, the subject first (then its baseline)."""
     seen: list[str] = []
     for entry in doc["results"]:
         for p in list(entry["case"]["providers"]) + list(entry["cells"]):
             if p not in seen:
                 seen.append(p)
-    subject = doc["suite"].get("subject")
-    if subject in seen:
-        seen.remove(subject)
-        seen.insert(0, subject)
+    for p in reversed([doc["suite"].get("subject"), doc["suite"].get("baseline")]):
+        if p in seen:
+            seen.remove(p)
+            seen.insert(0, p)
     return seen
+
+
+def _baseline(doc: Mapping[str, Any]) -> str | None:
+    """The suite's baseline provider (the subject on the dense problem), if it has one."""
+    return doc["suite"].get("baseline") or None
+
+
+def baseline_columns(doc: Mapping[str, Any]) -> list[str]:
+    """Names of the baseline ratio columns ("vs flashtile dense", "time / dense"), or none."""
+    base = _baseline(doc)
+    if not base:
+        return []
+    return [f"vs {doc['suite'].get('baseline_label') or base}", "time / dense"]
+
+
+def _ms(cell: Mapping[str, Any] | None) -> float | None:
+    """Median time of a cell that has a speed."""
+    if _speed(cell) is not None and isinstance(cell.get("median_ms"), (int, float)) and cell["median_ms"] > 0:  # type: ignore[union-attr]
+        return float(cell["median_ms"])  # type: ignore[index]
+    return None
 
 
 def _ratio_peers(doc: Mapping[str, Any]) -> list[str]:
@@ -169,10 +189,18 @@ def ratio_rows(doc: Mapping[str, Any], entry: Mapping[str, Any]) -> dict[str, st
     cells = entry["cells"]
     mine = _speed(cells.get(subject))
     out: dict[str, str] = {}
+    base = _baseline(doc)
+    if base:
+        vs_dense, time_dense = baseline_columns(doc)
+        theirs = _speed(cells.get(base))
+        out[vs_dense] = f"{mine / theirs:.2f}" if mine and theirs else "-"
+        t_mine, t_base = _ms(cells.get(subject)), _ms(cells.get(base))
+        out[time_dense] = f"{t_mine / t_base:.2f}" if t_mine and t_base else "-"
     for peer in _ratio_peers(doc):
         theirs = _speed(cells.get(peer))
         out[f"vs {peer}"] = f"{mine / theirs:.2f}" if mine and theirs else "-"
-    peers = {p: _speed(c) for p, c in cells.items() if p != subject}
+    # The baseline is the subject itself on an easier problem, not a peer.
+    peers = {p: _speed(c) for p, c in cells.items() if p not in (subject, base)}
     peers = {p: s for p, s in peers.items() if s}
     if mine and peers:
         best = max(peers, key=lambda p: peers[p])
@@ -217,8 +245,9 @@ def render_header(doc: Mapping[str, Any]) -> str:
         "- cells: TFLOP/s; `-` did not run (reason under Notes); `wrong` failed validation against the "
         "reference provider (never timed); `?` timed without a reference to validate against",
         f"- ratios: {suite.get('subject', 'flashtile')} TFLOP/s / peer TFLOP/s (> 1: {suite.get('subject', 'flashtile')} is faster)",
-        "",
     ]
+    lines += list(suite.get("notes", []))
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -229,7 +258,7 @@ def render_table(doc: Mapping[str, Any], mode: str) -> str:
         return ""
     columns = list(entries[0]["case"]["labels"])
     providers = _providers(doc)
-    ratio_cols = [f"vs {p}" for p in _ratio_peers(doc)] + ["vs best"]
+    ratio_cols = baseline_columns(doc) + [f"vs {p}" for p in _ratio_peers(doc)] + ["vs best"]
     header = columns + ["mode"] + providers + ratio_cols
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     best_ratios: list[float] = []
@@ -269,13 +298,53 @@ def render_notes(doc: Mapping[str, Any], max_cases: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
+_METRICS = {"time_vs_dense": "time / dense", "vs_best": "vs best"}
+
+
+def _metric_column(doc: Mapping[str, Any], metric: str) -> str:
+    if metric == "vs_dense":
+        cols = baseline_columns(doc)
+        return cols[0] if cols else "vs dense"
+    return _METRICS.get(metric, metric)
+
+
+def render_targets(doc: Mapping[str, Any]) -> str:
+    """The suite's targets (e.g. block-sparse time at 25% density <= 0.35x dense), met or not, per row."""
+    targets = doc["suite"].get("targets") or []
+    lines: list[str] = []
+    for t in targets:
+        column = _metric_column(doc, t.get("metric", ""))
+        rows = []
+        for entry in doc["results"]:
+            labels = entry["case"]["labels"]
+            if any(str(labels.get(k)) != str(v) for k, v in t.get("match", {}).items()):
+                continue
+            value = ratio_rows(doc, entry).get(column, "-")
+            if value == "-":
+                verdict = "not measured"
+            else:
+                x = float(value.split()[0])
+                ok = (t.get("max") is None or x <= t["max"]) and (t.get("min") is None or x >= t["min"])
+                verdict = f"{x:.2f}, {'met' if ok else 'not met'}"
+            rows.append((entry["case"]["mode"], verdict))
+        rows.sort(key=lambda r: (MODE_ORDER + (r[0],)).index(r[0]))
+        found = "; ".join(f"{m}: {v}" for m, v in rows) if rows else "no matching rows"
+        lines.append(f"- {t.get('text', column)}: {found}")
+    if not lines:
+        return ""
+    return "### Targets\n\n" + "\n".join(lines) + "\n"
+
+
 def render_markdown(doc: Mapping[str, Any]) -> str:
-    """The whole report: header, one table per mode, notes."""
+    """The whole report: header, one table per mode, targets, notes."""
     parts = [render_header(doc)]
     modes = sorted({e["case"]["mode"] for e in doc["results"]}, key=lambda m: (MODE_ORDER + (m,)).index(m))
     for mode in modes:
         parts.append(f"### {mode}\n")
         parts.append(render_table(doc, mode))
+    targets = render_targets(doc)
+    if targets:
+        parts.append(targets)
     notes = render_notes(doc)
     if notes:
         parts.append(notes)

@@ -152,7 +152,17 @@ def _validate_and_time(
     _sync(next(iter(result.values())).device)
     check: dict[str, Any] | None = None
     kept: dict[str, torch.Tensor] | None = None
-    if reference is None:
+    if prepared.reference is not None:
+        # This provider computes another problem than the case (e.g. flashtile_dense): it brings
+        # the reference of that problem, and never serves as the case's reference.
+        own_name = prepared.reference_name or f"{name}'s reference"
+        own = prepared.reference()
+        ok, check = compare(result, own)
+        del own
+        if not ok:
+            return _cell("wrong", reason=f"differs from {own_name}", check=check, reference=own_name), None
+        status, ref_used = "ok", own_name
+    elif reference is None:
         if not all_finite(result):
             return _cell("wrong", reason="non-finite output (NaN/inf)"), None
         if candidate:
@@ -172,8 +182,10 @@ def _validate_and_time(
     ms = median_ms(prepared.fn, warmup_ms=opts.warmup_ms, rep_ms=opts.rep_ms,
                    grad_to_none=prepared.grad_to_none)
     reason = None if status == "ok" else "no reference provider ran on this case"
-    return _cell(status, median_ms=ms, tflops=tflops(case.flops, ms), reason=reason,
-                 check=check, reference=ref_used), kept
+    flops = case.flops_for(name)
+    extra = {"flops": flops} if flops != case.flops else {}
+    return _cell(status, median_ms=ms, tflops=tflops(flops, ms), reason=reason,
+                 check=check, reference=ref_used, **extra), kept
 
 
 def run_case(case: Case, opts: RunOptions, progress: Any = None) -> dict[str, dict[str, Any]]:

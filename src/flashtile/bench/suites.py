@@ -9,6 +9,7 @@ registered in ``SUITES``; the runner and the report never need to change for it.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -39,6 +40,8 @@ class Case:
         references: providers trusted for validation, in order of preference; the first that runs
             gives the output every other provider is compared with.
         skip: provider -> reason it is not run on this case (reported as "-" with the reason).
+        provider_flops: provider -> FLOPs of *its* call, for a provider that computes a different
+            problem than the case (the variants suite's flashtile_dense baseline); others use flops.
     """
 
     suite: str
@@ -51,6 +54,11 @@ class Case:
     providers: tuple[str, ...]
     references: tuple[str, ...] = ()
     skip: Mapping[str, str] = field(default_factory=dict)
+    provider_flops: Mapping[str, float] = field(default_factory=dict)
+
+    def flops_for(self, provider: str) -> float:
+        """FLOPs behind ``provider``'s TFLOP/s on this case."""
+        return float(self.provider_flops.get(provider, self.flops))
 
     @property
     def key(self) -> str:
@@ -77,6 +85,7 @@ class Case:
             "providers": list(self.providers),
             "references": list(self.references),
             "skip": dict(self.skip),
+            **({"provider_flops": dict(self.provider_flops)} if self.provider_flops else {}),
         }
 
 
@@ -93,6 +102,7 @@ def case_from_dict(d: Mapping[str, Any]) -> Case:
         providers=tuple(d["providers"]),
         references=tuple(d.get("references", ())),
         skip=dict(d.get("skip", {})),
+        provider_flops={p: float(f) for p, f in d.get("provider_flops", {}).items()},
     )
 
 
@@ -115,6 +125,15 @@ class Suite:
         group: labels that pick the subplot (one subplot per distinct combination).
         subject: the provider whose speed the ratio columns describe.
         ratio_peers: peers that get their own "vs" column (plus "vs best" over all peers).
+        baseline: a provider that is the subject itself on an easier problem (the variants suite's
+            flashtile_dense): not a peer; it gets the columns "vs <baseline_label>" (subject TFLOP/s /
+            baseline TFLOP/s) and "time / dense" (subject time / baseline time) instead.
+        baseline_label: how the report names the baseline.
+        notes: extra lines for the report header (how FLOPs and ratios are counted).
+        plot: "lines" (TFLOP/s against x, one subplot per group) or "bars" (one bar group per case,
+            labelled by the group labels and x; for suites whose x is not a number).
+        targets: goals checked in the report, each {"text", "match": {label: value}, "metric":
+            "time_vs_dense" | "vs_dense" | "vs_best", "max" or "min"}.
     """
 
     name: str
@@ -124,10 +143,15 @@ class Suite:
     group: tuple[str, ...]
     subject: str = "flashtile"
     ratio_peers: tuple[str, ...] = ()
+    baseline: str | None = None
+    baseline_label: str | None = None
+    notes: tuple[str, ...] = ()
+    plot: str = "lines"
+    targets: tuple[Mapping[str, Any], ...] = ()
 
     def layout(self) -> dict[str, Any]:
         """The report-facing part of the suite, stored in the results JSON."""
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "description": self.description,
             "x": self.x,
@@ -135,6 +159,17 @@ class Suite:
             "subject": self.subject,
             "ratio_peers": list(self.ratio_peers),
         }
+        # Only suites that use them carry the newer keys, so older suites' files stay unchanged.
+        if self.baseline:
+            out["baseline"] = self.baseline
+            out["baseline_label"] = self.baseline_label or self.baseline
+        if self.notes:
+            out["notes"] = list(self.notes)
+        if self.plot != "lines":
+            out["plot"] = self.plot
+        if self.targets:
+            out["targets"] = [dict(t) for t in self.targets]
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,6 +306,293 @@ def wide_suite(quick: bool = False) -> list[Case]:
     return cases
 
 
+
+# ----------------------------------------------------------------------------------------------
+# Variants suite: window, softcap, ALiBi, GQA, varlen, block-sparse
+#
+# Everything here is plain Python (no torch, no device): the masks are rebuilt from the case's
+# shape (seeds included) by flashtile.bench.variants on the device, and the FLOPs of a masked case
+# come from an exact count of its visible (query, key) pairs done here, so --dry-run shows them.
+
+
+def visible_pairs_window(sq: int, sk: int, left: int, right: int) -> int:
+    """Pairs (i, j), 0 <= i < sq, 0 <= j < sk, with i + off - left <= j <= i + off + right.
+
+    flash_attn_func's window_size (bottom-right aligned, off = sk - sq; -1 = unbounded side);
+    causal is right = 0.
+    """
+    off = sk - sq
+    total = 0
+    for i in range(sq):
+        lo = 0 if left < 0 else max(0, i + off - left)
+        hi = sk - 1 if right < 0 else min(sk - 1, i + off + right)
+        total += max(0, hi - lo + 1)
+    return total
+
+
+def visible_pairs_documents(lengths: Sequence[int], causal: bool) -> int:
+    """Pairs of packed self-attention where a token sees its own document (and, causal, j <= i)."""
+    return sum(n * (n + 1) // 2 if causal else n * n for n in lengths)
+
+
+def visible_pairs_blocks(table: Sequence[Sequence[bool]], block_q: int, block_k: int, sq: int, sk: int) -> int:
+    """Pairs inside the True blocks of a block table (edge blocks cropped to sq x sk)."""
+    rows = [min(block_q, sq - r * block_q) for r in range(len(table))]
+    total = 0
+    for r, row in enumerate(table):
+        cols = sum(min(block_k, sk - c * block_k) for c, full in enumerate(row) if full)
+        total += rows[r] * cols
+    return total
+
+
+def doc_lengths(total: int, count: int, seed: int, min_len: int = 1) -> list[int]:
+    """``count`` seeded random lengths >= ``min_len`` summing to ``total`` (packed documents).
+
+    Each document gets ``min_len`` tokens plus its share of the rest, cut at ``count - 1`` uniform
+    random points: a spread of long and short documents, most not multiples of a block size.
+    """
+    if count < 1 or count * min_len > total:
+        raise ValueError(f"cannot split {total} tokens into {count} documents of >= {min_len}")
+    rng = random.Random(seed)
+    extra = total - count * min_len
+    cuts = sorted(rng.randint(0, extra) for _ in range(count - 1))
+    bounds = [0, *cuts, extra]
+    return [min_len + bounds[i + 1] - bounds[i] for i in range(count)]
+
+
+def random_block_table(nq: int, nk: int, density: float, seed: int) -> tuple[tuple[bool, ...], ...]:
+    """A seeded random block table with round(density * nq * nk) True blocks.
+
+    The diagonal blocks (query block r, key block r * nk // nq) are always kept, so no query row is
+    fully masked (implementations differ on what such rows return); the rest are drawn uniformly.
+    """
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    rng = random.Random(seed)
+    diag = {(r, r * nk // nq) for r in range(nq)}
+    target = max(round(density * nq * nk), len(diag))
+    others = [(r, c) for r in range(nq) for c in range(nk) if (r, c) not in diag]
+    chosen = diag | set(rng.sample(others, target - len(diag)))
+    return tuple(tuple((r, c) in chosen for c in range(nk)) for r in range(nq))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def visible_pairs(shape: Mapping[str, Any]) -> int:
+    """Exact count of visible (query, key) pairs per (batch, head) of an attention case's mask.
+
+    Plain causal counts Sq * (Sq + 1) / 2 here; :func:`attention_flops` uses the convention Sq^2 / 2
+    (the two differ by 1 / (2 Sq)), which is why only mask variants use this count for FLOPs.
+    """
+    sq, sk = int(shape["Sq"]), int(shape["Sk"])
+    variant = shape.get("variant")
+    causal = bool(shape.get("causal", False))
+    if variant == "window":
+        return visible_pairs_window(sq, sk, int(shape["window_left"]), 0 if causal else int(shape["window_right"]))
+    if variant == "varlen" or (variant == "block_sparse" and shape.get("mask") == "document"):
+        return visible_pairs_documents(variant_doc_lengths(shape), causal)
+    if variant == "block_sparse":
+        table = variant_block_table(shape)
+        if causal:
+            raise ValueError("random block masks are non-causal in this suite")
+        return visible_pairs_blocks(table, int(shape["block"]), int(shape["block"]), sq, sk)
+    return visible_pairs_window(sq, sk, -1, 0 if causal else -1)
+
+
+def variant_doc_lengths(shape: Mapping[str, Any]) -> list[int]:
+    """The document / sequence lengths of a varlen or document-mask case (seeded)."""
+    return doc_lengths(int(shape["Sq"]), int(shape["docs"]), int(shape["seed"]), int(shape["min_len"]))
+
+
+def variant_block_table(shape: Mapping[str, Any]) -> tuple[tuple[bool, ...], ...]:
+    """The block table of a random block-sparse case (seeded)."""
+    bs = int(shape["block"])
+    return random_block_table(_cdiv(int(shape["Sq"]), bs), _cdiv(int(shape["Sk"]), bs), float(shape["density"]),
+                              int(shape["seed"]))
+
+
+def masked_attention_flops(b: int, h: int, pairs: int, d: int, mode: str) -> float:
+    """FLOPs of attention that skips masked work: 4 * B * H * D per visible (i, j) pair (x 3.5 fwd_bwd)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    flops = 4.0 * b * h * pairs * d
+    return flops * FWD_BWD_FACTOR if mode == "fwd_bwd" else flops
+
+
+# Variants whose mask differs from the plain dense / causal one: their FLOPs use the exact count.
+MASK_VARIANTS = ("window", "varlen", "block_sparse")
+VARIANTS = ("window", "softcap", "alibi", "gqa", "varlen", "block_sparse")
+VARIANT_REFERENCES = ("torch_ref", "flex")
+# SDPA EFFICIENT with an explicit [1, H, S, S] bias (ALiBi): skipped above this many bias bytes.
+SDPA_BIAS_LIMIT_BYTES = 16e9
+
+
+@dataclass(frozen=True)
+class VariantSizes:
+    """Sizes of the variants suite (tests shrink them; the issue's values are the defaults)."""
+
+    d: int = 128
+    heads: int = 16
+    window_s: int = 16384  # window: B=1, H=16, S=16384
+    window: int = 1024
+    s: int = 8192  # softcap, ALiBi, GQA, block-sparse
+    softcap_b: int = 2  # softcap and ALiBi: B=2 (16k tokens)
+    softcap: float = 30.0
+    gqa_hq: int = 32
+    gqa_hkv: int = 8
+    varlen_tokens: int = 16384
+    varlen_seqs: int = 16
+    min_len: int = 64
+    block: int = 128
+    densities: tuple[float, ...] = (0.5, 0.25, 0.1)
+    docs: int = 8
+    seed: int = 0
+
+
+def _pct(fraction: float) -> str:
+    return f"{100.0 * fraction:.1f}%"
+
+
+def variant_case(
+    variant: str,
+    setting: str,
+    *,
+    b: int,
+    h: int,
+    hkv: int,
+    s: int,
+    d: int,
+    causal: bool,
+    mode: str,
+    providers: Sequence[str],
+    references: Sequence[str] = VARIANT_REFERENCES,
+    skip: Mapping[str, str] | None = None,
+    dtype: str = "bfloat16",
+    **params: Any,
+) -> Case:
+    """A variants-suite case: flashtile, flashtile_dense (same B, H, S, D, causal, no variant) and peers.
+
+    ``params`` (window_left, softcap, density, seed, ...) go into the shape, so they are part of the
+    case's key and everything a provider needs to rebuild the variant on the device.
+    """
+    shape: dict[str, Any] = {"B": b, "H": h, "Hkv": hkv, "Sq": s, "Sk": s, "D": d, "causal": causal,
+                             "variant": variant, **params}
+    pairs = visible_pairs(shape)
+    if variant in MASK_VARIANTS:
+        flops = masked_attention_flops(b, h, pairs, d, mode)
+        visible = pairs / (s * s)
+    else:  # same mask as dense: the dense convention, so "vs flashtile dense" is the time ratio
+        flops = attention_flops(b, h, s, s, d, causal, mode)
+        visible = 0.5 if causal else 1.0
+    return Case(
+        suite="variants",
+        kind="attention",
+        mode=mode,
+        dtype=dtype,
+        shape=shape,
+        labels={"variant": variant, "setting": setting, "causal": causal, "B": b, "H": h, "S": s,
+                "visible": _pct(visible)},
+        flops=flops,
+        providers=tuple(providers),
+        references=tuple(references),
+        skip=dict(skip or {}),
+        provider_flops={"flashtile_dense": attention_flops(b, h, s, s, d, causal, mode)},
+    )
+
+
+_NO_SDPA = {
+    "window": "SDPA has no sliding-window argument (FlexAttention runs the same mask)",
+    "softcap": "SDPA has no softcap (FlexAttention's score_mod does it)",
+    "varlen": "SDPA FLASH run per sequence is not a fair peer (one launch per sequence)",
+    "block_sparse": "SDPA has no block-sparse mask (FlexAttention's BlockMask does it)",
+}
+
+
+def variants_suite(quick: bool = False, sizes: VariantSizes | None = None) -> list[Case]:
+    """Attention variants, each against flashtile's own dense time on the same shape, bf16, D=128.
+
+    window (1024, 0) causal and (1024, 1024) at B=1, H=16, S=16384; softcap 30 and ALiBi at B=2,
+    H=16, S=8192 (causal and not); GQA Hq=32 / Hkv=8 causal at B=1, S=8192; varlen: 16 seeded
+    sequences packed into 16384 tokens, causal; block-sparse at B=1, H=16, S=8192: random 128x128
+    block tables at 50% / 25% / 10% density and an 8-document causal mask. Every case in fwd and
+    fwd_bwd: 24 cases (quick: one per variant, 12).
+    """
+    z = sizes or VariantSizes()
+    d, h = z.d, z.heads
+    base = ("flashtile", "flashtile_dense")
+    sdpa_skip = lambda v: {"sdpa_flash": _NO_SDPA[v]}  # noqa: E731
+    cases: list[Case] = []
+    for mode in MODES:
+        # window
+        for causal, right in ((True, 0), (False, z.window)):
+            if quick and not causal:
+                continue
+            cases.append(variant_case("window", f"({z.window}, {right})", b=1, h=h, hkv=h, s=z.window_s, d=d,
+                                      causal=causal, mode=mode, providers=base + ("sdpa_flash", "flex"),
+                                      skip=sdpa_skip("window"), window_left=z.window, window_right=right))
+        # softcap and ALiBi
+        for causal in (False, True):
+            if quick and not causal:
+                continue
+            cases.append(variant_case("softcap", f"{z.softcap:g}", b=z.softcap_b, h=h, hkv=h, s=z.s, d=d,
+                                      causal=causal, mode=mode, providers=base + ("sdpa_flash", "flex"),
+                                      skip=sdpa_skip("softcap"), softcap=z.softcap))
+            bias_bytes = 2.0 * h * z.s * z.s
+            skip = {}
+            if bias_bytes > SDPA_BIAS_LIMIT_BYTES:
+                skip["sdpa_efficient"] = f"explicit bias needs {bias_bytes / 1e9:.1f} GB > {SDPA_BIAS_LIMIT_BYTES / 1e9:.0f} GB"
+            cases.append(variant_case("alibi", "2^(-8(h+1)/H)", b=z.softcap_b, h=h, hkv=h, s=z.s, d=d,
+                                      causal=causal, mode=mode, providers=base + ("sdpa_efficient", "flex"),
+                                      skip=skip, alibi="2^(-8(h+1)/H)"))
+        # GQA
+        cases.append(variant_case("gqa", f"Hkv={z.gqa_hkv}", b=1, h=z.gqa_hq, hkv=z.gqa_hkv, s=z.s, d=d,
+                                  causal=True, mode=mode, providers=base + ("sdpa_flash", "sdpa_cudnn", "flex"),
+                                  references=("torch_ref", "sdpa_flash", "sdpa_cudnn", "flex")))
+        # varlen
+        cases.append(variant_case("varlen", f"{z.varlen_seqs} seqs", b=1, h=h, hkv=h, s=z.varlen_tokens, d=d,
+                                  causal=True, mode=mode, providers=base + ("sdpa_flash", "flex"),
+                                  skip=sdpa_skip("varlen"), docs=z.varlen_seqs, seed=z.seed, min_len=z.min_len))
+        # block-sparse
+        for density in z.densities:
+            if quick and density != 0.25:
+                continue
+            cases.append(variant_case("block_sparse", f"random {100 * density:g}%", b=1, h=h, hkv=h, s=z.s, d=d,
+                                      causal=False, mode=mode, providers=base + ("sdpa_flash", "flex"),
+                                      skip=sdpa_skip("block_sparse"), mask="random", density=density,
+                                      block=z.block, seed=z.seed))
+        if not quick:
+            cases.append(variant_case("block_sparse", f"document x{z.docs}", b=1, h=h, hkv=h, s=z.s, d=d,
+                                      causal=True, mode=mode, providers=base + ("sdpa_flash", "flex"),
+                                      skip=sdpa_skip("block_sparse"), mask="document", docs=z.docs,
+                                      block=z.block, seed=z.seed, min_len=z.min_len))
+    return cases
+
+
+VARIANTS_NOTES = (
+    "- variants: the FLOPs of window, varlen and block_sparse count only visible (i, j) pairs: "
+    "4*B*H*D x pairs (column `visible` = pairs / S^2, counted exactly from the mask rule); softcap, "
+    "ALiBi and GQA do the dense (or causal) work and use the formula above",
+    "- flashtile_dense: flashtile on the same B, H, S, D and causal flag without the variant (no "
+    "window / softcap / ALiBi / block mask; varlen as one packed sequence; GQA with K/V expanded to H "
+    "heads), timed in the same run, its TFLOP/s from the dense formula; `vs flashtile dense` = "
+    "flashtile TFLOP/s / flashtile_dense TFLOP/s, `time / dense` = flashtile time / flashtile_dense time",
+    "- validation: every provider against torch_ref (float32, one head at a time, the same score_mod / "
+    "mask_mod as FlexAttention's); flashtile_dense against torch_ref of the dense problem",
+    "- masks: random block tables keep every diagonal block (no fully masked rows), the rest drawn "
+    "with a seed; document and varlen lengths are seeded random cuts (>= 64 tokens each)",
+)
+
+VARIANTS_TARGETS = (
+    {
+        "text": "block-sparse, random 25% density: flashtile time <= 0.35x flashtile dense",
+        "match": {"variant": "block_sparse", "setting": "random 25%"},
+        "metric": "time_vs_dense",
+        "max": 0.35,
+    },
+)
+
 SUITES: dict[str, Suite] = {
     "standard": Suite(
         name="standard",
@@ -288,6 +610,20 @@ SUITES: dict[str, Suite] = {
         group=("causal",),
         ratio_peers=("sdpa_efficient", "sdpa_math"),
     ),
+    "variants": Suite(
+        name="variants",
+        description="Attention variants vs flashtile dense on the same shape: sliding window, softcap, "
+        "ALiBi, GQA, varlen, block-sparse; bf16, D=128",
+        build=variants_suite,
+        x="setting",
+        group=("variant", "causal"),
+        ratio_peers=("flex",),
+        baseline="flashtile_dense",
+        baseline_label="flashtile dense",
+        notes=VARIANTS_NOTES,
+        plot="bars",
+        targets=VARIANTS_TARGETS,
+    ),
 }
 
 
@@ -303,6 +639,7 @@ def filter_cases(
     causal: str = "both",
     modes: Sequence[str] | None = None,
     providers: Sequence[str] | None = None,
+    variants: Sequence[str] | None = None,
 ) -> list[Case]:
     """Keep the cases matching every given filter; ``providers`` narrows each case's provider list.
 
@@ -321,6 +658,8 @@ def filter_cases(
         if causal != "both" and "causal" in shape and bool(shape["causal"]) != (causal == "yes"):
             continue
         if modes is not None and case.mode not in modes:
+            continue
+        if variants is not None and "variant" in shape and shape["variant"] not in variants:
             continue
         if providers is not None:
             kept = tuple(p for p in case.providers if p in providers)

@@ -26,12 +26,12 @@ def _load_lse2(Lse, rows, seqlen_q):
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, offs_m, offs_n, offs_d, offs_dv,
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, offs_m, offs_n, offs_d, offs_dv,
                 start, stop, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                 seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                 BLOCK_M: tl.constexpr, MASKED: tl.constexpr, ELEM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr):
     """Accumulate dK, dV for one key tile over query tiles [start, stop) of one query head."""
     for start_m in range(start, stop, BLOCK_M):
         rows = start_m + offs_m
@@ -60,7 +60,8 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, of
         delta = tl.load(delta_base + rows, mask=rows < seqlen_q, other=0.0)
         # -- P^T = exp2(K Q^T * scale - lse), recomputed from the forward's statistics --
         st, tt = score_log2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), offs_n, rows, seqlen_k, seqlen_q,
-                            qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI)
+                            qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI,
+                            am_ptrs + start_m * stride_amm, ATTN_MASK)
         pt = tl.math.exp2(st - lse2[None, :])
         if MASKED:
             vis = visible(rows, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
@@ -80,10 +81,11 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, of
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "heads_per_program", "n_head_programs",
-                               "window_left", "window_right", "stride_lse_b", "stride_lse_h", "sparse_mb", "sparse_mh", "sparse_nq", "sparse_nk"])
+                               "window_left", "window_right", "stride_lse_b", "stride_lse_h", "sparse_mb", "sparse_mh", "sparse_nq", "sparse_nk",
+                               "stride_amb", "stride_amh", "stride_amm", "stride_amn"])
 def attention_bwd_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DK, DV, Alibi, CuSeqQ, CuSeqK,
-    FullNum, FullIdx, PartNum, PartIdx, ElemMask,
+    FullNum, FullIdx, PartNum, PartIdx, ElemMask, AttnMask,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -92,10 +94,11 @@ def attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvs, stride_dvh, stride_lse_b, stride_lse_h, stride_alibi_b,
     seqlen_q, seqlen_k, heads_q, group_size, heads_per_program, n_head_programs,
     head_dim, head_dim_v, softmax_scale, softcap, window_left, window_right,
-    sparse_mb, sparse_mh, sparse_nq, sparse_nk,
+    sparse_mb, sparse_mh, sparse_nq, sparse_nk, stride_amb, stride_amh, stride_amm, stride_amn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_SPARSE: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr,
+    ATTN_MASK: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dK, dV for BLOCK_N keys. Program p covers query heads [p*hpp, (p+1)*hpp) of one kv head and
@@ -148,6 +151,9 @@ def attention_bwd_dkdv_kernel(
         delta_base = Delta + b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start
         qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale,
                                                                         softcap, SOFTCAP, HAS_ALIBI)
+        # attn_mask tile in the transposed orientation [keys, queries], at query row 0
+        am_ptrs = (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
+                   + offs_m[None, :].to(tl.int64) * stride_amm + offs_n[:, None].to(tl.int64) * stride_amn)
         if BLOCK_SPARSE:
             # -- block-sparse: the query blocks listed for this key block (lists of the transposed mask) --
             row = b * sparse_mb + h * sparse_mh
@@ -160,22 +166,22 @@ def attention_bwd_dkdv_kernel(
                 for i in range(0, count):
                     start = tl.load(Idx + base + i) * BLOCK_SQ
                     stop = tl.minimum(start + BLOCK_SQ, seqlen_q)
-                    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, offs_m, offs_n,
+                    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, offs_m, offs_n,
                                          offs_d, offs_dv, start, stop, stride_qs, stride_dos, qk_scale, softcap_pre,
                                          softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
                                          window_left, window_right, BLOCK_M, True, part == 1, HAS_LEFT, HAS_RIGHT,
-                                         SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
+                                         SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK)
         else:
             if HAS_RIGHT:
-                dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, offs_m, offs_n, offs_d, offs_dv,
+                dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, offs_m, offs_n, offs_d, offs_dv,
                                      a, bb, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                     window_left, window_right, BLOCK_M, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, offs_m, offs_n, offs_d, offs_dv,
+                                     window_left, window_right, BLOCK_M, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, offs_m, offs_n, offs_d, offs_dv,
                                  bb, c, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                 window_left, window_right, BLOCK_M, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, offs_m, offs_n, offs_d, offs_dv,
+                                 window_left, window_right, BLOCK_M, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, offs_m, offs_n, offs_d, offs_dv,
                                  c, d, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                 window_left, window_right, BLOCK_M, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
+                                 window_left, window_right, BLOCK_M, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK)
 
     dk = dk * softmax_scale
     dk_mask = offs_n[:, None] < seqlen_k
@@ -191,12 +197,12 @@ def attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, offs_m, offs_n, offs_d, offs_dv,
+def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
               start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
               seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, ELEM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-              EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr):
     """Accumulate dQ over key tiles [start, stop)."""
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + offs_n
@@ -220,7 +226,8 @@ def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, offs_m, offs_n, o
             v = tl.load(v_ptrs + start_n * stride_vs)
         # -- P = exp2(Q K^T * scale - lse); dP = dO V^T; dS = P * (dP - delta); dQ += dS K --
         s, t = score_log2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), offs_m, cols, seqlen_q, seqlen_k,
-                          qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI)
+                          qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI,
+                          am_ptrs + start_n * stride_amn, ATTN_MASK)
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
             vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
@@ -237,10 +244,11 @@ def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, offs_m, offs_n, o
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "window_left", "window_right",
-                               "stride_lse_b", "stride_lse_h", "sparse_mb", "sparse_mh", "sparse_nq", "sparse_nk"])
+                               "stride_lse_b", "stride_lse_h", "sparse_mb", "sparse_mh", "sparse_nq", "sparse_nk",
+                               "stride_amb", "stride_amh", "stride_amm", "stride_amn"])
 def attention_bwd_dq_kernel(
     Q, K, V, Out, DOut, Lse, Delta, DQ, Alibi, CuSeqQ, CuSeqK,
-    FullNum, FullIdx, PartNum, PartIdx, ElemMask,
+    FullNum, FullIdx, PartNum, PartIdx, ElemMask, AttnMask,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -249,10 +257,11 @@ def attention_bwd_dq_kernel(
     stride_dqb, stride_dqs, stride_dqh, stride_lse_b, stride_lse_h, stride_alibi_b,
     seqlen_q, seqlen_k, heads_q, group_size, head_dim, head_dim_v,
     softmax_scale, softcap, window_left, window_right,
-    sparse_mb, sparse_mh, sparse_nq, sparse_nk,
+    sparse_mb, sparse_mh, sparse_nq, sparse_nk, stride_amb, stride_amh, stride_amm, stride_amn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_SPARSE: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr,
+    ATTN_MASK: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dQ [B, Sq, Hq, D] and Delta fp32 [B, Hq, Sq] for BLOCK_M query rows of one (batch, query head)."""
@@ -297,6 +306,8 @@ def attention_bwd_dq_kernel(
 
     k_ptrs = K + b.to(tl.int64) * stride_kb + h_kv * stride_kh + k_rows[:, None] * stride_ks + offs_d[None, :]
     v_ptrs = V + b.to(tl.int64) * stride_vb + h_kv * stride_vh + k_rows[:, None] * stride_vs + offs_dv[None, :]
+    am_ptrs = (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
+               + offs_m[:, None].to(tl.int64) * stride_amm + offs_n[None, :].to(tl.int64) * stride_amn)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale, softcap,
                                                                     SOFTCAP, HAS_ALIBI)
@@ -317,22 +328,22 @@ def attention_bwd_dq_kernel(
             for i in range(0, count):
                 start = tl.load(Idx + base + i) * BLOCK_SK
                 stop = tl.minimum(start + BLOCK_SK, seqlen_k)
-                dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, offs_m, offs_n, offs_d, offs_dv,
+                dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
                                start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                BLOCK_N, True, part == 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                               DOT_PRECISION)
+                               DOT_PRECISION, ATTN_MASK)
     else:
         if HAS_LEFT:
-            dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, offs_m, offs_n, offs_d, offs_dv,
+            dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
                            a, bb, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                           window_left, window_right, BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
-        dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, offs_m, offs_n, offs_d, offs_dv,
+                           window_left, window_right, BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK)
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
                        bb, c, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                       window_left, window_right, BLOCK_N, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
-        dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, offs_m, offs_n, offs_d, offs_dv,
+                       window_left, window_right, BLOCK_N, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK)
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
                        c, d, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                       window_left, window_right, BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
+                       window_left, window_right, BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK)
 
     dq = dq * softmax_scale
     dq_mask = offs_m[:, None] < seqlen_q

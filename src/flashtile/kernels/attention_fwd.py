@@ -16,12 +16,12 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, offs_m, offs_n, offs_d, offs_dv,
+def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
                start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, ELEM: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-               EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr):
     """Online-softmax update over key tiles [start, stop) in steps of BLOCK_N.
 
     MASKED applies the visibility rule and the sequence end; ELEM also ANDs the element mask of a
@@ -41,7 +41,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, offs_m, offs_n, offs_d
             kt = tl.load(k_ptrs + start_n * stride_ks, mask=offs_d[:, None] < head_dim, other=0.0)
         # -- scores in the log2 domain: qk_scale = softmax_scale * log2(e) --
         qk, _ = score_log2(tl.dot(q, kt, input_precision=DOT_PRECISION), offs_m, cols, seqlen_q, seqlen_k,
-                           qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI)
+                           qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI,
+                           am_ptrs + start_n * stride_amn, ATTN_MASK)
         if MASKED:
             vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             if ELEM:
@@ -50,7 +51,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, offs_m, offs_n, offs_d
             qk = tl.where(vis, qk, float("-inf"))
         # -- online softmax: new running max, rescale what was accumulated --
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        if MASKED:
+        if MASKED or ATTN_MASK != 0:
             # a row with nothing visible so far keeps m = -inf; subtract 0 so p = exp2(-inf) = 0, not NaN
             m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
@@ -74,54 +75,56 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, offs_m, offs_n, offs_d
 
 
 @triton.jit
-def _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, offs_m, offs_n, offs_d, offs_dv,
+def _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
                     Num, Idx, row, q_block, n_q_blocks, n_k_blocks,
                     stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                     seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                     BLOCK_N: tl.constexpr, BLOCK_SK: tl.constexpr, ELEM: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr):
     """Visit the key blocks of one block-sparse list (full or partial) of this query block."""
     count, base = block_list(Num, Idx, row, q_block, n_q_blocks, n_k_blocks)
     for i in range(0, count):
         start = tl.load(Idx + base + i) * BLOCK_SK
         stop = tl.minimum(start + BLOCK_SK, seqlen_k)
         if HAS_LEFT or HAS_RIGHT or ELEM:
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, offs_m, offs_n, offs_d, offs_dv,
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
                                        start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post,
                                        alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                        BLOCK_N, True, ELEM, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                                       DOT_PRECISION)
+                                       DOT_PRECISION, ATTN_MASK)
         elif stop - start == BLOCK_SK:  # a full block inside the sequence: no per-element work
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, offs_m, offs_n, offs_d, offs_dv,
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
                                        start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post,
                                        alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                        BLOCK_N, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                                       DOT_PRECISION)
+                                       DOT_PRECISION, ATTN_MASK)
         else:  # the block that holds the sequence end
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, offs_m, offs_n, offs_d, offs_dv,
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
                                        start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post,
                                        alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                        BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                                       DOT_PRECISION)
+                                       DOT_PRECISION, ATTN_MASK)
     return acc, l_i, m_i
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "window_left", "window_right",
-                               "stride_lse_b", "stride_lse_h", "sparse_mb", "sparse_mh", "sparse_nq", "sparse_nk"])
+                               "stride_lse_b", "stride_lse_h", "sparse_mb", "sparse_mh", "sparse_nq", "sparse_nk",
+                               "stride_amb", "stride_amh", "stride_amm", "stride_amn"])
 def attention_fwd_kernel(
     Q, K, V, Out, Lse, Alibi, CuSeqQ, CuSeqK,
-    FullNum, FullIdx, PartNum, PartIdx, ElemMask,
+    FullNum, FullIdx, PartNum, PartIdx, ElemMask, AttnMask,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h, stride_alibi_b,
     seqlen_q, seqlen_k, heads_q, group_size, head_dim, head_dim_v,
     softmax_scale, softcap, window_left, window_right,
-    sparse_mb, sparse_mh, sparse_nq, sparse_nk,
+    sparse_mb, sparse_mh, sparse_nq, sparse_nk, stride_amb, stride_amh, stride_amm, stride_amn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_SPARSE: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr,
+    ATTN_MASK: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Q [B, Sq, Hq, D], K [B, Sk, Hkv, D], V [B, Sk, Hkv, Dv] -> Out [B, Sq, Hq, Dv], Lse fp32 [B, Hq, Sq].
@@ -164,6 +167,10 @@ def attention_fwd_kernel(
         q_mask = q_mask & (offs_d[None, :] < head_dim)
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
 
+    # torch SDPA's attn_mask (bool or additive), broadcast through 0 strides; read tile by tile
+    am_ptrs = (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
+               + offs_m[:, None].to(tl.int64) * stride_amm + offs_n[None, :].to(tl.int64) * stride_amn)
+
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -177,35 +184,35 @@ def attention_fwd_kernel(
         row = b * sparse_mb + h * sparse_mh
         em_ptrs = ElemMask + row.to(tl.int64) * seqlen_q * seqlen_k + offs_m[:, None].to(tl.int64) * seqlen_k + offs_n[None, :]
         q_block = m_lo // BLOCK_SQ
-        acc, l_i, m_i = _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, offs_m, offs_n, offs_d, offs_dv,
+        acc, l_i, m_i = _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
                                         FullNum, FullIdx, row, q_block, sparse_nq, sparse_nk,
                                         stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                         BLOCK_N, BLOCK_SK, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
-                                        EVEN_D, EVEN_DV, DOT_PRECISION)
-        acc, l_i, m_i = _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, offs_m, offs_n, offs_d, offs_dv,
+                                        EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK)
+        acc, l_i, m_i = _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
                                         PartNum, PartIdx, row, q_block, sparse_nq, sparse_nk,
                                         stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                         BLOCK_N, BLOCK_SK, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
-                                        EVEN_D, EVEN_DV, DOT_PRECISION)
+                                        EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK)
     else:
         # -- three phases: masked head (window's left edge), unmasked body, masked tail (diagonal, end) --
         a, bb, c, d = key_phases(m_lo, m_hi, seqlen_q, seqlen_k, window_left, window_right,
                                  BLOCK_N, HAS_LEFT, HAS_RIGHT)
         if HAS_LEFT:
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ptrs, offs_m, offs_n, offs_d, offs_dv,
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
                                        a, bb, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
                                        head_dim, head_dim_v, window_left, window_right,
-                                       BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ptrs, offs_m, offs_n, offs_d, offs_dv,
+                                       BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
                                    bb, c, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
                                    head_dim, head_dim_v, window_left, window_right,
-                                   BLOCK_N, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ptrs, offs_m, offs_n, offs_d, offs_dv,
+                                   BLOCK_N, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
                                    c, d, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
                                    head_dim, head_dim_v, window_left, window_right,
-                                   BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION)
+                                   BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK)
 
     # -- epilogue: normalise; a row that saw no key gives out 0 and lse -inf --
     empty = l_i == 0.0

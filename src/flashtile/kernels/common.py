@@ -93,12 +93,14 @@ def tanh(x):
 
 @triton.jit
 def score_log2(qk, offs_m, cols, seqlen_q, seqlen_k, qk_scale, softcap_pre, softcap_post, alibi_log2,
-               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, am_ptrs, ATTN_MASK: tl.constexpr):
     """Raw q.k -> the score in the log2 domain, FlashAttention's order: scale, softcap, ALiBi.
 
     Without softcap: qk * softmax_scale * log2(e). With softcap c: c * tanh(qk * scale / c) * log2(e)
     (softcap_pre = scale / c, softcap_post = c * log2(e)). ALiBi adds
     -slope * |i + Sk - Sq - j| * log2(e) (alibi_log2 = slope * log2(e)).
+    ATTN_MASK (torch SDPA's attn_mask, am_ptrs: pointers of this tile, in qk's orientation):
+    1 = bool (False hides the key), 2 = additive float bias, added after softcap and ALiBi.
     Returns (score, t) with t = tanh(...) when SOFTCAP (the backward needs 1 - t^2), else score.
     """
     if SOFTCAP:
@@ -110,6 +112,13 @@ def score_log2(qk, offs_m, cols, seqlen_q, seqlen_k, qk_scale, softcap_pre, soft
     if HAS_ALIBI:
         dist = (offs_m[:, None] + (seqlen_k - seqlen_q)) - cols[None, :]
         s = s - alibi_log2 * tl.abs(dist).to(tl.float32)
+    if ATTN_MASK != 0:
+        in_bounds = (offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
+        am = tl.load(am_ptrs, mask=in_bounds, other=0)
+        if ATTN_MASK == 1:
+            s = tl.where(am != 0, s, float("-inf"))
+        else:
+            s = s + am.to(tl.float32) * 1.4426950408889634
     return s, t
 
 
