@@ -105,9 +105,10 @@ def print_cases(suite: Suite, cases: Sequence[Case]) -> None:
     print(f"suite {suite.name}: {suite.description}")
     for i, c in enumerate(cases, 1):
         s = c.shape
-        dims = " ".join(f"{k}={s[k]}" for k in ("B", "H") if k in s)
+        # Sizes the name (the labels) does not already show.
+        dims = " ".join(f"{k}={s[k]}" for k in ("B", "H") if k in s and k not in c.labels)
         if "Hkv" in s and s["Hkv"] != s.get("H"):
-            dims += f" Hkv={s['Hkv']}"
+            dims = f"{dims} Hkv={s['Hkv']}".strip()
         skip = f"  skip: {', '.join(c.skip)}" if c.skip else ""
         print(f"{i:4d}. {c.name:<34} {dims:<12} {c.flops / 1e12:8.3f} TFLOP  "
               f"providers: {', '.join(c.providers)}{skip}")
