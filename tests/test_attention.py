@@ -330,3 +330,30 @@ def test_custom_ops_pass_opcheck():
     (out * torch.randn_like(out)).sum().backward()
     ref, _ = attention_ref(q, k, v, softmax_scale=0.25, causal=True)
     assert (out.double() - ref.double()).abs().max() < 1e-5
+
+
+def test_config_shrinks_when_the_gpu_lacks_resources(monkeypatch):
+    """A GPU with less shared memory than the tuned one gets a smaller config, not an error."""
+    import triton
+
+    real = attention_launch.attention_fwd_kernel
+    tried = []
+
+    class SmallGPU:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                tried.append((kw["BLOCK_M"], kw["BLOCK_N"], kw["num_stages"]))
+                if kw["num_stages"] > 1 or kw["BLOCK_N"] > 16:
+                    raise triton.runtime.errors.OutOfResources(1 << 20, 1 << 16, "shared memory")
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(attention_launch, "attention_fwd_kernel", SmallGPU())
+    monkeypatch.setattr(attention_launch, "_SHRUNK", {})
+    q, k, v = _make((1, 40, 40, 2, 1, 16), torch.float32)
+    cfg = attention_launch.KernelConfig(64, 64, 4, 3)
+    with torch.no_grad():
+        out, lse = attention_launch.attention_forward(q, k, v, 0.25, None, 0, config=cfg)
+    assert tried[0] == (64, 64, 3) and tried[-1][1:] == (16, 1) and len(tried) > 3
+    ref, _ = attention_ref(q, k, v, softmax_scale=0.25, causal=True)
+    assert (out.double() - ref.double()).abs().max() < 1e-5

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,10 @@ from flashtile.bench.suites import SUITES, attention_case, attention_flops, filt
 from flashtile.bench.validate import compare
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The variants suite at CPU size (float32: the Triton interpreter has no bfloat16).
+TINY = suites.VariantSizes(d=16, heads=2, window_s=128, window=16, s=128, softcap_b=1, gqa_hq=4, gqa_hkv=2,
+                           varlen_tokens=128, varlen_seqs=3, min_len=8, block=32, docs=3, dtype="float32")
 
 
 def _run_module(*args: str) -> subprocess.CompletedProcess:
@@ -78,6 +83,8 @@ def test_usage_errors_return_codes(capsys):
     assert main(["bench", "--suite", "nope"]) == 2
     assert main(["bench", "--dry-run", "--providers", "nope"]) == 2
     assert main(["bench", "--dry-run", "--seqlens", "3"]) == 2  # no case matches
+    assert main(["bench", "--dry-run", "--suite", "variants", "--variants", "nope"]) == 2
+    assert main(["bench", "--dry-run", "--suite", "standard", "--variants", "window"]) == 2
     capsys.readouterr()
 
 
@@ -102,6 +109,12 @@ def test_bench_dry_run_subprocess_lists_72_cases():
         (["--suite", "standard", "--quick"], 24),
         (["--suite", "wide"], 48),
         (["--suite", "wide", "--causal", "no", "--modes", "fwd"], 12),
+        (["--suite", "variants"], 24),
+        (["--suite", "variants", "--quick"], 12),
+        (["--suite", "variants", "--causal", "no"], 12),
+        (["--suite", "variants", "--variants", "block_sparse", "--modes", "fwd"], 4),
+        (["--suite", "variants", "--variants", "window,varlen", "gqa"], 8),
+        (["--suite", "variants", "--seqlens", "16384"], 6),
     ],
 )
 def test_bench_dry_run_counts(args, count, capsys):
@@ -114,6 +127,56 @@ def test_bench_without_cuda_says_so(capsys, tmp_path):
         pytest.skip("this machine has CUDA")
     assert main(["bench", "--suite", "standard", "--out", str(tmp_path)]) == 2
     assert "CUDA" in capsys.readouterr().err
+
+
+def test_bench_variants_dry_run_subprocess_lists_cases():
+    proc = _run_module("bench", "--suite", "variants", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1] == "24 cases"
+    listed = [line for line in lines if line.lstrip()[:1].isdigit() and ". variant=" in line]
+    assert len(listed) == 24
+    text = "\n".join(listed)
+    for needle in ("variant=window setting=(1024, 0) causal=yes B=1 H=16 S=16384",
+                   "variant=window setting=(1024, 1024) causal=no",
+                   "variant=softcap setting=30 causal=no B=2 H=16 S=8192",
+                   "variant=alibi setting=2^(-8(h+1)/H) causal=yes B=2 H=16 S=8192",
+                   "variant=gqa setting=Hkv=8 causal=yes B=1 H=32 S=8192",
+                   "variant=varlen setting=16 seqs causal=yes B=1 H=16 S=16384",
+                   "variant=block_sparse setting=random 25% causal=no B=1 H=16 S=8192 visible=25.0%",
+                   "variant=block_sparse setting=random 10%",
+                   "variant=block_sparse setting=random 50%",
+                   "variant=block_sparse setting=document x8 causal=yes"):
+        assert text.count(needle) == 2, needle  # fwd and fwd_bwd
+    assert "Hkv=8" in text and "flashtile_dense" in text and "flex" in text
+
+
+def test_variants_suite_definition():
+    cases = suites.variants_suite()
+    assert len(cases) == 24 and len({c.key for c in cases}) == 24
+    for c in cases:
+        s = c.shape
+        assert c.dtype == "bfloat16" and s["D"] == 128 and c.kind == "attention"
+        assert c.providers[:2] == ("flashtile", "flashtile_dense") and "flex" in c.providers
+        assert c.references[0] == "torch_ref"
+        # flashtile_dense's FLOPs are the dense ones on the same shape, whatever the variant
+        assert c.flops_for("flashtile_dense") == attention_flops(s["B"], s["H"], s["Sq"], s["Sk"], s["D"],
+                                                                 s["causal"], c.mode)
+        assert c.flops_for("flex") == c.flops
+        assert c.flops <= c.flops_for("flashtile_dense") * (1 + 1e-3)
+        if s["variant"] == "varlen":
+            assert "sdpa_flash" in c.skip  # per-sequence SDPA is not a fair peer
+        if s["variant"] == "gqa":
+            assert (s["H"], s["Hkv"]) == (32, 8) and {"sdpa_flash", "sdpa_cudnn"} <= set(c.providers) and not c.skip
+    by = {(c.shape["variant"], c.labels["setting"], c.mode): c for c in cases}
+    # density of the random block masks is exact (diagonal blocks included in the count)
+    for pct in (50, 25, 10):
+        c = by[("block_sparse", f"random {pct}%", "fwd")]
+        assert c.flops / c.flops_for("flashtile_dense") == pytest.approx(pct / 100, abs=1e-3)
+    # round trip through JSON keeps the per-provider FLOPs
+    c = by[("window", "(1024, 0)", "fwd_bwd")]
+    back = suites.case_from_dict(json.loads(json.dumps(c.to_dict())))
+    assert back.key == c.key and back.flops_for("flashtile_dense") == c.flops_for("flashtile_dense")
 
 
 def test_standard_suite_shapes():
@@ -162,6 +225,80 @@ def test_flop_formula():
     for c in suites.standard_suite():
         base = 4.0 * 16384 * 2048 * c.shape["Sq"] * (0.5 if c.shape["causal"] else 1.0)
         assert c.flops == pytest.approx(base * (3.5 if c.mode == "fwd_bwd" else 1.0))
+
+
+def test_masked_flops_count_visible_pairs_tiny():
+    """FLOPs of a masked case = 4 * B * H * D per visible (i, j) pair, counted exactly."""
+    # S = 8, causal window (2, 0): rows see 1, 2, 3, 3, 3, 3, 3, 3 keys = 21 pairs of 64
+    assert suites.visible_pairs_window(8, 8, 2, 0) == 21
+    assert suites.visible_pairs_window(8, 8, 2, 1) == 21 + 7  # one more key right of the diagonal, but row 7
+    assert suites.visible_pairs_window(8, 8, -1, 0) == 36  # plain causal: S (S + 1) / 2
+    assert suites.visible_pairs_window(8, 8, -1, -1) == 64
+    assert suites.visible_pairs_documents([3, 5], causal=True) == 6 + 15
+    assert suites.visible_pairs_documents([3, 5], causal=False) == 9 + 25
+    assert suites.visible_pairs_blocks([[True, False], [True, True]], 4, 4, 6, 7) == 4 * 4 + 2 * 4 + 2 * 3
+    c = suites._variant_case("window", "(2, 0)", b=3, h=2, hkv=2, s=8, d=16, causal=True, mode="fwd",
+                             providers=("flashtile", "flashtile_dense"), window_left=2, window_right=0)
+    assert c.flops == 4 * 3 * 2 * 16 * 21
+    assert c.labels["visible"] == f"{100 * 21 / 64:.1f}%"
+    assert c.flops_for("flashtile_dense") == 4 * 3 * 2 * 8 * 8 * 16 / 2  # dense causal convention
+    bwd = suites._variant_case("window", "(2, 0)", b=3, h=2, hkv=2, s=8, d=16, causal=True, mode="fwd_bwd",
+                               providers=("flashtile",), window_left=2, window_right=0)
+    assert bwd.flops == 3.5 * c.flops
+    # seeded lengths and tables: deterministic, right totals, exact density
+    lengths = suites.doc_lengths(1000, 7, seed=3, min_len=20)
+    assert sum(lengths) == 1000 and len(lengths) == 7 and min(lengths) >= 20
+    assert lengths == suites.doc_lengths(1000, 7, seed=3, min_len=20) != suites.doc_lengths(1000, 7, seed=4, min_len=20)
+    table = suites.random_block_table(8, 8, 0.25, seed=1)
+    assert sum(map(sum, table)) == 16 and all(table[r][r] for r in range(8))
+
+
+def test_masked_flops_match_the_masks_on_the_device_side():
+    """The pure-Python pair count equals what flashtile's BlockMask and Flex's mask_mod see."""
+    from flashtile.bench import variants
+    from flashtile.masks import visibility_mask
+
+    cpu = torch.device("cpu")
+    for c in suites.variants_suite(sizes=TINY):
+        s = c.shape
+        if c.mode != "fwd" or s["variant"] not in suites.MASK_VARIANTS:
+            continue
+        _, mask_mod = variants.mods(s, cpu)
+        qi, kj = torch.arange(s["Sq"]).unsqueeze(1), torch.arange(s["Sk"]).unsqueeze(0)
+        flex_mask = mask_mod(torch.tensor(0), torch.tensor(0), qi, kj).expand(s["Sq"], s["Sk"])
+        kw = variants.flashtile_kwargs(s, cpu)
+        if "block_mask" in kw:
+            mine = kw["block_mask"].dense()[0, 0]
+        elif s["variant"] == "window":
+            mine = visibility_mask(s["Sq"], s["Sk"], kw["causal"], kw["window_size"])
+        else:  # varlen: causal within each sequence
+            ids = variants.doc_ids(s, cpu)
+            mine = (ids[:, None] == ids[None, :]) & visibility_mask(s["Sq"], s["Sk"], True)
+        assert torch.equal(flex_mask, mine), c.name
+        pairs = int(mine.sum())
+        assert pairs == suites.visible_pairs(s), c.name
+        assert c.flops == pytest.approx(4.0 * s["B"] * s["H"] * s["D"] * pairs), c.name
+        assert c.labels["visible"] == f"{100 * pairs / (s['Sq'] * s['Sk']):.1f}%"
+
+
+def test_variants_suite_needs_no_cuda_at_import():
+    code = (
+        "import sys, torch\n"
+        "import flashtile.bench.suites as s, flashtile.bench.variants as v, flashtile.bench.cli as cli\n"
+        "cases = s.SUITES['variants'].build(False) + s.SUITES['variants'].build(True)\n"
+        "assert len(cases) == 36\n"
+        "tiny = s.variants_suite(sizes=s.VariantSizes(d=16, heads=2, window_s=128, window=16, s=128, gqa_hq=4,\n"
+        "    gqa_hkv=2, varlen_tokens=128, varlen_seqs=3, min_len=8, block=32, docs=3))\n"
+        "for c in tiny:\n"
+        "    v.mods(c.shape, torch.device('cpu')); v.flashtile_kwargs(c.shape, torch.device('cpu'))\n"
+        "assert cli.main(['--suite', 'variants', '--dry-run']) == 0\n"
+        "assert not torch.cuda.is_initialized()\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    # the suite definition itself is plain Python: no torch import at all
+    assert "import torch" not in (ROOT / "src/flashtile/bench/suites.py").read_text()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,6 +400,43 @@ def test_runner_records_ok_wrong_error_and_skip(monkeypatch, tmp_path):
     assert report.format_cell(doc4["results"][0]["cells"]["broken"]).endswith("?")
 
 
+def test_runner_variants_validate_flashtile_and_dense_baseline(monkeypatch, tmp_path):
+    """Variants on CPU: flashtile (Triton interpreter) agrees with torch_ref, the Flex mods' dense
+    evaluation, on every variant; flashtile_dense is checked against its own dense reference and
+    gets the dense FLOPs; a peer that ignores the mask is caught; unsupported peers are errors."""
+    # The timed callable runs once (in the fake warm-up); the interpreter is slow.
+    monkeypatch.setattr(runner, "median_ms", lambda fn, **kw: 2.0)
+    monkeypatch.setattr(runner, "warm_up", lambda fn, calls=2: fn())
+    monkeypatch.setitem(PROVIDERS, "broken", Provider("broken", "attention", "ignores every mask", _broken_build))
+    cases = [c for c in suites.variants_suite(sizes=TINY)
+             if c.mode == "fwd" or c.labels["setting"] in ("random 25%", "Hkv=2")]
+    # sdpa_efficient (ALiBi bias) has no CPU kernel: it must fail alone, as an error cell
+    cases = filter_cases(cases, providers=["flashtile", "flashtile_dense", "sdpa_efficient", "broken"])
+    cases = [replace(c, providers=c.providers + ("broken",)) if c.shape["variant"] == "block_sparse" else c
+             for c in cases]
+    assert len(cases) == 14
+    doc, code = runner.run_suite(SUITES["variants"], cases, runner.RunOptions(out_dir=tmp_path, device="cpu"),
+                                 {"device": "test"})
+    assert code == 0 and len(doc["results"]) == 14
+    for entry in doc["results"]:
+        case, cells = suites.case_from_dict(entry["case"]), entry["cells"]
+        where = case.name
+        assert cells["flashtile"]["status"] == "ok" and cells["flashtile"]["reference"] == "torch_ref", (where, cells["flashtile"])
+        assert cells["flashtile_dense"]["status"] == "ok", (where, cells["flashtile_dense"])
+        assert cells["flashtile_dense"]["reference"] == "torch_ref (dense)"
+        expect = {"out"} if case.mode == "fwd" else {"out", "dq", "dk", "dv"}
+        assert set(cells["flashtile"]["check"]) == expect == set(cells["flashtile_dense"]["check"])
+        assert cells["flashtile"]["tflops"] == pytest.approx(case.flops / 2e-3 / 1e12)
+        assert cells["flashtile_dense"]["tflops"] == pytest.approx(case.flops_for("flashtile_dense") / 2e-3 / 1e12)
+        if case.shape["variant"] == "block_sparse":
+            assert cells["broken"]["status"] == "wrong" and cells["broken"]["tflops"] is None
+        if case.shape["variant"] == "alibi":
+            assert cells["sdpa_efficient"]["status"] == "error" and cells["sdpa_efficient"]["reason"]
+    text = report.write_report(doc, tmp_path)["text"]
+    assert "| vs flashtile dense | time / dense |" in text
+    assert (tmp_path / "variants_fwd.png").read_bytes()[:4] == b"\x89PNG"
+
+
 # ----------------------------------------------------------------------------------------------
 # report
 
@@ -339,9 +513,57 @@ def test_report_wide_suite_layout(tmp_path):
     assert (tmp_path / "wide_fwd.png").exists()
 
 
+def _variants_document() -> dict:
+    """Synthetic variants results: flashtile at 0.3x / 0.5x dense time on the 25% block mask."""
+    doc = report.new_document(SUITES["variants"].layout())
+    doc["runs"].append({"date": "2026-11-22 12:00 UTC", "device": "NVIDIA H200", "warmup_ms": 25, "rep_ms": 100})
+    for case in suites.variants_suite(quick=True):
+        ratio = {"fwd": 0.3, "fwd_bwd": 0.5}[case.mode] if case.labels["setting"] == "random 25%" else 0.8
+        times = {"flashtile": 10.0 * ratio, "flashtile_dense": 10.0, "flex": 12.0 * ratio, "sdpa_flash": 11.0 * ratio,
+                 "sdpa_cudnn": 9.0 * ratio, "sdpa_efficient": 20.0 * ratio}
+        cells = {}
+        for p in case.providers:
+            if p in case.skip:
+                cells[p] = {"status": "skipped", "reason": case.skip[p], "median_ms": None, "tflops": None}
+            else:
+                cells[p] = {"status": "ok", "median_ms": times[p], "tflops": tflops(case.flops_for(p), times[p])}
+        report.add_cells(doc, case.to_dict(), cells)
+    return doc
+
+
+def test_report_variants_dense_ratio_columns_and_target(tmp_path):
+    doc = _variants_document()
+    written = report.write_report(doc, tmp_path)
+    text = written["text"]
+    header = ("| variant | setting | causal | B | H | S | visible | mode | flashtile | flashtile_dense | sdpa_flash | flex "
+              "| sdpa_efficient | sdpa_cudnn | vs flashtile dense | time / dense | vs flex | vs best |")
+    assert header in text
+    # 25% block mask, fwd: flashtile 3 ms vs dense 10 ms on 25% of the work: TFLOP/s ratio 0.25 / 0.3
+    row = next(line for line in text.splitlines() if line.startswith("| block_sparse | random 25% |") and "| fwd |" in line)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # (vs flex: 3.6 ms / 3 ms; SDPA is skipped there, so Flex is also the best peer)
+    assert cells[-4:] == [f"{0.25 / 0.3:.2f}", "0.30", "1.20", "1.20 (flex)"]
+    # the dense baseline is never "best peer", even where it is fastest
+    assert "(flashtile_dense)" not in text
+    # GQA row: cuDNN is the best peer (9 vs 10 ms)
+    gqa = next(line for line in text.splitlines() if line.startswith("| gqa |") and "| fwd |" in line)
+    assert gqa.rstrip(" |").endswith("(sdpa_cudnn)")
+    assert "### Targets" in text
+    assert "time <= 0.35x flashtile dense: fwd: 0.30, met; fwd_bwd: 0.50, not met" in text
+    assert "count only visible (i, j) pairs" in text and "flashtile_dense: flashtile on the same" in text
+    assert "SDPA FLASH run per sequence is not a fair peer" in text
+    for mode in ("fwd", "fwd_bwd"):
+        assert (tmp_path / f"variants_{mode}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report.render_json_file(tmp_path / "variants.json") == text
+    # older suites keep their layout (and files) unchanged
+    assert set(SUITES["standard"].layout()) == {"name", "description", "x", "group", "subject", "ratio_peers"}
+    assert "provider_flops" not in suites.standard_suite()[0].to_dict()
+
+
 def test_bench_package_imports_without_cuda():
     code = (
-        "import torch, flashtile.bench, flashtile.bench.peers, flashtile.bench.runner, flashtile.bench.cli;"
+        "import torch, flashtile.bench, flashtile.bench.peers, flashtile.bench.runner, flashtile.bench.cli,"
+        " flashtile.bench.variants;"
         "assert not torch.cuda.is_initialized()"
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), CUDA_VISIBLE_DEVICES="")

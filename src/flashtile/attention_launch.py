@@ -127,6 +127,42 @@ def _attn_mask_args(attn_mask: Optional[torch.Tensor], shape: Tuple[int, int, in
     return 2, m, tuple(m.stride())
 
 
+_SHRUNK: dict = {}  # (kernel, config, specialisation) -> the config that fitted this GPU
+
+
+def _shrink(cfg: KernelConfig) -> Optional[KernelConfig]:
+    """The next smaller config: fewer pipeline stages first, then narrower tiles (powers of two >= 16)."""
+    if cfg.num_stages > 1:
+        return dataclasses.replace(cfg, num_stages=cfg.num_stages - 1)
+    if cfg.block_n > 16:
+        return dataclasses.replace(cfg, block_n=cfg.block_n // 2, num_stages=2)
+    if cfg.block_m > 16:
+        return dataclasses.replace(cfg, block_m=cfg.block_m // 2, num_stages=2)
+    return None
+
+
+def _launch(kernel, cfg: KernelConfig, sparse_block: Tuple[int, int], grid_of, args, meta) -> None:
+    """Launch with cfg; if this GPU lacks the shared memory or registers for it, retry smaller.
+
+    tuning.py's tables are measured on an H200; a GPU with less shared memory (consumer cards,
+    older architectures) gets the largest config that fits instead of an OutOfResources error.
+    """
+    key = (id(kernel), cfg, sparse_block, meta["BLOCK_D"], meta["BLOCK_DV"], args[0].dtype, args[0].device)
+    cfg = _SHRUNK.get(key, cfg)
+    while True:
+        block_m, block_n = _fit_tile(cfg.block_m, sparse_block[0]), _fit_tile(cfg.block_n, sparse_block[1])
+        try:
+            kernel[grid_of(block_m, block_n)](*args, BLOCK_M=block_m, BLOCK_N=block_n,
+                                               num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
+            _SHRUNK[key] = cfg
+            return
+        except triton.runtime.errors.OutOfResources:
+            smaller = _shrink(cfg)
+            if smaller is None:
+                raise
+            cfg = smaller
+
+
 def _fit_tile(tile: int, block: int) -> int:
     """Kernel tiles must tile a sparse block exactly; blocks are powers of two >= 16 (checked in api)."""
     return tile if block == 0 else min(tile, block)
@@ -169,22 +205,18 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     block_d, block_dv = padded_head_dim(D), padded_head_dim(Dv)
     sp = _sparse_args(block_mask, lse)
     am_kind, am, am_strides = _attn_mask_args(attn_mask, (B, Hq, Sq, Sk), lse)
-    block_m, block_n = _fit_tile(cfg.block_m, sp.block[0]), _fit_tile(cfg.block_n, sp.block[1])
-    grid = (triton.cdiv(Sq, block_m) * B * Hq,)
     slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
     cu_q, cu_k = layout.cu(lse)
-    with _device_ctx(q):
-        attention_fwd_kernel[grid](
-            q, k, v, out, lse, slopes, cu_q, cu_k, *sp.kv_lists, sp.element_mask, am,
+    args = (q, k, v, out, lse, slopes, cu_q, cu_k, *sp.kv_lists, sp.element_mask, am,
             *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(out), *layout.lse_bh(lse), stride_alibi_b,
             Sq, Sk, Hq, Hq // Hkv, D, Dv,
-            softmax_scale, softcap, left, right, *sp.scalars, *am_strides,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-            HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
-            VARLEN=layout.varlen, BLOCK_SPARSE=sp.enabled, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
-            ATTN_MASK=am_kind, EVEN_D=block_d == D, EVEN_DV=block_dv == Dv, DOT_PRECISION=_dot_precision(q.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+            softmax_scale, softcap, left, right, *sp.scalars, *am_strides)
+    meta = dict(BLOCK_D=block_d, BLOCK_DV=block_dv,
+                HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+                VARLEN=layout.varlen, BLOCK_SPARSE=sp.enabled, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
+                ATTN_MASK=am_kind, EVEN_D=block_d == D, EVEN_DV=block_dv == Dv, DOT_PRECISION=_dot_precision(q.dtype))
+    with _device_ctx(q):
+        _launch(attention_fwd_kernel, cfg, sp.block, lambda bm, bn: (triton.cdiv(Sq, bm) * B * Hq,), args, meta)
     return out, lse
 
 
@@ -237,16 +269,12 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     cu_q, cu_k = layout.cu(lse)
     with _device_ctx(q):
         # dQ first: it also writes delta, which the dK/dV launch reads
-        c = cfg.dq
-        block_m, block_n = _fit_tile(c.block_m, sp.block[0]), _fit_tile(c.block_n, sp.block[1])
-        attention_bwd_dq_kernel[(triton.cdiv(Sq, block_m) * B * Hq,)](
-            q, k, v, out, dout, lse, delta, dq, slopes, cu_q, cu_k, *sp.kv_lists, sp.element_mask, am,
-            *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(out), *layout.bsh(dout), *layout.bsh(dq),
-            *layout.lse_bh(lse), stride_alibi_b,
-            Sq, Sk, Hq, group, D, Dv, softmax_scale, softcap, left, right, *sp.scalars, *am_strides,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-            num_warps=c.num_warps, num_stages=c.num_stages, **flags,
-        )
+        args = (q, k, v, out, dout, lse, delta, dq, slopes, cu_q, cu_k, *sp.kv_lists, sp.element_mask, am,
+                *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(out), *layout.bsh(dout), *layout.bsh(dq),
+                *layout.lse_bh(lse), stride_alibi_b,
+                Sq, Sk, Hq, group, D, Dv, softmax_scale, softcap, left, right, *sp.scalars, *am_strides)
+        _launch(attention_bwd_dq_kernel, cfg.dq, sp.block, lambda bm, bn: (triton.cdiv(Sq, bm) * B * Hq,), args,
+                dict(flags, BLOCK_D=block_d, BLOCK_DV=block_dv))
         expand = _expand_gqa(q, k, cfg.dkdv.block_n, layout) if expand_gqa is None else (expand_gqa and group > 1)
         if expand:  # per-query-head fp32 partials, summed over the group below
             dk_buf = _empty((*k.shape[:-2], Hq, D), dtype=torch.float32, device=q.device)
@@ -255,17 +283,14 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         else:
             dk_buf, dv_buf = dk, dv
             heads_per_program, n_head_programs = group, Hkv
-        c = cfg.dkdv
-        block_m, block_n = _fit_tile(c.block_m, sp.block[0]), _fit_tile(c.block_n, sp.block[1])
-        attention_bwd_dkdv_kernel[(triton.cdiv(Sk, block_n) * B * n_head_programs,)](
-            q, k, v, dout, lse, delta, dk_buf, dv_buf, slopes, cu_q, cu_k, *sp.q_lists, sp.element_mask, am,
-            *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(dout), *layout.bsh(dk_buf), *layout.bsh(dv_buf),
-            *layout.lse_bh(lse), stride_alibi_b,
-            Sq, Sk, Hq, group, heads_per_program, n_head_programs,
-            D, Dv, softmax_scale, softcap, left, right, *sp.scalars, *am_strides,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-            num_warps=c.num_warps, num_stages=c.num_stages, **flags,
-        )
+        args = (q, k, v, dout, lse, delta, dk_buf, dv_buf, slopes, cu_q, cu_k, *sp.q_lists, sp.element_mask, am,
+                *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(dout), *layout.bsh(dk_buf),
+                *layout.bsh(dv_buf), *layout.lse_bh(lse), stride_alibi_b,
+                Sq, Sk, Hq, group, heads_per_program, n_head_programs,
+                D, Dv, softmax_scale, softcap, left, right, *sp.scalars, *am_strides)
+        _launch(attention_bwd_dkdv_kernel, cfg.dkdv, sp.block,
+                lambda bm, bn: (triton.cdiv(Sk, bn) * B * n_head_programs,), args,
+                dict(flags, BLOCK_D=block_d, BLOCK_DV=block_dv))
         if expand:
             dk.copy_(dk_buf.unflatten(-2, (Hkv, group)).sum(-2))
             dv.copy_(dv_buf.unflatten(-2, (Hkv, group)).sum(-2))

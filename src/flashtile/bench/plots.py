@@ -1,4 +1,5 @@
-"""PNG plots of a results document: per mode, one subplot per group, TFLOP/s against x.
+"""PNG plots of a results document: per mode, one subplot per group, TFLOP/s against x (or, for
+suites whose layout says plot="bars", one group of bars per case).
 
 Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend switch), so it
 works headless and never disturbs a caller's own matplotlib state.
@@ -137,7 +138,7 @@ def render_bars(doc: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
         ax.set_ylabel("TFLOP/s (visible work)")
         ax.set_ylim(bottom=0)
         ax.grid(True, axis="y", alpha=0.3)
-        ax.legend(fontsize="small", ncols=min(n, 6))
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: bars vary in height
         fig.suptitle(f"flashtile {suite['name']} suite, {mode}")
         path = out / f"{suite['name']}_{mode}.png"
         fig.savefig(path, dpi=110)

@@ -12,7 +12,13 @@ A results document is plain JSON so BENCHMARKS.md can always be rebuilt from fil
 A cell is {"status", "median_ms", "tflops", "reason", "check", "reference", "date"} with status
 "ok" (validated and timed), "unchecked" (timed, but no reference ran), "wrong" (failed validation,
 never timed), "error" (raised: unsupported, out of memory, compile error) or "skipped" (the suite
-chose not to run it). Only "ok" and "unchecked" carry a speed.
+chose not to run it). Only "ok" and "unchecked" carry a speed. A cell whose provider solves another
+problem than the case (the variants suite's flashtile_dense) also records the "flops" its TFLOP/s
+use, and names the reference it was checked against (e.g. "torch_ref (dense)").
+
+A suite layout may name a "baseline" provider (the subject on the dense problem): it is left out of
+"vs best" and gets the columns "vs <baseline_label>" and "time / dense"; "notes" add header lines,
+"targets" add a Targets section (goal met or not per mode).
 """
 
 from __future__ import annotations

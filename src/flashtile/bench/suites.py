@@ -449,13 +449,14 @@ class VariantSizes:
     densities: tuple[float, ...] = (0.5, 0.25, 0.1)
     docs: int = 8
     seed: int = 0
+    dtype: str = "bfloat16"
 
 
 def _pct(fraction: float) -> str:
     return f"{100.0 * fraction:.1f}%"
 
 
-def variant_case(
+def _variant_case(
     variant: str,
     setting: str,
     *,
@@ -522,6 +523,10 @@ def variants_suite(quick: bool = False, sizes: VariantSizes | None = None) -> li
     z = sizes or VariantSizes()
     d, h = z.d, z.heads
     base = ("flashtile", "flashtile_dense")
+
+    def variant_case(*args: Any, **kwargs: Any) -> Case:
+        return _variant_case(*args, dtype=z.dtype, **kwargs)
+
     sdpa_skip = lambda v: {"sdpa_flash": _NO_SDPA[v]}  # noqa: E731
     cases: list[Case] = []
     for mode in MODES:
