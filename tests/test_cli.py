@@ -279,6 +279,11 @@ def test_masked_flops_match_the_masks_on_the_device_side():
         assert pairs == suites.visible_pairs(s), c.name
         assert c.flops == pytest.approx(4.0 * s["B"] * s["H"] * s["D"] * pairs), c.name
         assert c.labels["visible"] == f"{100 * pairs / (s['Sq'] * s['Sk']):.1f}%"
+    # the suite's own block-sparse masks at full size (S = 8192): flashtile's BlockMask agrees too
+    for c in suites.variants_suite():
+        if c.mode == "fwd" and c.shape["variant"] == "block_sparse":
+            bm = variants.flashtile_kwargs(c.shape, cpu)["block_mask"]
+            assert int(bm.dense().sum()) == suites.visible_pairs(c.shape), c.name
 
 
 def test_variants_suite_needs_no_cuda_at_import():
