@@ -290,7 +290,7 @@ def _bad_inputs():
         ("> 256", (t(1, 8, 2, 300), t(1, 8, 2, 300), ok[2]), {}, NotImplementedError),
         ("window_size", ok, {"window_size": (-2, 0)}, ValueError),
         ("softmax_scale", ok, {"softmax_scale": "x"}, TypeError),
-        ("dropout_p", ok, {"dropout_p": 0.1}, NotImplementedError),
+        ("dropout_p", ok, {"dropout_p": 1.0}, ValueError),
         ("softcap", ok, {"softcap": -1.0}, ValueError),
         ("alibi_slopes must have shape", ok, {"alibi_slopes": torch.ones(3, device=DEVICE)}, ValueError),
         ("alibi_slopes must be float32", ok, {"alibi_slopes": torch.ones(2, device=DEVICE, dtype=torch.float16)}, TypeError),
@@ -324,7 +324,7 @@ def test_custom_ops_pass_opcheck():
 
     q, k, v = _make((1, 19, 19, 2, 1, 16), torch.float32)
     backend = "triton"
-    args = (q, k, v, 0.25, None, 0, 0.0, None, None, None, 0, 0, None, backend)
+    args = (q, k, v, 0.25, None, 0, 0.0, None, None, None, 0, 0, None, 0.0, 0, 0, backend)
     torch.library.opcheck(ops.attention_fwd, args)
     out, lse = ops.attention_fwd(*args)
     (out * torch.randn_like(out)).sum().backward()

@@ -23,7 +23,7 @@ if __name__ == "__main__" or os.environ.get("FLASHTILE_COMPILE_CHECK") == "1":
 FP32_POINTERS = {"Lse", "Delta", "Alibi", "AttnMask"}
 INT32_POINTERS = {"CuSeqQ", "CuSeqK", "FullNum", "FullIdx", "PartNum", "PartIdx"}
 UINT8_POINTERS = {"ElemMask"}
-FLOAT_SCALARS = {"softmax_scale", "softcap"}
+FLOAT_SCALARS = {"softmax_scale", "softcap", "drop_scale"}
 
 
 def _compile(kernel, elem: str, constexprs: dict, num_warps: int = 8, num_stages: int = 2):
@@ -46,11 +46,11 @@ def _compile(kernel, elem: str, constexprs: dict, num_warps: int = 8, num_stages
 
 FLAG_SETS = [
     dict(HAS_LEFT=False, HAS_RIGHT=False, SOFTCAP=False, HAS_ALIBI=False, VARLEN=False, BLOCK_SPARSE=False,
-         ATTN_MASK=0, EVEN_D=True, EVEN_DV=True),
+         ATTN_MASK=0, DROPOUT=False, EVEN_D=True, EVEN_DV=True),
     dict(HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, HAS_ALIBI=True, VARLEN=True, BLOCK_SPARSE=False,
-         ATTN_MASK=2, EVEN_D=False, EVEN_DV=False),
+         ATTN_MASK=2, DROPOUT=True, EVEN_D=False, EVEN_DV=False),
     dict(HAS_LEFT=False, HAS_RIGHT=True, SOFTCAP=False, HAS_ALIBI=False, VARLEN=False, BLOCK_SPARSE=True,
-         ATTN_MASK=0, EVEN_D=True, EVEN_DV=True),
+         ATTN_MASK=0, DROPOUT=True, EVEN_D=True, EVEN_DV=True),
 ]
 
 

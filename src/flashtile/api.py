@@ -16,7 +16,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from flashtile import dispatch, ops, reference
+from flashtile import dispatch, dropout, ops, reference
 from flashtile.errors import UnsupportedError
 from flashtile.masks import BlockMask, Edges
 from flashtile.spec import AttentionSpec, default_softmax_scale, mask_edges
@@ -87,8 +87,15 @@ def _not_yet(name: str, value: object, issue: str) -> None:
     raise UnsupportedError(f"{name}={value!r} is not supported yet ({issue} is planned)")
 
 
+def _check_dropout(dropout_p: float) -> float:
+    if not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    return float(dropout_p)
+
+
 def _run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, alibi_slopes: Optional[Tensor] = None,
-         block_mask: Optional[BlockMask] = None, attn_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+         block_mask: Optional[BlockMask] = None, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+         dropout_seed: Tuple[int, int] = (0, 0)) -> Tuple[Tensor, Tensor]:
     """Dispatch one normalised call; returns out [B, Sq, Hq, Dv] and lse [B, Hq, Sq]."""
     backend = dispatch.resolve_backend(q.device)
     # an attn_mask is itself S x S, so on the CPU the plain (S x S) oracle costs no more memory order
@@ -96,14 +103,18 @@ def _run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, alibi_slopes: Opt
         out, lse = reference.attention_ref(q, k, v, softmax_scale=spec.softmax_scale,
                                            window_size=Edges(spec.left, spec.right), softcap=spec.softcap,
                                            alibi_slopes=alibi_slopes, upcast=True, block_mask=block_mask,
-                                           attn_mask=attn_mask)
+                                           attn_mask=attn_mask, dropout_p=dropout_p,
+                                           dropout_mask=dropout.pattern(spec.batch, spec.heads_q, spec.seqlen_q,
+                                                                        spec.seqlen_k, dropout_seed, dropout_p,
+                                                                        q.device) if dropout_p > 0 else None)
         return out.to(q.dtype), lse.float()
     if block_mask is not None and backend == "triton":
         bq, bk = block_mask.block_size
         if any(x < 16 or x & (x - 1) for x in (bq, bk)):
             raise UnsupportedError(f"block_mask.block_size {(bq, bk)}: the Triton kernels need powers of two >= 16")
     return ops.attention(q, k, v, spec.softmax_scale, spec.left, spec.right, spec.softcap, alibi_slopes,
-                         backend, block_mask=block_mask, attn_mask=attn_mask)
+                         backend, block_mask=block_mask, attn_mask=attn_mask, dropout_p=dropout_p,
+                         dropout_seed=dropout_seed)
 
 
 def _check_attn_mask(attn_mask: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tensor]:
@@ -174,7 +185,7 @@ def flash_attn_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     block_mask: Optional[BlockMask] = None,
-) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
+) -> Union[Tensor, Tuple[Tensor, Tensor, Optional[Tensor]]]:
     """Exact attention softmax(q k^T * softmax_scale) v without materialising the scores.
 
     FlashAttention-2's signature and semantics. q [B, Sq, Hq, D], k [B, Sk, Hkv, D],
@@ -186,13 +197,16 @@ def flash_attn_func(
     alibi_slopes: float32 [Hq] or [B, Hq]; adds -slope * |i + Sk - Sq - j| to the scores.
     block_mask: a flashtile.BlockMask for [B|1, Hq|1, Sq, Sk]; keys outside it are masked, and empty
     blocks are never loaded. It composes with causal / window (both must allow a key).
+    dropout_p: probability of dropping an attention weight (kept ones are scaled by 1 / (1 - p)); the
+    random bits come from a seed drawn from torch's default generator (torch.manual_seed reproduces
+    them), and the backward regenerates them. With return_attn_probs=True the third element is the
+    bool keep pattern [B, Hq, Sq, Sk] (None without dropout), so the exact function can be checked.
     A query row that sees no key gives out 0 and lse -inf. The backward is always deterministic.
     """
     _check_qkv(q, k, v)
     _check_scale(softmax_scale)
     window = _check_window(window_size)
-    if dropout_p != 0.0:
-        _not_yet("dropout_p", dropout_p, "dropout")
+    dropout_p = _check_dropout(dropout_p)
     softcap = _check_softcap(softcap)
     alibi_slopes = _check_alibi(alibi_slopes, q)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -204,9 +218,11 @@ def flash_attn_func(
                          softmax_scale=default_softmax_scale(D, softmax_scale), causal=bool(causal),
                          left=left, right=right, softcap=softcap, has_alibi=alibi_slopes is not None)
     block_mask = _check_block_mask(block_mask, q, k)
-    out, lse = _run(q, k, v, spec, alibi_slopes, block_mask)
+    seed = dropout.new_seed() if dropout_p > 0 else (0, 0)
+    out, lse = _run(q, k, v, spec, alibi_slopes, block_mask, dropout_p=dropout_p, dropout_seed=seed)
     if return_attn_probs:
-        return out, lse, None
+        pattern = dropout.pattern(B, Hq, Sq, Sk, seed, dropout_p, q.device) if dropout_p > 0 else None
+        return out, lse, pattern
     return out
 
 
@@ -232,8 +248,7 @@ def scaled_dot_product_attention(
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t)
-    if dropout_p != 0.0:
-        _not_yet("dropout_p", dropout_p, "dropout")
+    dropout_p = _check_dropout(dropout_p)
     if attn_mask is not None and is_causal:
         raise ValueError("attn_mask and is_causal cannot both be set (torch's rule)")
     if key.shape[1] != query.shape[1] and not enable_gqa:
@@ -251,5 +266,6 @@ def scaled_dot_product_attention(
                          left=left, right=right)
     block_mask = _check_block_mask(block_mask, q, k)
     attn_mask = _check_attn_mask(attn_mask, q, k)
-    out, _ = _run(q, k, v, spec, block_mask=block_mask, attn_mask=attn_mask)
+    seed = dropout.new_seed() if dropout_p > 0 else (0, 0)
+    out, _ = _run(q, k, v, spec, block_mask=block_mask, attn_mask=attn_mask, dropout_p=dropout_p, dropout_seed=seed)
     return out.transpose(1, 2)

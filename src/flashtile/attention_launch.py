@@ -163,6 +163,12 @@ def _launch(kernel, cfg: KernelConfig, sparse_block: Tuple[int, int], grid_of, a
             cfg = smaller
 
 
+def _dropout_args(dropout_p: float, seed: Tuple[int, int]) -> Tuple[int, int, int, float]:
+    """(seed_lo, seed_hi, keep threshold, 1 / (1 - p)) for kernels/common.py:dropout_keep."""
+    from flashtile import dropout
+    return seed[0], seed[1], dropout.threshold(dropout_p), 1.0 / (1.0 - dropout_p)
+
+
 def _fit_tile(tile: int, block: int) -> int:
     """Kernel tiles must tile a sparse block exactly; blocks are powers of two >= 16 (checked in api)."""
     return tile if block == 0 else min(tile, block)
@@ -182,7 +188,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
                       softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
                       config: Optional[KernelConfig] = None,
                       layout: Optional[_Layout] = None, block_mask=None,
-                      attn_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                      attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                      dropout_seed: Tuple[int, int] = (0, 0)) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns out [B, Sq, Hq, Dv] (q's dtype) and lse fp32 [B, Hq, Sq] (packed: [total_q, Hq, Dv], [Hq, total_q]).
 
     left/right: visibility edges around the bottom-right diagonal (spec.mask_edges), None = unbounded.
@@ -210,8 +217,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     args = (q, k, v, out, lse, slopes, cu_q, cu_k, *sp.kv_lists, sp.element_mask, am,
             *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(out), *layout.lse_bh(lse), stride_alibi_b,
             Sq, Sk, Hq, Hq // Hkv, D, Dv,
-            softmax_scale, softcap, left, right, *sp.scalars, *am_strides)
-    meta = dict(BLOCK_D=block_d, BLOCK_DV=block_dv,
+            softmax_scale, softcap, left, right, *sp.scalars, *am_strides, *_dropout_args(dropout_p, dropout_seed))
+    meta = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, DROPOUT=dropout_p > 0,
                 HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
                 VARLEN=layout.varlen, BLOCK_SPARSE=sp.enabled, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
                 ATTN_MASK=am_kind, EVEN_D=block_d == D, EVEN_DV=block_dv == Dv, DOT_PRECISION=_dot_precision(q.dtype))
@@ -241,7 +248,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
                        config: Optional[BackwardConfig] = None, expand_gqa: Optional[bool] = None,
                        layout: Optional[_Layout] = None, block_mask=None,
-                       attn_mask: Optional[torch.Tensor] = None,
+                       attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                       dropout_seed: Tuple[int, int] = (0, 0),
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dq, dk, dv (contiguous, dtypes of q, k, v)."""
     layout = layout or _dense_layout(q, k)
@@ -262,7 +270,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     am_kind, am, am_strides = _attn_mask_args(attn_mask, (B, Hq, Sq, Sk), lse)
     flags = dict(HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
                  VARLEN=layout.varlen, BLOCK_SPARSE=sp.enabled, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
-                 ATTN_MASK=am_kind,
+                 ATTN_MASK=am_kind, DROPOUT=dropout_p > 0,
                  EVEN_D=block_d == D, EVEN_DV=block_dv == Dv, DOT_PRECISION=_dot_precision(q.dtype))
     slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
     delta = _empty(lse.shape, dtype=torch.float32, device=q.device)
@@ -272,7 +280,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         args = (q, k, v, out, dout, lse, delta, dq, slopes, cu_q, cu_k, *sp.kv_lists, sp.element_mask, am,
                 *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(out), *layout.bsh(dout), *layout.bsh(dq),
                 *layout.lse_bh(lse), stride_alibi_b,
-                Sq, Sk, Hq, group, D, Dv, softmax_scale, softcap, left, right, *sp.scalars, *am_strides)
+                Sq, Sk, Hq, group, D, Dv, softmax_scale, softcap, left, right, *sp.scalars, *am_strides,
+                *_dropout_args(dropout_p, dropout_seed))
         _launch(attention_bwd_dq_kernel, cfg.dq, sp.block, lambda bm, bn: (triton.cdiv(Sq, bm) * B * Hq,), args,
                 dict(flags, BLOCK_D=block_d, BLOCK_DV=block_dv))
         expand = _expand_gqa(q, k, cfg.dkdv.block_n, layout) if expand_gqa is None else (expand_gqa and group > 1)
@@ -287,7 +296,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                 *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(dout), *layout.bsh(dk_buf),
                 *layout.bsh(dv_buf), *layout.lse_bh(lse), stride_alibi_b,
                 Sq, Sk, Hq, group, heads_per_program, n_head_programs,
-                D, Dv, softmax_scale, softcap, left, right, *sp.scalars, *am_strides)
+                D, Dv, softmax_scale, softcap, left, right, *sp.scalars, *am_strides,
+                *_dropout_args(dropout_p, dropout_seed))
         _launch(attention_bwd_dkdv_kernel, cfg.dkdv, sp.block,
                 lambda bm, bn: (triton.cdiv(Sk, bn) * B * n_head_programs,), args,
                 dict(flags, BLOCK_D=block_d, BLOCK_DV=block_dv))

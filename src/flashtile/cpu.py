@@ -20,6 +20,7 @@ import torch
 
 from .masks import Window, block_fully_visible, effective_window, key_block_range, visibility_mask
 from .masks import BlockMask
+from . import dropout
 
 # Tile sizes: up to 256 query rows x 512 keys, with the fp32 score tile (batch chunk x heads x rows x
 # keys) capped near _TILE_ELEMS so the few tile-sized temporaries stay in cache while the matmuls stay
@@ -218,6 +219,8 @@ def attention_forward(
     alibi_slopes: Optional[torch.Tensor] = None,
     *,
     block_mask: Optional[BlockMask] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: Tuple[int, int] = (0, 0),
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Tiled attention forward.
 
@@ -277,10 +280,15 @@ def attention_forward(
                 p = s.sub_(m_safe).exp_()
                 alpha = torch.exp(m - m_safe)
                 l.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
+                if dropout_p > 0:  # the normaliser l keeps the undropped sum; P @ V sees the mask
+                    p = p * dropout.keep_tile(b0, b1, heads_q, heads_kv, q_lo, q_hi, k_lo, k_hi, seqlen_q, seqlen_k,
+                                              dropout_seed, dropout_p, device)
                 acc.mul_(alpha).add_(torch.matmul(p, vf[b0:b1, :, k_lo:k_hi]))
                 m = m_new
             empty = l == 0  # NaN rows compare False and keep their NaN
             o = torch.where(empty, torch.zeros_like(acc), acc / l)
+            if dropout_p > 0:
+                o = o / (1.0 - dropout_p)
             row_lse = torch.where(empty, torch.full_like(l, _NEG_INF), m + torch.log(l))
             out[b0:b1, q_lo:q_hi] = o.view(nb, heads_q, rows, head_dim_v).transpose(1, 2)
             lse[b0:b1, :, q_lo:q_hi] = row_lse.view(nb, heads_q, rows)
@@ -301,6 +309,8 @@ def attention_backward(
     alibi_slopes: Optional[torch.Tensor] = None,
     *,
     block_mask: Optional[BlockMask] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: Tuple[int, int] = (0, 0),
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tiled attention backward from the forward's out and lse.
 
@@ -363,8 +373,14 @@ def attention_backward(
                 vt = vf[b0:b1, :, k_lo:k_hi]
                 s, t = _scores(qt, kt, softcap, bias, mask, group, rows)
                 p = s.sub_(lse_t).exp_()
-                dv_acc[b0:b1, :, k_lo:k_hi] += torch.matmul(p.transpose(-1, -2), dot)
-                dp = torch.matmul(dot, vt.transpose(-1, -2))
+                if dropout_p > 0:  # the forward's mask, regenerated; z = keep / (1 - p)
+                    z = dropout.keep_tile(b0, b1, heads_q, heads_kv, q_lo, q_hi, k_lo, k_hi, seqlen_q, seqlen_k,
+                                          dropout_seed, dropout_p, device) / (1.0 - dropout_p)
+                    dv_acc[b0:b1, :, k_lo:k_hi] += torch.matmul((p * z).transpose(-1, -2), dot)
+                    dp = torch.matmul(dot, vt.transpose(-1, -2)).mul_(z)
+                else:
+                    dv_acc[b0:b1, :, k_lo:k_hi] += torch.matmul(p.transpose(-1, -2), dot)
+                    dp = torch.matmul(dot, vt.transpose(-1, -2))
                 ds = dp.sub_(delta_t).mul_(p)
                 if t is not None:
                     # d/dx [c * tanh(x / c)] = 1 - tanh(x / c)^2

@@ -24,7 +24,7 @@ Tensor = torch.Tensor
 def _forward_impl(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, left: Optional[int], right: Optional[int],
                   softcap: float, alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
                   cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[Tensor],
-                  backend: str, block_mask=None) -> Tuple[Tensor, Tensor]:
+                  dropout_p: float, seed_lo: int, seed_hi: int, backend: str, block_mask=None) -> Tuple[Tensor, Tensor]:
     packed = cu_seqlens_q is not None
     if backend == "triton":
         from flashtile import attention_launch as launch
@@ -32,7 +32,8 @@ def _forward_impl(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, left: O
             return launch.attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                                    softmax_scale, left, right, softcap, alibi_slopes)
         return launch.attention_forward(q, k, v, softmax_scale, left, right, softcap, alibi_slopes,
-                                        block_mask=block_mask, attn_mask=attn_mask)
+                                        block_mask=block_mask, attn_mask=attn_mask, dropout_p=dropout_p,
+                                        dropout_seed=(seed_lo, seed_hi))
     if backend == "cpu":
         from flashtile import cpu
         if attn_mask is not None:
@@ -41,7 +42,8 @@ def _forward_impl(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, left: O
         if packed:
             out, lse = cpu.attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, **kw)
         else:
-            out, lse = cpu.attention_forward(q, k, v, softmax_scale, **kw, block_mask=block_mask)
+            out, lse = cpu.attention_forward(q, k, v, softmax_scale, **kw, block_mask=block_mask, dropout_p=dropout_p,
+                                             dropout_seed=(seed_lo, seed_hi))
         return out.contiguous(), lse.contiguous()
     raise ValueError(f"flashtile::attention_fwd: unknown backend {backend!r}")
 
@@ -49,8 +51,8 @@ def _forward_impl(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, left: O
 def _backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    softmax_scale: float, left: Optional[int], right: Optional[int], softcap: float,
                    alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
-                   max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[Tensor], backend: str,
-                   block_mask=None) -> Tuple[Tensor, Tensor, Tensor]:
+                   max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[Tensor], dropout_p: float,
+                   seed_lo: int, seed_hi: int, backend: str, block_mask=None) -> Tuple[Tensor, Tensor, Tensor]:
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     packed = cu_seqlens_q is not None
@@ -60,14 +62,16 @@ def _backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
             return launch.attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                     max_seqlen_k, softmax_scale, left, right, softcap, alibi_slopes)
         return launch.attention_backward(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes,
-                                         block_mask=block_mask, attn_mask=attn_mask)
+                                         block_mask=block_mask, attn_mask=attn_mask, dropout_p=dropout_p,
+                                        dropout_seed=(seed_lo, seed_hi))
     if backend == "cpu":
         from flashtile import cpu
         kw = dict(window_size=Edges(left, right), softcap=softcap, alibi_slopes=alibi_slopes)
         if packed:
             grads = cpu.attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, **kw)
         else:
-            grads = cpu.attention_backward(dout, q, k, v, out, lse, softmax_scale, **kw, block_mask=block_mask)
+            grads = cpu.attention_backward(dout, q, k, v, out, lse, softmax_scale, **kw, block_mask=block_mask,
+                                           dropout_p=dropout_p, dropout_seed=(seed_lo, seed_hi))
         return tuple(g.contiguous() for g in grads)
     raise ValueError(f"flashtile::attention_bwd: unknown backend {backend!r}")
 
@@ -76,15 +80,15 @@ def _backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, left: Optional[int], right: Optional[int],
                   softcap: float, alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
                   cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[Tensor],
-                  backend: str) -> Tuple[Tensor, Tensor]:
+                  dropout_p: float, seed_lo: int, seed_hi: int, backend: str) -> Tuple[Tensor, Tensor]:
     """out [B, Sq, Hq, Dv] and lse fp32 [B, Hq, Sq]; packed: out [total_q, Hq, Dv], lse [Hq, total_q]."""
     return _forward_impl(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-                         max_seqlen_q, max_seqlen_k, attn_mask, backend)
+                         max_seqlen_q, max_seqlen_k, attn_mask, dropout_p, seed_lo, seed_hi, backend)
 
 
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-                        max_seqlen_q, max_seqlen_k, attn_mask, backend):
+                        max_seqlen_q, max_seqlen_k, attn_mask, dropout_p, seed_lo, seed_hi, backend):
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     if cu_seqlens_q is not None:
         lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
@@ -97,31 +101,33 @@ def _attention_fwd_fake(q, k, v, softmax_scale, left, right, softcap, alibi_slop
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   softmax_scale: float, left: Optional[int], right: Optional[int], softcap: float,
                   alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
-                  max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[Tensor],
-                  backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                  max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[Tensor], dropout_p: float,
+                  seed_lo: int, seed_hi: int, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv (contiguous, shapes and dtypes of q, k, v)."""
     return _backward_impl(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes,
-                          cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, backend)
+                          cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, dropout_p, seed_lo,
+                          seed_hi, backend)
 
 
 @attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes, cu_seqlens_q,
-                        cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, backend):
+                        cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, dropout_p, seed_lo, seed_hi, backend):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
             torch.empty(v.shape, dtype=v.dtype, device=v.device))
 
 
-_N_ARGS = 14  # inputs of attention_fwd; backward returns a gradient (or None) for each
+_N_ARGS = 17  # inputs of attention_fwd; backward returns a gradient (or None) for each
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, softmax_scale, left, right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-     max_seqlen_k, attn_mask, backend) = inputs
+     max_seqlen_k, attn_mask, dropout_p, seed_lo, seed_hi, backend) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, attn_mask)
     ctx.args = (softmax_scale, left, right, softcap)
     ctx.lengths = (max_seqlen_q, max_seqlen_k)
+    ctx.dropout = (dropout_p, seed_lo, seed_hi)
     ctx.backend = backend
 
 
@@ -132,7 +138,7 @@ def _grads(ctx, dout, backward_fn, **extra):
         dout = torch.zeros_like(out)
     softmax_scale, left, right, softcap = ctx.args
     dq, dk, dv = backward_fn(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes,
-                             cu_q, cu_k, *ctx.lengths, attn_mask, ctx.backend, **extra)
+                             cu_q, cu_k, *ctx.lengths, attn_mask, *ctx.dropout, ctx.backend, **extra)
     return (dq, dk, dv) + (None,) * (_N_ARGS - 3)
 
 
@@ -166,10 +172,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, left: Optio
               softcap: float, alibi_slopes: Optional[Tensor], backend: str,
               cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
               max_seqlen_q: int = 0, max_seqlen_k: int = 0, block_mask=None,
-              attn_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+              attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+              dropout_seed: Tuple[int, int] = (0, 0)) -> Tuple[Tensor, Tensor]:
     """Differentiable attention: the custom op under torch.compile, an autograd.Function in eager."""
     args = (q, k, v, softmax_scale, left, right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-            max_seqlen_q, max_seqlen_k, attn_mask, backend)
+            max_seqlen_q, max_seqlen_k, attn_mask, float(dropout_p), dropout_seed[0], dropout_seed[1], backend)
     if torch.compiler.is_compiling():
         if block_mask is not None:
             from flashtile.errors import UnsupportedError

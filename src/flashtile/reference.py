@@ -79,6 +79,8 @@ def attention_ref(
     upcast: bool = True,
     block_mask: Optional[BlockMask] = None,
     attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact attention by the book.
 
@@ -95,6 +97,8 @@ def attention_ref(
     it too. ``upcast=False`` does the same math in the input dtype (the "low-precision torch" baseline
     of the tolerance rule) and returns out in the input dtype, lse in float32.
     A fully masked row gives out 0 and lse -inf, with zero (finite) gradients.
+    ``dropout_mask`` (bool keep pattern ``[B, Hq, Sq, Sk]``, e.g. the one flash_attn_func returns):
+    probabilities are multiplied by it and by ``1 / (1 - dropout_p)`` before ``@ v``.
     ``attn_mask`` (torch SDPA's, broadcastable to ``[B, Hq, Sq, Sk]``): bool ANDs into the visibility,
     float is added to the scores after softcap and ALiBi.
     ``block_mask`` (masks.BlockMask for ``[B|1, Hq|1, Sq, Sk]``): its ``dense()`` mask is ANDed into
@@ -144,6 +148,8 @@ def attention_ref(
     empty = denom == 0  # NaN rows compare False and keep propagating NaN
     safe_denom = torch.where(empty, torch.ones_like(denom), denom)
     probs = probs / safe_denom
+    if dropout_mask is not None:  # the keep pattern [B, Hq, Sq, Sk]; lse stays the undropped one
+        probs = probs * dropout_mask.to(probs.dtype) / (1.0 - dropout_p)
     out = torch.matmul(probs, vw).transpose(1, 2)
     lse = torch.where(
         empty, torch.full_like(denom, float("-inf")), torch.log(safe_denom) + row_max

@@ -13,7 +13,8 @@ P is recomputed from the saved log-sum-exp: p = exp2(s * scale * log2(e) - lse *
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import key_phases, query_phases, block_list, score_log2, score_params, sequence_bounds, visible
+from flashtile.kernels.common import (block_list, dropout_keep, key_phases, query_phases, score_log2, score_params,
+                                      sequence_bounds, visible)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -26,12 +27,12 @@ def _load_lse2(Lse, rows, seqlen_q):
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, offs_m, offs_n, offs_d, offs_dv,
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                 start, stop, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                 seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                 BLOCK_M: tl.constexpr, MASKED: tl.constexpr, ELEM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr):
+                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr):
     """Accumulate dK, dV for one key tile over query tiles [start, stop) of one query head."""
     for start_m in range(start, stop, BLOCK_M):
         rows = start_m + offs_m
@@ -71,8 +72,14 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am
                 vis = vis & (em != 0)
             pt = tl.where(tl.trans(vis) & (rows[None, :] < seqlen_q), pt, 0.0)
         # -- dV += P^T dO ; dP^T = V dO^T ; dS^T = P^T * (dP^T - delta) ; dK += dS^T Q --
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        if DROPOUT:  # drop_rows is this head's row base here: the mask of element (i, j), transposed
+            keep = dropout_keep((drop_rows + rows[None, :]) * seqlen_k + offs_n[:, None], seed_lo, seed_hi, drop_thr)
+            dv = tl.dot(tl.where(keep, pt * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        else:
+            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            dpt = tl.where(keep, dpt * drop_scale, 0.0)
         dst = pt * (dpt - delta[None, :])
         if SOFTCAP:
             dst = dst * (1.0 - tt * tt)  # d/dx c*tanh(x/c) = 1 - tanh^2
@@ -82,7 +89,8 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "heads_per_program", "n_head_programs",
                                "window_left", "window_right", "stride_lse_b", "stride_lse_h", "sparse_mb", "sparse_mh", "sparse_nq", "sparse_nk",
-                               "stride_amb", "stride_amh", "stride_amm", "stride_amn"])
+                               "stride_amb", "stride_amh", "stride_amm", "stride_amn",
+                               "seed_lo", "seed_hi", "drop_thr"])
 def attention_bwd_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DK, DV, Alibi, CuSeqQ, CuSeqK,
     FullNum, FullIdx, PartNum, PartIdx, ElemMask, AttnMask,
@@ -95,10 +103,11 @@ def attention_bwd_dkdv_kernel(
     seqlen_q, seqlen_k, heads_q, group_size, heads_per_program, n_head_programs,
     head_dim, head_dim_v, softmax_scale, softcap, window_left, window_right,
     sparse_mb, sparse_mh, sparse_nq, sparse_nk, stride_amb, stride_amh, stride_amm, stride_amn,
+    seed_lo, seed_hi, drop_thr, drop_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_SPARSE: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr,
-    ATTN_MASK: tl.constexpr,
+    ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dK, dV for BLOCK_N keys. Program p covers query heads [p*hpp, (p+1)*hpp) of one kv head and
@@ -151,6 +160,7 @@ def attention_bwd_dkdv_kernel(
         delta_base = Delta + b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start
         qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale,
                                                                         softcap, SOFTCAP, HAS_ALIBI)
+        drop_rows = (b * heads_q + h).to(tl.int64) * seqlen_q
         # attn_mask tile in the transposed orientation [keys, queries], at query row 0
         am_ptrs = (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
                    + offs_m[None, :].to(tl.int64) * stride_amm + offs_n[:, None].to(tl.int64) * stride_amn)
@@ -166,22 +176,22 @@ def attention_bwd_dkdv_kernel(
                 for i in range(0, count):
                     start = tl.load(Idx + base + i) * BLOCK_SQ
                     stop = tl.minimum(start + BLOCK_SQ, seqlen_q)
-                    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, offs_m, offs_n,
+                    dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n,
                                          offs_d, offs_dv, start, stop, stride_qs, stride_dos, qk_scale, softcap_pre,
                                          softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
                                          window_left, window_right, BLOCK_M, True, part == 1, HAS_LEFT, HAS_RIGHT,
-                                         SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK)
+                                         SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
         else:
             if HAS_RIGHT:
-                dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, offs_m, offs_n, offs_d, offs_dv,
+                dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                      a, bb, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                     window_left, window_right, BLOCK_M, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, offs_m, offs_n, offs_d, offs_dv,
+                                     window_left, window_right, BLOCK_M, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                  bb, c, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                 window_left, window_right, BLOCK_M, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, offs_m, offs_n, offs_d, offs_dv,
+                                 window_left, window_right, BLOCK_M, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                  c, d, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                 window_left, window_right, BLOCK_M, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK)
+                                 window_left, window_right, BLOCK_M, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
 
     dk = dk * softmax_scale
     dk_mask = offs_n[:, None] < seqlen_k
@@ -197,12 +207,12 @@ def attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
+def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
               start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
               seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, ELEM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-              EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr):
+              EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr):
     """Accumulate dQ over key tiles [start, stop)."""
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + offs_n
@@ -236,6 +246,9 @@ def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_a
                 vis = vis & (em != 0)
             p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep = dropout_keep(drop_rows[:, None] + cols[None, :], seed_lo, seed_hi, drop_thr)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
@@ -245,7 +258,8 @@ def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_a
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "window_left", "window_right",
                                "stride_lse_b", "stride_lse_h", "sparse_mb", "sparse_mh", "sparse_nq", "sparse_nk",
-                               "stride_amb", "stride_amh", "stride_amm", "stride_amn"])
+                               "stride_amb", "stride_amh", "stride_amm", "stride_amn",
+                               "seed_lo", "seed_hi", "drop_thr"])
 def attention_bwd_dq_kernel(
     Q, K, V, Out, DOut, Lse, Delta, DQ, Alibi, CuSeqQ, CuSeqK,
     FullNum, FullIdx, PartNum, PartIdx, ElemMask, AttnMask,
@@ -258,10 +272,11 @@ def attention_bwd_dq_kernel(
     seqlen_q, seqlen_k, heads_q, group_size, head_dim, head_dim_v,
     softmax_scale, softcap, window_left, window_right,
     sparse_mb, sparse_mh, sparse_nq, sparse_nk, stride_amb, stride_amh, stride_amm, stride_amn,
+    seed_lo, seed_hi, drop_thr, drop_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_SPARSE: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr,
-    ATTN_MASK: tl.constexpr,
+    ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dQ [B, Sq, Hq, D] and Delta fp32 [B, Hq, Sq] for BLOCK_M query rows of one (batch, query head)."""
@@ -308,6 +323,7 @@ def attention_bwd_dq_kernel(
     v_ptrs = V + b.to(tl.int64) * stride_vb + h_kv * stride_vh + k_rows[:, None] * stride_vs + offs_dv[None, :]
     am_ptrs = (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
                + offs_m[:, None].to(tl.int64) * stride_amm + offs_n[None, :].to(tl.int64) * stride_amn)
+    drop_rows = ((b * heads_q + h).to(tl.int64) * seqlen_q + offs_m) * seqlen_k
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale, softcap,
                                                                     SOFTCAP, HAS_ALIBI)
@@ -328,22 +344,22 @@ def attention_bwd_dq_kernel(
             for i in range(0, count):
                 start = tl.load(Idx + base + i) * BLOCK_SK
                 stop = tl.minimum(start + BLOCK_SK, seqlen_k)
-                dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
+                dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                BLOCK_N, True, part == 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                               DOT_PRECISION, ATTN_MASK)
+                               DOT_PRECISION, ATTN_MASK, DROPOUT)
     else:
         if HAS_LEFT:
-            dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
+            dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                            a, bb, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                           window_left, window_right, BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK)
-        dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
+                           window_left, window_right, BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                        bb, c, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                       window_left, window_right, BLOCK_N, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK)
-        dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
+                       window_left, window_right, BLOCK_N, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                        c, d, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                       window_left, window_right, BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK)
+                       window_left, window_right, BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
 
     dq = dq * softmax_scale
     dq_mask = offs_m[:, None] < seqlen_q

@@ -9,19 +9,20 @@ as EVEN_D), so an unused feature costs nothing: Triton compiles one specialisati
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import block_list, key_phases, score_log2, score_params, sequence_bounds, visible
+from flashtile.kernels.common import (block_list, dropout_keep, key_phases, score_log2, score_params, sequence_bounds,
+                                      visible)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
+def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, ELEM: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-               EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr):
+               EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr):
     """Online-softmax update over key tiles [start, stop) in steps of BLOCK_N.
 
     MASKED applies the visibility rule and the sequence end; ELEM also ANDs the element mask of a
@@ -69,48 +70,52 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, o
             v = tl.load(v_ptrs + start_n * stride_vs)
         else:
             v = tl.load(v_ptrs + start_n * stride_vs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
+        if DROPOUT:  # l_i keeps the undropped sum (softmax normaliser); only P @ V sees the mask
+            keep = dropout_keep(drop_rows[:, None] + cols[None, :], seed_lo, seed_hi, drop_thr)
+            p = tl.where(keep, p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
-def _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
+def _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                     Num, Idx, row, q_block, n_q_blocks, n_k_blocks,
                     stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                     seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                     BLOCK_N: tl.constexpr, BLOCK_SK: tl.constexpr, ELEM: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr):
+                    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr):
     """Visit the key blocks of one block-sparse list (full or partial) of this query block."""
     count, base = block_list(Num, Idx, row, q_block, n_q_blocks, n_k_blocks)
     for i in range(0, count):
         start = tl.load(Idx + base + i) * BLOCK_SK
         stop = tl.minimum(start + BLOCK_SK, seqlen_k)
         if HAS_LEFT or HAS_RIGHT or ELEM:
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                        start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post,
                                        alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                        BLOCK_N, True, ELEM, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                                       DOT_PRECISION, ATTN_MASK)
+                                       DOT_PRECISION, ATTN_MASK, DROPOUT)
         elif stop - start == BLOCK_SK:  # a full block inside the sequence: no per-element work
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                        start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post,
                                        alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                        BLOCK_N, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                                       DOT_PRECISION, ATTN_MASK)
+                                       DOT_PRECISION, ATTN_MASK, DROPOUT)
         else:  # the block that holds the sequence end
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                        start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post,
                                        alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                        BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                                       DOT_PRECISION, ATTN_MASK)
+                                       DOT_PRECISION, ATTN_MASK, DROPOUT)
     return acc, l_i, m_i
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "window_left", "window_right",
                                "stride_lse_b", "stride_lse_h", "sparse_mb", "sparse_mh", "sparse_nq", "sparse_nk",
-                               "stride_amb", "stride_amh", "stride_amm", "stride_amn"])
+                               "stride_amb", "stride_amh", "stride_amm", "stride_amn",
+                               "seed_lo", "seed_hi", "drop_thr"])
 def attention_fwd_kernel(
     Q, K, V, Out, Lse, Alibi, CuSeqQ, CuSeqK,
     FullNum, FullIdx, PartNum, PartIdx, ElemMask, AttnMask,
@@ -121,10 +126,11 @@ def attention_fwd_kernel(
     seqlen_q, seqlen_k, heads_q, group_size, head_dim, head_dim_v,
     softmax_scale, softcap, window_left, window_right,
     sparse_mb, sparse_mh, sparse_nq, sparse_nk, stride_amb, stride_amh, stride_amm, stride_amn,
+    seed_lo, seed_hi, drop_thr, drop_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_SPARSE: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr,
-    ATTN_MASK: tl.constexpr,
+    ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Q [B, Sq, Hq, D], K [B, Sk, Hkv, D], V [B, Sk, Hkv, Dv] -> Out [B, Sq, Hq, Dv], Lse fp32 [B, Hq, Sq].
@@ -171,6 +177,9 @@ def attention_fwd_kernel(
     am_ptrs = (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
                + offs_m[:, None].to(tl.int64) * stride_amm + offs_n[None, :].to(tl.int64) * stride_amn)
 
+    # dropout counters: element (i, j) of head (b, h) is ((b * Hq + h) * Sq + i) * Sk + j
+    drop_rows = ((b * heads_q + h).to(tl.int64) * seqlen_q + offs_m) * seqlen_k
+
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -184,40 +193,42 @@ def attention_fwd_kernel(
         row = b * sparse_mb + h * sparse_mh
         em_ptrs = ElemMask + row.to(tl.int64) * seqlen_q * seqlen_k + offs_m[:, None].to(tl.int64) * seqlen_k + offs_n[None, :]
         q_block = m_lo // BLOCK_SQ
-        acc, l_i, m_i = _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
+        acc, l_i, m_i = _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                         FullNum, FullIdx, row, q_block, sparse_nq, sparse_nk,
                                         stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                         BLOCK_N, BLOCK_SK, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
-                                        EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK)
-        acc, l_i, m_i = _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
+                                        EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+        acc, l_i, m_i = _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                         PartNum, PartIdx, row, q_block, sparse_nq, sparse_nk,
                                         stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                         BLOCK_N, BLOCK_SK, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
-                                        EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK)
+                                        EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
     else:
         # -- three phases: masked head (window's left edge), unmasked body, masked tail (diagonal, end) --
         a, bb, c, d = key_phases(m_lo, m_hi, seqlen_q, seqlen_k, window_left, window_right,
                                  BLOCK_N, HAS_LEFT, HAS_RIGHT)
         if HAS_LEFT:
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                        a, bb, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
                                        head_dim, head_dim_v, window_left, window_right,
-                                       BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
+                                       BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                    bb, c, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
                                    head_dim, head_dim_v, window_left, window_right,
-                                   BLOCK_N, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_d, offs_dv,
+                                   BLOCK_N, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                    c, d, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
                                    head_dim, head_dim_v, window_left, window_right,
-                                   BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK)
+                                   BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
 
     # -- epilogue: normalise; a row that saw no key gives out 0 and lse -inf --
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     acc = acc / l_safe[:, None]
+    if DROPOUT:
+        acc = acc * drop_scale  # 1 / (1 - p)
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
 
     lse_ptrs = Lse + b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_rows

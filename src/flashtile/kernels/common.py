@@ -160,3 +160,22 @@ def block_list(Num, Idx, row, block, n_blocks_per_row, n_entries):
     """
     slot = row.to(tl.int64) * n_blocks_per_row + block
     return tl.load(Num + slot), slot * n_entries
+
+
+@triton.jit
+def _mix32(x):
+    """A 32-bit integer mixer (lowbias32) on int64 values in [0, 2^32): multiplies wrap, low bits kept."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def dropout_keep(offsets, seed_lo, seed_hi, threshold):
+    """Keep bit of element `offsets` (int64, ((b * Hq + h) * Sq + i) * Sk + j): a counter-based hash,
+    so the backward regenerates the forward's mask and dropout.py reproduces it bit for bit in torch."""
+    x = _mix32((offsets & 0xFFFFFFFF) ^ seed_lo)
+    x = _mix32(x ^ (offsets >> 32) ^ seed_hi)
+    return (x >> 8) >= threshold

@@ -1,0 +1,96 @@
+"""Dropout: the exact function (checked with the returned keep pattern), reproducibility, statistics."""
+
+import pytest
+import torch
+
+import flashtile as ft
+from flashtile import dropout
+from flashtile.reference import attention_ref, check_close
+from conftest import DEVICE, HAS_GPU
+
+BACKENDS = ["triton"] if HAS_GPU else ["triton", "cpu"]
+DTYPES = [torch.float16, torch.bfloat16, torch.float32] if HAS_GPU else [torch.float16, torch.float32]
+
+
+def _qkv(B, Sq, Sk, Hq, Hkv, D, dtype):
+    mk = lambda S, H: torch.randn(B, S, H, D, device=DEVICE, dtype=dtype, requires_grad=True)  # noqa: E731
+    return mk(Sq, Hq), mk(Sk, Hkv), mk(Sk, Hkv)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kw", [dict(), dict(causal=True), dict(window_size=(7, 3), softcap=2.0)],
+                         ids=["plain", "causal", "window-softcap"])
+def test_dropout_is_the_exact_function_of_its_pattern(kw, dtype, backend):
+    q, k, v = _qkv(2, 45, 61, 4, 2, 40, dtype)
+    p = 0.3
+    with ft.use_backend(backend):
+        out, lse, keep = ft.flash_attn_func(q, k, v, dropout_p=p, return_attn_probs=True, **kw)
+    assert keep.dtype == torch.bool and keep.shape == (2, 4, 45, 61)
+    ref, ref_lse = attention_ref(q, k, v, dropout_p=p, dropout_mask=keep, upcast=True, **kw)
+    low, low_lse = attention_ref(q, k, v, dropout_p=p, dropout_mask=keep, upcast=False, **kw)
+    for name, a, r, lo, f in (("out", out, ref, low, 2), ("lse", lse, ref_lse, low_lse, 2)):
+        ok, err, bound = check_close(a, r, lo, factor=f)
+        assert ok, f"{name}: {err:.3e} > {bound:.3e}"
+    dout = torch.randn_like(out)
+    for name, g, w, lg in zip(("dq", "dk", "dv"), torch.autograd.grad(out, (q, k, v), dout),
+                              torch.autograd.grad(ref, (q, k, v), dout.to(ref.dtype)),
+                              torch.autograd.grad(low, (q, k, v), dout)):
+        ok, err, bound = check_close(g, w, lg, factor=3)
+        assert ok, f"{name}: {err:.3e} > {bound:.3e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_seed_same_result(backend):
+    q, k, v = (t.detach() for t in _qkv(1, 33, 33, 2, 2, 16, torch.float32))
+    outs = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(seed)
+        with ft.use_backend(backend):
+            outs.append(ft.flash_attn_func(q, k, v, dropout_p=0.5))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
+def test_kernels_and_torch_agree_bit_for_bit():
+    """Both backends produce the same pattern for the same seed (one RNG definition, two forms)."""
+    q, k, v = (t.detach() for t in _qkv(1, 20, 20, 2, 1, 16, torch.float32))
+    pats = []
+    for backend in BACKENDS + ["reference"]:
+        torch.manual_seed(3)
+        with ft.use_backend(backend):
+            pats.append(ft.flash_attn_func(q, k, v, dropout_p=0.25, return_attn_probs=True)[2])
+    assert all(torch.equal(pats[0], p) for p in pats[1:])
+
+
+def test_keep_rate_and_mean_output_are_preserved():
+    keep = dropout.pattern(4, 8, 128, 128, (12345, 678), 0.2, torch.device("cpu"))
+    assert abs(keep.float().mean().item() - 0.8) < 0.005
+    # independent bits: per-position keep rates over the 32 (b, h) samples spread like a binomial
+    binomial_std = (0.8 * 0.2 / 32) ** 0.5
+    assert abs(keep.float().mean(dim=(0, 1)).std().item() - binomial_std) < 0.01
+    q, k, v = (t.detach() for t in _qkv(1, 32, 32, 1, 1, 16, torch.float32))
+    with ft.use_backend("cpu"):
+        dense = ft.flash_attn_func(q.cpu(), k.cpu(), v.cpu())
+        mean = sum(ft.flash_attn_func(q.cpu(), k.cpu(), v.cpu(), dropout_p=0.2) for _ in range(200)) / 200
+    assert (mean - dense).abs().mean() < 0.05 * dense.abs().mean() + 0.02
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sdpa_dropout(backend):
+    q, k, v = (torch.randn(1, 2, 24, 16, device=DEVICE) for _ in range(3))
+    torch.manual_seed(1)
+    with ft.use_backend(backend):
+        a = ft.scaled_dot_product_attention(q, k, v, dropout_p=0.4, is_causal=True)
+    torch.manual_seed(1)
+    seed = dropout.new_seed()
+    keep = dropout.pattern(1, 2, 24, 24, seed, 0.4, q.device)
+    ref, _ = attention_ref(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True, dropout_p=0.4,
+                           dropout_mask=keep)
+    assert (a.transpose(1, 2).double() - ref.double()).abs().max() < 1e-5
+
+
+def test_dropout_errors():
+    q, k, v = _qkv(1, 8, 8, 1, 1, 16, torch.float32)
+    for bad in (1.0, -0.1, "0.1"):
+        with pytest.raises(ValueError, match="dropout_p"):
+            ft.flash_attn_func(q, k, v, dropout_p=bad)
