@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import flashtile as ft
-from flashtile.reference import attention_ref, check_close
+from flashtile.reference import attention_ref
 from conftest import DEVICE, HAS_GPU
+from oracle import assert_matches_oracle
 
 BACKENDS = ["triton"] if HAS_GPU else ["triton", "cpu"]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32] if HAS_GPU else [torch.float16, torch.float32]
@@ -27,18 +28,8 @@ def _random_mask(Bm, Hm, Sq, Sk, block):
 
 def _check(q, k, v, bm, **kw):
     out, lse, _ = ft.flash_attn_func(q, k, v, return_attn_probs=True, block_mask=bm, **kw)
-    ref, ref_lse = attention_ref(q, k, v, upcast=True, block_mask=bm, **kw)
-    low, low_lse = attention_ref(q, k, v, upcast=False, block_mask=bm, **kw)
-    for name, a, r, lo, f in (("out", out, ref, low, 2), ("lse", lse, ref_lse, low_lse, 2)):
-        ok, err, bound = check_close(a, r, lo, factor=f)
-        assert ok, f"{name}: {err:.3e} > {bound:.3e}"
-    dout = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), dout)
-    want = torch.autograd.grad(ref, (q, k, v), dout.to(ref.dtype))
-    lowg = torch.autograd.grad(low, (q, k, v), dout)
-    for name, g, w, lg in zip(("dq", "dk", "dv"), got, want, lowg):
-        ok, err, bound = check_close(g, w, lg, factor=3)
-        assert ok, f"{name}: {err:.3e} > {bound:.3e}"
+    assert_matches_oracle((q, k, v), (out, lse), attention_ref(q, k, v, upcast=True, block_mask=bm, **kw),
+                          attention_ref(q, k, v, upcast=False, block_mask=bm, **kw))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

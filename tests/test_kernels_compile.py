@@ -10,8 +10,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 if __name__ == "__main__" or os.environ.get("FLASHTILE_COMPILE_CHECK") == "1":
     import triton
     from triton.backends.compiler import GPUTarget

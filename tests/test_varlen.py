@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import flashtile as ft
-from flashtile.reference import attention_varlen_ref, check_close
+from flashtile.reference import attention_varlen_ref
 from conftest import DEVICE, HAS_GPU
+from oracle import assert_matches_oracle
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32] if HAS_GPU else [torch.float16, torch.float32]
 # the tiled CPU path runs only on CPU tensors; the Triton kernels run on the GPU or in the interpreter
@@ -78,10 +79,6 @@ def _grads(out, inputs, dout):
     return torch.autograd.grad(out, inputs, dout)
 
 
-def _assert_close(name, out, ref, lowprec, factor):
-    ok, err, bound = check_close(out, ref, lowprec, factor=factor)
-    assert ok, f"{name}: max error {err:.3e} exceeds bound {bound:.3e}"
-
 
 def check_against_oracle(q, k, v, meta, dout=None, backward=True, **kw):
     """Forward (out and lse) and gradients of flash_attn_varlen_func vs the oracle, FlashAttention's rule."""
@@ -91,17 +88,7 @@ def check_against_oracle(q, k, v, meta, dout=None, backward=True, **kw):
     low, low_lse = attention_varlen_ref(q, k, v, cu_q, cu_k, upcast=False, **kw)
     assert out.shape == (q.shape[0], q.shape[1], v.shape[2]) and out.dtype == q.dtype
     assert lse.dtype == torch.float32 and lse.shape == (q.shape[1], q.shape[0])
-    _assert_close("out", out, ref, low, 2)
-    _assert_close("lse", lse, ref_lse, low_lse, 2)
-    if not backward:
-        return
-    dout = torch.randn_like(out) if dout is None else dout
-    got = _grads(out, (q, k, v), dout)
-    want = _grads(ref, (q, k, v), dout.to(ref.dtype))
-    low_g = _grads(low, (q, k, v), dout)
-    for name, g, w, lg in zip(("dq", "dk", "dv"), got, want, low_g):
-        assert g.shape == w.shape and g.dtype == q.dtype
-        _assert_close(name, g, w, lg, 3)
+    assert_matches_oracle((q, k, v), (out, lse), (ref, ref_lse), (low, low_lse), dout=dout, backward=backward)
 
 
 def _per_sequence(q, k, v, meta, **kw):

@@ -1,7 +1,5 @@
 """`python -m flashtile verify` passes on every backend this machine has, and fails loudly when wrong."""
 
-import torch
-
 import flashtile
 from flashtile import verify
 
