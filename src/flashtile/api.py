@@ -19,7 +19,7 @@ import torch
 from flashtile import dispatch, dropout, ops, reference
 from flashtile.errors import UnsupportedError
 from flashtile.masks import BlockMask, Edges
-from flashtile.spec import AttentionSpec, default_softmax_scale, mask_edges
+from flashtile.spec import AttentionSpec, mask_edges
 
 Tensor = torch.Tensor
 
@@ -210,13 +210,10 @@ def flash_attn_func(
     softcap = _check_softcap(softcap)
     alibi_slopes = _check_alibi(alibi_slopes, q)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    B, Sq, Hq, D = q.shape
+    B, Sq, Hq, _ = q.shape
     Sk = k.shape[1]
-    left, right = mask_edges(Sq, Sk, bool(causal), window)
-    spec = AttentionSpec(batch=B, seqlen_q=Sq, seqlen_k=Sk, heads_q=Hq, heads_kv=k.shape[2],
-                         head_dim=D, head_dim_v=v.shape[3], dtype_name=str(q.dtype).split(".")[-1],
-                         softmax_scale=default_softmax_scale(D, softmax_scale), causal=bool(causal),
-                         left=left, right=right, softcap=softcap, has_alibi=alibi_slopes is not None)
+    spec = AttentionSpec.from_tensors(q, k, v, softmax_scale, causal, mask_edges(Sq, Sk, bool(causal), window),
+                                      softcap, alibi_slopes is not None)
     block_mask = _check_block_mask(block_mask, q, k)
     seed = dropout.new_seed() if dropout_p > 0 else (0, 0)
     out, lse = _run(q, k, v, spec, alibi_slopes, block_mask, dropout_p=dropout_p, dropout_seed=seed)
@@ -257,13 +254,8 @@ def scaled_dot_product_attention(
     _check_qkv(q, k, v)
     _check_scale(scale)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    B, Sq, Hq, D = q.shape
-    Sk = k.shape[1]
-    left, right = mask_edges(Sq, Sk, bool(is_causal), (-1, -1), top_left=True)
-    spec = AttentionSpec(batch=B, seqlen_q=Sq, seqlen_k=Sk, heads_q=Hq, heads_kv=k.shape[2],
-                         head_dim=D, head_dim_v=v.shape[3], dtype_name=str(q.dtype).split(".")[-1],
-                         softmax_scale=default_softmax_scale(D, scale), causal=bool(is_causal),
-                         left=left, right=right)
+    edges = mask_edges(q.shape[1], k.shape[1], bool(is_causal), (-1, -1), top_left=True)
+    spec = AttentionSpec.from_tensors(q, k, v, scale, is_causal, edges)
     block_mask = _check_block_mask(block_mask, q, k)
     attn_mask = _check_attn_mask(attn_mask, q, k)
     seed = dropout.new_seed() if dropout_p > 0 else (0, 0)

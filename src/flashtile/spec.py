@@ -41,23 +41,15 @@ class AttentionSpec:
     softcap: float = 0.0  # > 0: scores become softcap * tanh(scores / softcap)
     has_alibi: bool = False  # the slopes tensor travels beside the spec
 
-    @property
-    def group_size(self) -> int:
-        """Query heads per key/value head (1 for MHA, heads_q for MQA)."""
-        return self.heads_q // self.heads_kv
-
-    @property
-    def diagonal_offset(self) -> int:
-        """Bottom-right alignment: query i lines up with key i + (seqlen_k - seqlen_q)."""
-        return self.seqlen_k - self.seqlen_q
-
-    @property
-    def is_empty(self) -> bool:
-        return self.batch == 0 or self.seqlen_q == 0 or self.heads_q == 0
-
-    @property
-    def is_masked(self) -> bool:
-        return self.left is not None or self.right is not None
+    @classmethod
+    def from_tensors(cls, q, k, v, softmax_scale: Optional[float], causal: bool, edges: Edges,
+                     softcap: float = 0.0, has_alibi: bool = False) -> "AttentionSpec":
+        """The spec of validated flash-layout q [B, Sq, Hq, D], k [B, Sk, Hkv, D], v [B, Sk, Hkv, Dv]."""
+        B, Sq, Hq, D = q.shape
+        return cls(batch=B, seqlen_q=Sq, seqlen_k=k.shape[1], heads_q=Hq, heads_kv=k.shape[2], head_dim=D,
+                   head_dim_v=v.shape[3], dtype_name=str(q.dtype).split(".")[-1],
+                   softmax_scale=default_softmax_scale(D, softmax_scale), causal=bool(causal),
+                   left=edges.left, right=edges.right, softcap=softcap, has_alibi=has_alibi)
 
 
 def mask_edges(seqlen_q: int, seqlen_k: int, causal: bool, window_size: Tuple[int, int],
