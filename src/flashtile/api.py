@@ -108,10 +108,6 @@ def _run(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, alibi_slopes: Opt
                                                                         spec.seqlen_k, dropout_seed, dropout_p,
                                                                         q.device) if dropout_p > 0 else None)
         return out.to(q.dtype), lse.float()
-    if block_mask is not None and backend == "triton":
-        bq, bk = block_mask.block_size
-        if any(x < 16 or x & (x - 1) for x in (bq, bk)):
-            raise UnsupportedError(f"block_mask.block_size {(bq, bk)}: the Triton kernels need powers of two >= 16")
     return ops.attention(q, k, v, spec.softmax_scale, spec.left, spec.right, spec.softcap, alibi_slopes,
                          backend, block_mask=block_mask, attn_mask=attn_mask, dropout_p=dropout_p,
                          dropout_seed=dropout_seed)

@@ -16,6 +16,7 @@ import torch
 import triton
 
 from flashtile.dispatch import triton_interpreting
+from flashtile.errors import UnsupportedError
 from flashtile.kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
 from flashtile.kernels.attention_fwd import attention_fwd_kernel
 from flashtile.tuning import BackwardConfig, KernelConfig, backward_config, forward_config, padded_head_dim
@@ -106,6 +107,9 @@ def _sparse_args(block_mask, dummy: torch.Tensor) -> _Sparse:
     if block_mask is None:
         return _Sparse((dummy,) * 4, (dummy,) * 4, dummy, (0, 0, 0, 0), (0, 0))
     bm = block_mask
+    if any(x < 16 or x & (x - 1) for x in bm.block_size):  # kernel tiles must tile a block exactly
+        raise UnsupportedError(f"block_mask.block_size {tuple(bm.block_size)}: the Triton kernels need powers of "
+                               "two >= 16")
     Bm, Hm, nq, nk = bm.kind.shape
     em = bm.element_mask.view(torch.uint8) if bm.element_mask is not None else dummy
     return _Sparse((bm.full_kv_num, bm.full_kv_idx, bm.partial_kv_num, bm.partial_kv_idx),
@@ -170,7 +174,7 @@ def _dropout_args(dropout_p: float, seed: Tuple[int, int]) -> Tuple[int, int, in
 
 
 def _fit_tile(tile: int, block: int) -> int:
-    """Kernel tiles must tile a sparse block exactly; blocks are powers of two >= 16 (checked in api)."""
+    """Kernel tiles must tile a sparse block exactly; blocks are powers of two >= 16 (_sparse_args checks)."""
     return tile if block == 0 else min(tile, block)
 
 
