@@ -109,9 +109,10 @@ def test_bench_dry_run_subprocess_lists_72_cases():
         (["--suite", "standard", "--quick"], 24),
         (["--suite", "wide"], 48),
         (["--suite", "wide", "--causal", "no", "--modes", "fwd"], 12),
-        (["--suite", "variants"], 24),
-        (["--suite", "variants", "--quick"], 12),
-        (["--suite", "variants", "--causal", "no"], 12),
+        (["--suite", "variants"], 28),
+        (["--suite", "variants", "--quick"], 14),
+        (["--suite", "variants", "--causal", "no"], 14),
+        (["--suite", "variants", "--variants", "dropout"], 4),
         (["--suite", "variants", "--variants", "block_sparse", "--modes", "fwd"], 4),
         (["--suite", "variants", "--variants", "window,varlen", "gqa"], 8),
         (["--suite", "variants", "--seqlens", "16384"], 6),
@@ -133,14 +134,15 @@ def test_bench_variants_dry_run_subprocess_lists_cases():
     proc = _run_module("bench", "--suite", "variants", "--dry-run")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert lines[-1] == "24 cases"
+    assert lines[-1] == "28 cases"
     listed = [line for line in lines if line.lstrip()[:1].isdigit() and ". variant=" in line]
-    assert len(listed) == 24
+    assert len(listed) == 28
     text = "\n".join(listed)
     for needle in ("variant=window setting=(1024, 0) causal=yes B=1 H=16 S=16384",
                    "variant=window setting=(1024, 1024) causal=no",
                    "variant=softcap setting=30 causal=no B=2 H=16 S=8192",
                    "variant=alibi setting=2^(-8(h+1)/H) causal=yes B=2 H=16 S=8192",
+                   "variant=dropout setting=p=0.1 causal=no B=2 H=16 S=8192",
                    "variant=gqa setting=Hkv=8 causal=yes B=1 H=32 S=8192",
                    "variant=varlen setting=16 seqs causal=yes B=1 H=16 S=16384",
                    "variant=block_sparse setting=random 25% causal=no B=1 H=16 S=8192 visible=25.0%",
@@ -153,12 +155,15 @@ def test_bench_variants_dry_run_subprocess_lists_cases():
 
 def test_variants_suite_definition():
     cases = suites.variants_suite()
-    assert len(cases) == 24 and len({c.key for c in cases}) == 24
+    assert len(cases) == 28 and len({c.key for c in cases}) == 28
     for c in cases:
         s = c.shape
         assert c.dtype == "bfloat16" and s["D"] == 128 and c.kind == "attention"
-        assert c.providers[:2] == ("flashtile", "flashtile_dense") and "flex" in c.providers
-        assert c.references[0] == "torch_ref"
+        assert c.providers[:2] == ("flashtile", "flashtile_dense")
+        if s["variant"] == "dropout":  # random output: no reference, SDPA FLASH's dropout as the peer
+            assert c.references == () and c.providers[2:] == ("sdpa_flash",) and s["dropout_p"] == 0.1
+            continue
+        assert "flex" in c.providers and c.references[0] == "torch_ref"
         # flashtile_dense's FLOPs are the dense ones on the same shape, whatever the variant
         assert c.flops_for("flashtile_dense") == attention_flops(s["B"], s["H"], s["Sq"], s["Sk"], s["D"],
                                                                  s["causal"], c.mode)
@@ -291,11 +296,13 @@ def test_variants_suite_needs_no_cuda_at_import():
         "import sys, torch\n"
         "import flashtile.bench.suites as s, flashtile.bench.variants as v, flashtile.bench.cli as cli\n"
         "cases = s.SUITES['variants'].build(False) + s.SUITES['variants'].build(True)\n"
-        "assert len(cases) == 36\n"
+        "assert len(cases) == 42\n"
         "tiny = s.variants_suite(sizes=s.VariantSizes(d=16, heads=2, window_s=128, window=16, s=128, gqa_hq=4,\n"
         "    gqa_hkv=2, varlen_tokens=128, varlen_seqs=3, min_len=8, block=32, docs=3))\n"
         "for c in tiny:\n"
-        "    v.mods(c.shape, torch.device('cpu')); v.flashtile_kwargs(c.shape, torch.device('cpu'))\n"
+        "    v.flashtile_kwargs(c.shape, torch.device('cpu'))\n"
+        "    if c.shape['variant'] != 'dropout':\n"
+        "        v.mods(c.shape, torch.device('cpu'))\n"
         "assert cli.main(['--suite', 'variants', '--dry-run']) == 0\n"
         "assert not torch.cuda.is_initialized()\n"
     )
@@ -413,8 +420,8 @@ def test_runner_variants_validate_flashtile_and_dense_baseline(monkeypatch, tmp_
     monkeypatch.setattr(runner, "median_ms", lambda fn, **kw: 2.0)
     monkeypatch.setattr(runner, "warm_up", lambda fn, calls=2: fn())
     monkeypatch.setitem(PROVIDERS, "broken", Provider("broken", "attention", "ignores every mask", _broken_build))
-    cases = [c for c in suites.variants_suite(sizes=TINY)
-             if c.mode == "fwd" or c.labels["setting"] in ("random 25%", "Hkv=2")]
+    cases = [c for c in suites.variants_suite(sizes=TINY) if c.shape["variant"] != "dropout"
+             and (c.mode == "fwd" or c.labels["setting"] in ("random 25%", "Hkv=2"))]
     # sdpa_efficient (ALiBi bias) has no CPU kernel: it must fail alone, as an error cell
     cases = filter_cases(cases, providers=["flashtile", "flashtile_dense", "sdpa_efficient", "broken"])
     cases = [replace(c, providers=c.providers + ("broken",)) if c.shape["variant"] == "block_sparse" else c
@@ -439,6 +446,14 @@ def test_runner_variants_validate_flashtile_and_dense_baseline(monkeypatch, tmp_
             assert cells["sdpa_efficient"]["status"] == "error" and cells["sdpa_efficient"]["reason"]
     text = report.write_report(doc, tmp_path)["text"]
     assert "| vs flashtile dense | time / dense |" in text
+    # dropout: a random output has no reference, so flashtile is timed but marked unchecked
+    drop = [c for c in suites.variants_suite(sizes=TINY) if c.shape["variant"] == "dropout" and c.mode == "fwd"]
+    drop = filter_cases(drop[:1], providers=["flashtile", "flashtile_dense"])
+    doc2, code = runner.run_suite(SUITES["variants"], drop, runner.RunOptions(out_dir=tmp_path / "drop", device="cpu"),
+                                  {"device": "test"})
+    cells = doc2["results"][0]["cells"]
+    assert code == 0 and cells["flashtile"]["status"] == "unchecked" and cells["flashtile"]["tflops"] > 0
+    assert cells["flashtile_dense"]["status"] == "ok"
     assert (tmp_path / "variants_fwd.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", metavar="MODE", help=f"only these modes ({', '.join(MODES)})")
     p.add_argument("--providers", nargs="+", metavar="NAME", help="only these providers (references still run, untimed, for validation)")
     p.add_argument("--variants", nargs="+", metavar="NAME",
-                   help="variants suite: only these variants (window, softcap, alibi, gqa, varlen, block_sparse)")
+                   help="variants suite: only these variants (window, softcap, alibi, dropout, gqa, varlen, block_sparse)")
     p.add_argument("--out", default="bench_results", help="output directory (default: bench_results)")
     p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up time per cell (default 25)")
     p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench measuring time per cell (default 100)")

@@ -440,6 +440,7 @@ class VariantSizes:
     s: int = 8192  # softcap, ALiBi, GQA, block-sparse
     softcap_b: int = 2  # softcap and ALiBi: B=2 (16k tokens)
     softcap: float = 30.0
+    dropout_p: float = 0.1
     gqa_hq: int = 32
     gqa_hkv: int = 8
     varlen_tokens: int = 16384
@@ -515,10 +516,10 @@ def variants_suite(quick: bool = False, sizes: VariantSizes | None = None) -> li
     """Attention variants, each against flashtile's own dense time on the same shape, bf16, D=128.
 
     window (1024, 0) causal and (1024, 1024) at B=1, H=16, S=16384; softcap 30 and ALiBi at B=2,
-    H=16, S=8192 (causal and not); GQA Hq=32 / Hkv=8 causal at B=1, S=8192; varlen: 16 seeded
-    sequences packed into 16384 tokens, causal; block-sparse at B=1, H=16, S=8192: random 128x128
-    block tables at 50% / 25% / 10% density and an 8-document causal mask. Every case in fwd and
-    fwd_bwd: 24 cases (quick: one per variant, 12).
+    H=16, S=8192 (causal and not); dropout p=0.1 at the same shapes; GQA Hq=32 / Hkv=8 causal at
+    B=1, S=8192; varlen: 16 seeded sequences packed into 16384 tokens, causal; block-sparse at B=1,
+    H=16, S=8192: random 128x128 block tables at 50% / 25% / 10% density and an 8-document causal mask. Every case in fwd and
+    fwd_bwd: 28 cases (quick: one per variant, 14).
     """
     z = sizes or VariantSizes()
     d, h = z.d, z.heads
@@ -551,6 +552,13 @@ def variants_suite(quick: bool = False, sizes: VariantSizes | None = None) -> li
             cases.append(variant_case("alibi", "2^(-8(h+1)/H)", b=z.softcap_b, h=h, hkv=h, s=z.s, d=d,
                                       causal=causal, mode=mode, providers=base + ("sdpa_efficient", "flex"),
                                       skip=skip, alibi="2^(-8(h+1)/H)"))
+        # dropout: random output, so no reference cell (tests/test_dropout.py checks it exactly)
+        for causal in (False, True):
+            if quick and not causal:
+                continue
+            cases.append(variant_case("dropout", f"p={z.dropout_p:g}", b=z.softcap_b, h=h, hkv=h, s=z.s, d=d,
+                                      causal=causal, mode=mode, providers=base + ("sdpa_flash",), references=(),
+                                      dropout_p=z.dropout_p))
         # GQA
         cases.append(variant_case("gqa", f"Hkv={z.gqa_hkv}", b=1, h=z.gqa_hq, hkv=z.gqa_hkv, s=z.s, d=d,
                                   causal=True, mode=mode, providers=base + ("sdpa_flash", "sdpa_cudnn", "flex"),
@@ -583,6 +591,8 @@ VARIANTS_NOTES = (
     "window / softcap / ALiBi / block mask; varlen as one packed sequence; GQA with K/V expanded to H "
     "heads), timed in the same run, its TFLOP/s from the dense formula; `vs flashtile dense` = "
     "flashtile TFLOP/s / flashtile_dense TFLOP/s, `time / dense` = flashtile time / flashtile_dense time",
+    "- dropout: the output is random, so its cells are unchecked (no reference); tests/test_dropout.py "
+    "checks flashtile's dropout exactly against its returned keep pattern",
     "- validation: every provider against torch_ref (float32, one head at a time, the same score_mod / "
     "mask_mod as FlexAttention's); flashtile_dense against torch_ref of the dense problem",
     "- masks: random block tables keep every diagonal block (no fully masked rows), the rest drawn "

@@ -27,7 +27,7 @@ from .suites import variant_block_table, variant_doc_lengths
 ScoreMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
-KNOWN = (None, "window", "softcap", "alibi", "gqa", "varlen", "block_sparse")
+KNOWN = (None, "window", "softcap", "alibi", "dropout", "gqa", "varlen", "block_sparse")
 
 
 class VariantError(ValueError):
@@ -90,6 +90,8 @@ def flashtile_kwargs(shape: Mapping[str, Any], device: torch.device) -> dict[str
         kw["softcap"] = float(shape["softcap"])
     elif v == "alibi":
         kw["alibi_slopes"] = alibi_slopes(int(shape["H"]), device)
+    elif v == "dropout":
+        kw["dropout_p"] = float(shape["dropout_p"])
     elif v == "block_sparse":
         bs = int(shape["block"])
         if shape["mask"] == "document":
@@ -112,6 +114,10 @@ def mods(shape: Mapping[str, Any], device: torch.device) -> tuple[Optional[Score
     the reference evaluates it once); masks are bottom-right aligned like flashtile's.
     """
     v = variant_of(shape)
+    if v == "dropout":
+        # A random function has no fixed reference; flashtile's dropout is checked exactly against
+        # its returned keep pattern by tests/test_dropout.py, and FlexAttention has no dropout.
+        raise VariantError("dropout has no deterministic reference and no FlexAttention form")
     causal = _causal(shape)
     off = int(shape["Sk"]) - int(shape["Sq"])
     score_mod: Optional[ScoreMod] = None
@@ -186,6 +192,8 @@ def sdpa_kwargs(shape: Mapping[str, Any], device: torch.device, dtype: torch.dty
         return {}
     if v == "alibi":
         return {"attn_mask": alibi_bias(shape, device, dtype)}
+    if v == "dropout":
+        return {"dropout_p": float(shape["dropout_p"])}
     raise VariantError(f"torch SDPA has no {v} variant")
 
 
