@@ -17,6 +17,7 @@ if __name__ == "__main__" or os.environ.get("FLASHTILE_COMPILE_CHECK") == "1":
 
     from flashtile.kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
     from flashtile.kernels.attention_fwd import attention_fwd_kernel
+    from flashtile.kernels.gemm import gemm_kernel
 
 FP32_POINTERS = {"Lse", "Delta", "Alibi", "AttnMask"}
 INT32_POINTERS = {"CuSeqQ", "CuSeqK", "FullNum", "FullIdx", "PartNum", "PartIdx"}
@@ -62,7 +63,55 @@ def compile_all() -> None:
             dkdv = _compile(attention_bwd_dkdv_kernel, elem, dict(common, BLOCK_M=32, BLOCK_N=64))
             for k in (fwd, dq, dkdv):
                 assert "ptx" in k.asm and k.metadata.shared > 0
+    compile_gemm_variants()
     print("compiled")
+
+
+def _gemm_signature(elem: str, out: str, c: dict) -> dict:
+    """Triton signature of gemm_kernel: descriptors (TMA) or pointers per the *_MODE flags."""
+    def desc(rows, cols, batched, e):
+        return f"tensordesc<{e}[{'1,' if batched else ''}{rows},{cols}]>"
+    bm, bn, bk = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+    a = {0: f"*{elem}", 1: desc(bm, bk, c["BATCHED_A"], elem), 2: desc(bk, bm, c["BATCHED_A"], elem)}
+    b = {0: f"*{elem}", 1: desc(bk, bn, c["BATCHED_B"], elem), 2: desc(bn, bk, c["BATCHED_B"], elem)}
+    sig = {}
+    for p in gemm_kernel.params:
+        sig[p.name] = ("constexpr" if p.is_constexpr else a[c["A_MODE"]] if p.name == "A" else b[c["B_MODE"]]
+                       if p.name == "B" else (desc(bm, bn, c["BATCHED_C"], out) if c["C_TMA"] else f"*{out}")
+                       if p.name == "C" else f"*{out}" if p.name in ("Bias", "Pre") else "fp32"
+                       if p.name == "alpha" else "i32")
+    return sig
+
+
+def compile_gemm_variants() -> None:
+    """The GEMM kernel as gemm_launch runs it: every operand mode, the tuned tiles, WS, fp32 paths."""
+    from flashtile.gemm_launch import shipped_configs
+
+    base = dict(GROUP_M=8, A_MODE=1, B_MODE=1, C_TMA=True, BATCHED_A=False, BATCHED_B=False, BATCHED_C=False,
+                HAS_BIAS=True, ACTIVATION=2, STORE_PRE=False, DOT_PRECISION="ieee", FLATTEN=False,
+                WARP_SPECIALIZE=False)
+    variants = []
+    for kind, cfg in shipped_configs():
+        fp32 = kind != "16bit"
+        variants.append(("fp32" if fp32 else "bf16", dict(
+            base, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            FLATTEN=cfg.flatten, WARP_SPECIALIZE=cfg.warp_specialize, C_TMA=cfg.tma_store,
+            A_MODE=int(cfg.tma), B_MODE=2 * int(cfg.tma), DOT_PRECISION="tf32" if kind == "tf32" else "ieee"),
+            cfg.num_warps, cfg.num_stages))
+    tile = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)
+    variants += [
+        ("bf16", dict(base, **tile, A_MODE=2, B_MODE=1, ACTIVATION=3, STORE_PRE=True), 8, 3),
+        ("fp16", dict(base, **tile, A_MODE=0, B_MODE=0, C_TMA=False, ACTIVATION=4, HAS_BIAS=False), 8, 3),
+        ("bf16", dict(base, **tile, BATCHED_A=True, BATCHED_B=True, BATCHED_C=True, A_MODE=2, B_MODE=2,
+                      ACTIVATION=1), 8, 3),
+        ("fp32", dict(base, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, DOT_PRECISION="tf32", A_MODE=2), 8, 3),
+    ]
+    for elem, consts, warps, stages in variants:
+        sig = _gemm_signature(elem, elem, consts)
+        constants = {(i,): consts[p.name] for i, p in enumerate(gemm_kernel.params) if p.is_constexpr}
+        k = triton.compile(ASTSource(gemm_kernel, sig, constants), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=warps, num_stages=stages))
+        assert "ptx" in k.asm and k.metadata.shared <= 232448, (elem, consts)  # H100/H200: 227 KiB per block
 
 
 def test_kernels_compile_for_sm90():

@@ -4,6 +4,7 @@ from flashtile.api import flash_attn_func, scaled_dot_product_attention
 from flashtile.errors import UnsupportedError
 from flashtile.masks import BlockMask
 from flashtile.dispatch import use_backend
+from flashtile.gemm import gemm
 from flashtile.varlen import flash_attn_varlen_func
 
 try:
@@ -18,6 +19,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "scaled_dot_product_attention",
     "use_backend",
+    "gemm",
     "BlockMask",
     "UnsupportedError",
     "__version__",

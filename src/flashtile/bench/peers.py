@@ -347,3 +347,10 @@ def get_provider(name: str) -> Provider:
         return PROVIDERS[name]
     except KeyError:
         raise ValueError(f"unknown provider {name!r}; known: {', '.join(PROVIDERS)}") from None
+
+
+# GEMM providers and inputs (issue 5), defined with their suites in gemm_suite.py.
+from .gemm_suite import gemm_inputs, gemm_providers  # noqa: E402
+
+PROVIDERS.update({p.name: p for p in gemm_providers()})
+INPUT_MAKERS["gemm"] = gemm_inputs

@@ -683,3 +683,9 @@ def filter_cases(
             case = replace(case, providers=kept, skip={p: r for p, r in case.skip.items() if p in kept})
         out.append(case)
     return out
+
+
+# GEMM suites (issue 5) live in gemm_suite.py; imported last because they build on Case and Suite.
+from .gemm_suite import GEMM_SUITES  # noqa: E402
+
+SUITES.update(GEMM_SUITES)

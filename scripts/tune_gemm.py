@@ -1,0 +1,136 @@
+"""Sweep the GEMM configs of gemm_launch.SWEEP_16BIT / SWEEP_FP32 on the GPU (fills its table).
+
+Compiles every (config, layout, epilogue) variant in parallel worker processes first (they share
+Triton's on-disk cache), then times each config on each shape in this process with do_bench
+(median), next to cuBLAS (torch.matmul) and addmm + gelu. Writes JSON lines as it goes.
+
+    PYTHONPATH=src python scripts/tune_gemm.py --out sweep.jsonl [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import sys
+import time
+
+import torch
+
+SHAPES_16 = [  # (M, N, K, layout)
+    (8192, 8192, 8192, "NN"), (4096, 4096, 4096, "NN"), (2048, 2048, 2048, "NN"),
+    (16384, 4096, 4096, "NN"), (16384, 4096, 4096, "NT"), (16384, 14336, 4096, "NT"),
+    (16384, 4096, 14336, "NT"), (16384, 14336, 4096, "NN"),
+    (1024, 1024, 1024, "NN"), (512, 512, 512, "NN"), (256, 256, 256, "NN"),
+]
+SHAPES_32 = [(4096, 4096, 4096, "NN"), (1024, 1024, 1024, "NN")]
+
+
+def operands(m, n, k, layout, dtype, device="cuda"):
+    a = torch.randn(m, k, device=device, dtype=torch.float32).div_(math.sqrt(k)).to(dtype)
+    w = torch.randn((k, n) if layout == "NN" else (n, k), device=device, dtype=dtype)
+    return a, (w if layout == "NN" else w.mT), torch.randn(n, device=device, dtype=dtype)
+
+
+def _jobs(kinds):
+    from flashtile.gemm_launch import SWEEP_16BIT, SWEEP_FP32
+
+    jobs = []
+    for name, cfg in SWEEP_16BIT.items():
+        if "16bit" in kinds:
+            for layout in ("NN", "NT"):
+                for fused in (False, True):
+                    jobs.append(("16bit", name, layout, fused))
+    for name in SWEEP_FP32:
+        if "fp32" in kinds:
+            jobs.append(("fp32", name, "NN", False))
+    return jobs
+
+
+def _compile(job):
+    """Run one variant once on a small problem: same specialisation as the big one, fills the cache."""
+    kind, name, layout, fused = job
+    from flashtile.gemm_launch import SWEEP_16BIT, SWEEP_FP32, gemm_forward
+
+    cfg = (SWEEP_16BIT if kind == "16bit" else SWEEP_FP32)[name]
+    dtype = torch.bfloat16 if kind == "16bit" else torch.float32
+    torch.backends.cuda.matmul.allow_tf32 = name.startswith("tf32")
+    a, b, bias = operands(512, 512, 512, layout, dtype)
+    t0 = time.time()
+    try:
+        gemm_forward(a, b, bias if fused else None, 1.0, "gelu" if fused else None, dtype, config=cfg)
+        torch.cuda.synchronize()
+        return job, f"ok {time.time() - t0:.1f}s"
+    except Exception as exc:  # a config that does not fit is a result, not a crash
+        return job, f"error {type(exc).__name__}: {str(exc)[:200]}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, default=12)
+    p.add_argument("--rep-ms", type=float, default=40)
+    p.add_argument("--kinds", nargs="+", default=["16bit", "fp32"])
+    args = p.parse_args()
+    from triton.testing import do_bench
+
+    from flashtile.gemm_launch import SWEEP_16BIT, SWEEP_FP32, gemm_forward
+
+    out = open(args.out, "w")
+    t0 = time.time()
+    jobs = _jobs(args.kinds)
+    status = {}
+    with mp.get_context("spawn").Pool(args.workers) as pool:
+        for job, msg in pool.imap_unordered(_compile, jobs):
+            status[job] = msg
+            print("compile", job, msg, flush=True)
+    print(f"compiled {len(jobs)} variants in {time.time() - t0:.0f}s", flush=True)
+
+    def bench(fn):
+        fn()
+        torch.cuda.synchronize()
+        return do_bench(fn, warmup=10, rep=args.rep_ms, return_mode="median")
+
+    import torch.nn.functional as F
+
+    plan = [("16bit", s) for s in SHAPES_16] if "16bit" in args.kinds else []
+    plan += [("fp32", s) for s in SHAPES_32] if "fp32" in args.kinds else []
+    for kind, (m, n, k, layout) in plan:
+        dtype = torch.bfloat16 if kind == "16bit" else torch.float32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        a, b, bias = operands(m, n, k, layout, dtype)
+        flops = 2.0 * m * n * k
+        row = {"M": m, "N": n, "K": k, "layout": layout, "dtype": str(dtype)}
+        row["cublas"] = flops / bench(lambda: torch.matmul(a, b)) / 1e9
+        row["addmm_gelu"] = flops / bench(lambda: F.gelu(torch.addmm(bias, a, b))) / 1e9
+        ref = torch.matmul(a.float(), b.float())
+        table = SWEEP_16BIT if kind == "16bit" else SWEEP_FP32
+        for name, cfg in table.items():
+            torch.backends.cuda.matmul.allow_tf32 = name.startswith("tf32")
+            for fused in ((False, True) if kind == "16bit" else (False,)):
+                if not status.get((kind, name, layout if kind == "16bit" else "NN", fused), "").startswith("ok"):
+                    continue
+                fn = lambda: gemm_forward(a, b, bias if fused else None, 1.0, "gelu" if fused else None, dtype,  # noqa: E731
+                                          config=cfg)
+                try:
+                    if not fused:
+                        err = float((fn()[0].float() - ref).abs().max())
+                        row[f"{name}_err"] = err
+                    row[name + ("_fused" if fused else "")] = flops / bench(fn) / 1e9
+                except Exception as exc:
+                    row[name + ("_fused" if fused else "")] = f"error {type(exc).__name__}: {str(exc)[:120]}"
+        out.write(json.dumps(row) + "\n")
+        out.flush()
+        best = max((v, key) for key, v in row.items() if isinstance(v, float) and not key.endswith("_err")
+                   and key not in ("cublas", "addmm_gelu") and not key.endswith("_fused"))
+        bestf = max(((v, key) for key, v in row.items() if isinstance(v, float) and key.endswith("_fused")),
+                    default=(0, "-"))
+        print(f"{m}x{n}x{k} {layout} {dtype}: cublas {row['cublas']:.0f} best {best[1]} {best[0]:.0f} | "
+              f"addmm+gelu {row['addmm_gelu']:.0f} best fused {bestf[1]} {bestf[0]:.0f}  "
+              f"({time.time() - t0:.0f}s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

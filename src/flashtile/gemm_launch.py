@@ -1,0 +1,299 @@
+"""Launcher of the Triton GEMM: batch geometry, operand modes (TMA or pointers), config, launch.
+
+Input contract (gemm.py validates it): a [..., M, K] and b [..., K, N] of one dtype, batch dims that
+broadcast, any strides; bias None or broadcastable to the output [*batch, M, N]. The output (and the
+optional pre-activation kept for the backward) is allocated contiguous [*batch, M, N].
+
+No copies: broadcast batch dims become stride-0 views, batch dims are merged where the strides
+allow, and a batch that a shared B multiplies is folded into M (one big GEMM instead of many).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import triton
+
+from flashtile.dispatch import triton_interpreting
+from flashtile.kernels.gemm import gemm_kernel
+
+ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    """One kernel configuration (tile sizes, pipelining, schedule)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+    persistent: bool = True  # at most one program per SM, looping over tiles
+    flatten: bool = False  # tl.range(flatten=True): pipeline across tile boundaries
+    warp_specialize: bool = False
+    tma: bool = True  # load A and B through tensor descriptors where the layout allows
+    tma_store: bool = True  # store C through a descriptor (warp specialization needs pointer stores)
+
+
+# The interpreter executes every op through numpy: one small config, pointers and descriptors alike.
+_INTERPRETER = GemmConfig(32, 32, 32, 4, 1, group_m=4)
+
+# What scripts/tune_gemm.py measures on the H200 (name -> config); the table below picks from these.
+SWEEP_16BIT = {
+    "p128x256": GemmConfig(128, 256, 64, 8, 3),
+    "p128x256_flat": GemmConfig(128, 256, 64, 8, 3, flatten=True),
+    "p128x256_g16": GemmConfig(128, 256, 64, 8, 3, group_m=16),
+    "p128x256_ptrstore": GemmConfig(128, 256, 64, 8, 3, tma_store=False),
+    "n128x256": GemmConfig(128, 256, 64, 8, 3, persistent=False),
+    "p256x128": GemmConfig(256, 128, 64, 8, 3),
+    "p128x128": GemmConfig(128, 128, 64, 8, 4),
+    "p128x128_flat": GemmConfig(128, 128, 64, 8, 4, flatten=True),
+    "p128x128_w4": GemmConfig(128, 128, 64, 4, 4),
+    "n128x128": GemmConfig(128, 128, 64, 8, 4, persistent=False),
+    "ws128x128": GemmConfig(128, 128, 64, 4, 4, warp_specialize=True, tma_store=False),
+    "ws128x256": GemmConfig(128, 256, 64, 4, 3, warp_specialize=True, tma_store=False),
+    "n128x64": GemmConfig(128, 64, 64, 4, 4, persistent=False),
+    "n64x128": GemmConfig(64, 128, 64, 4, 4, persistent=False),
+    "n64x64": GemmConfig(64, 64, 64, 4, 4, persistent=False),
+}
+SWEEP_FP32 = {
+    "ieee64x64": GemmConfig(64, 64, 32, 4, 3),
+    "ieee128x64": GemmConfig(128, 64, 32, 8, 3),
+    "ieee128x128": GemmConfig(128, 128, 32, 8, 3),
+    "tf32_128x128": GemmConfig(128, 128, 32, 8, 3),
+}
+
+
+def candidate_configs() -> List[Tuple[str, GemmConfig]]:
+    """("16bit" | "fp32", config) for every config the sweep measures (tests run each one)."""
+    return [("16bit", c) for c in SWEEP_16BIT.values()] + [("fp32", c) for c in SWEEP_FP32.values()]
+
+
+def gemm_config(device: torch.device, dtype: torch.dtype, m: int, n: int, k: int,
+                precision: str) -> GemmConfig:
+    """The config for one (batch-folded) problem; fixed table, no autotuning (see BENCHMARKS.md)."""
+    if device.type != "cuda" or triton_interpreting():
+        return _INTERPRETER
+    arch = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    return select_config(arch, dtype == torch.float32, precision, m, n, k)
+
+
+def select_config(arch: Tuple[int, int], fp32: bool, precision: str, m: int, n: int, k: int) -> GemmConfig:
+    """The table: by architecture, element type and problem size (H200 measurements, BENCHMARKS.md)."""
+    if fp32 and precision == "ieee":  # CUDA-core FMAs: small tiles, no tensor cores
+        return SWEEP_FP32["ieee64x64"]
+    if arch[0] < 9:  # Ampere and older: no TMA, less shared memory
+        return GemmConfig(128, 128, 32, 8, 3, tma=False)
+    if fp32:  # tf32: 4-byte elements, half the K tile
+        return SWEEP_FP32["tf32_128x128"]
+    if m * n <= 256 * 256 or min(m, n) <= 64:
+        return SWEEP_16BIT["n64x64"]
+    if m * n <= 1024 * 1024:
+        return SWEEP_16BIT["p128x128"]
+    return SWEEP_16BIT["p128x256"]
+
+
+def shipped_configs() -> List[Tuple[str, GemmConfig]]:
+    """("16bit" | "fp32" | "tf32", config) for every config select_config returns on Hopper."""
+    sizes = [1, 16, 64, 65, 256, 257, 512, 1024, 1025, 2048, 4096, 8192, 16384]
+    out: List[Tuple[str, GemmConfig]] = []
+    for kind, fp32, precision in (("16bit", False, "ieee"), ("fp32", True, "ieee"), ("tf32", True, "tf32")):
+        for m in sizes:
+            for n in sizes:
+                cfg = select_config((9, 0), fp32, precision, m, n, 4096)
+                if (kind, cfg) not in out:
+                    out.append((kind, cfg))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> Tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs are fp32-exact unless torch allows tf32 for matmuls (design.md)."""
+    if dtype == torch.float32 and not triton_interpreting() and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch geometry
+
+
+def _merge_batch(tensors: Sequence[torch.Tensor], nbatch: int) -> List[torch.Tensor]:
+    """Views of ``tensors`` (same leading ``nbatch`` sizes) with adjacent batch dims merged where every
+    tensor's strides allow it, size-1 dims dropped; at least one batch dim is kept."""
+    shape = list(tensors[0].shape[:nbatch])
+    strides = [list(t.stride()[:nbatch]) for t in tensors]
+    keep = [i for i, s in enumerate(shape) if s != 1]
+    shape = [shape[i] for i in keep]
+    strides = [[st[i] for i in keep] for st in strides]
+    i = len(shape) - 2
+    while i >= 0:
+        if all(st[i] == st[i + 1] * shape[i + 1] for st in strides):
+            shape[i] *= shape[i + 1]
+            del shape[i + 1]
+            for st in strides:
+                st[i] = st[i + 1]
+                del st[i + 1]
+        i -= 1
+    if not shape:
+        shape, strides = [1], [[0] for _ in tensors]
+    return [t.as_strided(shape + list(t.shape[nbatch:]), st + list(t.stride()[nbatch:]))
+            for t, st in zip(tensors, strides)]
+
+
+def _fold_into_m(a: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """True when a [Bt, M, K], c [Bt, M, N] and bias [Bt, M, N] (views) are [Bt*M, .] matrices."""
+    m = a.shape[1]
+    return all(t.stride(0) == m * t.stride(1) for t in ((a, c) if bias is None else (a, c, bias)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Operand modes
+
+
+def _aligned(t: torch.Tensor, strides: Sequence[int]) -> bool:
+    """TMA's rule: 16-byte aligned base and strides; a stride-0 (broadcast) dim needs pointers."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(s > 0 and (s * size) % 16 == 0 for s in strides)
+
+
+def _operand(t: torch.Tensor, batched: bool, block: Tuple[int, int], use_tma: bool):
+    """(kernel argument, mode) for a [Bt, R, C] operand tile of ``block`` = (rows, cols).
+
+    mode 1: descriptor of [.., R, C] (C contiguous); 2: descriptor of the transpose [.., C, R]
+    (R contiguous); 0: the tensor itself (pointer with strides). TMA needs 16-byte aligned base and
+    strides (except the contiguous one); anything else runs through pointers.
+    """
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    _, rows, cols = t.shape
+    sb, sr, sc = t.stride()
+    if not use_tma or t.numel() == 0:
+        return t, 0
+    lead = [sb] if batched else []
+    if sc == 1 or cols == 1:  # a single column reads no inner stride
+        if _aligned(t, lead + [sr]):
+            shape = ([t.shape[0]] if batched else []) + [rows, cols]
+            box = ([1] if batched else []) + list(block)
+            return TensorDescriptor(t, shape, lead + [sr, 1], box), 1
+    if sr == 1 or rows == 1:  # a transposed view
+        if _aligned(t, lead + [sc]):
+            shape = ([t.shape[0]] if batched else []) + [cols, rows]
+            box = ([1] if batched else []) + [block[1], block[0]]
+            return TensorDescriptor(t, shape, lead + [sc, 1], box), 2
+    return t, 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch
+
+
+def _empty(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every output buffer comes from here (tests poison it with NaN to prove full coverage)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def gemm_forward(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], alpha: float,
+                 activation: Optional[str], out_dtype: torch.dtype, store_pre: bool = False,
+                 config: Optional[GemmConfig] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """out = act(alpha * a @ b + bias) as a new contiguous [*batch, M, N] tensor of ``out_dtype``,
+    and, with ``store_pre``, the pre-activation alpha * a @ b + bias in the same layout (else None)."""
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
+    out = _empty((*batch, M, N), out_dtype, a.device)
+    pre = _empty(out.shape, out_dtype, a.device) if store_pre and activation is not None else None
+    if out.numel() == 0:
+        return out, pre
+    nb = len(batch)
+    # 3-d views [*, M, K] etc. with one leading batch dim; broadcast dims get stride 0
+    views = [a.expand(*batch, M, K), b.expand(*batch, K, N), out]
+    views.append(bias.expand(*batch, M, N) if bias is not None else None)
+    views.append(pre)
+    present = [v for v in views if v is not None]
+    if nb == 0:
+        present = [v.unsqueeze(0) for v in present]
+        nb = 1
+    merged = iter(_merge_batch(present, nb))
+    views = [next(merged) if v is not None else None for v in views]
+    with _device_ctx(a):
+        for idx in _outer_indices(views[0].shape[:-3]):
+            va, vb, vc, vx, vp = (v[idx] if v is not None else None for v in views)
+            _launch(va, vb, vc, vx, vp, alpha, ACTIVATIONS[activation], config)
+    return out, pre
+
+
+def _outer_indices(shape: Sequence[int]):
+    """Every index of the batch dims that could not be merged (usually none: one launch)."""
+    if not shape:
+        yield ()
+        return
+    import itertools
+    yield from itertools.product(*(range(s) for s in shape))
+
+
+def _device_ctx(t: torch.Tensor):
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def _launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
+            pre: Optional[torch.Tensor], alpha: float, act: int, config: Optional[GemmConfig]) -> None:
+    """One launch on 3-d views a [Bt, M, K], b [Bt, K, N], c [Bt, M, N] (contiguous), bias [Bt, M, N]."""
+    if b.stride(0) == 0 and a.shape[0] > 1 and _fold_into_m(a, c, bias):
+        # a shared B: the batch is more rows of one GEMM
+        bt, m = a.shape[0], a.shape[1]
+        a = a.as_strided((1, bt * m, a.shape[2]), (0, a.stride(1), a.stride(2)))
+        b = b[:1]
+        c = c.view(1, bt * m, c.shape[2])
+        if bias is not None:
+            bias = bias.as_strided((1, bt * m, bias.shape[2]), (0, bias.stride(1), bias.stride(2)))
+        if pre is not None:
+            pre = pre.view(1, bt * m, pre.shape[2])
+    bt, M, K = a.shape
+    N = b.shape[2]
+    precision = dot_precision(a.dtype)
+    cfg = config or gemm_config(a.device, a.dtype, M, N, K, precision)
+    bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+    batched_a, batched_b, batched_c = a.stride(0) != 0 and bt > 1, b.stride(0) != 0 and bt > 1, bt > 1
+    a_arg, a_mode = _operand(a, batched_a, (bm, bk), cfg.tma)
+    b_arg, b_mode = _operand(b, batched_b, (bk, bn), cfg.tma)
+    c_arg, c_mode = _operand(c, batched_c, (bm, bn), cfg.tma and cfg.tma_store)
+    if c_mode == 2:  # c is contiguous; mode 2 only happens for N == 1: store through pointers
+        c_arg, c_mode = c, 0
+    bias_arg = bias if bias is not None else c
+    xs = bias.stride() if bias is not None else (0, 0, 0)
+    tiles = bt * triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    programs = tiles
+    if cfg.persistent and a.device.type == "cuda":
+        programs = min(tiles, _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device()))
+    gemm_kernel[(programs,)](
+        a_arg, b_arg, c_arg, bias_arg, pre if pre is not None else c,
+        M, N, K, bt,
+        a.stride(0), a.stride(1), a.stride(2),
+        b.stride(0), b.stride(1), b.stride(2),
+        c.stride(0), c.stride(1), c.stride(2),
+        xs[0], xs[1], xs[2],
+        float(alpha),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.group_m,
+        A_MODE=a_mode, B_MODE=b_mode, C_TMA=c_mode == 1,
+        BATCHED_A=batched_a, BATCHED_B=batched_b, BATCHED_C=batched_c,
+        HAS_BIAS=bias is not None, ACTIVATION=act, STORE_PRE=pre is not None,
+        DOT_PRECISION=precision, FLATTEN=cfg.flatten, WARP_SPECIALIZE=cfg.warp_specialize,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )

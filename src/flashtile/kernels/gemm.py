@@ -1,0 +1,150 @@
+"""GEMM with a fused epilogue: C = activation(alpha * (A @ B) + bias), fp32 accumulation.
+
+Shapes (per batch index b of the launcher's flattened batch):
+  A [M, K], B [K, N], C [M, N]; bias broadcast to [M, N] through its strides (0 = broadcast).
+
+One persistent kernel: the launched programs walk the (batch, tile_m, tile_n) tiles, grouped by
+GROUP_M rows of tiles so neighbouring programs share A and B tiles in L2.
+
+Each operand arrives either as a Triton tensor descriptor (TMA on Hopper) or as a plain pointer
+with strides; the *_MODE flags say which, so any layout runs without a copy:
+  A_MODE  0: pointer, any strides          B_MODE  0: pointer, any strides
+          1: descriptor of A [.., M, K]            1: descriptor of B [.., K, N]
+          2: descriptor of A^T [.., K, M]          2: descriptor of B^T [.., N, K]
+             (a transposed view, `x.mT`)              (nn.Linear's weight.mT)
+BATCHED_A / BATCHED_B / BATCHED_C: the descriptor has a leading batch dim (rank 3); an operand
+shared by every batch index gets a rank-2 descriptor (its batch stride is 0).
+The launcher (gemm_launch.py) decides the modes; this file only computes.
+"""
+
+import triton
+import triton.language as tl
+
+from flashtile.kernels.common import tanh
+
+# Activation codes (gemm_launch.ACTIVATIONS maps names to these).
+ACT_NONE = tl.constexpr(0)
+ACT_RELU = tl.constexpr(1)
+ACT_GELU = tl.constexpr(2)
+ACT_GELU_TANH = tl.constexpr(3)
+ACT_SILU = tl.constexpr(4)
+
+
+@triton.jit
+def _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(batch index, tile row, tile column) of linear tile id ``tile``, GROUP_M tile rows per group."""
+    per_batch = num_pid_m * num_pid_n
+    bid = tile // per_batch
+    t = tile % per_batch
+    width = GROUP_M * num_pid_n
+    first_m = (t // width) * GROUP_M
+    rows = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (t % rows)
+    pid_n = (t % width) // rows
+    return bid, pid_m, pid_n
+
+
+@triton.jit
+def _load_tile(X, bid, off_r, off_c, R, C, stride_b, stride_r, stride_c,
+               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, MODE: tl.constexpr, BATCHED: tl.constexpr):
+    """The [BLOCK_R, BLOCK_C] tile at (off_r, off_c) of matrix ``bid`` of X [.., R, C]; zeros outside.
+
+    MODE 1: X is a descriptor of [.., R, C]; 2: a descriptor of the transpose [.., C, R]; 0: a pointer.
+    A tile is (rows M, cols K), a B tile (rows K, cols N).
+    """
+    if MODE == 1:
+        if BATCHED:
+            x = X.load([bid, off_r, off_c]).reshape(BLOCK_R, BLOCK_C)
+        else:
+            x = X.load([off_r, off_c])
+    elif MODE == 2:
+        if BATCHED:
+            x = X.load([bid, off_c, off_r]).reshape(BLOCK_C, BLOCK_R).T
+        else:
+            x = X.load([off_c, off_r]).T
+    else:
+        offs_r = off_r + tl.arange(0, BLOCK_R)
+        offs_c = off_c + tl.arange(0, BLOCK_C)
+        # int64 offsets: a strided view can reach past 2^31 elements even when R * C does not
+        ptrs = (X + bid.to(tl.int64) * stride_b + offs_r.to(tl.int64)[:, None] * stride_r
+                + offs_c.to(tl.int64)[None, :] * stride_c)
+        x = tl.load(ptrs, mask=(offs_r[:, None] < R) & (offs_c[None, :] < C), other=0.0)
+    return x
+
+
+@triton.jit
+def _activate(x, ACTIVATION: tl.constexpr):
+    """The fused activation on the fp32 pre-activation tile (torch's definitions)."""
+    if ACTIVATION == ACT_RELU:
+        x = tl.maximum(x, 0.0)
+    elif ACTIVATION == ACT_GELU:
+        x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))  # 1 / sqrt(2)
+    elif ACTIVATION == ACT_GELU_TANH:
+        x = 0.5 * x * (1.0 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))  # sqrt(2 / pi)
+    elif ACTIVATION == ACT_SILU:
+        x = x / (1.0 + tl.exp(-x))
+    return x
+
+
+@triton.jit
+def gemm_kernel(
+    A, B, C, Bias, Pre,
+    M, N, K, batch,
+    stride_ab, stride_am, stride_ak,
+    stride_bb, stride_bk, stride_bn,
+    stride_cb, stride_cm, stride_cn,
+    stride_xb, stride_xm, stride_xn,
+    alpha,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    A_MODE: tl.constexpr, B_MODE: tl.constexpr, C_TMA: tl.constexpr,
+    BATCHED_A: tl.constexpr, BATCHED_B: tl.constexpr, BATCHED_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    """C[b] = act(alpha * A[b] @ B[b] + bias[b]); Pre[b] (contiguous like C) = the pre-activation.
+
+    C is a descriptor of [batch, M, N] / [M, N] when C_TMA, else a pointer with strides stride_c*.
+    Bias and Pre are pointers (Pre only read when STORE_PRE, Bias only when HAS_BIAS).
+    """
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_tiles = batch * num_pid_m * num_pid_n
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN,
+                         warp_specialize=WARP_SPECIALIZE):
+        bid, pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kt in range(k_tiles):
+            off_k = kt * BLOCK_K
+            a = _load_tile(A, bid, off_m, off_k, M, K, stride_ab, stride_am, stride_ak, BLOCK_M, BLOCK_K,
+                           A_MODE, BATCHED_A)
+            b = _load_tile(B, bid, off_k, off_n, K, N, stride_bb, stride_bk, stride_bn, BLOCK_K, BLOCK_N,
+                           B_MODE, BATCHED_B)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+        # epilogue: scale, bias, (pre-activation,) activation, one rounding to the output dtype
+        acc = acc * alpha
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        if HAS_BIAS:
+            bias = tl.load(Bias + bid.to(tl.int64) * stride_xb + offs_m.to(tl.int64)[:, None] * stride_xm
+                           + offs_n.to(tl.int64)[None, :] * stride_xn, mask=inside, other=0.0)
+            acc = acc + bias.to(tl.float32)
+        if STORE_PRE:
+            # Pre is allocated contiguous [batch, M, N]: its strides are (M * N, N, 1)
+            pre_ptrs = (Pre + bid.to(tl.int64) * M * N + offs_m.to(tl.int64)[:, None] * N
+                        + offs_n.to(tl.int64)[None, :])
+            tl.store(pre_ptrs, acc.to(Pre.dtype.element_ty), mask=inside)
+        acc = _activate(acc, ACTIVATION)
+        if C_TMA:
+            if BATCHED_C:
+                C.store([bid, off_m, off_n], acc.to(C.dtype).reshape(1, BLOCK_M, BLOCK_N))
+            else:
+                C.store([off_m, off_n], acc.to(C.dtype))
+        else:
+            c_ptrs = (C + bid.to(tl.int64) * stride_cb + offs_m.to(tl.int64)[:, None] * stride_cm
+                      + offs_n.to(tl.int64)[None, :] * stride_cn)
+            tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=inside)

@@ -1,0 +1,236 @@
+"""flashtile.gemm against a float64 oracle: odd shapes, transposed views, broadcast batches, every bias
+shape and activation, forward and backward, and the errors for bad input.
+
+Runs the Triton kernel natively on a GPU and under Triton's interpreter on a CPU (conftest.py), plus
+the PyTorch path for CPU tensors. Tolerance: FlashAttention's rule (reference.check_close) against
+torch doing the same math in the input dtype: factor 2 for the output, 3 for gradients.
+"""
+
+import pytest
+import torch
+
+import flashtile as ft
+from flashtile import gemm_launch
+from flashtile.gemm import gemm_torch
+from flashtile.reference import check_close
+from conftest import DEVICE, HAS_GPU
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32] if HAS_GPU else [torch.float16, torch.float32]
+BACKENDS = ["triton"] if HAS_GPU else ["triton", "cpu"]
+ACTIVATIONS = [None, "relu", "gelu", "gelu_tanh", "silu"]
+
+# (M, N, K) from the issue's odd sizes; the interpreter gets 1000 in one dim at a time
+SHAPES_CPU = [(1, 1, 1), (7, 33, 127), (33, 7, 1), (127, 1, 33), (1000, 7, 33), (7, 1000, 7), (33, 7, 1000),
+              (64, 48, 32)]
+SHAPES_GPU = SHAPES_CPU + [(1000, 1000, 1000), (127, 1000, 33), (1000, 127, 1000), (1, 1000, 1000),
+                           (2048, 2304, 520), (4096, 1000, 64), (3000, 4100, 136)]
+SHAPES = SHAPES_GPU if HAS_GPU else SHAPES_CPU
+
+
+def _rand(*shape, dtype, grad=False):
+    return torch.randn(tuple(shape), device=DEVICE, dtype=dtype).requires_grad_(grad)
+
+
+ACT_FN = {None: lambda z: z, "relu": torch.relu, "gelu": torch.nn.functional.gelu,
+          "gelu_tanh": lambda z: torch.nn.functional.gelu(z, approximate="tanh"), "silu": torch.nn.functional.silu}
+
+
+def _lowprec(a, b, bias, alpha, activation, out_dtype):
+    """torch's own unfused math in the input dtype (the error FlashAttention's rule allows for)."""
+    z = torch.matmul(a, b)
+    if alpha != 1:
+        z = z * alpha
+    if bias is not None:
+        z = z + bias.to(z.dtype)
+    return ACT_FN[activation](z).to(out_dtype)
+
+
+def _close(name, out, ref, low, factor):
+    # eps scaled with the values: fp32 outputs of size sqrt(K) differ from float64 by ~1e-7 relative
+    ok, err, bound = check_close(out, ref, low, factor=factor, atol=1e-5 * (1 + float(ref.detach().abs().max())))
+    assert ok, f"{name}: max error {err:.3e} exceeds bound {bound:.3e}"
+
+
+def check_gemm(a, b, bias=None, alpha=1.0, activation=None, out_dtype=None, backward=True):
+    """ft.gemm vs the float64 oracle (forward, and gradients of a, b, bias for one random dout)."""
+    out = ft.gemm(a, b, bias, alpha=alpha, activation=activation, out_dtype=out_dtype)
+    want_dtype = out_dtype or a.dtype
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    assert out.shape == (*batch, a.shape[-2], b.shape[-1]) and out.dtype == want_dtype
+    inputs = [t for t in (a, b, bias) if t is not None]
+    hi = [t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+    ref = gemm_torch(hi[0], hi[1], hi[2] if bias is not None else None, alpha, activation, torch.float64)
+    low = _lowprec(a, b, bias, alpha, activation, want_dtype)
+    _close("out", out, ref, low, 2)
+    if not backward or not any(t.requires_grad for t in inputs):
+        return
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, dout)
+    want = torch.autograd.grad(ref, hi, dout.double())
+    lowg = torch.autograd.grad(low, inputs, dout)
+    for name, g, w, lg, t in zip(("da", "db", "dbias"), grads, want, lowg, inputs):
+        assert g.shape == t.shape and g.dtype == t.dtype, name
+        _close(name, g, w, lg, 3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_odd_shapes(shape, dtype, backend):
+    M, N, K = shape
+    a, b = _rand(M, K, dtype=dtype, grad=True), _rand(K, N, dtype=dtype, grad=True)
+    with ft.use_backend(backend):
+        check_gemm(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_bias_and_activation(activation, dtype, backend):
+    M, N, K = (300, 520, 200) if HAS_GPU else (37, 48, 40)
+    a, b = _rand(M, K, dtype=dtype, grad=True), _rand(K, N, dtype=dtype, grad=True)
+    with ft.use_backend(backend):
+        for bias_shape in [(N,), (M, 1), (M, N), ()]:
+            check_gemm(a, b, _rand(*bias_shape, dtype=dtype, grad=True), activation=activation, alpha=0.75)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("ta", [False, True], ids=["a", "aT"])
+@pytest.mark.parametrize("tb", [False, True], ids=["b", "bT"])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "odd"])
+def test_transposed_views(aligned, tb, ta, backend):
+    """x.mT runs without a copy: aligned sizes take the descriptor (TMA) path, odd ones pointers."""
+    M, N, K = (64, 48, 40) if aligned else (37, 21, 13)
+    if HAS_GPU:
+        M, N, K = (1024, 776, 520) if aligned else (1001, 777, 515)
+    dtype = torch.float16
+    a = _rand(K, M, dtype=dtype).mT if ta else _rand(M, K, dtype=dtype)
+    b = _rand(N, K, dtype=dtype).mT if tb else _rand(K, N, dtype=dtype)
+    a.requires_grad_(True), b.requires_grad_(True)
+    with ft.use_backend(backend):
+        check_gemm(a, b, _rand(N, dtype=dtype, grad=True), activation="gelu_tanh")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["weight", "shared_a", "both", "cross", "strided", "bias_batch", "transposed"])
+def test_broadcast_batches(case, backend):
+    dtype = torch.float32
+    M, N, K = 24, 40, 32
+    if case == "weight":  # nn.Linear: [B, S, K] @ [K, N] (folded into one GEMM)
+        a, b, bias = _rand(3, 2, M, K, dtype=dtype), _rand(K, N, dtype=dtype), _rand(N, dtype=dtype)
+    elif case == "shared_a":
+        a, b, bias = _rand(M, K, dtype=dtype), _rand(3, K, N, dtype=dtype), _rand(M, 1, dtype=dtype)
+    elif case == "both":
+        a, b, bias = _rand(3, M, K, dtype=dtype), _rand(3, K, N, dtype=dtype), _rand(3, 1, N, dtype=dtype)
+    elif case == "cross":  # [2, 1] x [1, 3]: batch dims that cannot merge (one launch per outer index)
+        a, b, bias = _rand(2, 1, M, K, dtype=dtype), _rand(1, 3, K, N, dtype=dtype), _rand(M, N, dtype=dtype)
+    elif case == "strided":  # a batch of every other matrix, b transposed per batch
+        a = _rand(6, M, K, dtype=dtype)[::2]
+        b, bias = _rand(3, N, K, dtype=dtype).mT, None
+    elif case == "bias_batch":  # only the bias has a batch: shared a and b
+        a, b, bias = _rand(M, K, dtype=dtype), _rand(K, N, dtype=dtype), _rand(4, M, N, dtype=dtype)
+        bias = bias.expand(2, 4, M, N)
+        with pytest.raises(ValueError, match="bias"):
+            ft.gemm(a, b, bias)
+        bias = _rand(M, N, dtype=dtype)
+    else:  # batched transposed views, aligned (descriptors with a batch dim on the GPU)
+        a, b, bias = _rand(2, K, M, dtype=dtype).mT, _rand(2, N, K, dtype=dtype).mT, _rand(N, dtype=dtype)
+    for t in (a, b, bias):
+        if t is not None:
+            t.requires_grad_(True)
+    with ft.use_backend(backend):
+        check_gemm(a, b, bias, activation="silu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_dtype_alpha_and_fp32_bias(backend):
+    a, b = _rand(33, 40, dtype=torch.float16, grad=True), _rand(40, 24, dtype=torch.float16, grad=True)
+    bias = _rand(24, dtype=torch.float32, grad=True)
+    with ft.use_backend(backend):
+        check_gemm(a, b, bias, alpha=-2.5, activation="relu", out_dtype=torch.float32)
+        check_gemm(a.float(), b.float(), bias, out_dtype=torch.float16, backward=False)
+
+
+def test_poisoned_outputs_are_fully_written(monkeypatch):
+    """Every output element (and the saved pre-activation) is written: outputs start as NaN."""
+    real_empty = gemm_launch._empty
+
+    def nan_empty(shape, dtype, device):
+        return real_empty(shape, dtype, device).fill_(float("nan"))
+
+    monkeypatch.setattr(gemm_launch, "_empty", nan_empty)
+    dtype = torch.float16
+    with ft.use_backend("triton"):
+        for M, N, K in [(37, 50, 19), (64, 64, 64), (1, 33, 7)]:
+            a, b = _rand(2, M, K, dtype=dtype, grad=True), _rand(K, N, dtype=dtype, grad=True)
+            check_gemm(a, b, _rand(N, dtype=dtype, grad=True), activation="gelu")
+
+
+def test_deterministic():
+    a, b = _rand(100, 70, dtype=torch.float32), _rand(70, 90, dtype=torch.float32)
+    with ft.use_backend("triton"):
+        assert torch.equal(ft.gemm(a, b, activation="silu"), ft.gemm(a, b, activation="silu"))
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="the tuned configs need a GPU")
+@pytest.mark.parametrize("kind_cfg", gemm_launch.candidate_configs(), ids=lambda kc: f"{kc[0]}-{kc[1]}")
+def test_every_tuned_config(kind_cfg):
+    """Each config the sweep measures (the table picks from them) computes the right thing, edges included."""
+    kind, cfg = kind_cfg
+    dtype = torch.float32 if kind == "fp32" else torch.bfloat16
+    for ta, tb in [(False, False), (True, False), (False, True)]:
+        M, N, K = 300, 520, 200
+        a = _rand(K, M, dtype=dtype).mT if ta else _rand(M, K, dtype=dtype)
+        b = _rand(N, K, dtype=dtype).mT if tb else _rand(K, N, dtype=dtype)
+        bias = _rand(N, dtype=dtype)
+        out, pre = gemm_launch.gemm_forward(a, b, bias, 1.0, "gelu", dtype, store_pre=True, config=cfg)
+        ref = gemm_torch(a.double(), b.double(), bias.double(), 1.0, "gelu", torch.float64)
+        low = _lowprec(a, b, bias, 1.0, "gelu", dtype)
+        _close(f"out {cfg}", out, ref, low, 2)
+        _close(f"pre {cfg}", pre, gemm_torch(a.double(), b.double(), bias.double(), 1.0, None, torch.float64),
+               _lowprec(a, b, bias, 1.0, None, dtype), 2)
+
+
+def test_empty_and_zero_k():
+    with ft.use_backend(BACKENDS[0]):
+        out = ft.gemm(_rand(0, 5, dtype=torch.float32), _rand(5, 3, dtype=torch.float32))
+        assert out.shape == (0, 3)
+        bias = _rand(3, dtype=torch.float32)
+        out = ft.gemm(_rand(4, 0, dtype=torch.float32), _rand(0, 3, dtype=torch.float32), bias, activation="relu")
+        assert torch.equal(out, torch.relu(bias).expand(4, 3))
+
+
+def test_bad_input_names_the_argument():
+    a, b = _rand(4, 5, dtype=torch.float32), _rand(5, 3, dtype=torch.float32)
+    with pytest.raises(ValueError, match="disagree on K"):
+        ft.gemm(a, _rand(6, 3, dtype=torch.float32))
+    with pytest.raises(ValueError, match="batch dims"):
+        ft.gemm(_rand(2, 4, 5, dtype=torch.float32), _rand(3, 5, 3, dtype=torch.float32))
+    with pytest.raises(TypeError, match="same dtype"):
+        ft.gemm(a, b.half())
+    with pytest.raises(TypeError, match="a.dtype"):
+        ft.gemm(a.long(), b)
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        ft.gemm(a, b, activation="tanh")
+    with pytest.raises(ValueError, match="bias shape"):
+        ft.gemm(a, b, _rand(4, dtype=torch.float32))
+    with pytest.raises(TypeError, match="bias.dtype"):
+        ft.gemm(a.half(), b.half(), _rand(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="out_dtype"):
+        ft.gemm(a, b, out_dtype=torch.int32)
+    with pytest.raises(TypeError, match="alpha"):
+        ft.gemm(a, b, alpha="2")
+    with pytest.raises(ft.UnsupportedError, match="at least 2 dims"):
+        ft.gemm(a, _rand(5, dtype=torch.float32))
+    assert issubclass(ft.UnsupportedError, NotImplementedError)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="tf32 is a GPU setting")
+def test_tf32_follows_torch(monkeypatch):
+    a, b = _rand(256, 512, dtype=torch.float32), _rand(512, 256, dtype=torch.float32)
+    ref = a.double() @ b.double()
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    exact = (ft.gemm(a, b).double() - ref).abs().max()
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    tf32 = (ft.gemm(a, b).double() - ref).abs().max()
+    assert exact < 1e-3 < tf32 < 0.5
