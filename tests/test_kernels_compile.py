@@ -64,7 +64,42 @@ def compile_all() -> None:
             for k in (fwd, dq, dkdv):
                 assert "ptx" in k.asm and k.metadata.shared > 0
     compile_gemm_variants()
+    compile_wide_variants()
     print("compiled")
+
+
+def compile_wide_variants() -> None:
+    """The wide-head kernels (kernels/attention_wide.py) with the shipped configs (tuning.wide_*_config)."""
+    import torch
+
+    from flashtile.kernels.attention_wide import wide_delta_kernel, wide_dkdv_kernel, wide_dq_kernel, wide_fwd_kernel
+    from flashtile.tuning import wide_backward_config, wide_forward_config
+    from flashtile.wide_launch import DELTA_BLOCK, wide_parts
+
+    gpu = torch.device("cuda", 0)
+    torch.cuda.get_device_capability = lambda *a, **k: (9, 0)  # no driver here: the H200's tables
+    plain = dict(HAS_LEFT=False, HAS_RIGHT=False, SOFTCAP=False, HAS_ALIBI=False, VARLEN=False, EVEN_K=True,
+                 EVEN_KV=True)
+    every = dict(HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, HAS_ALIBI=True, VARLEN=True, EVEN_K=False,
+                 EVEN_KV=False)
+    for elem, dtype, precision, flag_sets in (("bf16", torch.bfloat16, "ieee", (plain, every)),
+                                              ("fp32", torch.float32, "tf32", (every,))):
+        fwd_cfg = wide_forward_config(gpu, 640, 640, dtype, False)
+        bwd_cfg = wide_backward_config(gpu, 640, 640, dtype, False)
+        for flags in flag_sets:
+            common = dict(flags, DOT_PRECISION=precision)
+            jobs = [(wide_fwd_kernel, fwd_cfg, dict(FLATTEN=fwd_cfg.flatten)), (wide_dq_kernel, bwd_cfg.dq, {}),
+                    (wide_dkdv_kernel, bwd_cfg.dk, dict(DKDV=1)), (wide_dkdv_kernel, bwd_cfg.dv, dict(DKDV=0))]
+            for kernel, c, extra in jobs:
+                part_a, part_b, _ = wide_parts(640, c.max_part)
+                consts = dict(common, **extra, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+                              PART_A=part_a, PART_B=part_b)
+                names = {p.name for p in kernel.params if p.is_constexpr}  # the forward has no EVEN_KV
+                k = _compile(kernel, elem, {n: v for n, v in consts.items() if n in names},
+                             num_warps=c.num_warps, num_stages=c.num_stages)
+                assert "ptx" in k.asm and k.metadata.shared > 0
+        k = _compile(wide_delta_kernel, elem, dict(BLOCK_M=DELTA_BLOCK[0], BLOCK_K=DELTA_BLOCK[1], VARLEN=True))
+        assert "ptx" in k.asm
 
 
 def _gemm_signature(elem: str, out: str, c: dict) -> dict:

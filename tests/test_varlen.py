@@ -267,7 +267,7 @@ def _bad_inputs():
         ("same total_k", call(v=t(11, 2, 16)), ValueError),
         ("head_dim of q", call(q=t(10, 2, 32)), ValueError),
         ("multiple of heads", call(q=t(10, 3, 16)), ValueError),
-        ("> 256", call(q=t(10, 2, 300), k=t(12, 2, 300)), NotImplementedError),
+        ("> 2048", call(q=t(10, 2, 2100), k=t(12, 2, 2100)), NotImplementedError),
         ("cu_seqlens_q must have dtype torch.int32", call(cu_seqlens_q=cu(0, 4, 10, dt=torch.int64)), TypeError),
         ("cu_seqlens_k must be a torch.Tensor", call(cu_seqlens_k=[0, 5, 12]), TypeError),
         ("cu_seqlens_q must be a 1-D", call(cu_seqlens_q=ok_cu_q.view(1, 3)), ValueError),

@@ -24,7 +24,7 @@ from flashtile.spec import AttentionSpec, mask_edges
 Tensor = torch.Tensor
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 2048  # > 256 runs the wide-head (split-D) kernels
 
 
 def _check_tensor(name: str, t: object) -> Tensor:
@@ -64,7 +64,7 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         if d < 1:
             raise ValueError(f"{name} must be >= 1, got {d}")
         if d > MAX_HEAD_DIM:
-            raise UnsupportedError(f"{name} = {d} > {MAX_HEAD_DIM} is not supported yet (wide heads are planned)")
+            raise UnsupportedError(f"{name} = {d} > {MAX_HEAD_DIM} is not supported")
 
 
 def _check_scale(softmax_scale: Optional[float]) -> None:

@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 
-from flashtile.dispatch import triton_interpreting
+from flashtile.dispatch import triton_interpreting, wide_heads
 from flashtile.errors import UnsupportedError
 from flashtile.kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
 from flashtile.kernels.attention_fwd import attention_fwd_kernel
@@ -198,6 +198,10 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
 
     left/right: visibility edges around the bottom-right diagonal (spec.mask_edges), None = unbounded.
     """
+    if wide_heads(q.shape[-1], v.shape[-1]):
+        from flashtile.wide_launch import wide_forward
+        return wide_forward(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, config, layout, block_mask,
+                            attn_mask, dropout_p, dropout_seed)
     layout = layout or _dense_layout(q, k)
     *lead, Hq, D = q.shape
     Hkv, Dv = k.shape[-2], v.shape[-1]
@@ -256,6 +260,10 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        dropout_seed: Tuple[int, int] = (0, 0),
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns dq, dk, dv (contiguous, dtypes of q, k, v)."""
+    if wide_heads(q.shape[-1], v.shape[-1]):
+        from flashtile.wide_launch import wide_backward
+        return wide_backward(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes, config,
+                             expand_gqa, layout, block_mask, attn_mask, dropout_p, dropout_seed)
     layout = layout or _dense_layout(q, k)
     Hq, D = q.shape[-2], q.shape[-1]
     Hkv, Dv = k.shape[-2], v.shape[-1]

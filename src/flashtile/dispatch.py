@@ -52,6 +52,14 @@ def use_backend(name: str) -> Iterator[None]:
         stack.pop()
 
 
+DENSE_MAX_HEAD_DIM = 256  # the dense Triton kernels' limit; wider heads run the split-D kernels
+
+
+def wide_heads(head_dim: int, head_dim_v: int) -> bool:
+    """True when the Triton backend runs the wide-head (split-D) kernels instead of the dense ones."""
+    return max(head_dim, head_dim_v) > DENSE_MAX_HEAD_DIM
+
+
 def triton_interpreting() -> bool:
     """True when Triton's interpreter runs kernels on the CPU (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

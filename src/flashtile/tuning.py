@@ -90,3 +90,57 @@ def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype:
     if d <= 128:
         return BackwardConfig(KernelConfig(64, 64, 4, 2), KernelConfig(128, 64, 8, 3))
     return BackwardConfig(KernelConfig(64, 64, 8, 2), KernelConfig(128, 32, 8, 3))
+
+
+@dataclasses.dataclass(frozen=True)
+class WideConfig:
+    """Config of one wide-head kernel (kernels/attention_wide.py).
+
+    block_k: columns of the reduced head dim per step of the inner (pipelined) loop; max_part: the
+    widest slice of the produced head dim one program keeps in fp32 registers (wider dims are split
+    over programs, each recomputing S).
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    max_part: int
+    flatten: bool = False  # forward: flatten the key-tile and Dqk-chunk loops into one pipelined loop
+
+
+@dataclasses.dataclass(frozen=True)
+class WideBackwardConfig:
+    dq: WideConfig
+    dk: WideConfig
+    dv: WideConfig
+
+
+def wide_forward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
+                        causal: bool) -> WideConfig:
+    """Config of wide_fwd_kernel (head dims > 256)."""
+    if _arch(device) is None:
+        return WideConfig(32, 32, 64, 4, 1, 512)
+    if dtype == torch.float32:
+        return WideConfig(64, 32, 32, 8, 2, 256)
+    # H200 sweep (bf16, B=1, H=48, S=8192, non-causal; scripts/tune_wide.py): 128 x 64 tiles with
+    # 256-wide O slices lead at every D although the slices recompute S (D=512, 3 stages: 182 TFLOP/s
+    # vs 165 for 64 x 64 with one 512 slice); 4 stages: 218 (D=512), 149 (D=1024).
+    return WideConfig(128, 64, 64, 8, 4, 256)
+
+
+def wide_backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
+                         causal: bool) -> WideBackwardConfig:
+    """Configs of wide_dq_kernel and wide_dkdv_kernel (dK and dV launches)."""
+    if _arch(device) is None:
+        one = WideConfig(32, 32, 64, 4, 1, 512)
+        return WideBackwardConfig(one, one, one)
+    if dtype == torch.float32:
+        one = WideConfig(64, 32, 32, 8, 2, 256)
+        return WideBackwardConfig(one, one, one)
+    # H200 sweep (bf16, D=512, S=8192): one 512-wide slice per program (no recomputed S / dP) and
+    # 5 pipeline stages: dQ 216, dK 215, dV 207 TFLOP/s of their shares (3 stages: 172 / 173 / 176;
+    # 256-wide slices: ~100); 6 stages is no faster
+    one = WideConfig(64, 64, 64, 8, 5, 512)
+    return WideBackwardConfig(one, one, one)

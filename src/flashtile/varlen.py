@@ -65,7 +65,7 @@ def _check_qkv_varlen(q: Tensor, k: Tensor, v: Tensor) -> None:
         if d < 1:
             raise ValueError(f"{name} must be >= 1, got {d}")
         if d > MAX_HEAD_DIM:
-            raise UnsupportedError(f"{name} = {d} > {MAX_HEAD_DIM} is not supported yet (wide heads are planned)")
+            raise UnsupportedError(f"{name} = {d} > {MAX_HEAD_DIM} is not supported")
 
 
 def _check_cu_seqlens(name: str, cu: object, total: int, total_name: str, device: torch.device) -> List[int]:

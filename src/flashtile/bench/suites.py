@@ -306,6 +306,30 @@ def wide_suite(quick: bool = False) -> list[Case]:
     return cases
 
 
+WIDE_MLA_PAIRS = ((192, 128), (576, 512))  # (Dqk, Dv) of MLA-style models (DeepSeek: 192/128 and 576/512)
+
+
+def wide_mla_suite(quick: bool = False) -> list[Case]:
+    """Different head dims for Q/K and V (MLA): B=1, H=48, S=8192, bf16, against SDPA.
+
+    FLOPs: 2*B*H*Sq*Sk*(Dqk + Dv) for the forward (Q K^T over Dqk, P V over Dv), halved for causal,
+    x 3.5 for forward + backward. cuDNN runs where it accepts the pair (it refuses D > 256).
+    """
+    cases = []
+    for mode in MODES:
+        for causal in (False, True):
+            for dqk, dv in WIDE_MLA_PAIRS:
+                flops = 2.0 * 48 * 8192 * 8192 * (dqk + dv) / (2 if causal else 1)
+                providers = WIDE_PROVIDERS + (("sdpa_cudnn",) if dqk <= 256 else ())
+                cases.append(Case(
+                    suite="wide_mla", kind="attention", mode=mode, dtype="bfloat16",
+                    shape={"B": 1, "H": 48, "Hkv": 48, "Sq": 8192, "Sk": 8192, "D": dqk, "Dv": dv, "causal": causal},
+                    labels={"Dqk": dqk, "Dv": dv, "causal": causal, "S": 8192},
+                    flops=flops * FWD_BWD_FACTOR if mode == "fwd_bwd" else flops,
+                    providers=providers, references=WIDE_REFERENCES,
+                    skip=_math_skip(1, 48, 8192, 8192, WIDE_MATH_LIMIT_BYTES)))
+    return cases
+
 
 # ----------------------------------------------------------------------------------------------
 # Variants suite: window, softcap, ALiBi, GQA, varlen, block-sparse
@@ -624,6 +648,15 @@ SUITES: dict[str, Suite] = {
         x="D",
         group=("causal",),
         ratio_peers=("sdpa_efficient", "sdpa_math"),
+    ),
+    "wide_mla": Suite(
+        name="wide_mla",
+        description="Dqk != Dv (MLA): 192/128 and 576/512, B=1, H=48, S=8192, bf16",
+        build=wide_mla_suite,
+        x="Dqk",
+        group=("causal",),
+        ratio_peers=("sdpa_efficient", "sdpa_cudnn"),
+        plot="bars",
     ),
     "variants": Suite(
         name="variants",

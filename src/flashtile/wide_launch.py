@@ -1,0 +1,143 @@
+"""Launchers for the wide-head kernels (kernels/attention_wide.py): head dims > 256 (dispatch.wide_heads).
+
+Same contract as attention_launch.attention_forward / attention_backward (which route here), so the
+ops, varlen and autograd layers do not know which tiling runs. Features the wide kernels do not have
+yet (dropout, block_mask, attn_mask) raise UnsupportedError.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+
+from flashtile.attention_launch import (_Layout, _alibi_args, _dense_layout, _device_ctx, _dot_precision, _empty,
+                                        _mask_flags)
+from flashtile.errors import UnsupportedError
+from flashtile.kernels.attention_wide import wide_delta_kernel, wide_dkdv_kernel, wide_dq_kernel, wide_fwd_kernel
+from flashtile.tuning import WideBackwardConfig, WideConfig, wide_backward_config, wide_forward_config
+
+DELTA_BLOCK = (64, 64)  # rows x columns per step of wide_delta_kernel
+
+
+def wide_parts(dim: int, max_part: int) -> Tuple[int, int, int]:
+    """(part_a, part_b, n_split): each program accumulates dim-columns [s*W, s*W + W), W = part_a + part_b.
+
+    The slice is as narrow as the split allows (a multiple of 64), made of two powers of two so that a
+    width like 320 = 256 + 64 costs no padded columns; part_b = 0 when one tile covers it.
+    """
+    n = triton.cdiv(triton.cdiv(dim, 64) * 64, max_part)
+    width = triton.cdiv(triton.cdiv(dim, n), 64) * 64
+    a = 1 << (width.bit_length() - 1)
+    b = 0 if width == a else 1 << (width - a - 1).bit_length()
+    if b == a:
+        a, b = 2 * a, 0
+    return a, b, triton.cdiv(dim, a + b)
+
+
+def _check_features(block_mask, attn_mask, dropout_p: float) -> None:
+    for name, used in (("dropout_p", dropout_p > 0), ("block_mask", block_mask is not None),
+                       ("attn_mask", attn_mask is not None)):
+        if used:
+            raise UnsupportedError(f"{name} with head dims > 256 is not supported yet (the wide-head kernels "
+                                   "have causal, sliding window, GQA, softcap, ALiBi and varlen)")
+
+
+def _run(kernel, grid, cfg: WideConfig, args, meta) -> None:
+    """Launch; a GPU without the shared memory for cfg's pipeline depth retries with fewer stages."""
+    stages = cfg.num_stages
+    while True:
+        try:
+            kernel[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                         num_warps=cfg.num_warps, num_stages=stages, **meta)
+            return
+        except triton.runtime.errors.OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
+
+
+def _flags(layout: _Layout, left, right, softcap: float, alibi_slopes, dtype: torch.dtype):
+    has_left, has_right, left, right = _mask_flags(left, right)
+    meta = dict(HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+                VARLEN=layout.varlen, DOT_PRECISION=_dot_precision(dtype))
+    return meta, left, right
+
+
+def wide_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
+                 left: Optional[int] = None, right: Optional[int] = None, softcap: float = 0.0,
+                 alibi_slopes: Optional[torch.Tensor] = None, config: Optional[WideConfig] = None,
+                 layout: Optional[_Layout] = None, block_mask=None, attn_mask: Optional[torch.Tensor] = None,
+                 dropout_p: float = 0.0, dropout_seed: Tuple[int, int] = (0, 0)) -> Tuple[torch.Tensor, torch.Tensor]:
+    """out [.., Hq, Dv] (q's dtype) and lse fp32, as attention_launch.attention_forward."""
+    _check_features(block_mask, attn_mask, dropout_p)
+    layout = layout or _dense_layout(q, k)
+    *lead, Hq, D = q.shape
+    Hkv, Dv = k.shape[-2], v.shape[-1]
+    B, Sq, Sk = layout.batch, layout.seqlen_q, layout.seqlen_k
+    out = _empty((*lead, Hq, Dv), dtype=q.dtype, device=q.device)
+    lse = _empty(layout.lse_shape(Hq, q.shape[0]), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse
+    if Sk == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    cfg = config or wide_forward_config(q.device, D, Dv, q.dtype, right is not None)
+    part_a, part_b, n_split = wide_parts(Dv, cfg.max_part)
+    meta, left, right = _flags(layout, left, right, softcap, alibi_slopes, q.dtype)
+    slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
+    cu_q, cu_k = layout.cu(lse)
+    args = (q, k, v, out, lse, slopes, cu_q, cu_k, *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(out),
+            *layout.lse_bh(lse), stride_alibi_b, Sq, Sk, Hq, Hq // Hkv, D, Dv, softmax_scale, softcap, left, right,
+            n_split)
+    grid = (n_split * triton.cdiv(Sq, cfg.block_m) * B * Hq,)
+    with _device_ctx(q):
+        _run(wide_fwd_kernel, grid, cfg, args,
+             dict(meta, PART_A=part_a, PART_B=part_b, EVEN_K=D % cfg.block_k == 0, FLATTEN=cfg.flatten))
+    return out, lse
+
+
+def wide_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, softmax_scale: float, left: Optional[int] = None, right: Optional[int] = None,
+                  softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
+                  config: Optional[WideBackwardConfig] = None, expand_gqa: Optional[bool] = None,
+                  layout: Optional[_Layout] = None, block_mask=None, attn_mask: Optional[torch.Tensor] = None,
+                  dropout_p: float = 0.0, dropout_seed: Tuple[int, int] = (0, 0),
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv (contiguous, dtypes of q, k, v); the GQA group is always summed in registers."""
+    _check_features(block_mask, attn_mask, dropout_p)
+    layout = layout or _dense_layout(q, k)
+    Hq, D = q.shape[-2], q.shape[-1]
+    Hkv, Dv = k.shape[-2], v.shape[-1]
+    B, Sq, Sk = layout.batch, layout.seqlen_q, layout.seqlen_k
+    dq = _empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = _empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = _empty(v.shape, dtype=v.dtype, device=v.device)
+    if Sq == 0 or Sk == 0 or B == 0 or Hq == 0 or q.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    cfg = config or wide_backward_config(q.device, D, Dv, q.dtype, right is not None)
+    meta, left, right = _flags(layout, left, right, softcap, alibi_slopes, q.dtype)
+    slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
+    cu_q, cu_k = layout.cu(lse)
+    delta = _empty(lse.shape, dtype=torch.float32, device=q.device)
+    scalars = (*layout.lse_bh(lse), stride_alibi_b, Sq, Sk, Hq, Hq // Hkv, D, Dv, softmax_scale, softcap, left, right)
+    inputs = (*layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(dout))
+    with _device_ctx(q):
+        bm, bk = DELTA_BLOCK
+        wide_delta_kernel[(triton.cdiv(Sq, bm) * B * Hq,)](
+            out, dout, delta, cu_q, *layout.bsh(out), *layout.bsh(dout), *layout.lse_bh(delta), Sq, Hq, Dv,
+            BLOCK_M=bm, BLOCK_K=bk, VARLEN=layout.varlen)
+        for kernel, dx, c, rows, heads, width, extra in (
+                (wide_dq_kernel, dq, cfg.dq, Sq, Hq, D, {}),
+                (wide_dkdv_kernel, dk, cfg.dk, Sk, Hkv, D, dict(DKDV=1)),
+                (wide_dkdv_kernel, dv, cfg.dv, Sk, Hkv, Dv, dict(DKDV=0))):
+            part_a, part_b, n_split = wide_parts(width, c.max_part)
+            tile = c.block_m if kernel is wide_dq_kernel else c.block_n
+            args = (q, k, v, dout, lse, delta, dx, slopes, cu_q, cu_k, *inputs, *layout.bsh(dx), *scalars, n_split)
+            _run(kernel, (n_split * triton.cdiv(rows, tile) * B * heads,), c, args,
+                 dict(meta, **extra, PART_A=part_a, PART_B=part_b, EVEN_K=D % c.block_k == 0,
+                      EVEN_KV=Dv % c.block_k == 0))
+    return dq, dk, dv
+

@@ -1,0 +1,184 @@
+"""Wide heads (head dims 257..2048, the split-D kernels of kernels/attention_wide.py) against the oracle.
+
+Same rule and style as test_attention.py: flash_attn_func / flash_attn_varlen_func /
+scaled_dot_product_attention vs reference.attention_ref (float64 on CPU), FlashAttention's tolerance
+(factor 2 for out / lse, 3 for gradients), Triton natively on a GPU or under the interpreter on a
+CPU, plus the tiled CPU path. Dqk != Dv (MLA's 192/128 and 576/512) is covered on both sides of 256.
+"""
+
+import pytest
+import torch
+
+import flashtile as ft
+from flashtile import attention_launch, wide_launch
+from conftest import DEVICE, HAS_GPU
+from test_attention import check_against_oracle
+from test_varlen import _make as make_packed
+from test_varlen import check_against_oracle as check_varlen_against_oracle
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32] if HAS_GPU else [torch.float16, torch.float32]
+BACKENDS = ["triton"] if HAS_GPU else ["triton", "cpu"]
+
+# (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v): the issue's head dims,
+# odd lengths, Sq != Sk both ways, GQA / MQA, and Dqk != Dv (MLA pairs, one side <= 256)
+SHAPES_CPU = [
+    (1, 37, 37, 2, 1, 257, 257),
+    (1, 29, 43, 2, 2, 320, 320),
+    (2, 19, 19, 2, 1, 333, 333),
+    (1, 33, 21, 1, 1, 512, 512),
+    (1, 17, 40, 2, 2, 640, 640),
+    (1, 23, 23, 3, 1, 1000, 1000),
+    (1, 16, 31, 1, 1, 1024, 1024),
+    (1, 45, 45, 2, 1, 576, 512),
+    (1, 30, 30, 2, 2, 192, 128),  # the dense kernel (both <= 256), MLA's pair
+    (1, 21, 37, 1, 1, 64, 640),
+    (1, 21, 21, 2, 1, 320, 100),
+]
+SHAPES_GPU = SHAPES_CPU + [
+    (2, 257, 257, 4, 2, 320, 320),
+    (1, 513, 1023, 4, 1, 512, 512),
+    (1, 1000, 700, 2, 2, 1024, 1024),
+    (1, 300, 300, 4, 4, 576, 512),
+    (1, 777, 777, 2, 1, 1000, 1000),
+    (1, 129, 200, 4, 2, 704, 333),
+]
+SHAPES = SHAPES_GPU if HAS_GPU else SHAPES_CPU
+
+
+def _make(shape, dtype):
+    B, Sq, Sk, Hq, Hkv, D, Dv = shape
+    return tuple(torch.randn(*s, device=DEVICE, dtype=dtype).requires_grad_()
+                 for s in ((B, Sq, Hq, D), (B, Sk, Hkv, D), (B, Sk, Hkv, Dv)))
+
+
+def _shape_id(s):
+    return "x".join(map(str, s))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+def test_matches_oracle(shape, causal, dtype, backend):
+    if backend == "cpu" and dtype == torch.float16 and shape[5] not in (333, 576):
+        pytest.skip("CPU path: fp16 on two shapes is enough (it is the same code for every D)")
+    if dtype == torch.float32 and HAS_GPU and shape[1] * shape[5] > 500_000:
+        # the GPU oracle is float32 itself, so the rule's bound degenerates to 1e-5 absolute, below
+        # float32 rounding of dV / dK sums this long; fp32 is checked on the other shapes
+        pytest.skip("fp32 vs a float32 oracle at this size: bound below float32 rounding")
+    q, k, v = _make(shape, dtype)
+    with ft.use_backend(backend):
+        check_against_oracle(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kw", [dict(window_size=(8, 0)), dict(window_size=(5, 11)), dict(window_size=(-1, 3)),
+                                dict(softcap=1.5), dict(alibi_slopes="batched", causal=True),
+                                dict(softcap=2.0, window_size=(20, -1))], ids=str)
+def test_variants(kw, backend):
+    """Sliding window, softcap and ALiBi run in the wide kernels with the dense kernels' semantics."""
+    q, k, v = _make((2, 50, 57, 2, 1, 300, 280), torch.float32)
+    if kw.get("alibi_slopes") == "batched":
+        kw = dict(kw, alibi_slopes=torch.rand(2, 2, device=DEVICE, dtype=torch.float32) * 0.5)
+    with ft.use_backend(backend):
+        check_against_oracle(q, k, v, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_masked_rows(backend):
+    """Causal with Sq > Sk: the first Sq - Sk rows see no key: out 0, lse -inf, zero dq."""
+    q, k, v = _make((1, 50, 20, 2, 1, 320, 320), torch.float32)
+    with ft.use_backend(backend):
+        out, lse, _ = ft.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+        check_against_oracle(q, k, v, causal=True)
+    assert torch.all(out[:, :30] == 0) and torch.all(lse[:, :, :30] == float("-inf"))
+    assert torch.all(dq[:, :30] == 0) and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_is_deterministic(backend):
+    S = 77 if HAS_GPU else 40
+    q, k, v = _make((1, S, S, 4, 2, 640, 640), torch.float16)
+    dout = torch.randn(1, S, 4, 640, device=DEVICE, dtype=torch.float16)
+    with ft.use_backend(backend):
+        runs = [torch.autograd.grad(ft.flash_attn_func(q, k, v, causal=True), (q, k, v), dout) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_poisoned_outputs_are_fully_written(monkeypatch):
+    """Outputs allocated full of NaN: every element (out, lse, delta, dq, dk, dv) is written."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(wide_launch, "_empty", nan_empty)
+    monkeypatch.setattr(attention_launch, "_empty", nan_empty)
+    q, k, v = _make((2, 67, 51, 4, 2, 333, 700) if HAS_GPU else (1, 40, 33, 2, 1, 333, 700), torch.float16)
+    with ft.use_backend("triton"):
+        check_against_oracle(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen(causal, backend):
+    q, k, v, meta = make_packed((5, 0, 17, 1, 30), (9, 3, 17, 0, 23), 4, 2, 320, torch.float32, dv=512)
+    with ft.use_backend(backend):
+        check_varlen_against_oracle(q, k, v, meta, causal=causal)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scaled_dot_product_attention(backend):
+    """torch's layout and semantics (top-left causal, GQA) with D = 384, Dv = 257."""
+    B, Hq, Hkv, Sq, Sk = 2, 4, 2, 23, 41
+    q = torch.randn(B, Hq, Sq, 384, device=DEVICE, dtype=torch.float32, requires_grad=True)
+    k = torch.randn(B, Hkv, Sk, 384, device=DEVICE, dtype=torch.float32, requires_grad=True)
+    v = torch.randn(B, Hkv, Sk, 257, device=DEVICE, dtype=torch.float32, requires_grad=True)
+    with ft.use_backend(backend):
+        out = ft.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.05, enable_gqa=True)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=0.05, enable_gqa=True)
+    assert out.shape == ref.shape and (out.double() - ref).abs().max() < 1e-5
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(ref, (qd, kd, vd), dout.double())
+    for g, w in zip(got, want):
+        assert (g.double() - w).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_largest_head_dim(backend):
+    q, k, v = _make((1, 9, 12, 1, 1, 2048, 2048), torch.float32)
+    with ft.use_backend(backend):
+        check_against_oracle(q, k, v, causal=True)
+    with pytest.raises(ft.UnsupportedError, match="2049"):
+        ft.flash_attn_func(*_make((1, 4, 4, 1, 1, 2049, 64), torch.float32))
+
+
+@pytest.mark.parametrize("feature", ["dropout", "block_mask", "attn_mask"])
+def test_unsupported_features_raise(feature):
+    """What the wide kernels do not have yet raises UnsupportedError (a NotImplementedError) on the Triton path."""
+    q, k, v = _make((1, 32, 32, 2, 2, 320, 320), torch.float16)
+    with ft.use_backend("triton"), pytest.raises(NotImplementedError, match=feature):
+        if feature == "dropout":
+            ft.flash_attn_func(q, k, v, dropout_p=0.1)
+        elif feature == "block_mask":
+            ft.flash_attn_func(q, k, v, block_mask=ft.BlockMask.causal(32, 32, block_size=(16, 16), device=DEVICE))
+        else:
+            mask = torch.ones(32, 32, dtype=torch.bool, device=DEVICE).tril()
+            ft.scaled_dot_product_attention(*(t.detach().transpose(1, 2) for t in (q, k, v)), attn_mask=mask)
+
+
+@pytest.mark.parametrize("dim, max_part, want", [
+    (257, 512, (256, 64, 1)), (320, 512, (256, 64, 1)), (333, 512, (256, 128, 1)), (448, 512, (512, 0, 1)),
+    (512, 512, (512, 0, 1)), (640, 512, (256, 64, 2)), (832, 512, (512, 0, 2)), (1000, 512, (512, 0, 2)),
+    (1024, 512, (512, 0, 2)), (1024, 256, (256, 0, 4)), (64, 512, (64, 0, 1)), (100, 512, (128, 0, 1)),
+])
+def test_wide_parts(dim, max_part, want):
+    """Slices of the produced head dim: two power-of-two tiles, as few programs as max_part allows."""
+    a, b, n = wide_launch.wide_parts(dim, max_part)
+    assert (a, b, n) == want
+    assert n * (a + b) >= dim and (n - 1) * (a + b) < dim and a + b <= max_part
