@@ -40,7 +40,20 @@ def _act(z: torch.Tensor, activation: Optional[str]) -> torch.Tensor:
 # Validation
 
 
-def _check(a, b, bias, alpha, activation, out_dtype) -> Tuple[torch.Size, torch.dtype]:
+def broadcast_shape(x: Tuple[int, ...], y: Tuple[int, ...]) -> Optional[Tuple[int, ...]]:
+    """torch's broadcasting of two shapes, or None when they do not broadcast (plain Python: a call's
+    host time matters for small GEMMs)."""
+    n = max(len(x), len(y))
+    x, y = (1,) * (n - len(x)) + tuple(x), (1,) * (n - len(y)) + tuple(y)
+    out = []
+    for p, q in zip(x, y):
+        if p != q and p != 1 and q != 1:
+            return None
+        out.append(q if p == 1 else p)
+    return tuple(out)
+
+
+def _check(a, b, bias, alpha, activation, out_dtype) -> Tuple[Tuple[int, ...], torch.dtype]:
     """Raise a clear error naming the argument; returns (output shape, output dtype)."""
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, torch.Tensor):
@@ -57,12 +70,11 @@ def _check(a, b, bias, alpha, activation, out_dtype) -> Tuple[torch.Size, torch.
     if a.shape[-1] != b.shape[-2]:
         raise ValueError(f"gemm: a [..., M, K] and b [..., K, N] disagree on K: a.shape {tuple(a.shape)} "
                          f"has K={a.shape[-1]}, b.shape {tuple(b.shape)} has K={b.shape[-2]}")
-    try:
-        batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    except RuntimeError:
+    batch = broadcast_shape(a.shape[:-2], b.shape[:-2])
+    if batch is None:
         raise ValueError(f"gemm: batch dims of a {tuple(a.shape[:-2])} and b {tuple(b.shape[:-2])} do not "
-                         "broadcast (torch.matmul's rule)") from None
-    out_shape = torch.Size((*batch, a.shape[-2], b.shape[-1]))
+                         "broadcast (torch.matmul's rule)")
+    out_shape = (*batch, a.shape[-2], b.shape[-1])
     if out_dtype is None:
         out_dtype = a.dtype
     elif out_dtype not in DTYPES:
@@ -75,11 +87,7 @@ def _check(a, b, bias, alpha, activation, out_dtype) -> Tuple[torch.Size, torch.
                             "or float32")
         if bias.device != a.device:
             raise ValueError(f"gemm: bias is on {bias.device}, a and b on {a.device}")
-        try:
-            ok = torch.broadcast_shapes(bias.shape, out_shape) == out_shape
-        except RuntimeError:
-            ok = False
-        if not ok:
+        if broadcast_shape(bias.shape, out_shape) != out_shape:
             raise ValueError(f"gemm: bias shape {tuple(bias.shape)} does not broadcast to the output shape "
                              f"{tuple(out_shape)} (typical: [N], [M, 1], [M, N])")
     if activation not in ACTIVATION_NAMES:
@@ -210,5 +218,10 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None, 
     _, out_dtype = _check(a, b, bias, alpha, activation, out_dtype)
     alpha = float(alpha)
     if resolve_backend(a.device) == "triton":
-        return _GemmFunction.apply(a, b, bias, alpha, activation, out_dtype)
+        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            return _GemmFunction.apply(a, b, bias, alpha, activation, out_dtype)
+        from flashtile.gemm_launch import gemm_forward  # no autograd needed: skip the Function's cost
+
+        return gemm_forward(a, b, bias, alpha, activation, out_dtype)[0]
     return gemm_torch(a, b, bias, alpha, activation, out_dtype)

@@ -10,12 +10,12 @@ allow, and a batch that a shared B multiplies is folded into M (one big GEMM ins
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
-import triton
 
 from flashtile.dispatch import triton_interpreting
 from flashtile.kernels.gemm import gemm_kernel
@@ -155,10 +155,39 @@ def _merge_batch(tensors: Sequence[torch.Tensor], nbatch: int) -> List[torch.Ten
             for t, st in zip(tensors, strides)]
 
 
-def _fold_into_m(a: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    """True when a [Bt, M, K], c [Bt, M, N] and bias [Bt, M, N] (views) are [Bt*M, .] matrices."""
-    m = a.shape[1]
-    return all(t.stride(0) == m * t.stride(1) for t in ((a, c) if bias is None else (a, c, bias)))
+class _Mat(NamedTuple):
+    """One matrix operand as the kernel sees it: a tensor (base pointer) and [batch, rows, cols] sizes
+    and strides (batch stride 0: shared by every batch index). Plain tuples, not tensor views, keep
+    the host time of a call low."""
+
+    t: torch.Tensor
+    batch: int
+    rows: int
+    cols: int
+    sb: int
+    sr: int
+    sc: int
+
+
+def _mat(v: torch.Tensor) -> _Mat:
+    """A 3-d view as a _Mat."""
+    return _Mat(v, *v.shape, *v.stride())
+
+
+def _mat2(t: torch.Tensor, rows: int, cols: int) -> _Mat:
+    """A tensor of at most 2 dims broadcast to [1, rows, cols] (size-1 and missing dims: stride 0)."""
+    sizes = (1,) * (2 - t.dim()) + tuple(t.shape)
+    strides = (0,) * (2 - t.dim()) + tuple(t.stride())
+    return _Mat(t, 1, rows, cols, 0, strides[0] if sizes[0] > 1 else 0, strides[1] if sizes[1] > 1 else 0)
+
+
+def _fold_into_m(a: _Mat, c: _Mat, bias: Optional[_Mat]) -> bool:
+    """True when a [Bt, M, K], c [Bt, M, N] and bias [Bt, M, N] are [Bt*M, .] matrices."""
+    return all(x.sb == a.rows * x.sr for x in ((a, c) if bias is None else (a, c, bias)))
+
+
+def _folded(x: _Mat) -> _Mat:
+    return x._replace(batch=1, rows=x.batch * x.rows, sb=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,30 +200,40 @@ def _aligned(t: torch.Tensor, strides: Sequence[int]) -> bool:
     return t.data_ptr() % 16 == 0 and all(s > 0 and (s * size) % 16 == 0 for s in strides)
 
 
-def _operand(t: torch.Tensor, batched: bool, block: Tuple[int, int], use_tma: bool):
-    """(kernel argument, mode) for a [Bt, R, C] operand tile of ``block`` = (rows, cols).
+def _descriptor(t: torch.Tensor, shape: List[int], strides: List[int], block: List[int]):
+    """A host-side TMA descriptor. _operand has checked what TensorDescriptor's constructor checks
+    (alignment, unit last stride, power-of-two block), so it is filled without re-checking: the
+    checks cost more host time than the rest of a small GEMM's launch."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    d = TensorDescriptor.__new__(TensorDescriptor)
+    d.base, d.shape, d.strides, d.block_shape, d.padding = t, shape, strides, block, "zero"
+    return d
+
+
+def _cdiv(x: int, y: int) -> int:
+    return -(-x // y)
+
+
+def _operand(x: _Mat, batched: bool, block: Tuple[int, int], use_tma: bool):
+    """(kernel argument, mode) for tiles of ``block`` = (rows, cols) of operand ``x``.
 
     mode 1: descriptor of [.., R, C] (C contiguous); 2: descriptor of the transpose [.., C, R]
     (R contiguous); 0: the tensor itself (pointer with strides). TMA needs 16-byte aligned base and
     strides (except the contiguous one); anything else runs through pointers.
     """
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    _, rows, cols = t.shape
-    sb, sr, sc = t.stride()
-    if not use_tma or t.numel() == 0:
-        return t, 0
-    lead = [sb] if batched else []
-    if sc == 1 or cols == 1:  # a single column reads no inner stride
-        if _aligned(t, lead + [sr]):
-            shape = ([t.shape[0]] if batched else []) + [rows, cols]
-            box = ([1] if batched else []) + list(block)
-            return TensorDescriptor(t, shape, lead + [sr, 1], box), 1
-    if sr == 1 or rows == 1:  # a transposed view
-        if _aligned(t, lead + [sc]):
-            shape = ([t.shape[0]] if batched else []) + [cols, rows]
-            box = ([1] if batched else []) + [block[1], block[0]]
-            return TensorDescriptor(t, shape, lead + [sc, 1], box), 2
+    if not use_tma or x.rows == 0 or x.cols == 0:
+        return x.t, 0
+    t = x.t
+    lead = [x.sb] if batched else []
+    dims = [x.batch] if batched else []
+    box = [1] if batched else []
+    if x.sc == 1 or x.cols == 1:  # a single column reads no inner stride
+        if _aligned(t, lead + [x.sr]):
+            return _descriptor(t, dims + [x.rows, x.cols], lead + [x.sr, 1], box + list(block)), 1
+    if x.sr == 1 or x.rows == 1:  # a transposed view
+        if _aligned(t, lead + [x.sc]):
+            return _descriptor(t, dims + [x.cols, x.rows], lead + [x.sc, 1], box + [block[1], block[0]]), 2
     return t, 0
 
 
@@ -212,10 +251,22 @@ def gemm_forward(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor],
                  config: Optional[GemmConfig] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """out = act(alpha * a @ b + bias) as a new contiguous [*batch, M, N] tensor of ``out_dtype``,
     and, with ``store_pre``, the pre-activation alpha * a @ b + bias in the same layout (else None)."""
-    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
+    act = ACTIVATIONS[activation]
+    want_pre = store_pre and activation is not None
+    if a.dim() == 2 and b.dim() == 2 and (bias is None or bias.dim() <= 2):
+        # the common case, without views: one launch
+        out = _empty((M, N), out_dtype, a.device)
+        pre = _empty((M, N), out_dtype, a.device) if want_pre else None
+        if out.numel():
+            with _device_ctx(a):
+                _launch(_mat2(a, M, K), _mat2(b, K, N), _mat2(out, M, N),
+                        _mat2(bias, M, N) if bias is not None else None,
+                        _mat2(pre, M, N) if pre is not None else None, alpha, act, config)
+        return out, pre
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     out = _empty((*batch, M, N), out_dtype, a.device)
-    pre = _empty(out.shape, out_dtype, a.device) if store_pre and activation is not None else None
+    pre = _empty(out.shape, out_dtype, a.device) if want_pre else None
     if out.numel() == 0:
         return out, pre
     nb = len(batch)
@@ -231,8 +282,8 @@ def gemm_forward(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor],
     views = [next(merged) if v is not None else None for v in views]
     with _device_ctx(a):
         for idx in _outer_indices(views[0].shape[:-3]):
-            va, vb, vc, vx, vp = (v[idx] if v is not None else None for v in views)
-            _launch(va, vb, vc, vx, vp, alpha, ACTIVATIONS[activation], config)
+            va, vb, vc, vx, vp = (_mat(v[idx]) if v is not None else None for v in views)
+            _launch(va, vb, vc, vx, vp, alpha, act, config)
     return out, pre
 
 
@@ -246,49 +297,44 @@ def _outer_indices(shape: Sequence[int]):
 
 
 def _device_ctx(t: torch.Tensor):
-    if t.device.type == "cuda":
+    """Launch on the tensors' GPU (a no-op when it is the current one already)."""
+    if t.device.type == "cuda" and t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
-    import contextlib
     return contextlib.nullcontext()
 
 
-def _launch(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, bias: Optional[torch.Tensor],
-            pre: Optional[torch.Tensor], alpha: float, act: int, config: Optional[GemmConfig]) -> None:
-    """One launch on 3-d views a [Bt, M, K], b [Bt, K, N], c [Bt, M, N] (contiguous), bias [Bt, M, N]."""
-    if b.stride(0) == 0 and a.shape[0] > 1 and _fold_into_m(a, c, bias):
+def _launch(a: _Mat, b: _Mat, c: _Mat, bias: Optional[_Mat], pre: Optional[_Mat], alpha: float, act: int,
+            config: Optional[GemmConfig]) -> None:
+    """One launch: a [Bt, M, K], b [Bt, K, N], c and pre [Bt, M, N] (contiguous), bias [Bt, M, N]."""
+    if b.sb == 0 and a.batch > 1 and _fold_into_m(a, c, bias):
         # a shared B: the batch is more rows of one GEMM
-        bt, m = a.shape[0], a.shape[1]
-        a = a.as_strided((1, bt * m, a.shape[2]), (0, a.stride(1), a.stride(2)))
-        b = b[:1]
-        c = c.view(1, bt * m, c.shape[2])
-        if bias is not None:
-            bias = bias.as_strided((1, bt * m, bias.shape[2]), (0, bias.stride(1), bias.stride(2)))
-        if pre is not None:
-            pre = pre.view(1, bt * m, pre.shape[2])
-    bt, M, K = a.shape
-    N = b.shape[2]
-    precision = dot_precision(a.dtype)
-    cfg = config or gemm_config(a.device, a.dtype, M, N, K, precision)
+        a, c = _folded(a), _folded(c)
+        b = b._replace(batch=1)
+        bias = _folded(bias) if bias is not None else None
+        pre = _folded(pre) if pre is not None else None
+    bt, M, K, N = a.batch, a.rows, a.cols, b.cols
+    dtype, device = a.t.dtype, a.t.device
+    precision = dot_precision(dtype)
+    cfg = config or gemm_config(device, dtype, M, N, K, precision)
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
-    batched_a, batched_b, batched_c = a.stride(0) != 0 and bt > 1, b.stride(0) != 0 and bt > 1, bt > 1
+    batched_a, batched_b, batched_c = a.sb != 0 and bt > 1, b.sb != 0 and bt > 1, bt > 1
     a_arg, a_mode = _operand(a, batched_a, (bm, bk), cfg.tma)
     b_arg, b_mode = _operand(b, batched_b, (bk, bn), cfg.tma)
     c_arg, c_mode = _operand(c, batched_c, (bm, bn), cfg.tma and cfg.tma_store)
     if c_mode == 2:  # c is contiguous; mode 2 only happens for N == 1: store through pointers
-        c_arg, c_mode = c, 0
-    bias_arg = bias if bias is not None else c
-    xs = bias.stride() if bias is not None else (0, 0, 0)
-    tiles = bt * triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        c_arg, c_mode = c.t, 0
+    tiles = bt * _cdiv(M, bm) * _cdiv(N, bn)
     programs = tiles
-    if cfg.persistent and a.device.type == "cuda":
-        programs = min(tiles, _sm_count(a.device.index if a.device.index is not None else torch.cuda.current_device()))
+    if cfg.persistent and device.type == "cuda":
+        programs = min(tiles, _sm_count(device.index if device.index is not None else torch.cuda.current_device()))
+    x = bias if bias is not None else _Mat(c.t, 0, 0, 0, 0, 0, 0)
     gemm_kernel[(programs,)](
-        a_arg, b_arg, c_arg, bias_arg, pre if pre is not None else c,
+        a_arg, b_arg, c_arg, x.t, pre.t if pre is not None else c.t,
         M, N, K, bt,
-        a.stride(0), a.stride(1), a.stride(2),
-        b.stride(0), b.stride(1), b.stride(2),
-        c.stride(0), c.stride(1), c.stride(2),
-        xs[0], xs[1], xs[2],
+        a.sb, a.sr, a.sc,
+        b.sb, b.sr, b.sc,
+        c.sb, c.sr, c.sc,
+        x.sb, x.sr, x.sc,
         float(alpha),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.group_m,
         A_MODE=a_mode, B_MODE=b_mode, C_TMA=c_mode == 1,
