@@ -65,7 +65,8 @@ def test_builders_and_empty_blocks_are_never_read(backend):
         v2[:, kb * blk:(kb + 1) * blk] = float("nan")
     with ft.use_backend(backend):
         out = ft.flash_attn_func(q.detach(), k2, v2, block_mask=bm)
-        causal = ft.flash_attn_func(q.detach(), k.detach(), v.detach(), block_mask=ft.BlockMask.causal(S, S, (blk, blk)))
+        causal = ft.flash_attn_func(q.detach(), k.detach(), v.detach(),
+                                   block_mask=ft.BlockMask.causal(S, S, (blk, blk), device=DEVICE))
         plain_causal = ft.flash_attn_func(q.detach(), k.detach(), v.detach(), causal=True)
     assert torch.isfinite(out).all()
     assert (causal - plain_causal).abs().max() < 1e-5
@@ -89,6 +90,9 @@ def test_block_mask_errors():
     wrong = ft.BlockMask.causal(48, 48, (16, 16), device=DEVICE)
     with pytest.raises(ValueError, match="block_mask"):
         ft.flash_attn_func(q, k, v, block_mask=wrong)
+    if HAS_GPU:  # a mask on another device than the inputs is refused, naming the fix
+        with pytest.raises(ValueError, match=r"block_mask.*\.to\(device\)"):
+            ft.flash_attn_func(q, k, v, block_mask=ft.BlockMask.causal(32, 32, (16, 16)))
     odd = ft.BlockMask.causal(32, 32, (24, 16), device=DEVICE)
     with ft.use_backend("triton"), pytest.raises(NotImplementedError, match="powers of two"):
         ft.flash_attn_func(q, k, v, block_mask=odd)
