@@ -66,8 +66,8 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am
         pt = tl.math.exp2(st - lse2[None, :])
         if MASKED:
             vis = visible(rows, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-            if ELEM:  # em_ptrs: uint8 [BLOCK_M, BLOCK_N] pointers at query row 0 of this key tile
-                em = tl.load(em_ptrs + start_m * seqlen_k,
+            if ELEM:  # em_ptrs: this head's uint8 [Sq, Sk] element mask (scalar pointer, see the forward)
+                em = tl.load(em_ptrs + rows[:, None].to(tl.int64) * seqlen_k + offs_n[None, :],
                              mask=(rows[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k), other=0)
                 vis = vis & (em != 0)
             pt = tl.where(tl.trans(vis) & (rows[None, :] < seqlen_q), pt, 0.0)
@@ -167,7 +167,7 @@ def attention_bwd_dkdv_kernel(
         if BLOCK_SPARSE:
             # -- block-sparse: the query blocks listed for this key block (lists of the transposed mask) --
             row = b * sparse_mb + h * sparse_mh
-            em_ptrs = ElemMask + row.to(tl.int64) * seqlen_q * seqlen_k + offs_m[:, None].to(tl.int64) * seqlen_k + offs_n[None, :]
+            em_ptrs = ElemMask + row.to(tl.int64) * seqlen_q * seqlen_k
             k_block = n_lo // BLOCK_SK
             for part in tl.static_range(2):
                 Num = FullNum if part == 0 else PartNum
@@ -249,8 +249,8 @@ def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_a
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
             vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-            if ELEM:  # em_ptrs: uint8 [BLOCK_M, BLOCK_N] pointers at key column 0
-                em = tl.load(em_ptrs + start_n, mask=(offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k), other=0)
+            if ELEM:  # em_ptrs: this head's uint8 [Sq, Sk] element mask (scalar pointer, see the forward)
+                em = tl.load(em_ptrs + offs_m[:, None].to(tl.int64) * seqlen_k + cols[None, :], mask=(offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k), other=0)
                 vis = vis & (em != 0)
             p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -343,7 +343,7 @@ def attention_bwd_dq_kernel(
     if BLOCK_SPARSE:
         # -- block-sparse: the key blocks listed for this query block, full then partial --
         row = b * sparse_mb + h * sparse_mh
-        em_ptrs = ElemMask + row.to(tl.int64) * seqlen_q * seqlen_k + offs_m[:, None].to(tl.int64) * seqlen_k + offs_n[None, :]
+        em_ptrs = ElemMask + row.to(tl.int64) * seqlen_q * seqlen_k
         q_block = m_lo // BLOCK_SQ
         for part in tl.static_range(2):
             Num = FullNum if part == 0 else PartNum

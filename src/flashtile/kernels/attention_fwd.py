@@ -26,7 +26,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, d
     """Online-softmax update over key tiles [start, stop) in steps of BLOCK_N.
 
     MASKED applies the visibility rule and the sequence end; ELEM also ANDs the element mask of a
-    partial block-sparse block (em_ptrs: uint8 [BLOCK_M, BLOCK_N] pointers at key column 0).
+    partial block-sparse block (em_ptrs: this head's uint8 [Sq, Sk] element mask, a scalar pointer;
+    a pointer tile kept live across the loops would cost 64 registers per thread and spill).
     """
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + offs_n
@@ -47,7 +48,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, d
         if MASKED:
             vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             if ELEM:
-                em = tl.load(em_ptrs + start_n, mask=(offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k), other=0)
+                em = tl.load(em_ptrs + offs_m[:, None].to(tl.int64) * seqlen_k + cols[None, :],
+                             mask=(offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k), other=0)
                 vis = vis & (em != 0)
             qk = tl.where(vis, qk, float("-inf"))
         # -- online softmax: new running max, rescale what was accumulated --
@@ -191,7 +193,7 @@ def attention_fwd_kernel(
     if BLOCK_SPARSE:
         # -- block-sparse: full blocks, then partial blocks with the element mask --
         row = b * sparse_mb + h * sparse_mh
-        em_ptrs = ElemMask + row.to(tl.int64) * seqlen_q * seqlen_k + offs_m[:, None].to(tl.int64) * seqlen_k + offs_n[None, :]
+        em_ptrs = ElemMask + row.to(tl.int64) * seqlen_q * seqlen_k  # scalar: tiles are indexed in the loop
         q_block = m_lo // BLOCK_SQ
         acc, l_i, m_i = _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                         FullNum, FullIdx, row, q_block, sparse_nq, sparse_nk,
