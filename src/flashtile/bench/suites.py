@@ -332,7 +332,7 @@ def wide_mla_suite(quick: bool = False) -> list[Case]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Variants suite: window, softcap, ALiBi, GQA, varlen, block-sparse
+# Variants suite: window, softcap, ALiBi, dropout, GQA, varlen, block-sparse
 #
 # Everything here is plain Python (no torch, no device): the masks are rebuilt from the case's
 # shape (seeds included) by flashtile.bench.variants on the device, and the FLOPs of a masked case
@@ -661,7 +661,7 @@ SUITES: dict[str, Suite] = {
     "variants": Suite(
         name="variants",
         description="Attention variants vs flashtile dense on the same shape: sliding window, softcap, "
-        "ALiBi, GQA, varlen, block-sparse; bf16, D=128",
+        "ALiBi, dropout, GQA, varlen, block-sparse; bf16, D=128",
         build=variants_suite,
         x="setting",
         group=("variant", "causal"),
