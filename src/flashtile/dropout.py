@@ -3,8 +3,9 @@
 Element (i, j) of head (b, h) has the counter ((b * Hq + h) * Sq + i) * Sk + j; its keep bit is a
 counter-based hash of that counter and a 64-bit seed (two 31-bit halves drawn from torch's default
 generator, so torch.manual_seed makes runs reproducible). Nothing S x S is stored: the backward
-regenerates the bits. kernels/common.py:dropout_keep is the Triton form of keep_bits below; the two
-use the same int64 arithmetic (multiplies wrap, the low 32 bits are kept), so they agree bit for bit.
+regenerates the bits. kernels/common.py:dropout_keep is the Triton form of keep_bits below: it works
+in uint32 (multiplies wrap mod 2^32), which is this file's int64 arithmetic with the low 32 bits kept,
+so the two agree bit for bit (tests/test_dropout.py checks it).
 """
 
 from __future__ import annotations

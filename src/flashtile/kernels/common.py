@@ -164,11 +164,13 @@ def block_list(Num, Idx, row, block, n_blocks_per_row, n_entries):
 
 @triton.jit
 def _mix32(x):
-    """A 32-bit integer mixer (lowbias32) on int64 values in [0, 2^32): multiplies wrap, low bits kept."""
+    """A 32-bit integer mixer (lowbias32) on uint32: multiplies wrap mod 2^32 and shifts are logical,
+    which is exactly dropout.py's int64 form with its & 0xFFFFFFFF (64-bit integer multiplies cost
+    several instructions each on the GPU; these cost one)."""
     x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x * tl.full(x.shape, 0x7FEB352D, tl.uint32)
     x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    x = x * tl.full(x.shape, 0x846CA68B, tl.uint32)
     return x ^ (x >> 16)
 
 
@@ -176,6 +178,8 @@ def _mix32(x):
 def dropout_keep(offsets, seed_lo, seed_hi, threshold):
     """Keep bit of element `offsets` (int64, ((b * Hq + h) * Sq + i) * Sk + j): a counter-based hash,
     so the backward regenerates the forward's mask and dropout.py reproduces it bit for bit in torch."""
-    x = _mix32((offsets & 0xFFFFFFFF) ^ seed_lo)
-    x = _mix32(x ^ (offsets >> 32) ^ seed_hi)
-    return (x >> 8) >= threshold
+    lo = (offsets & 0xFFFFFFFF).to(tl.uint32)
+    hi = (offsets >> 32).to(tl.uint32)
+    x = _mix32(lo ^ seed_lo.to(tl.uint32))
+    x = _mix32(x ^ hi ^ seed_hi.to(tl.uint32))
+    return (x >> 8) >= threshold.to(tl.uint32)
