@@ -96,3 +96,15 @@ def test_block_mask_errors():
     odd = ft.BlockMask.causal(32, 32, (24, 16), device=DEVICE)
     with ft.use_backend("triton"), pytest.raises(NotImplementedError, match="powers of two"):
         ft.flash_attn_func(q, k, v, block_mask=odd)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(window_size=(40, 9))], ids=["causal", "window"])
+def test_full_blocks_with_causal_or_window_edges(kw, backend):
+    """Full blocks away from the causal / window edges take the unmasked path, those on an edge the
+    masked one: with every block full the result is plain causal / window attention."""
+    q, k, v = _qkv(1, 100, 130, 2, 1, 32, torch.float32)
+    bm = ft.BlockMask.from_blocks(torch.ones(1, 1, 4, 5, dtype=torch.bool, device=DEVICE), block_size=(32, 32),
+                                  seqlen_q=100, seqlen_k=130)
+    with ft.use_backend(backend):
+        _check(q, k, v, bm, **kw)

@@ -176,8 +176,9 @@ def attention_bwd_dkdv_kernel(
                 for i in range(0, count):
                     start = tl.load(Idx + base + i) * BLOCK_SQ
                     stop = tl.minimum(start + BLOCK_SQ, seqlen_q)
-                    if part == 0 and not (HAS_LEFT or HAS_RIGHT) and stop - start == BLOCK_SQ:
-                        # a full block inside the query sequence: no per-element work (as in the forward)
+                    if part == 0 and start >= bb and stop <= c:
+                        # a full block inside [bb, c), the queries that see every key of this tile and
+                        # lie inside the sequence (query_phases): no per-element work
                         dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n,
                                              offs_d, offs_dv, start, stop, stride_qs, stride_dos, qk_scale, softcap_pre,
                                              softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
@@ -352,8 +353,9 @@ def attention_bwd_dq_kernel(
             for i in range(0, count):
                 start = tl.load(Idx + base + i) * BLOCK_SK
                 stop = tl.minimum(start + BLOCK_SK, seqlen_k)
-                if part == 0 and not (HAS_LEFT or HAS_RIGHT) and stop - start == BLOCK_SK:
-                    # a full block inside the key sequence: no per-element work (as in the forward)
+                if part == 0 and start >= bb and stop <= c:
+                    # a full block inside [bb, c), the keys that every row of this tile sees and that
+                    # lie inside the sequence (key_phases): no per-element work
                     dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                    start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                    seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,

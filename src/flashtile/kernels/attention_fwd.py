@@ -82,30 +82,35 @@ def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, d
 
 @triton.jit
 def _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
-                    Num, Idx, row, q_block, n_q_blocks, n_k_blocks,
+                    Num, Idx, row, q_block, n_q_blocks, n_k_blocks, full_lo, full_hi,
                     stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                     seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                     BLOCK_N: tl.constexpr, BLOCK_SK: tl.constexpr, ELEM: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr):
-    """Visit the key blocks of one block-sparse list (full or partial) of this query block."""
+    """Visit the key blocks of one block-sparse list (full or partial) of this query block.
+
+    A full block inside [full_lo, full_hi) (key_phases: keys that every row of the tile sees and that
+    lie inside the sequence) runs without per-element work; other full blocks apply the causal /
+    window rule and the sequence end; partial blocks (ELEM) also AND the element mask.
+    """
     count, base = block_list(Num, Idx, row, q_block, n_q_blocks, n_k_blocks)
     for i in range(0, count):
         start = tl.load(Idx + base + i) * BLOCK_SK
         stop = tl.minimum(start + BLOCK_SK, seqlen_k)
-        if HAS_LEFT or HAS_RIGHT or ELEM:
+        if ELEM:
             acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                        start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post,
                                        alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                        BLOCK_N, True, ELEM, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
                                        DOT_PRECISION, ATTN_MASK, DROPOUT)
-        elif stop - start == BLOCK_SK:  # a full block inside the sequence: no per-element work
+        elif start >= full_lo and stop <= full_hi:  # no per-element work
             acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                        start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post,
                                        alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                        BLOCK_N, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
                                        DOT_PRECISION, ATTN_MASK, DROPOUT)
-        else:  # the block that holds the sequence end
+        else:  # crosses a causal / window edge or the sequence end
             acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                        start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post,
                                        alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
@@ -190,27 +195,28 @@ def attention_fwd_kernel(
 
     m_lo = tile * BLOCK_M
     m_hi = tl.minimum(m_lo + BLOCK_M, seqlen_q)
+    # key tiles [a, bb) and [c, d) need the element mask; [bb, c) is visible to every row
+    a, bb, c, d = key_phases(m_lo, m_hi, seqlen_q, seqlen_k, window_left, window_right,
+                             BLOCK_N, HAS_LEFT, HAS_RIGHT)
     if BLOCK_SPARSE:
         # -- block-sparse: full blocks, then partial blocks with the element mask --
         row = b * sparse_mb + h * sparse_mh
         em_ptrs = ElemMask + row.to(tl.int64) * seqlen_q * seqlen_k  # scalar: tiles are indexed in the loop
         q_block = m_lo // BLOCK_SQ
         acc, l_i, m_i = _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
-                                        FullNum, FullIdx, row, q_block, sparse_nq, sparse_nk,
+                                        FullNum, FullIdx, row, q_block, sparse_nq, sparse_nk, bb, c,
                                         stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                         BLOCK_N, BLOCK_SK, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
                                         EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
         acc, l_i, m_i = _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
-                                        PartNum, PartIdx, row, q_block, sparse_nq, sparse_nk,
+                                        PartNum, PartIdx, row, q_block, sparse_nq, sparse_nk, bb, c,
                                         stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                         BLOCK_N, BLOCK_SK, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
                                         EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
     else:
         # -- three phases: masked head (window's left edge), unmasked body, masked tail (diagonal, end) --
-        a, bb, c, d = key_phases(m_lo, m_hi, seqlen_q, seqlen_k, window_left, window_right,
-                                 BLOCK_N, HAS_LEFT, HAS_RIGHT)
         if HAS_LEFT:
             acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                        a, bb, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
