@@ -182,3 +182,14 @@ def test_wide_parts(dim, max_part, want):
     a, b, n = wide_launch.wide_parts(dim, max_part)
     assert (a, b, n) == want
     assert n * (a + b) >= dim and (n - 1) * (a + b) < dim and a + b <= max_part
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_any_strides_without_copies(backend):
+    """[B, H, S, D] storage seen through transposed views, and a q sliced out of a wider buffer."""
+    B, S, H, D = 1, 37, 2, 320
+    q_store = torch.randn(B, S, H, D + 64, device=DEVICE)
+    q = q_store[..., 16:16 + D].requires_grad_()
+    k, v = (torch.randn(B, H, S, D, device=DEVICE).transpose(1, 2).requires_grad_() for _ in range(2))
+    with ft.use_backend(backend):
+        check_against_oracle(q, k, v, causal=True)

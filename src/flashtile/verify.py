@@ -52,7 +52,7 @@ class Result:
     note: str = ""
 
 
-# Odd lengths (1, 37, 113, 257), odd head dims (1, 40, 72, 111), Sq != Sk both ways (causal with Sq > Sk
+# Odd lengths (1, 37, 113, 257), odd head dims (1, 40, 72, 111, 333), Sq != Sk both ways (causal with Sq > Sk
 # leaves fully masked rows), GQA and MQA.
 _CPU_CASES = [
     Case(1, 1, 1, 1, 1, 1, False),
@@ -63,6 +63,7 @@ _CPU_CASES = [
     Case(1, 257, 257, 2, 2, 111, True),
     Case(1, 64, 128, 2, 1, 128, False, transposed=True),
     Case(2, 128, 128, 4, 2, 128, True),
+    Case(1, 77, 64, 2, 1, 333, True),  # wide heads (split-D kernels on the Triton path)
 ]
 _CPU_QUICK = _CPU_CASES[:4]
 # Larger shapes where a GPU makes them cheap.
@@ -70,6 +71,8 @@ _CUDA_EXTRA = [
     Case(2, 1024, 1024, 8, 2, 128, True),
     Case(1, 511, 1537, 4, 1, 256, True, transposed=True),
     Case(1, 2048, 2048, 4, 4, 64, False),
+    Case(1, 700, 700, 4, 2, 512, True),
+    Case(1, 257, 513, 2, 1, 1000, False, transposed=True),
 ]
 # Triton's interpreter runs every program instance in Python: small shapes only (S <= 64).
 _INTERP_CASES = [
@@ -77,6 +80,7 @@ _INTERP_CASES = [
     Case(1, 37, 37, 2, 1, 40, True, transposed=True),
     Case(2, 17, 64, 4, 2, 64, False),
     Case(1, 64, 29, 2, 2, 72, True),
+    Case(1, 33, 40, 2, 1, 320, True),
 ]
 _INTERP_QUICK = _INTERP_CASES[:2]
 
