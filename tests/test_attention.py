@@ -152,7 +152,8 @@ def test_nan_in_nan_out(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", [(0, 5, 5, 2, 2, 16), (1, 0, 5, 2, 2, 16), (1, 5, 0, 2, 2, 16)])
+@pytest.mark.parametrize("shape", [(0, 5, 5, 2, 2, 16), (1, 0, 5, 2, 2, 16), (1, 5, 0, 2, 2, 16),
+                                   (1, 5, 0, 2, 1, 320), (1, 0, 5, 2, 2, 300)])  # also the wide-head launcher
 def test_empty(shape, backend):
     q, k, v = _make(shape, torch.float32)
     with ft.use_backend(backend):

@@ -187,6 +187,21 @@ def _packed_layout(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_s
     return _Layout(cu_seqlens_q.numel() - 1, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k)
 
 
+def forward_buffers(q: torch.Tensor, v: torch.Tensor, layout: _Layout) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+    """out [.., Hq, Dv] (q's dtype) and lse fp32 of one forward, and whether they are already final:
+    empty shapes, or no keys at all (every row fully masked: out 0, lse -inf)."""
+    Hq = q.shape[-2]
+    out = _empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
+    lse = _empty(layout.lse_shape(Hq, q.shape[0]), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 and lse.numel() == 0:
+        return out, lse, True
+    if layout.seqlen_k == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse, True
+    return out, lse, False
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
                       left: Optional[int] = None, right: Optional[int] = None,
                       softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
@@ -203,16 +218,11 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
         return wide_forward(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, config, layout, block_mask,
                             attn_mask, dropout_p, dropout_seed)
     layout = layout or _dense_layout(q, k)
-    *lead, Hq, D = q.shape
+    Hq, D = q.shape[-2], q.shape[-1]
     Hkv, Dv = k.shape[-2], v.shape[-1]
     B, Sq, Sk = layout.batch, layout.seqlen_q, layout.seqlen_k
-    out = _empty((*lead, Hq, Dv), dtype=q.dtype, device=q.device)
-    lse = _empty(layout.lse_shape(Hq, q.shape[0]), dtype=torch.float32, device=q.device)
-    if out.numel() == 0 and lse.numel() == 0:
-        return out, lse
-    if Sk == 0:  # nothing to attend to: every row is fully masked
-        out.zero_()
-        lse.fill_(float("-inf"))
+    out, lse, done = forward_buffers(q, v, layout)
+    if done:
         return out, lse
     causal = right is not None
     has_left, has_right, left, right = _mask_flags(left, right)

@@ -13,7 +13,7 @@ import torch
 import triton
 
 from flashtile.attention_launch import (_Layout, _alibi_args, _dense_layout, _device_ctx, _dot_precision, _empty,
-                                        _mask_flags)
+                                        _mask_flags, forward_buffers)
 from flashtile.errors import UnsupportedError
 from flashtile.kernels.attention_wide import wide_delta_kernel, wide_dkdv_kernel, wide_dq_kernel, wide_fwd_kernel
 from flashtile.tuning import WideBackwardConfig, WideConfig, wide_backward_config, wide_forward_config
@@ -73,16 +73,11 @@ def wide_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
     """out [.., Hq, Dv] (q's dtype) and lse fp32, as attention_launch.attention_forward."""
     _check_features(block_mask, attn_mask, dropout_p)
     layout = layout or _dense_layout(q, k)
-    *lead, Hq, D = q.shape
+    Hq, D = q.shape[-2], q.shape[-1]
     Hkv, Dv = k.shape[-2], v.shape[-1]
     B, Sq, Sk = layout.batch, layout.seqlen_q, layout.seqlen_k
-    out = _empty((*lead, Hq, Dv), dtype=q.dtype, device=q.device)
-    lse = _empty(layout.lse_shape(Hq, q.shape[0]), dtype=torch.float32, device=q.device)
-    if out.numel() == 0 and lse.numel() == 0:
-        return out, lse
-    if Sk == 0:
-        out.zero_()
-        lse.fill_(float("-inf"))
+    out, lse, done = forward_buffers(q, v, layout)
+    if done:
         return out, lse
     cfg = config or wide_forward_config(q.device, D, Dv, q.dtype, right is not None)
     part_a, part_b, n_split = wide_parts(Dv, cfg.max_part)
