@@ -50,3 +50,43 @@ def test_fully_masked_rows_give_zero(backend):
         out = ft.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         dq, = torch.autograd.grad(out.sum(), (q,))
     assert torch.all(out[:, :, 3] == 0) and torch.isfinite(out).all() and torch.isfinite(dq).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(Sq, Sk), (B, 1, Sq, Sk), (1, H, 1, Sk), (B, H, Sq, Sk)],
+                         ids=["2d", "batch", "key-row", "full"])
+def test_bias_gradient_matches_torch(shape, backend):
+    """A float attn_mask that requires grad gets torch's gradient: dS summed over its broadcast dims."""
+    q, k, v = (torch.randn(B, H, S, D, device=DEVICE, requires_grad=True) for S in (Sq, Sk, Sk))
+    bias = torch.randn(*shape, device=DEVICE) * 2.0
+    bias[..., 1::7] = float("-inf")  # hidden keys: zero gradient there, as in torch
+    bias.requires_grad_()
+    with ft.use_backend(backend):
+        out = ft.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.3)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*leaves[:3], attn_mask=leaves[3], scale=0.3)
+    assert (out.double() - ref).abs().max() < 1e-5
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, bias), dout)
+    want = torch.autograd.grad(ref, leaves, dout.double())
+    assert got[3].shape == bias.shape and got[3].dtype == bias.dtype
+    for g, w in zip(got, want):
+        assert (g.double() - w).abs().max() < 1e-4
+
+
+def test_bias_gradient_in_half_precision_follows_the_rule():
+    """fp16 inputs with an fp16 bias: FlashAttention's tolerance rule on the bias gradient too."""
+    q, k, v = (torch.randn(1, 2, S, 40, device=DEVICE, dtype=torch.float16, requires_grad=True) for S in (45, 61, 61))
+    bias = torch.randn(1, 2, 45, 61, device=DEVICE, dtype=torch.float16).requires_grad_()
+    with ft.use_backend("triton"):
+        out = ft.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, bias, dout)[0]
+
+    def torch_grad(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v, bias)]
+        o = torch.nn.functional.scaled_dot_product_attention(*leaves[:3], attn_mask=leaves[3])
+        return torch.autograd.grad(o, leaves[3], dout.to(dtype))[0]
+
+    ref, low = torch_grad(torch.float64), torch_grad(torch.float16)
+    assert (got.double() - ref).abs().max() <= 3 * (low.double() - ref).abs().max() + 1e-5

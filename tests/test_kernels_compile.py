@@ -19,7 +19,7 @@ if __name__ == "__main__" or os.environ.get("FLASHTILE_COMPILE_CHECK") == "1":
     from flashtile.kernels.attention_fwd import attention_fwd_kernel
     from flashtile.kernels.gemm import gemm_kernel
 
-FP32_POINTERS = {"Lse", "Delta", "Alibi", "AttnMask"}
+FP32_POINTERS = {"Lse", "Delta", "Alibi", "AttnMask", "DBias"}
 INT32_POINTERS = {"CuSeqQ", "CuSeqK", "FullNum", "FullIdx", "PartNum", "PartIdx"}
 UINT8_POINTERS = {"ElemMask"}
 FLOAT_SCALARS = {"softmax_scale", "softcap", "drop_scale"}
@@ -45,11 +45,11 @@ def _compile(kernel, elem: str, constexprs: dict, num_warps: int = 8, num_stages
 
 FLAG_SETS = [
     dict(HAS_LEFT=False, HAS_RIGHT=False, SOFTCAP=False, HAS_ALIBI=False, VARLEN=False, BLOCK_SPARSE=False,
-         ATTN_MASK=0, DROPOUT=False, EVEN_D=True, EVEN_DV=True),
+         ATTN_MASK=0, DROPOUT=False, EVEN_D=True, EVEN_DV=True, BIAS_GRAD=False),
     dict(HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, HAS_ALIBI=True, VARLEN=True, BLOCK_SPARSE=False,
-         ATTN_MASK=2, DROPOUT=True, EVEN_D=False, EVEN_DV=False),
+         ATTN_MASK=2, DROPOUT=True, EVEN_D=False, EVEN_DV=False, BIAS_GRAD=True),
     dict(HAS_LEFT=False, HAS_RIGHT=True, SOFTCAP=False, HAS_ALIBI=False, VARLEN=False, BLOCK_SPARSE=True,
-         ATTN_MASK=0, DROPOUT=True, EVEN_D=True, EVEN_DV=True),
+         ATTN_MASK=0, DROPOUT=True, EVEN_D=True, EVEN_DV=True, BIAS_GRAD=False),
 ]
 
 

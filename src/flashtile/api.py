@@ -130,8 +130,6 @@ def _check_attn_mask(attn_mask: Optional[Tensor], q: Tensor, k: Tensor) -> Optio
     except RuntimeError:
         raise ValueError(f"attn_mask of shape {list(attn_mask.shape)} does not broadcast to "
                          f"[B, H, Sq, Sk] = {list(full)}") from None
-    if attn_mask.requires_grad and torch.is_grad_enabled():
-        raise UnsupportedError("attn_mask that requires grad: gradients for the bias are not supported yet")
     return attn_mask
 
 
@@ -236,7 +234,8 @@ def scaled_dot_product_attention(
     Hkv != Hq needs enable_gqa=True, as in torch. is_causal follows torch: top-left aligned
     (query i sees key j iff j <= i), which differs from flash_attn_func when Sq != Sk.
     attn_mask: as torch defines it, broadcastable to [B, Hq, Sq, Sk]: bool (True = may attend) or a
-    float bias added to the scores; no gradient for the bias (NotImplementedError if it requires grad).
+    float bias added to the scores; a float bias that requires grad gets its gradient (eager mode;
+    NotImplementedError under torch.compile).
     block_mask: a flashtile.BlockMask (FlexAttention's idea), as in flash_attn_func.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):

@@ -267,9 +267,13 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        config: Optional[BackwardConfig] = None, expand_gqa: Optional[bool] = None,
                        layout: Optional[_Layout] = None, block_mask=None,
                        attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
-                       dropout_seed: Tuple[int, int] = (0, 0),
+                       dropout_seed: Tuple[int, int] = (0, 0), dbias: Optional[torch.Tensor] = None,
                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns dq, dk, dv (contiguous, dtypes of q, k, v)."""
+    """Returns dq, dk, dv (contiguous, dtypes of q, k, v).
+
+    dbias: a zero-filled contiguous fp32 [B, Hq, Sq, Sk] buffer (dense layout, additive attn_mask);
+    the dQ launch writes the gradient of the bias into it (unvisited tiles keep their zeros).
+    """
     if wide_heads(q.shape[-1], v.shape[-1]):
         from flashtile.wide_launch import wide_backward
         return wide_backward(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes, config,
@@ -300,12 +304,12 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     with _device_ctx(q):
         # dQ first: it also writes delta, which the dK/dV launch reads
         args = (q, k, v, out, dout, lse, delta, dq, slopes, cu_q, cu_k, *sp.kv_lists, sp.element_mask, am,
-                *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(out), *layout.bsh(dout), *layout.bsh(dq),
+                dbias if dbias is not None else lse, *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(out), *layout.bsh(dout), *layout.bsh(dq),
                 *layout.lse_bh(lse), stride_alibi_b,
                 Sq, Sk, Hq, group, D, Dv, softmax_scale, softcap, left, right, *sp.scalars, *am_strides,
                 *_dropout_args(dropout_p, dropout_seed))
         _launch(attention_bwd_dq_kernel, cfg.dq, sp.block, lambda bm, bn: (triton.cdiv(Sq, bm) * B * Hq,), args,
-                dict(flags, BLOCK_D=block_d, BLOCK_DV=block_dv))
+                dict(flags, BLOCK_D=block_d, BLOCK_DV=block_dv, BIAS_GRAD=dbias is not None))
         expand = _expand_gqa(q, k, cfg.dkdv.block_n, layout) if expand_gqa is None else (expand_gqa and group > 1)
         if expand:  # per-query-head fp32 partials, summed over the group below
             dk_buf = _empty((*k.shape[:-2], Hq, D), dtype=torch.float32, device=q.device)

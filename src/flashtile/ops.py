@@ -52,7 +52,8 @@ def _backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                    softmax_scale: float, left: Optional[int], right: Optional[int], softcap: float,
                    alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                    max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[Tensor], dropout_p: float,
-                   seed_lo: int, seed_hi: int, backend: str, block_mask=None) -> Tuple[Tensor, Tensor, Tensor]:
+                   seed_lo: int, seed_hi: int, backend: str, block_mask=None,
+                   dbias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     packed = cu_seqlens_q is not None
@@ -63,7 +64,9 @@ def _backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                                                     max_seqlen_k, softmax_scale, left, right, softcap, alibi_slopes)
         return launch.attention_backward(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes,
                                          block_mask=block_mask, attn_mask=attn_mask, dropout_p=dropout_p,
-                                        dropout_seed=(seed_lo, seed_hi))
+                                         dropout_seed=(seed_lo, seed_hi), dbias=dbias)
+    if dbias is not None:
+        raise ValueError("flashtile::attention_bwd: only the triton backend computes attn_mask gradients here")
     if backend == "cpu":
         from flashtile import cpu
         kw = dict(window_size=Edges(left, right), softcap=softcap, alibi_slopes=alibi_slopes)
@@ -118,6 +121,7 @@ def _attention_bwd_fake(dout, q, k, v, out, lse, softmax_scale, left, right, sof
 
 
 _N_ARGS = 17  # inputs of attention_fwd; backward returns a gradient (or None) for each
+_ATTN_MASK = 12  # position of attn_mask among them
 
 
 def _setup_context(ctx, inputs, output):
@@ -131,15 +135,22 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _grads(ctx, dout, backward_fn, **extra):
+def _grads(ctx, dout, backward_fn, bias_grad: bool = False, **extra):
     # lse is returned for inspection; like FlashAttention, gradients flow through out only
     q, k, v, out, lse, alibi_slopes, cu_q, cu_k, attn_mask = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     softmax_scale, left, right, softcap = ctx.args
-    dq, dk, dv = backward_fn(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes,
-                             cu_q, cu_k, *ctx.lengths, attn_mask, *ctx.dropout, ctx.backend, **extra)
-    return (dq, dk, dv) + (None,) * (_N_ARGS - 3)
+    grads = [None] * _N_ARGS
+    if bias_grad:
+        # dS of every (b, h, i, j), summed back over the dims the bias was broadcast along
+        B, Sq, Hq, Sk = q.shape[0], q.shape[1], q.shape[2], k.shape[1]
+        extra["dbias"] = torch.zeros(B, Hq, Sq, Sk, dtype=torch.float32, device=q.device)
+    grads[:3] = backward_fn(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes,
+                            cu_q, cu_k, *ctx.lengths, attn_mask, *ctx.dropout, ctx.backend, **extra)
+    if bias_grad:
+        grads[_ATTN_MASK] = extra["dbias"].sum_to_size(attn_mask.shape).to(attn_mask.dtype)
+    return tuple(grads)
 
 
 def _backward(ctx, dout, dlse):
@@ -165,7 +176,9 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        return (None,) + _grads(ctx, dout, _backward_impl, block_mask=ctx.block_mask)
+        # needs_input_grad counts block_mask first
+        bias_grad = ctx.needs_input_grad[1 + _ATTN_MASK]
+        return (None,) + _grads(ctx, dout, _backward_impl, bias_grad=bias_grad, block_mask=ctx.block_mask)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, left: Optional[int], right: Optional[int],
@@ -178,9 +191,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, left: Optio
     args = (q, k, v, softmax_scale, left, right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
             max_seqlen_q, max_seqlen_k, attn_mask, float(dropout_p), dropout_seed[0], dropout_seed[1], backend)
     if torch.compiler.is_compiling():
+        from flashtile.errors import UnsupportedError
         if block_mask is not None:
-            from flashtile.errors import UnsupportedError
             raise UnsupportedError("block_mask under torch.compile is not supported yet (it runs in eager mode)")
+        if attn_mask is not None and attn_mask.requires_grad:
+            raise UnsupportedError("an attn_mask that requires grad under torch.compile is not supported yet "
+                                   "(its gradient runs in eager mode)")
         return attention_fwd(*args)
     return _EagerAttention.apply(block_mask, *args)
 

@@ -218,11 +218,13 @@ def attention_bwd_dkdv_kernel(
 @triton.jit
 def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
               start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
-              seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+              seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, ELEM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-              EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr):
-    """Accumulate dQ over key tiles [start, stop)."""
+              EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+              BIAS_GRAD: tl.constexpr):
+    """Accumulate dQ over key tiles [start, stop); BIAS_GRAD also writes dS (the gradient of the additive
+    attn_mask bias) to this head's fp32 [Sq, Sk] slice at db_base (a scalar pointer)."""
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + offs_n
         if MASKED:
@@ -259,6 +261,9 @@ def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_a
             keep = dropout_keep(drop_rows[:, None] + cols[None, :], seed_lo, seed_hi, drop_thr)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if BIAS_GRAD:  # the bias is added after softcap: its gradient is dS before the tanh factor
+            tl.store(db_base + offs_m[:, None].to(tl.int64) * seqlen_k + cols[None, :], ds,
+                     mask=(offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -271,7 +276,7 @@ def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_a
                                "seed_lo", "seed_hi", "drop_thr"])
 def attention_bwd_dq_kernel(
     Q, K, V, Out, DOut, Lse, Delta, DQ, Alibi, CuSeqQ, CuSeqK,
-    FullNum, FullIdx, PartNum, PartIdx, ElemMask, AttnMask,
+    FullNum, FullIdx, PartNum, PartIdx, ElemMask, AttnMask, DBias,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -286,7 +291,7 @@ def attention_bwd_dq_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_SPARSE: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr,
     ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, BIAS_GRAD: tl.constexpr,
 ):
     """dQ [B, Sq, Hq, D] and Delta fp32 [B, Hq, Sq] for BLOCK_M query rows of one (batch, query head)."""
     n_m_tiles = tl.cdiv(seqlen_q, BLOCK_M)
@@ -333,6 +338,7 @@ def attention_bwd_dq_kernel(
     am_ptrs = (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
                + offs_m[:, None].to(tl.int64) * stride_amm + offs_n[None, :].to(tl.int64) * stride_amn)
     drop_rows = ((b * heads_q + h).to(tl.int64) * seqlen_q + offs_m) * seqlen_k
+    db_base = DBias + (b * heads_q + h).to(tl.int64) * seqlen_q * seqlen_k  # dS of this head, [Sq, Sk]
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale, softcap,
                                                                     SOFTCAP, HAS_ALIBI)
@@ -358,26 +364,26 @@ def attention_bwd_dq_kernel(
                     # lie inside the sequence (key_phases): no per-element work
                     dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                    start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
-                                   seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                                   seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
                                    BLOCK_N, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                                   DOT_PRECISION, ATTN_MASK, DROPOUT)
+                                   DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD)
                 else:
                     dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                    start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
-                                   seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                                   seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
                                    BLOCK_N, True, part == 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                                   DOT_PRECISION, ATTN_MASK, DROPOUT)
+                                   DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD)
     else:
         if HAS_LEFT:
             dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                            a, bb, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                           window_left, window_right, BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+                           window_left, window_right, db_base, BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD)
         dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                        bb, c, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                       window_left, window_right, BLOCK_N, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+                       window_left, window_right, db_base, BLOCK_N, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD)
         dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                        c, d, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                       window_left, window_right, BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+                       window_left, window_right, db_base, BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD)
 
     dq = dq * softmax_scale
     dq_mask = offs_m[:, None] < seqlen_q
