@@ -281,7 +281,7 @@ def _bad_inputs():
         ("max_seqlen_k must be an int", call(max_seqlen_k=7.0), TypeError),
         ("window_size", call(window_size=(-2, 0)), ValueError),
         ("softmax_scale", call(softmax_scale="x"), TypeError),
-        ("dropout_p", call(dropout_p=0.1), NotImplementedError),
+        ("dropout_p", call(dropout_p=1.0), ValueError),
         ("softcap", call(softcap=-1.0), ValueError),
         ("alibi_slopes must have shape", call(alibi_slopes=torch.ones(3, 2, device=DEVICE)), ValueError),
         ("alibi_slopes must be float32", call(alibi_slopes=torch.ones(2, device=DEVICE, dtype=torch.float16)), TypeError),
@@ -295,11 +295,27 @@ def test_bad_input_raises_clear_error(case):
         ft.flash_attn_varlen_func(**kwargs)
 
 
-def test_dropout_is_unsupported_error():
-    q = torch.randn(4, 1, 8, device=DEVICE)
-    cu = torch.tensor([0, 4], dtype=torch.int32, device=DEVICE)
-    with pytest.raises(ft.UnsupportedError, match="dropout"):
-        ft.flash_attn_varlen_func(q, q, q, cu, cu, 4, 4, dropout_p=0.5)
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("kw", [dict(), dict(causal=True)], ids=["plain", "causal"])
+def test_dropout_is_the_exact_function_of_its_padded_pattern(kw, backend):
+    """Sequence b draws keep[b, :, :Sq_b, :Sk_b] of the padded pattern flash_attn_varlen_func returns
+    (max_seqlen above the longest sequence too); forward and gradients against the oracle with it."""
+    q, k, v, meta = _make([5, 0, 17, 9], [7, 3, 17, 0], 4, 2, 16, torch.float32)
+    cu_q, cu_k, max_q, max_k = meta
+    torch.manual_seed(11)
+    with ft.use_backend(backend):
+        out, lse, keep = ft.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q + 3, max_k, dropout_p=0.3,
+                                                   return_attn_probs=True, **kw)
+    assert keep.shape == (4, 4, max_q + 3, max_k) and keep.dtype == torch.bool
+    ref = attention_varlen_ref(q, k, v, cu_q, cu_k, upcast=True, dropout_p=0.3, dropout_mask=keep, **kw)
+    low = attention_varlen_ref(q, k, v, cu_q, cu_k, upcast=False, dropout_p=0.3, dropout_mask=keep, **kw)
+    assert_matches_oracle((q, k, v), (out, lse), ref, low)
+    # the same seed gives the same bits on every backend
+    torch.manual_seed(11)
+    with ft.use_backend("cpu"):
+        again = ft.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q + 3, max_k, dropout_p=0.3,
+                                          return_attn_probs=True, **kw)
+    assert torch.equal(again[2], keep)
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="needs a GPU (cu_seqlens on cpu, q on cuda)")

@@ -334,16 +334,21 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
 
 
 def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                             softmax_scale: float, left=None, right=None, softcap: float = 0.0, alibi_slopes=None):
-    """Packed sequences: q [total_q, Hq, D] -> out [total_q, Hq, Dv], lse fp32 [Hq, total_q]."""
+                             softmax_scale: float, left=None, right=None, softcap: float = 0.0, alibi_slopes=None,
+                             dropout_p: float = 0.0, dropout_seed: Tuple[int, int] = (0, 0)):
+    """Packed sequences: q [total_q, Hq, D] -> out [total_q, Hq, Dv], lse fp32 [Hq, total_q].
+
+    Dropout draws element (i, j) of sequence b from the padded [B, Hq, max_seqlen_q, max_seqlen_k] grid.
+    """
     layout = _packed_layout(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    return attention_forward(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, layout=layout)
+    return attention_forward(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, layout=layout,
+                             dropout_p=dropout_p, dropout_seed=dropout_seed)
 
 
 def attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
                               max_seqlen_k: int, softmax_scale: float, left=None, right=None, softcap: float = 0.0,
-                              alibi_slopes=None):
+                              alibi_slopes=None, dropout_p: float = 0.0, dropout_seed: Tuple[int, int] = (0, 0)):
     """Gradients of attention_varlen_forward: dq, dk, dv in the packed layouts of q, k, v."""
     layout = _packed_layout(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     return attention_backward(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes,
-                              layout=layout)
+                              layout=layout, dropout_p=dropout_p, dropout_seed=dropout_seed)

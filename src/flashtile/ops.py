@@ -30,7 +30,8 @@ def _forward_impl(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, left: O
         from flashtile import attention_launch as launch
         if packed:
             return launch.attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                   softmax_scale, left, right, softcap, alibi_slopes)
+                                                   softmax_scale, left, right, softcap, alibi_slopes,
+                                                   dropout_p=dropout_p, dropout_seed=(seed_lo, seed_hi))
         return launch.attention_forward(q, k, v, softmax_scale, left, right, softcap, alibi_slopes,
                                         block_mask=block_mask, attn_mask=attn_mask, dropout_p=dropout_p,
                                         dropout_seed=(seed_lo, seed_hi))
@@ -40,7 +41,9 @@ def _forward_impl(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, left: O
             raise ValueError("flashtile::attention_fwd: the cpu backend takes no attn_mask (api.py routes it)")
         kw = dict(window_size=Edges(left, right), softcap=softcap, alibi_slopes=alibi_slopes)
         if packed:
-            out, lse = cpu.attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, **kw)
+            out, lse = cpu.attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, **kw,
+                                                    dropout_p=dropout_p, dropout_seed=(seed_lo, seed_hi),
+                                                    max_seqlens=(max_seqlen_q, max_seqlen_k))
         else:
             out, lse = cpu.attention_forward(q, k, v, softmax_scale, **kw, block_mask=block_mask, dropout_p=dropout_p,
                                              dropout_seed=(seed_lo, seed_hi))
@@ -61,7 +64,8 @@ def _backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
         from flashtile import attention_launch as launch
         if packed:
             return launch.attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                    max_seqlen_k, softmax_scale, left, right, softcap, alibi_slopes)
+                                                    max_seqlen_k, softmax_scale, left, right, softcap, alibi_slopes,
+                                                    dropout_p=dropout_p, dropout_seed=(seed_lo, seed_hi))
         return launch.attention_backward(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes,
                                          block_mask=block_mask, attn_mask=attn_mask, dropout_p=dropout_p,
                                          dropout_seed=(seed_lo, seed_hi), dbias=dbias)
@@ -71,7 +75,9 @@ def _backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
         from flashtile import cpu
         kw = dict(window_size=Edges(left, right), softcap=softcap, alibi_slopes=alibi_slopes)
         if packed:
-            grads = cpu.attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, **kw)
+            grads = cpu.attention_varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, softmax_scale, **kw,
+                                                  dropout_p=dropout_p, dropout_seed=(seed_lo, seed_hi),
+                                                  max_seqlens=(max_seqlen_q, max_seqlen_k))
         else:
             grads = cpu.attention_backward(dout, q, k, v, out, lse, softmax_scale, **kw, block_mask=block_mask,
                                            dropout_p=dropout_p, dropout_seed=(seed_lo, seed_hi))
@@ -203,7 +209,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, left: Optio
 
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
                      max_seqlen_k: int, softmax_scale: float, left: Optional[int], right: Optional[int],
-                     softcap: float, alibi_slopes: Optional[Tensor], backend: str) -> Tuple[Tensor, Tensor]:
+                     softcap: float, alibi_slopes: Optional[Tensor], backend: str, dropout_p: float = 0.0,
+                     dropout_seed: Tuple[int, int] = (0, 0)) -> Tuple[Tensor, Tensor]:
     """Packed sequences: q [total_q, Hq, D] -> out [total_q, Hq, Dv], lse fp32 [Hq, total_q]."""
     return attention(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, backend,
-                     cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
+                     cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                     dropout_p=dropout_p, dropout_seed=dropout_seed)

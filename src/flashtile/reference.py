@@ -215,7 +215,8 @@ def attention_varlen_ref(
     q ``[total_q, Hq, D]``, k ``[total_k, Hkv, D]``, v ``[total_k, Hkv, Dv]``; sequence b owns rows
     ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]`` of q and ``cu_seqlens_k[b]:cu_seqlens_k[b + 1]`` of k / v.
     Keyword arguments are ``attention_ref``'s (softmax_scale, causal, window_size, softcap,
-    alibi_slopes, upcast); ``alibi_slopes`` may be ``[Hq]`` or ``[B, Hq]`` (row b for sequence b).
+    alibi_slopes, upcast, dropout_p, dropout_mask); ``alibi_slopes`` may be ``[Hq]`` or ``[B, Hq]``
+    (row b for sequence b) and ``dropout_mask`` is the padded ``[B, Hq, max Sq, max Sk]`` keep pattern.
     Returns out ``[total_q, Hq, Dv]`` and lse ``[Hq, total_q]`` (FlashAttention-2's varlen layout),
     in the dtypes ``attention_ref`` gives for ``upcast``. Differentiable.
     """
@@ -226,10 +227,13 @@ def attention_varlen_ref(
     if len(cq) != len(ck):
         raise ValueError(f"attention_varlen_ref: cu_seqlens_q has {len(cq)} entries, cu_seqlens_k {len(ck)}")
     slopes = kw.pop("alibi_slopes", None)
+    keep = kw.pop("dropout_mask", None)  # padded [B, Hq, >= max Sq, >= max Sk], as flash_attn_varlen_func returns
     upcast = kw.get("upcast", True)
     outs, lses = [], []
     for b in range(len(cq) - 1):
         s = slopes[b] if slopes is not None and slopes.dim() == 2 else slopes
+        if keep is not None:
+            kw["dropout_mask"] = keep[b:b + 1, :, :cq[b + 1] - cq[b], :ck[b + 1] - ck[b]]
         o, l = attention_ref(q[cq[b]:cq[b + 1]].unsqueeze(0), k[ck[b]:ck[b + 1]].unsqueeze(0),
                              v[ck[b]:ck[b + 1]].unsqueeze(0), alibi_slopes=s, **kw)
         outs.append(o[0])

@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-from flashtile import dispatch, ops, reference
+from flashtile import dispatch, dropout, ops, reference
 from flashtile.api import (
     MAX_HEAD_DIM,
     SUPPORTED_DTYPES,
@@ -25,8 +25,8 @@ from flashtile.api import (
     _check_scale,
     _check_softcap,
     _check_window,
+    _check_dropout,
     _last_dim_contiguous,
-    _not_yet,
 )
 from flashtile.masks import Edges
 from flashtile.spec import default_softmax_scale, mask_edges
@@ -116,23 +116,6 @@ def _check_alibi_varlen(alibi_slopes: Optional[Tensor], q: Tensor, batch: int) -
     return alibi_slopes.detach().contiguous()
 
 
-def _reference_varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: List[int], cu_k: List[int], softmax_scale: float,
-                      edges: Edges, softcap: float, alibi_slopes: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """The 'reference' backend: the oracle per sequence, differentiable through torch autograd."""
-    outs, lses = [], []
-    for b in range(len(cu_q) - 1):
-        slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
-        o, l = reference.attention_ref(q[cu_q[b]:cu_q[b + 1]].unsqueeze(0), k[cu_k[b]:cu_k[b + 1]].unsqueeze(0),
-                                       v[cu_k[b]:cu_k[b + 1]].unsqueeze(0), softmax_scale=softmax_scale,
-                                       window_size=edges, softcap=softcap, alibi_slopes=slopes, upcast=True)
-        outs.append(o[0].to(q.dtype))
-        lses.append(l[0].float())
-    if not outs:  # no sequence at all
-        return (q.new_zeros((0, q.shape[1], v.shape[2])),
-                q.new_zeros((q.shape[1], 0), dtype=torch.float32))
-    return torch.cat(outs, dim=0), torch.cat(lses, dim=1)
-
-
 def flash_attn_varlen_func(
     q: Tensor,
     k: Tensor,
@@ -149,7 +132,7 @@ def flash_attn_varlen_func(
     alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
-) -> Union[Tensor, Tuple[Tensor, Tensor, None]]:
+) -> Union[Tensor, Tuple[Tensor, Tensor, Optional[Tensor]]]:
     """Exact attention over packed variable-length sequences (FlashAttention-2's flash_attn_varlen_func).
 
     q [total_q, Hq, D], k [total_k, Hkv, D], v [total_k, Hkv, Dv] with Hq % Hkv == 0; sequence b is
@@ -157,7 +140,10 @@ def flash_attn_varlen_func(
     cu_seqlens_q / cu_seqlens_k: int32 [B + 1] on q's device, starting at 0, non-decreasing, ending at
     total_q / total_k. max_seqlen_q / max_seqlen_k: ints >= the longest query / key sequence.
     Returns out [total_q, Hq, Dv] in q's dtype, or with return_attn_probs=True the tuple
-    (out, lse, None) with lse float32 [Hq, total_q] (natural log).
+    (out, lse, keep) with lse float32 [Hq, total_q] (natural log) and, with dropout, keep the bool
+    pattern [B, Hq, max_seqlen_q, max_seqlen_k] (sequence b uses keep[b, :, :Sq_b, :Sk_b]; None
+    without dropout). dropout_p as in flash_attn_func (seed from torch's generator, regenerated in
+    the backward).
     Per sequence the semantics are flash_attn_func's: causal and window_size are aligned to that
     sequence's bottom-right corner (query i sees key j iff j <= i + Sk_b - Sq_b when causal);
     softcap; alibi_slopes float32 [Hq] or [B, Hq]. Queries of a sequence with no keys give out 0 and
@@ -173,8 +159,7 @@ def flash_attn_varlen_func(
     max_seqlen_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_k, "cu_seqlens_k")
     _check_scale(softmax_scale)
     window = _check_window(window_size)
-    if dropout_p != 0.0:
-        _not_yet("dropout_p", dropout_p, "dropout")
+    dropout_p = _check_dropout(dropout_p)
     softcap = _check_softcap(softcap)
     alibi_slopes = _check_alibi_varlen(alibi_slopes, q, len(cu_q) - 1)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -184,12 +169,20 @@ def flash_attn_varlen_func(
     left, right = mask_edges(max_seqlen_q, max_seqlen_k, bool(causal), window)
 
     backend = dispatch.resolve_backend(q.device)
-    if backend == "reference":
-        out, lse = _reference_varlen(q, k, v, cu_q, cu_k, scale, Edges(left, right), softcap, alibi_slopes)
+    seed = dropout.new_seed() if dropout_p > 0 else (0, 0)
+    keep = None  # the padded keep pattern [B, Hq, max_seqlen_q, max_seqlen_k]
+    if dropout_p > 0 and (return_attn_probs or backend == "reference"):
+        keep = dropout.pattern(len(cu_q) - 1, q.shape[1], max_seqlen_q, max_seqlen_k, seed, dropout_p, q.device)
+    if backend == "reference":  # the oracle per sequence, differentiable through torch autograd
+        out, lse = reference.attention_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale=scale,
+                                                  window_size=Edges(left, right), softcap=softcap,
+                                                  alibi_slopes=alibi_slopes, upcast=True, dropout_p=dropout_p,
+                                                  dropout_mask=keep)
+        out, lse = out.to(q.dtype), lse.float()
     else:
         out, lse = ops.attention_varlen(q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
-                                        max_seqlen_q, max_seqlen_k,
-                                        scale, left, right, softcap, alibi_slopes, backend)
+                                        max_seqlen_q, max_seqlen_k, scale, left, right, softcap, alibi_slopes,
+                                        backend, dropout_p=dropout_p, dropout_seed=seed)
     if return_attn_probs:
-        return out, lse, None
+        return out, lse, keep
     return out

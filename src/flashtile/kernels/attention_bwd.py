@@ -27,7 +27,7 @@ def _load_lse2(Lse, rows, seqlen_q):
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                 start, stop, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                 seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                 BLOCK_M: tl.constexpr, MASKED: tl.constexpr, ELEM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -72,8 +72,9 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am
                 vis = vis & (em != 0)
             pt = tl.where(tl.trans(vis) & (rows[None, :] < seqlen_q), pt, 0.0)
         # -- dV += P^T dO ; dP^T = V dO^T ; dS^T = P^T * (dP^T - delta) ; dK += dS^T Q --
-        if DROPOUT:  # drop_rows is this head's row base here: the mask of element (i, j), transposed
-            keep = dropout_keep((drop_rows + rows[None, :]) * seqlen_k + offs_n[:, None], seed_lo, seed_hi, drop_thr)
+        if DROPOUT:  # drop_rows: this head's first counter, drop_stride: counters per row; transposed
+            keep = dropout_keep(drop_rows + rows[None, :].to(tl.int64) * drop_stride + offs_n[:, None], seed_lo, seed_hi,
+                                drop_thr)
             dv = tl.dot(tl.where(keep, pt * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         else:
             dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
@@ -121,6 +122,7 @@ def attention_bwd_dkdv_kernel(
     hp = bh % n_head_programs
     h_q0 = hp * heads_per_program
     h_kv = h_q0 // group_size
+    count_q, count_k = seqlen_q, seqlen_k  # dropout counters (see the forward)
     q_start, k_start, seqlen_q, seqlen_k = sequence_bounds(CuSeqQ, CuSeqK, b, seqlen_q, seqlen_k, VARLEN)
     if VARLEN:
         if tile * BLOCK_N >= seqlen_k:  # a key tile past this sequence's end
@@ -160,7 +162,7 @@ def attention_bwd_dkdv_kernel(
         delta_base = Delta + b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start
         qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale,
                                                                         softcap, SOFTCAP, HAS_ALIBI)
-        drop_rows = (b * heads_q + h).to(tl.int64) * seqlen_q
+        drop_rows = (b * heads_q + h).to(tl.int64) * count_q * count_k  # this head's first counter
         # attn_mask tile in the transposed orientation [keys, queries], at query row 0
         am_ptrs = (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
                    + offs_m[None, :].to(tl.int64) * stride_amm + offs_n[:, None].to(tl.int64) * stride_amn)
@@ -179,26 +181,26 @@ def attention_bwd_dkdv_kernel(
                     if part == 0 and start >= bb and stop <= c:
                         # a full block inside [bb, c), the queries that see every key of this tile and
                         # lie inside the sequence (query_phases): no per-element work
-                        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n,
+                        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n,
                                              offs_d, offs_dv, start, stop, stride_qs, stride_dos, qk_scale, softcap_pre,
                                              softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
                                              window_left, window_right, BLOCK_M, False, False, HAS_LEFT, HAS_RIGHT,
                                              SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
                     else:
-                        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n,
+                        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n,
                                              offs_d, offs_dv, start, stop, stride_qs, stride_dos, qk_scale, softcap_pre,
                                              softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
                                              window_left, window_right, BLOCK_M, True, part == 1, HAS_LEFT, HAS_RIGHT,
                                              SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
         else:
             if HAS_RIGHT:
-                dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                      a, bb, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
                                      window_left, window_right, BLOCK_M, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                  bb, c, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
                                  window_left, window_right, BLOCK_M, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                  c, d, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
                                  window_left, window_right, BLOCK_M, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
 
@@ -303,6 +305,7 @@ def attention_bwd_dq_kernel(
     b = bh // heads_q
     h = bh % heads_q
     h_kv = h // group_size
+    count_q, count_k = seqlen_q, seqlen_k  # dropout counters (see the forward)
     q_start, k_start, seqlen_q, seqlen_k = sequence_bounds(CuSeqQ, CuSeqK, b, seqlen_q, seqlen_k, VARLEN)
     if VARLEN:
         if tile * BLOCK_M >= seqlen_q:
@@ -337,7 +340,7 @@ def attention_bwd_dq_kernel(
     v_ptrs = V + b.to(tl.int64) * stride_vb + h_kv * stride_vh + k_rows[:, None] * stride_vs + offs_dv[None, :]
     am_ptrs = (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
                + offs_m[:, None].to(tl.int64) * stride_amm + offs_n[None, :].to(tl.int64) * stride_amn)
-    drop_rows = ((b * heads_q + h).to(tl.int64) * seqlen_q + offs_m) * seqlen_k
+    drop_rows = ((b * heads_q + h).to(tl.int64) * count_q + offs_m) * count_k
     db_base = DBias + (b * heads_q + h).to(tl.int64) * seqlen_q * seqlen_k  # dS of this head, [Sq, Sk]
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale, softcap,

@@ -159,6 +159,7 @@ def attention_fwd_kernel(
     b = bh // heads_q
     h = bh % heads_q
     h_kv = h // group_size
+    count_q, count_k = seqlen_q, seqlen_k  # dropout counters index a [B, Hq, max Sq, max Sk] grid
     q_start, k_start, seqlen_q, seqlen_k = sequence_bounds(CuSeqQ, CuSeqK, b, seqlen_q, seqlen_k, VARLEN)
     if VARLEN:
         if tile * BLOCK_M >= seqlen_q:  # a tile past this sequence's end (the grid covers the longest)
@@ -184,8 +185,9 @@ def attention_fwd_kernel(
     am_ptrs = (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
                + offs_m[:, None].to(tl.int64) * stride_amm + offs_n[None, :].to(tl.int64) * stride_amn)
 
-    # dropout counters: element (i, j) of head (b, h) is ((b * Hq + h) * Sq + i) * Sk + j
-    drop_rows = ((b * heads_q + h).to(tl.int64) * seqlen_q + offs_m) * seqlen_k
+    # dropout counters: element (i, j) of head (b, h) is ((b * Hq + h) * Sq + i) * Sk + j (varlen: i, j
+    # within sequence b, Sq / Sk the maxima, so the keep pattern is FlashAttention's padded one)
+    drop_rows = ((b * heads_q + h).to(tl.int64) * count_q + offs_m) * count_k
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
