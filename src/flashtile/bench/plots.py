@@ -70,12 +70,14 @@ def render_plots(doc: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
                     # A fixed colour per provider, so a missing line never recolours the others.
                     width = 2.5 if p == suite.get("subject") else 1.2
                     style = {"linewidth": width, "color": f"C{idx % 10}"}
-                    ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=p, **style)
+                    marker = {"marker": "o"} if len(xs_all) <= 24 else {"marker": ".", "markersize": 3}
+                    ax.plot([x for x, _ in pts], [y for _, y in pts], label=p, **marker, **style)
             if _log2_axis(xs_all):
                 ax.set_xscale("log", base=2)
-            ax.minorticks_off()
-            ax.set_xticks(xs_all)
-            ax.set_xticklabels([f"{x:g}" for x in xs_all], rotation=45 if len(xs_all) > 6 else 0)
+            if len(xs_all) <= 16:  # one labelled tick per measured x; a sweep keeps matplotlib's ticks
+                ax.minorticks_off()
+                ax.set_xticks(xs_all)
+                ax.set_xticklabels([f"{x:g}" for x in xs_all], rotation=45 if len(xs_all) > 6 else 0)
             ax.set_title(_group_title(group, gkeys))
             ax.set_xlabel(xkey)
             ax.set_ylabel("TFLOP/s")
