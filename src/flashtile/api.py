@@ -149,20 +149,20 @@ def _check_softcap(softcap: float) -> float:
     return float(softcap)
 
 
-def _check_alibi(alibi_slopes: Optional[Tensor], q: Tensor) -> Optional[Tensor]:
-    """ALiBi slopes: float32 [Hq] or [B, Hq] on q's device (FlashAttention-2's contract)."""
+def _check_alibi(alibi_slopes: Optional[Tensor], device: torch.device, batch: int, heads: int,
+                 batch_note: str = "") -> Optional[Tensor]:
+    """ALiBi slopes: float32 [Hq] or [B, Hq] on the inputs' device (FlashAttention-2's contract)."""
     if alibi_slopes is None:
         return None
     if not isinstance(alibi_slopes, torch.Tensor):
         raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
-    B, _, Hq, _ = q.shape
     if alibi_slopes.dtype != torch.float32:
         raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
-    if alibi_slopes.device != q.device:
-        raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
-    if tuple(alibi_slopes.shape) not in ((Hq,), (B, Hq)):
-        raise ValueError(f"alibi_slopes must have shape [Hq] = [{Hq}] or [B, Hq] = [{B}, {Hq}], "
-                         f"got {list(alibi_slopes.shape)}")
+    if alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {device}")
+    if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(f"alibi_slopes must have shape [Hq] = [{heads}] or [B, Hq] = [{batch}, {heads}]"
+                         f"{batch_note}, got {list(alibi_slopes.shape)}")
     return alibi_slopes.detach().contiguous()
 
 
@@ -202,7 +202,7 @@ def flash_attn_func(
     window = _check_window(window_size)
     dropout_p = _check_dropout(dropout_p)
     softcap = _check_softcap(softcap)
-    alibi_slopes = _check_alibi(alibi_slopes, q)
+    alibi_slopes = _check_alibi(alibi_slopes, q.device, q.shape[0], q.shape[2])
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, Sq, Hq, _ = q.shape
     Sk = k.shape[1]

@@ -25,6 +25,7 @@ from flashtile.api import (
     _check_scale,
     _check_softcap,
     _check_window,
+    _check_alibi,
     _check_dropout,
     _last_dim_contiguous,
 )
@@ -99,23 +100,6 @@ def _check_max_seqlen(name: str, max_seqlen: object, offsets: List[int], cu_name
     return int(max_seqlen)
 
 
-def _check_alibi_varlen(alibi_slopes: Optional[Tensor], q: Tensor, batch: int) -> Optional[Tensor]:
-    """ALiBi slopes: float32 [Hq] or [B, Hq] on q's device, B = number of sequences."""
-    if alibi_slopes is None:
-        return None
-    if not isinstance(alibi_slopes, torch.Tensor):
-        raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
-    Hq = q.shape[1]
-    if alibi_slopes.dtype != torch.float32:
-        raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
-    if alibi_slopes.device != q.device:
-        raise ValueError(f"alibi_slopes is on {alibi_slopes.device} but q is on {q.device}")
-    if tuple(alibi_slopes.shape) not in ((Hq,), (batch, Hq)):
-        raise ValueError(f"alibi_slopes must have shape [Hq] = [{Hq}] or [B, Hq] = [{batch}, {Hq}] "
-                         f"(B = len(cu_seqlens_q) - 1), got {list(alibi_slopes.shape)}")
-    return alibi_slopes.detach().contiguous()
-
-
 def flash_attn_varlen_func(
     q: Tensor,
     k: Tensor,
@@ -161,7 +145,8 @@ def flash_attn_varlen_func(
     window = _check_window(window_size)
     dropout_p = _check_dropout(dropout_p)
     softcap = _check_softcap(softcap)
-    alibi_slopes = _check_alibi_varlen(alibi_slopes, q, len(cu_q) - 1)
+    alibi_slopes = _check_alibi(alibi_slopes, q.device, len(cu_q) - 1, q.shape[1],
+                                " (B = len(cu_seqlens_q) - 1)")
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     scale = default_softmax_scale(q.shape[2], softmax_scale)
     # FlashAttention's edges are relative to each sequence's bottom-right diagonal, so one
