@@ -17,7 +17,8 @@ import torch
 
 from flashtile import cpu
 from flashtile.masks import BlockMask, visibility_mask
-from flashtile.reference import attention_ref, check_close
+from flashtile.reference import attention_ref
+from oracle import assert_results_match_oracle
 
 NEG_INF = float("-inf")
 
@@ -297,20 +298,8 @@ def _check(q, k, v, dout, bm, *, causal=False, window=(-1, -1), softcap=0.0, ali
     out, lse = cpu.attention_forward(q, k, v, scale, causal, window, softcap, alibi, block_mask=bm)
     dq, dk, dv = cpu.attention_backward(dout, q, k, v, out, lse, scale, causal, window, softcap, alibi,
                                         block_mask=bm)
-    kw = dict(softmax_scale=scale, causal=causal, window_size=window, softcap=softcap, alibi_slopes=alibi,
-              block_mask=bm)
-    hi = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    lo = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    ref_out, ref_lse = attention_ref(*hi, **kw)
-    low_out, low_lse = attention_ref(*lo, upcast=False, **kw)
-    ref_out.backward(dout.double())
-    low_out.backward(dout)
-    checks = [("out", out, ref_out, low_out, 2.0), ("lse", lse, ref_lse, low_lse, 2.0)]
-    checks += [(n, g, h.grad, l.grad, 3.0) for n, g, h, l in zip(("dq", "dk", "dv"), (dq, dk, dv), hi, lo)]
-    for name, got, ref, low, factor in checks:
-        assert got.shape == ref.shape
-        ok, err, bound = check_close(got, ref, low, factor=factor)
-        assert ok, f"{name}: err {err:.3g} > bound {bound:.3g}"
+    assert_results_match_oracle(q, k, v, dout, (out, lse), (dq, dk, dv), softmax_scale=scale, causal=causal,
+                                window_size=window, softcap=softcap, alibi_slopes=alibi, block_mask=bm)
     return out, lse, dq, dk, dv
 
 
