@@ -92,9 +92,9 @@ class _Layout:
 class _Sparse:
     """Kernel arguments of a masks.BlockMask (or inert placeholders when there is none)."""
 
-    kv_lists: Tuple[torch.Tensor, ...]  # full num, full idx, partial num, partial idx (per query block)
+    kv_lists: Tuple[torch.Tensor, ...]  # full num, full idx, partial num, partial idx, partial tile (per query block)
     q_lists: Tuple[torch.Tensor, ...]  # the same per key block (the dK/dV pass)
-    element_mask: torch.Tensor
+    tiles: torch.Tensor  # uint8 [P, bq, bk]: element masks of the partial blocks
     scalars: Tuple[int, int, int, int]  # row multipliers of b and h, query and key blocks per row
     block: Tuple[int, int]
 
@@ -105,15 +105,14 @@ class _Sparse:
 
 def _sparse_args(block_mask, dummy: torch.Tensor) -> _Sparse:
     if block_mask is None:
-        return _Sparse((dummy,) * 4, (dummy,) * 4, dummy, (0, 0, 0, 0), (0, 0))
+        return _Sparse((dummy,) * 5, (dummy,) * 5, dummy, (0, 0, 0, 0), (0, 0))
     bm = block_mask
     if any(x < 16 or x & (x - 1) for x in bm.block_size):  # kernel tiles must tile a block exactly
         raise UnsupportedError(f"block_mask.block_size {tuple(bm.block_size)}: the Triton kernels need powers of "
                                "two >= 16")
     Bm, Hm, nq, nk = bm.kind.shape
-    em = bm.element_mask.view(torch.uint8) if bm.element_mask is not None else dummy
-    return _Sparse((bm.full_kv_num, bm.full_kv_idx, bm.partial_kv_num, bm.partial_kv_idx),
-                   (bm.full_q_num, bm.full_q_idx, bm.partial_q_num, bm.partial_q_idx), em,
+    return _Sparse((bm.full_kv_num, bm.full_kv_idx, bm.partial_kv_num, bm.partial_kv_idx, bm.partial_kv_tile),
+                   (bm.full_q_num, bm.full_q_idx, bm.partial_q_num, bm.partial_q_idx, bm.partial_q_tile), bm.partial_tiles,
                    (Hm if Bm > 1 else 0, 1 if Hm > 1 else 0, nq, nk), tuple(bm.block_size))
 
 
@@ -232,7 +231,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     am_kind, am, am_strides = _attn_mask_args(attn_mask, (B, Hq, Sq, Sk), lse)
     slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
     cu_q, cu_k = layout.cu(lse)
-    args = (q, k, v, out, lse, slopes, cu_q, cu_k, *sp.kv_lists, sp.element_mask, am,
+    args = (q, k, v, out, lse, slopes, cu_q, cu_k, *sp.kv_lists, sp.tiles, am,
             *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(out), *layout.lse_bh(lse), stride_alibi_b,
             Sq, Sk, Hq, Hq // Hkv, D, Dv,
             softmax_scale, softcap, left, right, *sp.scalars, *am_strides, *_dropout_args(dropout_p, dropout_seed))
@@ -303,7 +302,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     cu_q, cu_k = layout.cu(lse)
     with _device_ctx(q):
         # dQ first: it also writes delta, which the dK/dV launch reads
-        args = (q, k, v, out, dout, lse, delta, dq, slopes, cu_q, cu_k, *sp.kv_lists, sp.element_mask, am,
+        args = (q, k, v, out, dout, lse, delta, dq, slopes, cu_q, cu_k, *sp.kv_lists, sp.tiles, am,
                 dbias if dbias is not None else lse, *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(out), *layout.bsh(dout), *layout.bsh(dq),
                 *layout.lse_bh(lse), stride_alibi_b,
                 Sq, Sk, Hq, group, D, Dv, softmax_scale, softcap, left, right, *sp.scalars, *am_strides,
@@ -318,7 +317,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         else:
             dk_buf, dv_buf = dk, dv
             heads_per_program, n_head_programs = group, Hkv
-        args = (q, k, v, dout, lse, delta, dk_buf, dv_buf, slopes, cu_q, cu_k, *sp.q_lists, sp.element_mask, am,
+        args = (q, k, v, dout, lse, delta, dk_buf, dv_buf, slopes, cu_q, cu_k, *sp.q_lists, sp.tiles, am,
                 *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(dout), *layout.bsh(dk_buf),
                 *layout.bsh(dv_buf), *layout.lse_bh(lse), stride_alibi_b,
                 Sq, Sk, Hq, group, heads_per_program, n_head_programs,

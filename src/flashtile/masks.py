@@ -244,6 +244,27 @@ def _index_lists(selected: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return num, order.to(torch.int32).contiguous()
 
 
+def _partial_tiles(em: Optional[torch.Tensor], partial: torch.Tensor, block_q: int,
+                   block_k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The element mask of the partial blocks only, one dense tile each, for the kernels.
+
+    Returns (tiles uint8 ``[P, bq, bk]``, tile_id int32 ``[B, H, nq, nk]``): tile_id numbers the P partial
+    blocks in row-major order (0 elsewhere). Elements past the sequence ends are 0. A tile is one
+    contiguous, aligned bq x bk array with a compile-time row stride, so the kernels load it with wide
+    vector loads (rows of the full [Sq, Sk] mask have the run-time stride Sk and an unknown alignment).
+    """
+    nb, nh, nq, nk = partial.shape
+    tile_id = (torch.cumsum(partial.flatten().to(torch.int32), 0, dtype=torch.int32) - 1).clamp_(min=0)
+    tile_id = tile_id.view(nb, nh, nq, nk)
+    if em is None:
+        return torch.zeros(1, block_q, block_k, dtype=torch.uint8, device=partial.device), tile_id
+    seqlen_q, seqlen_k = em.shape[2:]
+    padded = em.new_zeros(nb, nh, nq * block_q, nk * block_k)
+    padded[:, :, :seqlen_q, :seqlen_k] = em
+    blocks = padded.view(nb, nh, nq, block_q, nk, block_k).permute(0, 1, 2, 4, 3, 5)
+    return blocks[partial].view(torch.uint8).contiguous(), tile_id
+
+
 def _expand_blocks(blocks: torch.Tensor, block_q: int, block_k: int, rows: int, cols: int) -> torch.Tensor:
     """Block-level bool ``[B, H, nq, nk]`` -> element-level ``[B, H, rows, cols]`` (cropped)."""
     return blocks.repeat_interleave(block_q, dim=2).repeat_interleave(block_k, dim=3)[:, :, :rows, :cols]
@@ -274,6 +295,9 @@ class BlockMask:
       ``partial_kv_idx`` likewise. For backward passes that walk query blocks per key block, the
       transposed lists ``full_q_num`` / ``partial_q_num`` ``[B|1, H|1, nk]`` and ``full_q_idx`` /
       ``partial_q_idx`` ``[B|1, H|1, nk, nq]`` hold the query-block indices per (b, h, key block).
+    - ``partial_tiles`` uint8 ``[P, bq, bk]``: the element mask of the P partial blocks, one tile each
+      (what the kernels read); ``partial_kv_tile`` / ``partial_q_tile`` int32, aligned with
+      ``partial_kv_idx`` / ``partial_q_idx``, give the tile of each listed partial block.
 
     Build with ``from_dense``, ``from_blocks`` or the builders ``causal``, ``sliding_window``,
     ``document``. The constructor ``BlockMask(block_size, seqlen_q, seqlen_k, kind, element_mask)``
@@ -296,6 +320,9 @@ class BlockMask:
     full_q_idx: torch.Tensor = dataclasses.field(init=False)
     partial_q_num: torch.Tensor = dataclasses.field(init=False)
     partial_q_idx: torch.Tensor = dataclasses.field(init=False)
+    partial_tiles: torch.Tensor = dataclasses.field(init=False)
+    partial_kv_tile: torch.Tensor = dataclasses.field(init=False)
+    partial_q_tile: torch.Tensor = dataclasses.field(init=False)
 
     EMPTY = 0
     PARTIAL = 1
@@ -349,6 +376,10 @@ class BlockMask:
             num, idx = _index_lists(sel.transpose(2, 3))
             set_(self, f"{name}_q_num", num)
             set_(self, f"{name}_q_idx", idx)
+        tiles, tile_id = _partial_tiles(em, partial, bq, bk)
+        set_(self, "partial_tiles", tiles)
+        set_(self, "partial_kv_tile", tile_id.gather(-1, self.partial_kv_idx.long()).contiguous())
+        set_(self, "partial_q_tile", tile_id.transpose(2, 3).gather(-1, self.partial_q_idx.long()).contiguous())
 
     # -- constructors -----------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ P is recomputed from the saved log-sum-exp: p = exp2(s * scale * log2(e) - lse *
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import (block_list, dropout_keep, key_phases, query_phases, score_log2, score_params,
+from flashtile.kernels.common import (block_list, dropout_keep, key_phases, list_tile, query_phases, score_log2, score_params,
                                       sequence_bounds, visible)
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -27,64 +27,119 @@ def _load_lse2(Lse, rows, seqlen_q):
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+               start_m, need_vis, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
+               seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+               MASKED: tl.constexpr, ELEM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+               EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr):
+    """Accumulate dK, dV for one key tile over the query tile starting at start_m of one query head.
+
+    MASKED as in the forward's _fwd_tile (0 none, 1 always, 2 when the run-time need_vis is set);
+    ELEM ANDs the element-mask tile at em_ptrs ([BLOCK_M, BLOCK_N] uint8, queries by keys).
+    """
+    rows = start_m + offs_m
+    q_ptrs = q_base + rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
+    do_ptrs = do_base + rows[:, None].to(tl.int64) * stride_dos + offs_dv[None, :]
+    # -- load the query tile; only masked tiles can cross the sequence end --
+    if MASKED != 0:
+        q_mask = rows[:, None] < seqlen_q
+        do_mask = rows[:, None] < seqlen_q
+    else:
+        q_mask = rows[:, None] >= 0
+        do_mask = rows[:, None] >= 0
+    if not EVEN_D:
+        q_mask = q_mask & (offs_d[None, :] < head_dim)
+    if not EVEN_DV:
+        do_mask = do_mask & (offs_dv[None, :] < head_dim_v)
+    if MASKED != 0 or not EVEN_D:
+        q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    else:
+        q = tl.load(q_ptrs)
+    if MASKED != 0 or not EVEN_DV:
+        do = tl.load(do_ptrs, mask=do_mask, other=0.0)
+    else:
+        do = tl.load(do_ptrs)
+    if ELEM:
+        em = tl.load(em_ptrs)
+    lse2 = _load_lse2(lse_base, rows, seqlen_q)
+    delta = tl.load(delta_base + rows, mask=rows < seqlen_q, other=0.0)
+    # -- P^T = exp2(K Q^T * scale - lse), recomputed from the forward's statistics --
+    st, tt = score_log2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), offs_n, rows, seqlen_k, seqlen_q,
+                        qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI,
+                        am_ptrs + start_m * stride_amm, ATTN_MASK)
+    pt = tl.math.exp2(st - lse2[None, :])
+    if MASKED == 1:
+        vis = visible(rows, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        if ELEM:
+            vis = vis & (em != 0)
+        pt = tl.where(tl.trans(vis) & (rows[None, :] < seqlen_q), pt, 0.0)
+    elif MASKED == 2:
+        if need_vis:
+            vis = visible(rows, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            pt = tl.where(tl.trans(vis) & (rows[None, :] < seqlen_q), pt, 0.0)
+    # -- dV += P^T dO ; dP^T = V dO^T ; dS^T = P^T * (dP^T - delta) ; dK += dS^T Q --
+    if DROPOUT:  # drop_rows: this head's first counter, drop_stride: counters per row; transposed
+        keep = dropout_keep(drop_rows + rows[None, :].to(tl.int64) * drop_stride + offs_n[:, None], seed_lo, seed_hi,
+                            drop_thr)
+        dv = tl.dot(tl.where(keep, pt * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    else:
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    if DROPOUT:
+        dpt = tl.where(keep, dpt * drop_scale, 0.0)
+    dst = pt * (dpt - delta[None, :])
+    if SOFTCAP:
+        dst = dst * (1.0 - tt * tt)  # d/dx c*tanh(x/c) = 1 - tanh^2
+    dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                 start, stop, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                 seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
-                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, ELEM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr):
-    """Accumulate dK, dV for one key tile over query tiles [start, stop) of one query head."""
+    """Accumulate dK, dV for one key tile over query tiles [start, stop) of one query head (MASKED 0 or 1)."""
     for start_m in range(start, stop, BLOCK_M):
-        rows = start_m + offs_m
-        q_ptrs = q_base + rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
-        do_ptrs = do_base + rows[:, None].to(tl.int64) * stride_dos + offs_dv[None, :]
-        # -- load the query tile; only masked tiles can cross the sequence end --
-        if MASKED:
-            q_mask = rows[:, None] < seqlen_q
-            do_mask = rows[:, None] < seqlen_q
+        dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                            start_m, False, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                            seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                            MASKED, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_block_list(dk, dv, k, v, q_base, do_base, lse_base, delta_base, Tiles, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                     Num, Idx, TileIdx, row, k_block, n_k_blocks, n_q_blocks, full_lo, full_hi,
+                     stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                     seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr, ELEM: tl.constexpr,
+                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr):
+    """Visit the query blocks of one block-sparse list (full or partial) of this key block: one flat,
+    pipelined loop over their query tiles (see the forward's _fwd_block_list). A full block inside
+    [full_lo, full_hi) (query_phases) runs without per-element work."""
+    TILES_PER_BLOCK: tl.constexpr = BLOCK_SQ // BLOCK_M
+    count, base = block_list(Num, Idx, row, k_block, n_k_blocks, n_q_blocks)
+    em_local = offs_m[:, None] * BLOCK_SK + (offs_n % BLOCK_SK)[None, :]  # queries by keys, in the tile
+    for i in range(0, count * TILES_PER_BLOCK):
+        entry, part, start_m = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_M, BLOCK_SQ)
+        if ELEM:
+            tile = tl.load(TileIdx + entry)
+            em_ptrs = Tiles + tile.to(tl.int64) * (BLOCK_SQ * BLOCK_SK) + part * BLOCK_SK + em_local
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                                start_m, True, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                                seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                                1, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
         else:
-            q_mask = rows[:, None] >= 0
-            do_mask = rows[:, None] >= 0
-        if not EVEN_D:
-            q_mask = q_mask & (offs_d[None, :] < head_dim)
-        if not EVEN_DV:
-            do_mask = do_mask & (offs_dv[None, :] < head_dim_v)
-        if MASKED or not EVEN_D:
-            q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-        else:
-            q = tl.load(q_ptrs)
-        if MASKED or not EVEN_DV:
-            do = tl.load(do_ptrs, mask=do_mask, other=0.0)
-        else:
-            do = tl.load(do_ptrs)
-        lse2 = _load_lse2(lse_base, rows, seqlen_q)
-        delta = tl.load(delta_base + rows, mask=rows < seqlen_q, other=0.0)
-        # -- P^T = exp2(K Q^T * scale - lse), recomputed from the forward's statistics --
-        st, tt = score_log2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), offs_n, rows, seqlen_k, seqlen_q,
-                            qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI,
-                            am_ptrs + start_m * stride_amm, ATTN_MASK)
-        pt = tl.math.exp2(st - lse2[None, :])
-        if MASKED:
-            vis = visible(rows, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-            if ELEM:  # em_ptrs: this head's uint8 [Sq, Sk] element mask (scalar pointer, see the forward)
-                em = tl.load(em_ptrs + rows[:, None].to(tl.int64) * seqlen_k + offs_n[None, :],
-                             mask=(rows[:, None] < seqlen_q) & (offs_n[None, :] < seqlen_k), other=0)
-                vis = vis & (em != 0)
-            pt = tl.where(tl.trans(vis) & (rows[None, :] < seqlen_q), pt, 0.0)
-        # -- dV += P^T dO ; dP^T = V dO^T ; dS^T = P^T * (dP^T - delta) ; dK += dS^T Q --
-        if DROPOUT:  # drop_rows: this head's first counter, drop_stride: counters per row; transposed
-            keep = dropout_keep(drop_rows + rows[None, :].to(tl.int64) * drop_stride + offs_n[:, None], seed_lo, seed_hi,
-                                drop_thr)
-            dv = tl.dot(tl.where(keep, pt * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        else:
-            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        if DROPOUT:
-            dpt = tl.where(keep, dpt * drop_scale, 0.0)
-        dst = pt * (dpt - delta[None, :])
-        if SOFTCAP:
-            dst = dst * (1.0 - tt * tt)  # d/dx c*tanh(x/c) = 1 - tanh^2
-        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+            need_vis = (start_m < full_lo) | (start_m + BLOCK_M > full_hi)
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                                start_m, need_vis, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                                seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                                2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
     return dk, dv
 
 
@@ -94,7 +149,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am
                                "seed_lo", "seed_hi", "drop_thr"])
 def attention_bwd_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DK, DV, Alibi, CuSeqQ, CuSeqK,
-    FullNum, FullIdx, PartNum, PartIdx, ElemMask, AttnMask,
+    FullNum, FullIdx, PartNum, PartIdx, PartTile, ElemTiles, AttnMask,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -169,40 +224,30 @@ def attention_bwd_dkdv_kernel(
         if BLOCK_SPARSE:
             # -- block-sparse: the query blocks listed for this key block (lists of the transposed mask) --
             row = b * sparse_mb + h * sparse_mh
-            em_ptrs = ElemMask + row.to(tl.int64) * seqlen_q * seqlen_k
             k_block = n_lo // BLOCK_SK
-            for part in tl.static_range(2):
-                Num = FullNum if part == 0 else PartNum
-                Idx = FullIdx if part == 0 else PartIdx
-                count, base = block_list(Num, Idx, row, k_block, sparse_nk, sparse_nq)
-                for i in range(0, count):
-                    start = tl.load(Idx + base + i) * BLOCK_SQ
-                    stop = tl.minimum(start + BLOCK_SQ, seqlen_q)
-                    if part == 0 and start >= bb and stop <= c:
-                        # a full block inside [bb, c), the queries that see every key of this tile and
-                        # lie inside the sequence (query_phases): no per-element work
-                        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n,
-                                             offs_d, offs_dv, start, stop, stride_qs, stride_dos, qk_scale, softcap_pre,
-                                             softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                             window_left, window_right, BLOCK_M, False, False, HAS_LEFT, HAS_RIGHT,
-                                             SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
-                    else:
-                        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n,
-                                             offs_d, offs_dv, start, stop, stride_qs, stride_dos, qk_scale, softcap_pre,
-                                             softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                             window_left, window_right, BLOCK_M, True, part == 1, HAS_LEFT, HAS_RIGHT,
-                                             SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+            dk, dv = _dkdv_block_list(dk, dv, k, v, q_base, do_base, lse_base, delta_base, ElemTiles, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                                      FullNum, FullIdx, PartTile, row, k_block, sparse_nk, sparse_nq, bb, c,
+                                      stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                                      seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                                      BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
+                                      EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+            dk, dv = _dkdv_block_list(dk, dv, k, v, q_base, do_base, lse_base, delta_base, ElemTiles, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                                      PartNum, PartIdx, PartTile, row, k_block, sparse_nk, sparse_nq, bb, c,
+                                      stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                                      seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                                      BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
+                                      EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
         else:
             if HAS_RIGHT:
-                dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                      a, bb, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                     window_left, window_right, BLOCK_M, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                                     window_left, window_right, BLOCK_M, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                  bb, c, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                 window_left, window_right, BLOCK_M, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                                 window_left, window_right, BLOCK_M, 0, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                  c, d, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                 window_left, window_right, BLOCK_M, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+                                 window_left, window_right, BLOCK_M, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
 
     dk = dk * softmax_scale
     dk_mask = offs_n[:, None] < seqlen_k
@@ -218,57 +263,114 @@ def attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+             start_n, need_vis, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
+             seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
+             MASKED: tl.constexpr, ELEM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+             SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+             EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+             BIAS_GRAD: tl.constexpr):
+    """Accumulate dQ with the key tile starting at start_n (MASKED / need_vis / ELEM as in the forward's
+    _fwd_tile); BIAS_GRAD also writes dS (the gradient of the additive attn_mask bias) to this head's
+    fp32 [Sq, Sk] slice at db_base (a scalar pointer)."""
+    cols = start_n + offs_n
+    if MASKED != 0:
+        k_mask = cols[:, None] < seqlen_k
+        v_mask = cols[:, None] < seqlen_k
+    else:
+        k_mask = cols[:, None] >= 0
+        v_mask = cols[:, None] >= 0
+    if not EVEN_D:
+        k_mask = k_mask & (offs_d[None, :] < head_dim)
+    if not EVEN_DV:
+        v_mask = v_mask & (offs_dv[None, :] < head_dim_v)
+    if MASKED != 0 or not EVEN_D:
+        k = tl.load(k_ptrs + start_n * stride_ks, mask=k_mask, other=0.0)
+    else:
+        k = tl.load(k_ptrs + start_n * stride_ks)
+    if MASKED != 0 or not EVEN_DV:
+        v = tl.load(v_ptrs + start_n * stride_vs, mask=v_mask, other=0.0)
+    else:
+        v = tl.load(v_ptrs + start_n * stride_vs)
+    if ELEM:
+        em = tl.load(em_ptrs)
+    # -- P = exp2(Q K^T * scale - lse); dP = dO V^T; dS = P * (dP - delta); dQ += dS K --
+    s, t = score_log2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), offs_m, cols, seqlen_q, seqlen_k,
+                      qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI,
+                      am_ptrs + start_n * stride_amn, ATTN_MASK)
+    p = tl.math.exp2(s - lse2[:, None])
+    if MASKED == 1:
+        vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        if ELEM:
+            vis = vis & (em != 0)
+        p = tl.where(vis, p, 0.0)
+    elif MASKED == 2:
+        if need_vis:
+            p = tl.where(visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT),
+                         p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if DROPOUT:
+        keep = dropout_keep(drop_rows[:, None] + cols[None, :], seed_lo, seed_hi, drop_thr)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    if BIAS_GRAD:  # the bias is added after softcap: its gradient is dS before the tanh factor
+        tl.store(db_base + offs_m[:, None].to(tl.int64) * seqlen_k + cols[None, :], ds,
+                 mask=(offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
               start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
               seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
-              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, ELEM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
               EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
               BIAS_GRAD: tl.constexpr):
-    """Accumulate dQ over key tiles [start, stop); BIAS_GRAD also writes dS (the gradient of the additive
-    attn_mask bias) to this head's fp32 [Sq, Sk] slice at db_base (a scalar pointer)."""
+    """Accumulate dQ over key tiles [start, stop) (MASKED 0 or 1)."""
     for start_n in range(start, stop, BLOCK_N):
-        cols = start_n + offs_n
-        if MASKED:
-            k_mask = cols[:, None] < seqlen_k
-            v_mask = cols[:, None] < seqlen_k
+        dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                      start_n, False, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                      seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
+                      MASKED, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT,
+                      BIAS_GRAD)
+    return dq
+
+
+@triton.jit
+def _dq_block_list(dq, q, do, lse2, delta, k_ptrs, v_ptrs, Tiles, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                   Num, Idx, TileIdx, row, q_block, n_q_blocks, n_k_blocks, full_lo, full_hi,
+                   stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                   seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
+                   BLOCK_N: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr, ELEM: tl.constexpr,
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+                   EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                   BIAS_GRAD: tl.constexpr):
+    """Visit the key blocks of one block-sparse list of this query block: one flat, pipelined loop over
+    their key tiles (see the forward's _fwd_block_list)."""
+    TILES_PER_BLOCK: tl.constexpr = BLOCK_SK // BLOCK_N
+    count, base = block_list(Num, Idx, row, q_block, n_q_blocks, n_k_blocks)
+    em_local = (offs_m % BLOCK_SQ)[:, None] * BLOCK_SK + offs_n[None, :]
+    for i in range(0, count * TILES_PER_BLOCK):
+        entry, part, start_n = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_N, BLOCK_SK)
+        if ELEM:
+            tile = tl.load(TileIdx + entry)
+            em_ptrs = Tiles + tile.to(tl.int64) * (BLOCK_SQ * BLOCK_SK) + part + em_local
+            dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                          start_n, True, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                          seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
+                          1, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT,
+                          BIAS_GRAD)
         else:
-            k_mask = cols[:, None] >= 0
-            v_mask = cols[:, None] >= 0
-        if not EVEN_D:
-            k_mask = k_mask & (offs_d[None, :] < head_dim)
-        if not EVEN_DV:
-            v_mask = v_mask & (offs_dv[None, :] < head_dim_v)
-        if MASKED or not EVEN_D:
-            k = tl.load(k_ptrs + start_n * stride_ks, mask=k_mask, other=0.0)
-        else:
-            k = tl.load(k_ptrs + start_n * stride_ks)
-        if MASKED or not EVEN_DV:
-            v = tl.load(v_ptrs + start_n * stride_vs, mask=v_mask, other=0.0)
-        else:
-            v = tl.load(v_ptrs + start_n * stride_vs)
-        # -- P = exp2(Q K^T * scale - lse); dP = dO V^T; dS = P * (dP - delta); dQ += dS K --
-        s, t = score_log2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), offs_m, cols, seqlen_q, seqlen_k,
-                          qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI,
-                          am_ptrs + start_n * stride_amn, ATTN_MASK)
-        p = tl.math.exp2(s - lse2[:, None])
-        if MASKED:
-            vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-            if ELEM:  # em_ptrs: this head's uint8 [Sq, Sk] element mask (scalar pointer, see the forward)
-                em = tl.load(em_ptrs + offs_m[:, None].to(tl.int64) * seqlen_k + cols[None, :], mask=(offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k), other=0)
-                vis = vis & (em != 0)
-            p = tl.where(vis, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        if DROPOUT:
-            keep = dropout_keep(drop_rows[:, None] + cols[None, :], seed_lo, seed_hi, drop_thr)
-            dp = tl.where(keep, dp * drop_scale, 0.0)
-        ds = p * (dp - delta[:, None])
-        if BIAS_GRAD:  # the bias is added after softcap: its gradient is dS before the tanh factor
-            tl.store(db_base + offs_m[:, None].to(tl.int64) * seqlen_k + cols[None, :], ds,
-                     mask=(offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))
-        if SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+            need_vis = (start_n < full_lo) | (start_n + BLOCK_N > full_hi)
+            dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                          start_n, need_vis, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                          seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
+                          2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT,
+                          BIAS_GRAD)
     return dq
 
 
@@ -278,7 +380,7 @@ def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_a
                                "seed_lo", "seed_hi", "drop_thr"])
 def attention_bwd_dq_kernel(
     Q, K, V, Out, DOut, Lse, Delta, DQ, Alibi, CuSeqQ, CuSeqK,
-    FullNum, FullIdx, PartNum, PartIdx, ElemMask, AttnMask, DBias,
+    FullNum, FullIdx, PartNum, PartIdx, PartTile, ElemTiles, AttnMask, DBias,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -353,40 +455,30 @@ def attention_bwd_dq_kernel(
     if BLOCK_SPARSE:
         # -- block-sparse: the key blocks listed for this query block, full then partial --
         row = b * sparse_mb + h * sparse_mh
-        em_ptrs = ElemMask + row.to(tl.int64) * seqlen_q * seqlen_k
         q_block = m_lo // BLOCK_SQ
-        for part in tl.static_range(2):
-            Num = FullNum if part == 0 else PartNum
-            Idx = FullIdx if part == 0 else PartIdx
-            count, base = block_list(Num, Idx, row, q_block, sparse_nq, sparse_nk)
-            for i in range(0, count):
-                start = tl.load(Idx + base + i) * BLOCK_SK
-                stop = tl.minimum(start + BLOCK_SK, seqlen_k)
-                if part == 0 and start >= bb and stop <= c:
-                    # a full block inside [bb, c), the keys that every row of this tile sees and that
-                    # lie inside the sequence (key_phases): no per-element work
-                    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
-                                   start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
-                                   seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
-                                   BLOCK_N, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                                   DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD)
-                else:
-                    dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
-                                   start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
-                                   seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
-                                   BLOCK_N, True, part == 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                                   DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD)
+        dq = _dq_block_list(dq, q, do, lse2, delta, k_ptrs, v_ptrs, ElemTiles, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                            FullNum, FullIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
+                            stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                            seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
+                            BLOCK_N, BLOCK_SQ, BLOCK_SK, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
+                            DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD)
+        dq = _dq_block_list(dq, q, do, lse2, delta, k_ptrs, v_ptrs, ElemTiles, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                            PartNum, PartIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
+                            stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                            seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
+                            BLOCK_N, BLOCK_SQ, BLOCK_SK, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
+                            DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD)
     else:
         if HAS_LEFT:
-            dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+            dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                            a, bb, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                           window_left, window_right, db_base, BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD)
-        dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                           window_left, window_right, db_base, BLOCK_N, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD)
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                        bb, c, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                       window_left, window_right, db_base, BLOCK_N, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD)
-        dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                       window_left, window_right, db_base, BLOCK_N, 0, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD)
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                        c, d, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                       window_left, window_right, db_base, BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD)
+                       window_left, window_right, db_base, BLOCK_N, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD)
 
     dq = dq * softmax_scale
     dq_mask = offs_m[:, None] < seqlen_q

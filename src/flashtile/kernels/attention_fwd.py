@@ -9,113 +9,128 @@ as EVEN_D), so an unused feature costs nothing: Triton compiles one specialisati
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import (block_list, dropout_keep, key_phases, score_log2, score_params, sequence_bounds,
-                                      visible)
+from flashtile.kernels.common import (block_list, dropout_keep, key_phases, list_tile, online_softmax, score_log2,
+                                      score_params, sequence_bounds, visible)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+def _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+              start_n, need_vis, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
+              seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+              MASKED: tl.constexpr, ELEM: tl.constexpr,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+              EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr):
+    """Online-softmax update with the key tile starting at start_n.
+
+    MASKED: 0 = every key visible and in range (no per-element work); 1 = apply the visibility rule
+    and the sequence end; 2 = loads stop at the sequence end, the visibility rule applies when the
+    run-time need_vis is set (block-sparse lists mix both kinds of tile in one pipelined loop).
+    ELEM also ANDs a partial block's element mask: em_ptrs points at this tile's [BLOCK_M, BLOCK_N]
+    window of a uint8 partial-block tile (masks.BlockMask.partial_tiles).
+    """
+    cols = start_n + offs_n
+    # -- load K tile (as K^T) and V tile; only masked tiles can cross the sequence end --
+    if MASKED != 0:
+        k_mask = cols[None, :] < seqlen_k
+        if not EVEN_D:
+            k_mask = k_mask & (offs_d[:, None] < head_dim)
+        kt = tl.load(k_ptrs + start_n * stride_ks, mask=k_mask, other=0.0)
+    elif EVEN_D:
+        kt = tl.load(k_ptrs + start_n * stride_ks)
+    else:
+        kt = tl.load(k_ptrs + start_n * stride_ks, mask=offs_d[:, None] < head_dim, other=0.0)
+    if ELEM:
+        em = tl.load(em_ptrs)
+    # -- scores in the log2 domain: qk_scale = softmax_scale * log2(e) --
+    qk, _ = score_log2(tl.dot(q, kt, input_precision=DOT_PRECISION), offs_m, cols, seqlen_q, seqlen_k,
+                       qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI,
+                       am_ptrs + start_n * stride_amn, ATTN_MASK)
+    if MASKED == 1:
+        vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+        if ELEM:
+            vis = vis & (em != 0)
+        qk = tl.where(vis, qk, float("-inf"))
+    elif MASKED == 2:
+        if need_vis:
+            qk = tl.where(visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT),
+                          qk, float("-inf"))
+    # -- online softmax: new running max, rescale what was accumulated --
+    p, alpha, l_i, m_new = online_softmax(qk, m_i, l_i, MASKED != 0 or ATTN_MASK != 0)
+    acc = acc * alpha[:, None]
+    if MASKED != 0:
+        v_mask = cols[:, None] < seqlen_k
+        if not EVEN_DV:
+            v_mask = v_mask & (offs_dv[None, :] < head_dim_v)
+        v = tl.load(v_ptrs + start_n * stride_vs, mask=v_mask, other=0.0)
+    elif EVEN_DV:
+        v = tl.load(v_ptrs + start_n * stride_vs)
+    else:
+        v = tl.load(v_ptrs + start_n * stride_vs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
+    if DROPOUT:  # l_i keeps the undropped sum (softmax normaliser); only P @ V sees the mask
+        keep = dropout_keep(drop_rows[:, None] + cols[None, :], seed_lo, seed_hi, drop_thr)
+        p = tl.where(keep, p, 0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
-               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, ELEM: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr):
-    """Online-softmax update over key tiles [start, stop) in steps of BLOCK_N.
-
-    MASKED applies the visibility rule and the sequence end; ELEM also ANDs the element mask of a
-    partial block-sparse block (em_ptrs: this head's uint8 [Sq, Sk] element mask, a scalar pointer;
-    a pointer tile kept live across the loops would cost 64 registers per thread and spill).
-    """
+    """Online-softmax update over key tiles [start, stop) in steps of BLOCK_N (MASKED 0 or 1)."""
     for start_n in range(start, stop, BLOCK_N):
-        cols = start_n + offs_n
-        # -- load K tile (as K^T) and V tile; only masked tiles can cross the sequence end --
-        if MASKED:
-            k_mask = cols[None, :] < seqlen_k
-            if not EVEN_D:
-                k_mask = k_mask & (offs_d[:, None] < head_dim)
-            kt = tl.load(k_ptrs + start_n * stride_ks, mask=k_mask, other=0.0)
-        elif EVEN_D:
-            kt = tl.load(k_ptrs + start_n * stride_ks)
-        else:
-            kt = tl.load(k_ptrs + start_n * stride_ks, mask=offs_d[:, None] < head_dim, other=0.0)
-        # -- scores in the log2 domain: qk_scale = softmax_scale * log2(e) --
-        qk, _ = score_log2(tl.dot(q, kt, input_precision=DOT_PRECISION), offs_m, cols, seqlen_q, seqlen_k,
-                           qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI,
-                           am_ptrs + start_n * stride_amn, ATTN_MASK)
-        if MASKED:
-            vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
-            if ELEM:
-                em = tl.load(em_ptrs + offs_m[:, None].to(tl.int64) * seqlen_k + cols[None, :],
-                             mask=(offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k), other=0)
-                vis = vis & (em != 0)
-            qk = tl.where(vis, qk, float("-inf"))
-        # -- online softmax: new running max, rescale what was accumulated --
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        if MASKED or ATTN_MASK != 0:
-            # a row with nothing visible so far keeps m = -inf; subtract 0 so p = exp2(-inf) = 0, not NaN
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_sub = m_new
-        p = tl.math.exp2(qk - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if MASKED:
-            v_mask = cols[:, None] < seqlen_k
-            if not EVEN_DV:
-                v_mask = v_mask & (offs_dv[None, :] < head_dim_v)
-            v = tl.load(v_ptrs + start_n * stride_vs, mask=v_mask, other=0.0)
-        elif EVEN_DV:
-            v = tl.load(v_ptrs + start_n * stride_vs)
-        else:
-            v = tl.load(v_ptrs + start_n * stride_vs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
-        if DROPOUT:  # l_i keeps the undropped sum (softmax normaliser); only P @ V sees the mask
-            keep = dropout_keep(drop_rows[:, None] + cols[None, :], seed_lo, seed_hi, drop_thr)
-            p = tl.where(keep, p, 0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+                                  start_n, False, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                                  seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                                  MASKED, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
+                                  DOT_PRECISION, ATTN_MASK, DROPOUT)
     return acc, l_i, m_i
 
 
 @triton.jit
-def _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
-                    Num, Idx, row, q_block, n_q_blocks, n_k_blocks, full_lo, full_hi,
+def _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, Tiles, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+                    Num, Idx, TileIdx, row, q_block, n_q_blocks, n_k_blocks, full_lo, full_hi,
                     stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                     seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
-                    BLOCK_N: tl.constexpr, BLOCK_SK: tl.constexpr, ELEM: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr,
+                    ELEM: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr):
     """Visit the key blocks of one block-sparse list (full or partial) of this query block.
 
+    One flat loop over the list's key tiles (BLOCK_SK / BLOCK_N per block), so the software pipeline
+    prefetches the next block's K / V while this one computes (a loop per block would drain it).
     A full block inside [full_lo, full_hi) (key_phases: keys that every row of the tile sees and that
     lie inside the sequence) runs without per-element work; other full blocks apply the causal /
-    window rule and the sequence end; partial blocks (ELEM) also AND the element mask.
+    window rule and the sequence end; partial blocks (ELEM) also AND their element-mask tile.
     """
+    TILES_PER_BLOCK: tl.constexpr = BLOCK_SK // BLOCK_N
     count, base = block_list(Num, Idx, row, q_block, n_q_blocks, n_k_blocks)
-    for i in range(0, count):
-        start = tl.load(Idx + base + i) * BLOCK_SK
-        stop = tl.minimum(start + BLOCK_SK, seqlen_k)
+    # rows of this query tile inside its BLOCK_SQ x BLOCK_SK element-mask tile (int32: tiles are small)
+    em_local = (offs_m % BLOCK_SQ)[:, None] * BLOCK_SK + offs_n[None, :]
+    for i in range(0, count * TILES_PER_BLOCK):
+        entry, part, start_n = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_N, BLOCK_SK)
         if ELEM:
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
-                                       start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post,
-                                       alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
-                                       BLOCK_N, True, ELEM, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                                       DOT_PRECISION, ATTN_MASK, DROPOUT)
-        elif start >= full_lo and stop <= full_hi:  # no per-element work
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
-                                       start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post,
-                                       alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
-                                       BLOCK_N, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                                       DOT_PRECISION, ATTN_MASK, DROPOUT)
-        else:  # crosses a causal / window edge or the sequence end
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
-                                       start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post,
-                                       alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
-                                       BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                                       DOT_PRECISION, ATTN_MASK, DROPOUT)
+            tile = tl.load(TileIdx + entry)
+            em_ptrs = Tiles + tile.to(tl.int64) * (BLOCK_SQ * BLOCK_SK) + part + em_local
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+                                      start_n, True, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                                      seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                                      1, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
+                                      DOT_PRECISION, ATTN_MASK, DROPOUT)
+        else:
+            need_vis = (start_n < full_lo) | (start_n + BLOCK_N > full_hi)  # crosses an edge or the end
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+                                      start_n, need_vis, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                                      seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                                      2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
+                                      DOT_PRECISION, ATTN_MASK, DROPOUT)
     return acc, l_i, m_i
 
 
@@ -125,7 +140,7 @@ def _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_a
                                "seed_lo", "seed_hi", "drop_thr"])
 def attention_fwd_kernel(
     Q, K, V, Out, Lse, Alibi, CuSeqQ, CuSeqK,
-    FullNum, FullIdx, PartNum, PartIdx, ElemMask, AttnMask,
+    FullNum, FullIdx, PartNum, PartIdx, PartTile, ElemTiles, AttnMask,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -147,7 +162,8 @@ def attention_fwd_kernel(
     VARLEN: sequences are packed ([total, H, D], batch strides 0); sequence b spans rows
     CuSeqQ[b]:CuSeqQ[b+1] (keys: CuSeqK), seqlen_q / seqlen_k are the maxima, lse is [Hq, total_q].
     BLOCK_SPARSE: only the key blocks listed for this query block are visited (masks.BlockMask's
-    full / partial lists, blocks of BLOCK_SQ x BLOCK_SK); partial blocks AND the uint8 element mask.
+    full / partial lists, blocks of BLOCK_SQ x BLOCK_SK); partial blocks AND their uint8 element-mask
+    tile (ElemTiles [P, BLOCK_SQ, BLOCK_SK], PartTile: the tile of each partial-list entry).
     """
     # -- which tile of which head --
     n_m_tiles = tl.cdiv(seqlen_q, BLOCK_M)
@@ -201,37 +217,36 @@ def attention_fwd_kernel(
     a, bb, c, d = key_phases(m_lo, m_hi, seqlen_q, seqlen_k, window_left, window_right,
                              BLOCK_N, HAS_LEFT, HAS_RIGHT)
     if BLOCK_SPARSE:
-        # -- block-sparse: full blocks, then partial blocks with the element mask --
+        # -- block-sparse: full blocks, then partial blocks with their element-mask tiles --
         row = b * sparse_mb + h * sparse_mh
-        em_ptrs = ElemMask + row.to(tl.int64) * seqlen_q * seqlen_k  # scalar: tiles are indexed in the loop
         q_block = m_lo // BLOCK_SQ
-        acc, l_i, m_i = _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
-                                        FullNum, FullIdx, row, q_block, sparse_nq, sparse_nk, bb, c,
+        acc, l_i, m_i = _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, ElemTiles, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+                                        FullNum, FullIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
                                         stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
-                                        BLOCK_N, BLOCK_SK, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
+                                        BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
                                         EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
-        acc, l_i, m_i = _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
-                                        PartNum, PartIdx, row, q_block, sparse_nq, sparse_nk, bb, c,
+        acc, l_i, m_i = _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, ElemTiles, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+                                        PartNum, PartIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
                                         stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
-                                        BLOCK_N, BLOCK_SK, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
+                                        BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
                                         EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
     else:
         # -- three phases: masked head (window's left edge), unmasked body, masked tail (diagonal, end) --
         if HAS_LEFT:
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                        a, bb, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
                                        head_dim, head_dim_v, window_left, window_right,
-                                       BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                                       BLOCK_N, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                    bb, c, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
                                    head_dim, head_dim_v, window_left, window_right,
-                                   BLOCK_N, False, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                                   BLOCK_N, 0, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                    c, d, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
                                    head_dim, head_dim_v, window_left, window_right,
-                                   BLOCK_N, True, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+                                   BLOCK_N, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
 
     # -- epilogue: normalise; a row that saw no key gives out 0 and lse -inf --
     empty = l_i == 0.0

@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from flashtile.kernels.attention_bwd import _load_lse2
-from flashtile.kernels.common import key_phases, query_phases, score_log2, score_params, sequence_bounds, visible
+from flashtile.kernels.common import (key_phases, online_softmax, query_phases, score_log2, score_params, sequence_bounds,
+                                      visible)
 
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -111,14 +112,7 @@ def _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, o
         if MASKED:
             vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             qk = tl.where(vis, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        if MASKED:  # a row that has seen nothing keeps m = -inf: subtract 0 so p = 0, not NaN
-            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_sub = m_new
-        p = tl.math.exp2(qk - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, l_i, m_new = online_softmax(qk, m_i, l_i, MASKED)
         v_rows = cols[:, None] < seqlen_k
         acc_a = _acc_part(acc_a * alpha[:, None], p, va_ptrs + start_n * stride_vs, v_rows, cols_a, head_dim_v,
                           DOT_PRECISION)

@@ -183,3 +183,32 @@ def dropout_keep(offsets, seed_lo, seed_hi, threshold):
     x = _mix32(lo ^ seed_lo.to(tl.uint32))
     x = _mix32(x ^ hi ^ seed_hi.to(tl.uint32))
     return (x >> 8) >= threshold.to(tl.uint32)
+
+
+@triton.jit
+def list_tile(Idx, base, i, TILES_PER_BLOCK: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr):
+    """Tile i of a block-sparse list walked as one flat loop of TILES_PER_BLOCK tiles per listed block.
+
+    Returns (entry, part, first): the list entry (Idx + entry holds the block index), the tile's
+    offset inside its block and the tile's first row / column in the sequence.
+    """
+    entry = base + i // TILES_PER_BLOCK
+    part = (i % TILES_PER_BLOCK) * TILE
+    return entry, part, tl.load(Idx + entry) * BLOCK + part
+
+
+@triton.jit
+def online_softmax(qk, m_i, l_i, GUARD: tl.constexpr):
+    """One online-softmax step on log2-domain scores qk [M, N]: returns (p, alpha, l_i, m_new).
+
+    alpha rescales what was accumulated under the old running max m_i. GUARD: some rows may have
+    seen only -inf so far (masked scores); they keep m = -inf and subtract 0, so p = 0, not NaN.
+    """
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    if GUARD:
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_sub = m_new
+    p = tl.math.exp2(qk - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
