@@ -237,11 +237,16 @@ def attention_bwd_dkdv_kernel(
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                       BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
                                       EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+        elif HAS_LEFT or HAS_RIGHT:
+            # -- causal / window: one pipelined loop over the query tiles [a, d) that see this key tile;
+            # only tiles outside the band [bb, c) pay for the mask. Per-phase loops each drain the
+            # software pipeline (H200, D=128 causal fwd+bwd: S=1024 205 -> 245 TFLOP/s, window +7%) --
+            for start_m in range(a, d, BLOCK_M):
+                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                                    start_m, (start_m < bb) | (start_m >= c), stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                                    seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                                    2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
         else:
-            if HAS_RIGHT:
-                dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
-                                     a, bb, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                     window_left, window_right, BLOCK_M, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                  bb, c, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
                                  window_left, window_right, BLOCK_M, 0, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
@@ -468,11 +473,15 @@ def attention_bwd_dq_kernel(
                             seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
                             BLOCK_N, BLOCK_SQ, BLOCK_SK, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
                             DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD)
+    elif HAS_LEFT or HAS_RIGHT:
+        # -- causal / window: one pipelined loop over the visible key tiles (see the dK/dV kernel) --
+        for start_n in range(a, d, BLOCK_N):
+            dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                          start_n, (start_n < bb) | (start_n >= c), stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                          seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
+                          2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT,
+                          BIAS_GRAD)
     else:
-        if HAS_LEFT:
-            dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
-                           a, bb, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                           window_left, window_right, db_base, BLOCK_N, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD)
         dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                        bb, c, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
                        window_left, window_right, db_base, BLOCK_N, 0, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD)

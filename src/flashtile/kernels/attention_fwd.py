@@ -232,13 +232,19 @@ def attention_fwd_kernel(
                                         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                         BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
                                         EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+    elif HAS_LEFT:
+        # -- sliding window: one pipelined loop over the visible tiles [a, d); only tiles outside the
+        # fully visible band [bb, c) pay for the mask. Per-phase loops would each drain the software
+        # pipeline, which for a window's ~16 tiles per row costs more than a uniform branch per tile
+        # (H200, S=16k, window 1024: 322 -> 353 TFLOP/s); for plain causal the split below is as fast. --
+        for start_n in range(a, d, BLOCK_N):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+                                      start_n, (start_n < bb) | (start_n >= c), stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                                      seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                                      2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
+                                      DOT_PRECISION, ATTN_MASK, DROPOUT)
     else:
-        # -- three phases: masked head (window's left edge), unmasked body, masked tail (diagonal, end) --
-        if HAS_LEFT:
-            acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
-                                       a, bb, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
-                                       head_dim, head_dim_v, window_left, window_right,
-                                       BLOCK_N, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+        # -- an unmasked body, then the masked tail (causal diagonal, sequence end) --
         acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                    bb, c, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
                                    head_dim, head_dim_v, window_left, window_right,
