@@ -324,3 +324,20 @@ def test_cu_seqlens_on_wrong_device():
     cu = torch.tensor([0, 4], dtype=torch.int32)
     with pytest.raises(ValueError, match="cu_seqlens_q is on cpu"):
         ft.flash_attn_varlen_func(q, q, q, cu, cu.to(DEVICE), 4, 4)
+
+
+def test_cu_seqlens_checked_again_after_an_in_place_change():
+    """The host copy of the offsets is reused only while the tensor is unchanged: an in-place write
+    (which bumps its version counter) is checked again, not trusted from an earlier call."""
+    q = torch.randn(10, 2, 16, device=DEVICE)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
+    ft.flash_attn_varlen_func(q, q, q, cu, cu, 6, 6)
+    cu[1] = 7  # still valid: the new longest sequence is 7
+    with pytest.raises(ValueError, match="max_seqlen_q = 6 is smaller"):
+        ft.flash_attn_varlen_func(q, q, q, cu, cu, 6, 6)
+    cu[2] = 11
+    with pytest.raises(ValueError, match=r"cu_seqlens_q\[-1\] must equal total_q"):
+        ft.flash_attn_varlen_func(q, q, q, cu, cu, 7, 7)
+    with torch.inference_mode():  # no version counter: read every call
+        frozen = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
+        assert ft.flash_attn_varlen_func(q, q, q, frozen, frozen, 6, 6).shape == q.shape

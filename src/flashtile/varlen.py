@@ -13,7 +13,8 @@ sequence, window, softcap, ALiBi); the result equals running every sequence alon
 from __future__ import annotations
 
 import numbers
-from typing import List, Optional, Tuple, Union
+import weakref
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -69,6 +70,28 @@ def _check_qkv_varlen(q: Tensor, k: Tensor, v: Tensor) -> None:
             raise UnsupportedError(f"{name} = {d} > {MAX_HEAD_DIM} is not supported")
 
 
+# Offsets already read to the host, per live cu_seqlens tensor: reading them costs a device -> host
+# sync, and a model calls attention with the same cu_seqlens in every layer. An entry is used only
+# while the tensor object is alive and its version counter (bumped by every in-place write) is
+# unchanged, so a hit always describes the tensor's current contents.
+_OFFSETS: Dict[int, Tuple["weakref.ref[Tensor]", int, List[int]]] = {}  # id(cu) -> (ref, version, offsets)
+
+
+def _host_offsets(cu: Tensor) -> List[int]:
+    try:
+        version = cu._version
+    except RuntimeError:  # inference-mode tensors keep no version counter: read every time
+        return [int(x) for x in cu.tolist()]
+    key = id(cu)
+    hit = _OFFSETS.get(key)
+    if hit is not None and hit[0]() is cu and hit[1] == version:
+        return hit[2]
+    offsets = [int(x) for x in cu.tolist()]
+    # the entry leaves with the tensor (ids are reused only after an object dies)
+    _OFFSETS[key] = (weakref.ref(cu, lambda _ref, key=key: _OFFSETS.pop(key, None)), version, offsets)
+    return offsets
+
+
 def _check_cu_seqlens(name: str, cu: object, total: int, total_name: str, device: torch.device) -> List[int]:
     """Offsets as host ints: int32 1-D on q's device, cu[0] == 0, non-decreasing, cu[-1] == total."""
     if not isinstance(cu, torch.Tensor):
@@ -79,7 +102,7 @@ def _check_cu_seqlens(name: str, cu: object, total: int, total_name: str, device
         raise ValueError(f"{name} must be a 1-D tensor [batch + 1] of offsets, got shape {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device} but q is on {device}")
-    offsets = [int(x) for x in cu.tolist()]
+    offsets = _host_offsets(cu)
     if offsets[0] != 0:
         raise ValueError(f"{name}[0] must be 0, got {offsets[0]}")
     for b in range(len(offsets) - 1):

@@ -171,8 +171,13 @@ def attention_bwd_dkdv_kernel(
     hpp = 1 writes per-query-head partials (DK is [B, Sk, Hq, D]) that the launcher sums."""
     n_n_tiles = tl.cdiv(seqlen_k, BLOCK_N)
     pid = tl.program_id(0)
-    tile = pid % n_n_tiles
-    bh = pid // n_n_tiles
+    if VARLEN:  # tile-major, so long sequences do not wait for their batch index (see the forward)
+        n_bh = tl.num_programs(0) // n_n_tiles
+        tile = pid // n_bh
+        bh = pid % n_bh
+    else:
+        tile = pid % n_n_tiles
+        bh = pid // n_n_tiles
     b = bh // n_head_programs
     hp = bh % n_head_programs
     h_q0 = hp * heads_per_program
@@ -405,10 +410,15 @@ def attention_bwd_dq_kernel(
     """dQ [B, Sq, Hq, D] and Delta fp32 [B, Hq, Sq] for BLOCK_M query rows of one (batch, query head)."""
     n_m_tiles = tl.cdiv(seqlen_q, BLOCK_M)
     pid = tl.program_id(0)
-    tile = pid % n_m_tiles
-    bh = pid // n_m_tiles
-    if HAS_RIGHT:
-        tile = n_m_tiles - 1 - tile
+    if VARLEN:  # tile-major, last tiles first (see the forward)
+        n_bh = tl.num_programs(0) // n_m_tiles
+        tile = n_m_tiles - 1 - pid // n_bh
+        bh = pid % n_bh
+    else:
+        tile = pid % n_m_tiles
+        bh = pid // n_m_tiles
+        if HAS_RIGHT:
+            tile = n_m_tiles - 1 - tile
     b = bh // heads_q
     h = bh % heads_q
     h_kv = h // group_size

@@ -158,7 +158,8 @@ def attention_fwd_kernel(
     """Q [B, Sq, Hq, D], K [B, Sk, Hkv, D], V [B, Sk, Hkv, Dv] -> Out [B, Sq, Hq, Dv], Lse fp32 [B, Hq, Sq].
 
     Grid: one program per (query tile, batch x query head), query tiles fastest so that programs
-    sharing K/V run together (L2 reuse); with a right mask edge the heavy tiles go first.
+    sharing K/V run together (L2 reuse); with a right mask edge the heavy tiles go first. VARLEN
+    orders tiles first (last tiles first) to balance sequences of different lengths.
     VARLEN: sequences are packed ([total, H, D], batch strides 0); sequence b spans rows
     CuSeqQ[b]:CuSeqQ[b+1] (keys: CuSeqK), seqlen_q / seqlen_k are the maxima, lse is [Hq, total_q].
     BLOCK_SPARSE: only the key blocks listed for this query block are visited (masks.BlockMask's
@@ -168,10 +169,18 @@ def attention_fwd_kernel(
     # -- which tile of which head --
     n_m_tiles = tl.cdiv(seqlen_q, BLOCK_M)
     pid = tl.program_id(0)
-    tile = pid % n_m_tiles
-    bh = pid // n_m_tiles
-    if HAS_RIGHT:
-        tile = n_m_tiles - 1 - tile  # longest rows first: better tail balance
+    if VARLEN:
+        # tile-major, last tiles first: only long sequences have late tiles, and with causal a later
+        # tile sees more keys, so the heaviest programs of every sequence start first (a sequence-major
+        # order would start a long sequence's programs whenever its batch index comes up)
+        n_bh = tl.num_programs(0) // n_m_tiles
+        tile = n_m_tiles - 1 - pid // n_bh
+        bh = pid % n_bh
+    else:
+        tile = pid % n_m_tiles
+        bh = pid // n_m_tiles
+        if HAS_RIGHT:
+            tile = n_m_tiles - 1 - tile  # longest rows first: better tail balance
     b = bh // heads_q
     h = bh % heads_q
     h_kv = h // group_size
