@@ -289,7 +289,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         return dq.zero_(), dk.zero_(), dv.zero_()
     causal = right is not None
     has_left, has_right, left, right = _mask_flags(left, right)
-    cfg = config or backward_config(q.device, D, Dv, q.dtype, causal, block_sparse=block_mask is not None)
+    cfg = config or backward_config(q.device, D, Dv, q.dtype, causal, block_sparse=block_mask is not None,
+                                    dropout=dropout_p > 0)
     block_d, block_dv = padded_head_dim(D), padded_head_dim(Dv)
     sp = _sparse_args(block_mask, lse)
     am_kind, am, am_strides = _attn_mask_args(attn_mask, (B, Hq, Sq, Sk), lse)

@@ -1,0 +1,53 @@
+"""Time the dK/dV kernel's tile configs on the dense and variant backward passes (fills tuning.py).
+
+python scripts/tune_dkdv.py
+The dK/dV program keeps K, V and two fp32 accumulators in registers, so its best tile depends on
+which features add live values (dropout's counters, softcap's tanh): ptxas -v on the sm_90 build
+shows spills of 0.5-2.5 KB per thread for some configs. Prints ms of the whole backward per config.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from flashtile.attention_launch import attention_backward, attention_forward
+from flashtile.tuning import BackwardConfig, KernelConfig, backward_config
+
+CONFIGS = [(64, 64, 4, 2), (32, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2),
+           (16, 64, 4, 2), (64, 128, 8, 2), (32, 64, 8, 2)]
+
+
+def main() -> None:
+    dev = torch.device("cuda")
+    B, S, H, D = 2, 8192, 16, 128
+    q, k, v, do = (torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16) for _ in range(4))
+    scale = 1 / math.sqrt(D)
+    cases = {
+        "dense": dict(),
+        "causal": dict(right=0),
+        "dropout": dict(dropout_p=0.1, dropout_seed=(1, 2)),
+        "dropout_causal": dict(right=0, dropout_p=0.1, dropout_seed=(1, 2)),
+        "softcap": dict(softcap=30.0),
+        "window": dict(left=1024, right=0),
+    }
+    for name, kw in cases.items():
+        fwd_kw = {k_: v_ for k_, v_ in kw.items()}
+        out, lse = attention_forward(q, k, v, scale, **fwd_kw)
+        base = backward_config(dev, D, D, q.dtype, "right" in kw)
+        line = []
+        for c in CONFIGS:
+            cfg = BackwardConfig(KernelConfig(*c), base.dq)
+            try:
+                ms = triton.testing.do_bench(lambda: attention_backward(do, q, k, v, out, lse, scale, config=cfg, **kw),
+                                             warmup=25, rep=100, return_mode="median")
+                line.append(f"{c}: {ms:.2f}")
+            except Exception as e:  # out of resources
+                line.append(f"{c}: {type(e).__name__}")
+        print(f"{name} (default dkdv {base.dkdv}): " + ", ".join(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()
