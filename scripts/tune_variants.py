@@ -1,6 +1,6 @@
 """Sweep tile configs of the attention kernels on masked variants (used to fill tuning.py).
 
-python scripts/tune_variants.py [--window 1024] [--seqlen 16384] [--sparse] [--bwd]
+python scripts/tune_variants.py [--window 1024] [--seqlen 16384] [--sparse] [--bwd] [--no-window]
 Prints the median TFLOP/s (visible work only, as the variants suite counts it) of each forward and
 backward config on a sliding window (causal (W, 0) and two-sided (W, W)) and, with --sparse, on a
 random 25%-dense 128x128 block mask.
@@ -43,7 +43,8 @@ def _sweep(name, q, k, v, kw, pairs, bwd) -> None:
     if not bwd:
         return
     do = torch.randn_like(out)
-    base = backward_config(q.device, D, D, q.dtype, False)
+    base = backward_config(q.device, D, D, q.dtype, "right" in kw and kw["right"] is not None,
+                           block_sparse="block_mask" in kw)
     ref = attention_backward(do, q, k, v, out, lse, scale, config=base, **kw)
     ms = _time(lambda: attention_backward(do, q, k, v, out, lse, scale, config=base, **kw))
     print(f"  bwd default {base}: {2.5 * flops / ms * 1e-9:6.1f} TFLOP/s", flush=True)
@@ -69,10 +70,11 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--bwd", action="store_true")
     ap.add_argument("--sparse", action="store_true")
+    ap.add_argument("--no-window", action="store_true", help="skip the sliding-window cases")
     args = ap.parse_args()
     S, H, D, W = args.seqlen, args.heads, 128, args.window
     q, k, v = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    for left, right in ((W, 0), (W, W)):
+    for left, right in (() if args.no_window else ((W, 0), (W, W))):
         pairs = int(visibility_mask(S, S, False, (left, right)).sum())
         _sweep(f"window ({left}, {right}) S={S}", q, k, v, dict(left=left, right=right), pairs, args.bwd)
     if args.sparse:

@@ -87,9 +87,9 @@ def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype:
         return BackwardConfig(KernelConfig(16, 64, 8, 1), KernelConfig(64, 32, 8, 1))
     # H200 sweep (bf16, S=4096, non-causal), each kernel timed with the other fixed
     if block_sparse and d <= 128:
-        # scripts/tune_variants.py --sparse (S=16384, D=128, 25% of 128x128 blocks): dK/dV with
-        # 32x128 tiles and 8 warps runs the backward at 262 TFLOP/s against 101 with the dense choice
-        return BackwardConfig(KernelConfig(32, 128, 8, 3), KernelConfig(128, 64, 8, 3))
+        # scripts/tune_variants.py --sparse (S=16384, D=128, 25% of 128x128 blocks), with the flat
+        # pipelined block-list loops: dK/dV 64x128 w8 s3 330 TFLOP/s, 32x128 w8 s3 313, 64x64 w4 s2 324
+        return BackwardConfig(KernelConfig(64, 128, 8, 3), KernelConfig(128, 64, 8, 3))
     if d <= 64:
         return BackwardConfig(KernelConfig(32, 128, 4, 3), KernelConfig(128, 64, 4, 3))
     if dropout and not causal and d <= 128:
