@@ -175,11 +175,19 @@ def _mix32(x):
 
 
 @triton.jit
-def dropout_keep(offsets, seed_lo, seed_hi, threshold):
-    """Keep bit of element `offsets` (int64, ((b * Hq + h) * Sq + i) * Sk + j): a counter-based hash,
-    so the backward regenerates the forward's mask and dropout.py reproduces it bit for bit in torch."""
-    lo = (offsets & 0xFFFFFFFF).to(tl.uint32)
-    hi = (offsets >> 32).to(tl.uint32)
+def dropout_keep(row_base, cols, seed_lo, seed_hi, threshold):
+    """Keep bits of counters row_base + cols: row_base int64 (((b * Hq + h) * Sq + i) * Sk, one per query
+    row, shaped to broadcast, e.g. [M, 1]), cols int32 key indices (e.g. [1, N]).
+
+    A counter-based hash, so the backward regenerates the forward's mask and dropout.py reproduces it
+    bit for bit in torch: x = mix(lo ^ seed_lo), x = mix(x ^ hi ^ seed_hi), keep iff x >> 8 >= threshold,
+    lo / hi the 32-bit halves of the counter. The 64-bit split is done once per row; per element the
+    halves come from a 32-bit add and its carry (64-bit integer ops cost several instructions each).
+    """
+    base_lo = (row_base & 0xFFFFFFFF).to(tl.uint32)
+    base_hi = (row_base >> 32).to(tl.uint32)
+    lo = base_lo + cols.to(tl.uint32)  # wraps mod 2^32 (0 <= cols < 2^31)
+    hi = base_hi + (lo < base_lo).to(tl.uint32)  # the carry out of the low half
     x = _mix32(lo ^ seed_lo.to(tl.uint32))
     x = _mix32(x ^ hi ^ seed_hi.to(tl.uint32))
     return (x >> 8) >= threshold.to(tl.uint32)
