@@ -161,6 +161,72 @@ def test_index_lists():
     assert int(bm.partial_kv_num.sum()) == int((bm.kind == 1).sum()) == int(bm.partial_q_num.sum())
 
 
+def test_partial_tiles_hold_each_partial_block():
+    """partial_tiles[partial_kv_tile / partial_q_tile of a listed partial block] is that block of the
+    element mask (zero past the sequence ends): what the kernels read instead of the [Sq, Sk] mask."""
+    gen = _gen("tiles")
+    mask = _block_pattern_mask(gen, (2, 3, 150, 130), (16, 8))
+    bm = BlockMask.from_dense(mask, (16, 8))
+    bq, bk = bm.block_size
+    padded = torch.zeros(2, 3, bm.num_blocks[0] * bq, bm.num_blocks[1] * bk, dtype=torch.bool)
+    padded[:, :, :150, :130] = bm.element_mask
+    assert bm.partial_tiles.dtype == torch.uint8 and bm.partial_tiles.shape[1:] == (bq, bk)
+    for b in range(2):
+        for h in range(3):
+            for qb in range(bm.num_blocks[0]):
+                for i in range(int(bm.partial_kv_num[b, h, qb])):
+                    kb = int(bm.partial_kv_idx[b, h, qb, i])
+                    tile = bm.partial_tiles[int(bm.partial_kv_tile[b, h, qb, i])].bool()
+                    assert torch.equal(tile, padded[b, h, qb * bq:(qb + 1) * bq, kb * bk:(kb + 1) * bk])
+            for kb in range(bm.num_blocks[1]):
+                for i in range(int(bm.partial_q_num[b, h, kb])):
+                    qb = int(bm.partial_q_idx[b, h, kb, i])
+                    tile = bm.partial_tiles[int(bm.partial_q_tile[b, h, kb, i])].bool()
+                    assert torch.equal(tile, padded[b, h, qb * bq:(qb + 1) * bq, kb * bk:(kb + 1) * bk])
+
+
+def _effective(bm: BlockMask) -> torch.Tensor:
+    """The element mask the kernels apply: FULL blocks all visible, EMPTY none, PARTIAL the stored one."""
+    bq, bk = bm.block_size
+    kind = bm.kind.repeat_interleave(bq, 2).repeat_interleave(bk, 3)[:, :, :bm.seqlen_q, :bm.seqlen_k]
+    return torch.where(kind == BlockMask.FULL, True, (kind == BlockMask.PARTIAL) & bm.element_mask)
+
+
+@pytest.mark.parametrize("edges", [(None, 0), (5, 0), (7, 3), (4, None)], ids=str)
+def test_under_rule_changes_no_visible_element(edges):
+    """Under a causal / window rule, partial blocks that the rule explains become FULL or EMPTY, and
+    the mask ANDed with the rule is unchanged (so attention is). A document mask built with causal=True
+    keeps only its document-boundary blocks partial under the causal rule."""
+    left, right = edges
+    gen = _gen(f"rule{edges}")
+    sq, sk = 90, 77
+    rule = visibility_mask(sq, sk, False, (left if left is not None else -1, right if right is not None else -1))
+    mask = _block_pattern_mask(gen, (2, 1, sq, sk), (16, 8)) & ((torch.rand(2, 1, sq, sk, generator=gen) < 0.9) | rule)
+    bm = BlockMask.from_dense(mask, (16, 8))
+    refined = bm.under_rule(left, right)
+    assert refined is bm.under_rule(left, right)  # cached
+    assert torch.equal(_effective(refined) & rule, bm.element_mask & rule)
+    assert int((refined.kind == BlockMask.PARTIAL).sum()) <= int((bm.kind == BlockMask.PARTIAL).sum())
+    assert bm.under_rule(None, None) is bm
+
+
+def test_under_rule_document_causal():
+    ids = torch.tensor([0] * 100 + [1] * 156 + [2] * 256)
+    bm = BlockMask.document(ids, block_size=(64, 64), causal=True)
+    refined = bm.under_rule(None, 0)
+    starts = (100, 256)  # under the causal rule, only blocks that a document start cuts stay partial
+    for qb in range(8):
+        for kb in range(qb + 1):
+            if int(bm.kind[0, 0, qb, kb]) == BlockMask.EMPTY:
+                continue
+            cut = any(qb * 64 < s < (qb + 1) * 64 or kb * 64 < s < (kb + 1) * 64 for s in starts)
+            want = BlockMask.PARTIAL if cut else BlockMask.FULL
+            assert int(refined.kind[0, 0, qb, kb]) == want, (qb, kb)
+    assert int((refined.kind == BlockMask.PARTIAL).sum()) < int((bm.kind == BlockMask.PARTIAL).sum())
+    rule = visibility_mask(512, 512, True)
+    assert torch.equal(_effective(refined)[0, 0] & rule, bm.element_mask[0, 0] & rule)
+
+
 def test_from_blocks():
     gen = _gen("blocks")
     blocks = torch.rand(2, 1, 4, 5, generator=gen) < 0.5

@@ -103,10 +103,12 @@ class _Sparse:
         return self.block != (0, 0)
 
 
-def _sparse_args(block_mask, dummy: torch.Tensor) -> _Sparse:
+def _sparse_args(block_mask, dummy: torch.Tensor, left: Optional[int], right: Optional[int]) -> _Sparse:
+    """Kernel arguments of a block mask; left / right: the causal / window rule the kernels also apply
+    (partial blocks that the rule explains run as full or empty blocks: BlockMask.under_rule)."""
     if block_mask is None:
         return _Sparse((dummy,) * 5, (dummy,) * 5, dummy, (0, 0, 0, 0), (0, 0))
-    bm = block_mask
+    bm = block_mask.under_rule(left, right)
     if any(x < 16 or x & (x - 1) for x in bm.block_size):  # kernel tiles must tile a block exactly
         raise UnsupportedError(f"block_mask.block_size {tuple(bm.block_size)}: the Triton kernels need powers of "
                                "two >= 16")
@@ -224,10 +226,10 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     if done:
         return out, lse
     causal = right is not None
+    sp = _sparse_args(block_mask, lse, left, right)
     has_left, has_right, left, right = _mask_flags(left, right)
     cfg = config or forward_config(q.device, D, Dv, q.dtype, causal)
     block_d, block_dv = padded_head_dim(D), padded_head_dim(Dv)
-    sp = _sparse_args(block_mask, lse)
     am_kind, am, am_strides = _attn_mask_args(attn_mask, (B, Hq, Sq, Sk), lse)
     slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
     cu_q, cu_k = layout.cu(lse)
@@ -288,11 +290,11 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     if Sq == 0 or Sk == 0 or B == 0 or Hq == 0 or q.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     causal = right is not None
+    sp = _sparse_args(block_mask, lse, left, right)
     has_left, has_right, left, right = _mask_flags(left, right)
     cfg = config or backward_config(q.device, D, Dv, q.dtype, causal, block_sparse=block_mask is not None,
                                     dropout=dropout_p > 0)
     block_d, block_dv = padded_head_dim(D), padded_head_dim(Dv)
-    sp = _sparse_args(block_mask, lse)
     am_kind, am, am_strides = _attn_mask_args(attn_mask, (B, Hq, Sq, Sk), lse)
     flags = dict(HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
                  VARLEN=layout.varlen, BLOCK_SPARSE=sp.enabled, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],

@@ -534,6 +534,47 @@ class BlockMask:
         em = None if self.element_mask is None else self.element_mask.to(device)
         return BlockMask(self.block_size, self.seqlen_q, self.seqlen_k, self.kind.to(device), em, check=False)
 
+    def under_rule(self, left: Optional[int], right: Optional[int]) -> "BlockMask":
+        """This mask as the kernels need it when they also apply a causal / window rule themselves.
+
+        ``left`` / ``right`` are the rule's edges (None: unbounded; causal is right = 0). A partial
+        block whose element mask hides nothing that the rule shows becomes FULL, one that shows
+        nothing the rule shows becomes EMPTY: the kernels AND the rule into every block that crosses
+        it, so attention is unchanged while those blocks skip the element-mask loads (a document mask
+        built with ``causal=True`` has all its diagonal blocks partial; under the causal rule only the
+        blocks on document boundaries stay partial). Only ``kind`` changes (``dense()`` of the result
+        may show elements the rule hides). Cached per rule on this (immutable) mask.
+        """
+        if self.element_mask is None or (left is None and right is None):
+            return self
+        cache = self.__dict__.setdefault("_under_rule", {})
+        key = (left, right)
+        if key not in cache:
+            cache[key] = self._refined(left, right)
+        return cache[key]
+
+    def _refined(self, left: Optional[int], right: Optional[int]) -> "BlockMask":
+        bq, bk = self.block_size
+        partial = self.kind == self.PARTIAL
+        where = partial.nonzero()  # [P, 4]: b, h, query block, key block (row-major: the tiles' order)
+        rows = where[:, 2, None, None] * bq + torch.arange(bq, device=where.device)[None, :, None]
+        cols = where[:, 3, None, None] * bk + torch.arange(bk, device=where.device)[None, None, :]
+        rel = cols - (rows + (self.seqlen_k - self.seqlen_q))
+        shown = (rows < self.seqlen_q) & (cols < self.seqlen_k)  # [P, bq, bk]: what the rule shows
+        if left is not None:
+            shown &= rel >= -left
+        if right is not None:
+            shown &= rel <= right
+        tiles = self.partial_tiles.bool()
+        full = ~(shown & ~tiles).flatten(1).any(1)  # hides nothing the rule shows
+        empty = ~(shown & tiles).flatten(1).any(1)  # shows nothing the rule shows
+        if not bool((full | empty).any()):
+            return self
+        kind = self.kind.clone()
+        new = torch.where(empty, self.EMPTY, torch.where(full, self.FULL, self.PARTIAL)).to(torch.int8)
+        kind[partial] = new
+        return BlockMask(self.block_size, self.seqlen_q, self.seqlen_k, kind, self.element_mask, check=False)
+
     def check_compatible(
         self,
         batch: int,
