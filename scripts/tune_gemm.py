@@ -4,7 +4,8 @@ Compiles every (config, layout, epilogue) variant in parallel worker processes f
 Triton's on-disk cache), then times each config on each shape in this process with do_bench
 (median), next to cuBLAS (torch.matmul) and addmm + gelu. Writes JSON lines as it goes.
 
-    PYTHONPATH=src python scripts/tune_gemm.py --out sweep.jsonl [--quick]
+    PYTHONPATH=src python scripts/tune_gemm.py --out sweep.jsonl [--kinds 16bit] [--configs p128x256 ...]
+        [--shapes 2048x2048x2048:NN ...]
 """
 
 from __future__ import annotations
@@ -33,17 +34,17 @@ def operands(m, n, k, layout, dtype, device="cuda"):
     return a, (w if layout == "NN" else w.mT), torch.randn(n, device=device, dtype=dtype)
 
 
-def _jobs(kinds):
+def _jobs(kinds, configs=None, layouts=("NN", "NT")):
     from flashtile.gemm_launch import SWEEP_16BIT, SWEEP_FP32
 
     jobs = []
     for name, cfg in SWEEP_16BIT.items():
-        if "16bit" in kinds:
-            for layout in ("NN", "NT"):
+        if "16bit" in kinds and (not configs or name in configs):
+            for layout in layouts:
                 for fused in (False, True):
                     jobs.append(("16bit", name, layout, fused))
     for name in SWEEP_FP32:
-        if "fp32" in kinds:
+        if "fp32" in kinds and (not configs or name in configs):
             jobs.append(("fp32", name, "NN", False))
     return jobs
 
@@ -72,6 +73,9 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=12)
     p.add_argument("--rep-ms", type=float, default=40)
     p.add_argument("--kinds", nargs="+", default=["16bit", "fp32"])
+    # compiling every variant takes over 7 minutes on 16 cores: narrow the sweep to fit a time limit
+    p.add_argument("--configs", nargs="+", default=None, help="only these config names")
+    p.add_argument("--shapes", nargs="+", default=None, help="only these shapes, as MxNxK:LAYOUT")
     args = p.parse_args()
     from triton.testing import do_bench
 
@@ -79,7 +83,10 @@ def main() -> int:
 
     out = open(args.out, "w")
     t0 = time.time()
-    jobs = _jobs(args.kinds)
+    shapes = None if args.shapes is None else {s.upper() for s in args.shapes}
+    keep = lambda m, n, k, layout: shapes is None or f"{m}X{n}X{k}:{layout}" in shapes  # noqa: E731
+    layouts = tuple(sorted({lay for (m, n, k, lay) in SHAPES_16 + SHAPES_32 if keep(m, n, k, lay)}))
+    jobs = _jobs(args.kinds, args.configs, layouts)
     status = {}
     with mp.get_context("spawn").Pool(args.workers) as pool:
         for job, msg in pool.imap_unordered(_compile, jobs):
@@ -94,8 +101,8 @@ def main() -> int:
 
     import torch.nn.functional as F
 
-    plan = [("16bit", s) for s in SHAPES_16] if "16bit" in args.kinds else []
-    plan += [("fp32", s) for s in SHAPES_32] if "fp32" in args.kinds else []
+    plan = [("16bit", s) for s in SHAPES_16 if keep(*s)] if "16bit" in args.kinds else []
+    plan += [("fp32", s) for s in SHAPES_32 if keep(*s)] if "fp32" in args.kinds else []
     for kind, (m, n, k, layout) in plan:
         dtype = torch.bfloat16 if kind == "16bit" else torch.float32
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -107,6 +114,8 @@ def main() -> int:
         ref = torch.matmul(a.float(), b.float())
         table = SWEEP_16BIT if kind == "16bit" else SWEEP_FP32
         for name, cfg in table.items():
+            if args.configs and name not in args.configs:
+                continue
             torch.backends.cuda.matmul.allow_tf32 = name.startswith("tf32")
             for fused in ((False, True) if kind == "16bit" else (False,)):
                 if not status.get((kind, name, layout if kind == "16bit" else "NN", fused), "").startswith("ok"):
