@@ -313,7 +313,7 @@ def test_custom_ops_pass_opcheck():
 
     q, k, v = _make((1, 19, 19, 2, 1, 16), torch.float32)
     backend = "triton"
-    args = (q, k, v, 0.25, None, 0, 0.0, None, None, None, 0, 0, None, 0.0, 0, 0, backend)
+    args = (q, k, v, 0.25, None, 0, 0.0, None, None, None, 0, 0, None, 0.0, 0, 0, backend, [], [])
     torch.library.opcheck(ops.attention_fwd, args)
     out, lse = ops.attention_fwd(*args)
     (out * torch.randn_like(out)).sum().backward()

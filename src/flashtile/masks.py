@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -545,7 +545,7 @@ class BlockMask:
         blocks on document boundaries stay partial). Only ``kind`` changes (``dense()`` of the result
         may show elements the rule hides). Cached per rule on this (immutable) mask.
         """
-        if self.element_mask is None or (left is None and right is None):
+        if self.element_mask is None or (left is None and right is None) or self.__dict__.get("_no_refine"):
             return self
         cache = self.__dict__.setdefault("_under_rule", {})
         key = (left, right)
@@ -574,6 +574,35 @@ class BlockMask:
         new = torch.where(empty, self.EMPTY, torch.where(full, self.FULL, self.PARTIAL)).to(torch.int8)
         kind[partial] = new
         return BlockMask(self.block_size, self.seqlen_q, self.seqlen_k, kind, self.element_mask, check=False)
+
+    # -- flattening, for torch.library ops (their schema takes tensors and ints, not this object) --
+
+    _PART_NAMES = ("kind", "element_mask", "full_kv_num", "full_kv_idx", "partial_kv_num", "partial_kv_idx",
+                   "full_q_num", "full_q_idx", "partial_q_num", "partial_q_idx", "partial_tiles", "partial_kv_tile",
+                   "partial_q_tile")
+
+    def parts(self) -> Tuple[List[torch.Tensor], List[int]]:
+        """(tensors, ints) that ``from_parts`` turns back into this mask without recomputing anything.
+        A missing element mask travels as ``kind`` (the ints say it is absent)."""
+        em = self.element_mask
+        tensors = [getattr(self, n) if n != "element_mask" or em is not None else self.kind for n in self._PART_NAMES]
+        return tensors, [self.block_size[0], self.block_size[1], self.seqlen_q, self.seqlen_k, int(em is not None)]
+
+    @classmethod
+    def from_parts(cls, tensors: Sequence[torch.Tensor], ints: Sequence[int]) -> "BlockMask":
+        """The mask ``parts`` flattened. It skips ``under_rule``'s refinement: that costs device syncs,
+        which a mask rebuilt on every call (inside a compiled graph) would pay each time."""
+        obj = object.__new__(cls)
+        for name, t in zip(cls._PART_NAMES, tensors):
+            object.__setattr__(obj, name, t)
+        bq, bk, sq, sk, has_em = (int(x) for x in ints)
+        object.__setattr__(obj, "block_size", (bq, bk))
+        object.__setattr__(obj, "seqlen_q", sq)
+        object.__setattr__(obj, "seqlen_k", sk)
+        if not has_em:
+            object.__setattr__(obj, "element_mask", None)
+        obj.__dict__["_no_refine"] = True
+        return obj
 
     def check_compatible(
         self,

@@ -12,11 +12,11 @@ implementations: torch.library.custom_op costs tens of microseconds of host time
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
-from flashtile.masks import Edges
+from flashtile.masks import BlockMask, Edges
 
 Tensor = torch.Tensor
 
@@ -85,19 +85,28 @@ def _backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     raise ValueError(f"flashtile::attention_bwd: unknown backend {backend!r}")
 
 
+def _block_mask(bm_tensors: List[Tensor], bm_ints: List[int]):
+    """The masks.BlockMask that BlockMask.parts flattened for an op's schema (empty lists: none)."""
+    return BlockMask.from_parts(bm_tensors, bm_ints) if len(bm_tensors) else None
+
+
 @torch.library.custom_op("flashtile::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, left: Optional[int], right: Optional[int],
                   softcap: float, alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
                   cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[Tensor],
-                  dropout_p: float, seed_lo: int, seed_hi: int, backend: str) -> Tuple[Tensor, Tensor]:
-    """out [B, Sq, Hq, Dv] and lse fp32 [B, Hq, Sq]; packed: out [total_q, Hq, Dv], lse [Hq, total_q]."""
+                  dropout_p: float, seed_lo: int, seed_hi: int, backend: str,
+                  bm_tensors: List[Tensor], bm_ints: List[int]) -> Tuple[Tensor, Tensor]:
+    """out [B, Sq, Hq, Dv] and lse fp32 [B, Hq, Sq]; packed: out [total_q, Hq, Dv], lse [Hq, total_q].
+    bm_tensors / bm_ints: a block mask as BlockMask.parts gives it, or two empty lists."""
     return _forward_impl(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-                         max_seqlen_q, max_seqlen_k, attn_mask, dropout_p, seed_lo, seed_hi, backend)
+                         max_seqlen_q, max_seqlen_k, attn_mask, dropout_p, seed_lo, seed_hi, backend,
+                         block_mask=_block_mask(bm_tensors, bm_ints))
 
 
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
-                        max_seqlen_q, max_seqlen_k, attn_mask, dropout_p, seed_lo, seed_hi, backend):
+                        max_seqlen_q, max_seqlen_k, attn_mask, dropout_p, seed_lo, seed_hi, backend,
+                        bm_tensors, bm_ints):
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
     if cu_seqlens_q is not None:
         lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
@@ -111,39 +120,43 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
                   softmax_scale: float, left: Optional[int], right: Optional[int], softcap: float,
                   alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                   max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[Tensor], dropout_p: float,
-                  seed_lo: int, seed_hi: int, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+                  seed_lo: int, seed_hi: int, backend: str, bm_tensors: List[Tensor],
+                  bm_ints: List[int]) -> Tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv (contiguous, shapes and dtypes of q, k, v)."""
     return _backward_impl(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes,
                           cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, dropout_p, seed_lo,
-                          seed_hi, backend)
+                          seed_hi, backend, block_mask=_block_mask(bm_tensors, bm_ints))
 
 
 @attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes, cu_seqlens_q,
-                        cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, dropout_p, seed_lo, seed_hi, backend):
+                        cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, dropout_p, seed_lo, seed_hi, backend,
+                        bm_tensors, bm_ints):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
             torch.empty(v.shape, dtype=v.dtype, device=v.device))
 
 
-_N_ARGS = 17  # inputs of attention_fwd; backward returns a gradient (or None) for each
+_N_ARGS = 17  # inputs of attention_fwd before the block-mask parts; backward returns a gradient (or None) for each
 _ATTN_MASK = 12  # position of attn_mask among them
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, softmax_scale, left, right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-     max_seqlen_k, attn_mask, dropout_p, seed_lo, seed_hi, backend) = inputs
+     max_seqlen_k, attn_mask, dropout_p, seed_lo, seed_hi, backend) = inputs[:_N_ARGS]
+    bm_tensors, bm_ints = (list(inputs[_N_ARGS:]) + [[], []])[:2]  # the eager Function has no parts
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, attn_mask)
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, attn_mask, *bm_tensors)
     ctx.args = (softmax_scale, left, right, softcap)
     ctx.lengths = (max_seqlen_q, max_seqlen_k)
     ctx.dropout = (dropout_p, seed_lo, seed_hi)
     ctx.backend = backend
+    ctx.bm_ints = bm_ints
 
 
 def _grads(ctx, dout, backward_fn, bias_grad: bool = False, **extra):
     # lse is returned for inspection; like FlashAttention, gradients flow through out only
-    q, k, v, out, lse, alibi_slopes, cu_q, cu_k, attn_mask = ctx.saved_tensors
+    q, k, v, out, lse, alibi_slopes, cu_q, cu_k, attn_mask = ctx.saved_tensors[:9]
     if dout is None:
         dout = torch.zeros_like(out)
     softmax_scale, left, right, softcap = ctx.args
@@ -160,7 +173,12 @@ def _grads(ctx, dout, backward_fn, bias_grad: bool = False, **extra):
 
 
 def _backward(ctx, dout, dlse):
-    return _grads(ctx, dout, attention_bwd)  # the op, so torch.compile traces the backward too
+    # the op, so torch.compile traces the backward too; no gradients for the block-mask parts
+    bm_tensors = list(ctx.saved_tensors[9:])
+    grads = _grads(ctx, dout, attention_bwd, bm_tensors=bm_tensors, bm_ints=ctx.bm_ints)
+    # torch checks that the gradients have the inputs' structure: a list per tensor list, and one None
+    # for a non-empty int list (an empty list stays a list)
+    return grads + ([None] * len(bm_tensors), None if ctx.bm_ints else [])
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -169,7 +187,7 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 class _EagerAttention(torch.autograd.Function):
     """The same forward/backward as the custom ops, without their per-call dispatch overhead.
 
-    It also carries what the op schema cannot: a masks.BlockMask (a Python object) goes first.
+    A masks.BlockMask goes first, as the object (the ops take it flattened by BlockMask.parts).
     """
 
     @staticmethod
@@ -198,12 +216,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, left: Optio
             max_seqlen_q, max_seqlen_k, attn_mask, float(dropout_p), dropout_seed[0], dropout_seed[1], backend)
     if torch.compiler.is_compiling():
         from flashtile.errors import UnsupportedError
-        if block_mask is not None:
-            raise UnsupportedError("block_mask under torch.compile is not supported yet (it runs in eager mode)")
         if attn_mask is not None and attn_mask.requires_grad:
             raise UnsupportedError("an attn_mask that requires grad under torch.compile is not supported yet "
                                    "(its gradient runs in eager mode)")
-        return attention_fwd(*args)
+        # the op schema takes tensors and ints: a block mask travels flattened
+        return attention_fwd(*args, *(block_mask.parts() if block_mask is not None else ([], [])))
     return _EagerAttention.apply(block_mask, *args)
 
 
