@@ -4,8 +4,11 @@ Every kernel expresses causal and sliding-window masking through one rule (Flash
 bottom-right aligned): with off = seqlen_k - seqlen_q, key j is visible to query i iff
     j >= i + off - window_left   (when HAS_LEFT)
     j <= i + off + window_right  (when HAS_RIGHT; causal is window_right = 0)
-Loops over tiles are split in three phases: a masked head, an unmasked body and a masked tail,
-so that only tiles crossing a mask edge (or the sequence end) pay for per-element masking.
+key_phases / query_phases split the visible tiles into a masked head, an unmasked body and a masked
+tail, so that only tiles crossing a mask edge (or the sequence end) pay for per-element masking. The
+kernels walk them either as separate loops (plain causal forward, no mask) or as one pipelined loop
+with a per-tile branch (windows, the causal backward, block-sparse lists): short loops each drain
+the software pipeline, which costs more than the branch.
 """
 
 import triton
