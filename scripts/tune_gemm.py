@@ -11,6 +11,7 @@ Triton's on-disk cache), then times each config on each shape in this process wi
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import multiprocessing as mp
@@ -72,6 +73,7 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--workers", type=int, default=12)
     p.add_argument("--rep-ms", type=float, default=40)
+    p.add_argument("--rounds", type=int, default=3, help="time every variant this many times, interleaved")
     p.add_argument("--kinds", nargs="+", default=["16bit", "fp32"])
     # compiling every variant takes over 7 minutes on 16 cores: narrow the sweep to fit a time limit
     p.add_argument("--configs", nargs="+", default=None, help="only these config names")
@@ -109,8 +111,7 @@ def main() -> int:
         a, b, bias = operands(m, n, k, layout, dtype)
         flops = 2.0 * m * n * k
         row = {"M": m, "N": n, "K": k, "layout": layout, "dtype": str(dtype)}
-        row["cublas"] = flops / bench(lambda: torch.matmul(a, b)) / 1e9
-        row["addmm_gelu"] = flops / bench(lambda: F.gelu(torch.addmm(bias, a, b))) / 1e9
+        fns = {"cublas": lambda: torch.matmul(a, b), "addmm_gelu": lambda: F.gelu(torch.addmm(bias, a, b))}
         ref = torch.matmul(a.float(), b.float())
         table = SWEEP_16BIT if kind == "16bit" else SWEEP_FP32
         for name, cfg in table.items():
@@ -120,15 +121,22 @@ def main() -> int:
             for fused in ((False, True) if kind == "16bit" else (False,)):
                 if not status.get((kind, name, layout if kind == "16bit" else "NN", fused), "").startswith("ok"):
                     continue
-                fn = lambda: gemm_forward(a, b, bias if fused else None, 1.0, "gelu" if fused else None, dtype,  # noqa: E731
-                                          config=cfg)
+                fn = functools.partial(gemm_forward, a, b, bias if fused else None, 1.0, "gelu" if fused else None,
+                                       dtype, config=cfg)
                 try:
                     if not fused:
-                        err = float((fn()[0].float() - ref).abs().max())
-                        row[f"{name}_err"] = err
-                    row[name + ("_fused" if fused else "")] = flops / bench(fn) / 1e9
+                        row[f"{name}_err"] = float((fn()[0].float() - ref).abs().max())
+                    fns[name + ("_fused" if fused else "")] = fn
                 except Exception as exc:
                     row[name + ("_fused" if fused else "")] = f"error {type(exc).__name__}: {str(exc)[:120]}"
+        # rounds over every variant, median per variant: the clock drifts under minutes of full load,
+        # and timing each variant once, in order, would charge the drift to the later ones
+        times = {key: [] for key in fns}
+        for _ in range(args.rounds):
+            for key, fn in fns.items():
+                times[key].append(bench(fn))
+        for key, ts in times.items():
+            row[key] = flops / sorted(ts)[len(ts) // 2] / 1e9
         out.write(json.dumps(row) + "\n")
         out.flush()
         best = max((v, key) for key, v in row.items() if isinstance(v, float) and not key.endswith("_err")

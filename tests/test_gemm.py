@@ -92,6 +92,10 @@ def test_bias_and_activation(activation, dtype, backend):
     with ft.use_backend(backend):
         for bias_shape in [(N,), (M, 1), (M, N), ()]:
             check_gemm(a, b, _rand(*bias_shape, dtype=dtype, grad=True), activation=activation, alpha=0.75)
+        # a transposed full bias and a strided bias vector: the kernel reads both through their strides
+        bias_t = _rand(N, M, dtype=dtype).mT.detach().requires_grad_()
+        check_gemm(a, b, bias_t, activation=activation)
+        check_gemm(a, b, _rand(N, 2, dtype=dtype)[:, 1].detach().requires_grad_(), activation=activation)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -193,6 +197,39 @@ def test_every_tuned_config(kind_cfg, monkeypatch):
         _close(f"out {cfg}", out, ref, low, 2)
         _close(f"pre {cfg}", pre, gemm_torch(a.double(), b.double(), bias.double(), 1.0, None, torch.float64),
                _lowprec(lp(a), lp(b), lp(bias), 1.0, None, dtype), 2)
+
+
+def test_gelu_accuracy_over_its_range():
+    """The epilogue's branch-free erf (|error| <= 1.5e-7) in fp32 against float64 gelu on [-12, 12], with
+    +-inf and NaN: at most 3e-7 * (1 + |x|) off (torch's own fp32 gelu is up to ~9e-7 off here)."""
+    special = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0])
+    x = torch.cat([torch.linspace(-12, 12, 4001), special]).to(DEVICE)
+    with ft.use_backend("triton"):
+        out = ft.gemm(x[:, None].contiguous(), torch.ones(1, 1, device=DEVICE), activation="gelu")[:, 0].double()
+    ref = torch.nn.functional.gelu(x.double())
+    finite = torch.isfinite(ref)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.equal(out[~finite & ~torch.isnan(ref)],
+                                                                           ref[~finite & ~torch.isnan(ref)])
+    err = (out - ref).abs()[finite] / (1 + x.double().abs()[finite])
+    assert float(err.max()) <= 3e-7, float(err.max())
+
+
+@pytest.mark.parametrize("split", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16 if HAS_GPU else torch.float16, torch.float32], ids=str)
+def test_epilogue_split(split, dtype):
+    """The epilogue on column slices of the tile: every bias layout, pre-activation, batched output."""
+    cfg = gemm_launch.GemmConfig(32, 32, 32, 4, 1, group_m=4, epilogue_split=split)
+    M, N, K = 45, 70, 33
+    a, b = _rand(2, M, K, dtype=dtype), _rand(2, K, N, dtype=dtype)
+    for bias in (None, _rand(N, dtype=dtype), _rand(M, 1, dtype=dtype), _rand(2, M, N, dtype=dtype)):
+        with ft.use_backend("triton"):
+            out, pre = gemm_launch.gemm_forward(a, b, bias, 0.5, "gelu", dtype, store_pre=True, config=cfg)
+        hb = bias.double() if bias is not None else None
+        ref_pre = gemm_torch(a.double(), b.double(), hb, 0.5, None, torch.float64)
+        low_pre = _lowprec(a, b, bias, 0.5, None, dtype)
+        _close(f"pre split {split}", pre, ref_pre, low_pre, 2)
+        _close(f"out split {split}", out, gemm_torch(a.double(), b.double(), hb, 0.5, "gelu", torch.float64),
+               _lowprec(a, b, bias, 0.5, "gelu", dtype), 2)
 
 
 def test_empty_and_zero_k():

@@ -12,6 +12,7 @@ Chosen by FLASHTILE_BACKEND or, with priority, by the context manager ``use_back
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from typing import Iterator, Optional
@@ -35,7 +36,13 @@ def backend_setting() -> str:
     stack = getattr(_local, "stack", None)
     if stack:
         return stack[-1]
-    return _check_name(os.environ.get("FLASHTILE_BACKEND", "auto") or "auto", "FLASHTILE_BACKEND")
+    return _env_backend(os.environ.get("FLASHTILE_BACKEND", "auto") or "auto")
+
+
+@functools.lru_cache(maxsize=16)
+def _env_backend(raw: str) -> str:
+    """FLASHTILE_BACKEND's value checked once per distinct string (every call reads the variable)."""
+    return _check_name(raw, "FLASHTILE_BACKEND")
 
 
 @contextlib.contextmanager

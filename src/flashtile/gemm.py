@@ -10,6 +10,7 @@ tensors run the same math in PyTorch (dispatch.py decides, as for attention).
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Optional, Tuple
 
@@ -197,6 +198,14 @@ def _grad_b(grad_z: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float
 # Public
 
 
+@functools.lru_cache(maxsize=None)
+def _launch_module():
+    """gemm_launch, imported on first use (it imports Triton; the CPU path does not need it)."""
+    import flashtile.gemm_launch
+
+    return flashtile.gemm_launch
+
+
 def gemm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None, *, alpha: float = 1.0,
          activation: Optional[str] = None, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``activation(alpha * (a @ b) + bias)`` in one kernel.
@@ -221,7 +230,5 @@ def gemm(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None, 
         if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad
                                         or (bias is not None and bias.requires_grad)):
             return _GemmFunction.apply(a, b, bias, alpha, activation, out_dtype)
-        from flashtile.gemm_launch import gemm_forward  # no autograd needed: skip the Function's cost
-
-        return gemm_forward(a, b, bias, alpha, activation, out_dtype)[0]
+        return _launch_module().gemm_forward(a, b, bias, alpha, activation, out_dtype)[0]
     return gemm_torch(a, b, bias, alpha, activation, out_dtype)

@@ -16,9 +16,11 @@ import functools
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flashtile.dispatch import triton_interpreting
 from flashtile.kernels.gemm import gemm_kernel
+from flashtile.launch_cache import PlanCache
 
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 
@@ -38,6 +40,7 @@ class GemmConfig:
     warp_specialize: bool = False
     tma: bool = True  # load A and B through tensor descriptors where the layout allows
     tma_store: bool = True  # store C through a descriptor (warp specialization needs pointer stores)
+    epilogue_split: int = 1  # the epilogue runs on 1, 2 or 4 column slices of the tile (fewer live registers)
 
 
 # The interpreter executes every op through numpy: one small config, pointers and descriptors alike.
@@ -48,6 +51,10 @@ SWEEP_16BIT = {
     "p128x256": GemmConfig(128, 256, 64, 8, 3),
     "p128x256_flat": GemmConfig(128, 256, 64, 8, 3, flatten=True),
     "p128x256_g16": GemmConfig(128, 256, 64, 8, 3, group_m=16),
+    "p128x256_e2": GemmConfig(128, 256, 64, 8, 3, epilogue_split=2),
+    "p128x256_e4": GemmConfig(128, 256, 64, 8, 3, epilogue_split=4),
+    "p128x256_e4s4": GemmConfig(128, 256, 64, 8, 4, epilogue_split=4),
+    "p128x256_e2g16": GemmConfig(128, 256, 64, 8, 3, group_m=16, epilogue_split=2),
     "p128x256_ptrstore": GemmConfig(128, 256, 64, 8, 3, tma_store=False),
     "n128x256": GemmConfig(128, 256, 64, 8, 3, persistent=False),
     "p256x128": GemmConfig(256, 128, 64, 8, 3),
@@ -204,8 +211,6 @@ def _descriptor(t: torch.Tensor, shape: List[int], strides: List[int], block: Li
     """A host-side TMA descriptor. _operand has checked what TensorDescriptor's constructor checks
     (alignment, unit last stride, power-of-two block), so it is filled without re-checking: the
     checks cost more host time than the rest of a small GEMM's launch."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     d = TensorDescriptor.__new__(TensorDescriptor)
     d.base, d.shape, d.strides, d.block_shape, d.padding = t, shape, strides, block, "zero"
     return d
@@ -259,10 +264,20 @@ def gemm_forward(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor],
         out = _empty((M, N), out_dtype, a.device)
         pre = _empty((M, N), out_dtype, a.device) if want_pre else None
         if out.numel():
+            # everything launch_args decides from, so one key means one grid, one set of operand modes
+            # and one Triton specialisation (out and pre are fresh allocations: always 16-byte aligned)
+            key = (a.shape, a.stride(), b.shape, b.stride(), a.dtype, out_dtype, act, want_pre, config,
+                   a.data_ptr() % 16, b.data_ptr() % 16, a.device.index, dot_precision(a.dtype),
+                   None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.data_ptr() % 16))
+            plan = _PLANS.get(key)
             with _device_ctx(a):
-                _launch(_mat2(a, M, K), _mat2(b, K, N), _mat2(out, M, N),
-                        _mat2(bias, M, N) if bias is not None else None,
-                        _mat2(pre, M, N) if pre is not None else None, alpha, act, config)
+                if plan is not None:
+                    plan.launch(a, b, out, out if bias is None else bias, out if pre is None else pre, float(alpha))
+                else:
+                    grid, args, meta = launch_args(_mat2(a, M, K), _mat2(b, K, N), _mat2(out, M, N),
+                                                   _mat2(bias, M, N) if bias is not None else None,
+                                                   _mat2(pre, M, N) if pre is not None else None, alpha, act, config)
+                    _PLANS.launch_and_plan(key, grid, args, meta, _plan_slots(args))
         return out, pre
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     out = _empty((*batch, M, N), out_dtype, a.device)
@@ -303,9 +318,42 @@ def _device_ctx(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
+_PLANS = PlanCache(gemm_kernel)
+ALPHA_ARG = 21  # position of alpha in launch_args' positional arguments
+
+
+def _plan_slots(args: Sequence) -> list:
+    """The arguments of a 2-d launch that change between calls with one key: the A, B and C operands
+    (tensors, or TMA descriptors rebuilt on the new tensor with the plan's shape and block), the bias
+    and pre-activation pointers (out when absent) and alpha."""
+    def wrap(arg):
+        if isinstance(arg, torch.Tensor):
+            return None
+        return functools.partial(_descriptor, shape=arg.shape, strides=arg.strides, block=arg.block_shape)
+    return [(0, wrap(args[0])), (1, wrap(args[1])), (2, wrap(args[2])), (3, None), (4, None), (ALPHA_ARG, None)]
+
+
+def _bias_kind(bias: Optional[_Mat]) -> int:
+    """kernels/gemm.py's BIAS_* code for the bias layout: a vector when it broadcasts along rows/columns."""
+    if bias is None:
+        return 0
+    if bias.sr == 0:
+        return 1  # one value per output column: [N], [1, N]
+    if bias.sc == 0:
+        return 2  # one value per output row: [M, 1]
+    return 3
+
+
 def _launch(a: _Mat, b: _Mat, c: _Mat, bias: Optional[_Mat], pre: Optional[_Mat], alpha: float, act: int,
             config: Optional[GemmConfig]) -> None:
     """One launch: a [Bt, M, K], b [Bt, K, N], c and pre [Bt, M, N] (contiguous), bias [Bt, M, N]."""
+    grid, args, meta = launch_args(a, b, c, bias, pre, alpha, act, config)
+    gemm_kernel[grid](*args, **meta)
+
+
+def launch_args(a: _Mat, b: _Mat, c: _Mat, bias: Optional[_Mat], pre: Optional[_Mat], alpha: float, act: int,
+                config: Optional[GemmConfig]):
+    """(grid, positional args, keyword args) of gemm_kernel for one launch (see _launch)."""
     if b.sb == 0 and a.batch > 1 and _fold_into_m(a, c, bias):
         # a shared B: the batch is more rows of one GEMM
         a, c = _folded(a), _folded(c)
@@ -320,7 +368,7 @@ def _launch(a: _Mat, b: _Mat, c: _Mat, bias: Optional[_Mat], pre: Optional[_Mat]
     batched_a, batched_b, batched_c = a.sb != 0 and bt > 1, b.sb != 0 and bt > 1, bt > 1
     a_arg, a_mode = _operand(a, batched_a, (bm, bk), cfg.tma)
     b_arg, b_mode = _operand(b, batched_b, (bk, bn), cfg.tma)
-    c_arg, c_mode = _operand(c, batched_c, (bm, bn), cfg.tma and cfg.tma_store)
+    c_arg, c_mode = _operand(c, batched_c, (bm, bn // cfg.epilogue_split), cfg.tma and cfg.tma_store)
     if c_mode == 2:  # c is contiguous; mode 2 only happens for N == 1: store through pointers
         c_arg, c_mode = c.t, 0
     tiles = bt * _cdiv(M, bm) * _cdiv(N, bn)
@@ -328,18 +376,17 @@ def _launch(a: _Mat, b: _Mat, c: _Mat, bias: Optional[_Mat], pre: Optional[_Mat]
     if cfg.persistent and device.type == "cuda":
         programs = min(tiles, _sm_count(device.index if device.index is not None else torch.cuda.current_device()))
     x = bias if bias is not None else _Mat(c.t, 0, 0, 0, 0, 0, 0)
-    gemm_kernel[(programs,)](
-        a_arg, b_arg, c_arg, x.t, pre.t if pre is not None else c.t,
-        M, N, K, bt,
-        a.sb, a.sr, a.sc,
-        b.sb, b.sr, b.sc,
-        c.sb, c.sr, c.sc,
-        x.sb, x.sr, x.sc,
-        float(alpha),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.group_m,
-        A_MODE=a_mode, B_MODE=b_mode, C_TMA=c_mode == 1,
-        BATCHED_A=batched_a, BATCHED_B=batched_b, BATCHED_C=batched_c,
-        HAS_BIAS=bias is not None, ACTIVATION=act, STORE_PRE=pre is not None,
-        DOT_PRECISION=precision, FLATTEN=cfg.flatten, WARP_SPECIALIZE=cfg.warp_specialize,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    args = (a_arg, b_arg, c_arg, x.t, pre.t if pre is not None else c.t,
+            M, N, K, bt,
+            a.sb, a.sr, a.sc,
+            b.sb, b.sr, b.sc,
+            c.sb, c.sr, c.sc,
+            x.sb, x.sr, x.sc,
+            float(alpha))
+    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.group_m,
+                A_MODE=a_mode, B_MODE=b_mode, C_TMA=c_mode == 1,
+                BATCHED_A=batched_a, BATCHED_B=batched_b, BATCHED_C=batched_c,
+                BIAS=_bias_kind(bias), ACTIVATION=act, STORE_PRE=pre is not None,
+                DOT_PRECISION=precision, FLATTEN=cfg.flatten, WARP_SPECIALIZE=cfg.warp_specialize,
+                EPILOGUE_SPLIT=cfg.epilogue_split, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return (programs,), args, meta

@@ -1,0 +1,78 @@
+"""Launch plans (launch_cache.py): argument order, slot substitution, and GEMM calls that hit a plan.
+
+On a GPU the repeated ft.gemm calls below run through KernelPlan (the first call of each signature
+builds it); under the interpreter every call takes Triton's front door, so the fakes check the
+plan logic itself.
+"""
+
+import torch
+
+import flashtile as ft
+from flashtile import gemm_launch
+from flashtile.gemm import gemm_torch
+from flashtile.launch_cache import KernelPlan, full_arguments
+from conftest import DEVICE, HAS_GPU
+
+
+class _Param:
+    def __init__(self, name, is_constexpr):
+        self.name, self.is_constexpr = name, is_constexpr
+
+
+class _FakeKernel:
+    params = [_Param("X", False), _Param("BLOCK", True), _Param("n", False), _Param("FLAG", True)]
+
+
+class _FakeCompiled:
+    function = object()
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args: self.calls.append((grid, args))
+
+
+def test_full_arguments_interleaves_constexprs_in_parameter_order():
+    assert full_arguments(_FakeKernel, ("x", 7), dict(BLOCK=64, FLAG=True)) == ["x", 64, 7, True]
+
+
+def test_plan_swaps_only_its_slots():
+    compiled = _FakeCompiled()
+    plan = KernelPlan(compiled, (5,), ["x", 64, 7, True], [(0, None), (2, lambda v: v * 10)])
+    plan.launch("y", 3)
+    plan.launch("z", 4)
+    assert compiled.calls == [((5, 1, 1), ("y", 64, 30, True)), ((5, 1, 1), ("z", 64, 40, True))]
+    assert plan.args == ["x", 64, 7, True]  # the template is not modified
+
+
+def test_alpha_sits_where_the_plan_swaps_it():
+    a = torch.randn(40, 24, device=DEVICE)
+    b = torch.randn(24, 16, device=DEVICE)
+    out = torch.empty(40, 16, device=DEVICE)
+    _, args, _ = gemm_launch.launch_args(gemm_launch._mat2(a, 40, 24), gemm_launch._mat2(b, 24, 16),
+                                         gemm_launch._mat2(out, 40, 16), None, None, 0.25, 0, None)
+    assert args[gemm_launch.ALPHA_ARG] == 0.25 and isinstance(args[gemm_launch.ALPHA_ARG], float)
+    assert args[3] is out and args[4] is out  # no bias, no pre-activation: out stands in
+
+
+def _misaligned(rows, cols, dtype):
+    """A [rows, cols] tensor whose data pointer is 2 bytes off a 16-byte boundary."""
+    flat = torch.randn(rows * cols + 8, device=DEVICE).to(dtype)
+    return flat[1:1 + rows * cols].view(rows, cols)
+
+
+def test_repeated_calls_with_one_signature_use_fresh_data():
+    """Same shapes and strides, new tensors, alpha and bias each call; aligned and misaligned pointers
+    (a different key: TMA descriptors against pointer loads) alternate."""
+    dtype = torch.float16 if not HAS_GPU else torch.bfloat16
+    M, N, K = (300, 264, 136) if HAS_GPU else (40, 24, 32)
+    with ft.use_backend("triton"):
+        for step in range(6):
+            a = _misaligned(M, K, dtype) if step % 2 else torch.randn(M, K, device=DEVICE).to(dtype)
+            b = torch.randn(K, N, device=DEVICE).to(dtype)
+            bias = torch.randn(N, device=DEVICE).to(dtype)
+            alpha = 0.5 + step
+            out = ft.gemm(a, b, bias, alpha=alpha, activation="relu")
+            ref = gemm_torch(a.double(), b.double(), bias.double(), alpha, "relu", torch.float64)
+            assert torch.allclose(out.double(), ref, rtol=2e-2, atol=2e-2 * (1 + float(ref.abs().max()))), step
