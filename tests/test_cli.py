@@ -352,6 +352,42 @@ def _failing_build(case, inputs):
     raise NotImplementedError("head dim not supported yet")
 
 
+def test_runner_rounds_interleave_providers_and_keep_the_median(monkeypatch, tmp_path):
+    """--rounds 3: every timed provider is timed once per round, rounds in provider order (A B A B A B),
+    and a cell keeps the median of its rounds (with TFLOP/s from it)."""
+    order, values = [], {"sdpa_math": iter([5.0, 1.0, 3.0]), "sdpa_flash": iter([2.0, 8.0, 4.0])}
+
+    def fake_median(fn, **kw):
+        name = fn.__qualname__.split(".")[0]
+        order.append(name)
+        return next(values[name])
+
+    def provider(name):
+        original = PROVIDERS[name].build
+
+        def build(case, inputs):
+            prepared = original(case, inputs)
+            fn = prepared.fn
+
+            def timed():
+                return fn()
+            timed.__qualname__ = name + ".timed"
+            return replace(prepared, fn=timed)
+        return build
+
+    for name in ("sdpa_math", "sdpa_flash"):
+        monkeypatch.setitem(PROVIDERS, name, Provider(name, "attention", "test", provider(name)))
+    monkeypatch.setattr(runner, "median_ms", fake_median)
+    monkeypatch.setattr(runner, "warm_up", lambda fn, calls=2: None)
+    case = attention_case("standard", b=1, h=2, s=64, d=16, causal=False, mode="fwd",
+                          providers=("sdpa_math", "sdpa_flash"), references=("sdpa_math",), dtype="float32")
+    cells = runner.run_case(case, runner.RunOptions(out_dir=tmp_path, device="cpu", rounds=3))
+    assert order == ["sdpa_math", "sdpa_flash"] * 3
+    assert cells["sdpa_math"]["median_ms"] == 3.0 and cells["sdpa_flash"]["median_ms"] == 4.0
+    assert cells["sdpa_math"]["round_ms"] == [5.0, 1.0, 3.0]
+    assert cells["sdpa_flash"]["tflops"] == pytest.approx(case.flops / 4e-3 / 1e12)
+
+
 def test_runner_records_ok_wrong_error_and_skip(monkeypatch, tmp_path):
     timed = []
 

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench_results", help="output directory (default: bench_results)")
     p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up time per cell (default 25)")
     p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench measuring time per cell (default 100)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every provider of a case this many times, interleaved; cells keep the median (default 1)")
     p.add_argument("--quick", action="store_true", help="fewer shapes")
     p.add_argument("--seed", type=int, default=0, help="input seed (default 0)")
     p.add_argument("--dry-run", action="store_true", help="list the cases and exit (no GPU needed)")
@@ -174,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         argv=list(sys.argv[1:] if argv is None else argv),
         warmup_ms=args.warmup_ms,
         rep_ms=args.rep_ms,
+        rounds=args.rounds,
     )
     opts = RunOptions(
         out_dir=out_dir,
@@ -184,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         resume=args.resume,
         fresh=args.fresh,
         plots=not args.no_plots,
+        rounds=max(1, args.rounds),
     )
     print(f"{len(cases)} cases of suite {suite.name} on {env.get('device')}; results in {out_dir}", file=sys.stderr)
     doc, code = run_suite(suite, cases, opts, env)

@@ -241,9 +241,11 @@ def render_header(doc: Mapping[str, Any]) -> str:
         lines.append(f"- date: {span}")
     for env in envs:
         lines.append(f"- machine: {env}")
-    timing = sorted({(r.get("warmup_ms"), r.get("rep_ms")) for r in runs if r.get("rep_ms")}, key=str)
+    timing = sorted({(r.get("warmup_ms"), r.get("rep_ms"), r.get("rounds", 1)) for r in runs if r.get("rep_ms")},
+                    key=str)
     if timing:
-        t = ", ".join(f"warmup {w} ms / rep {p} ms" for w, p in timing)
+        t = ", ".join(f"warmup {w} ms / rep {p} ms" + (f", median of {n} interleaved rounds" if n > 1 else "")
+                      for w, p, n in timing)
         lines.append(f"- timing: triton.testing.do_bench median ({t}), after warm-up and compilation")
     lines += [
         "- TFLOP/s = FLOPs / median time; forward FLOPs 4*B*H*Sq*Sk*D (halved for causal), "
