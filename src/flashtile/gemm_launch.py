@@ -55,6 +55,8 @@ SWEEP_16BIT = {
     "p128x256_e4": GemmConfig(128, 256, 64, 8, 3, epilogue_split=4),
     "p128x256_e4s4": GemmConfig(128, 256, 64, 8, 4, epilogue_split=4),
     "p128x256_e2g16": GemmConfig(128, 256, 64, 8, 3, group_m=16, epilogue_split=2),
+    "p128x256_e2s4": GemmConfig(128, 256, 64, 8, 4, epilogue_split=2),
+    "p128x256_e2g16s4": GemmConfig(128, 256, 64, 8, 4, group_m=16, epilogue_split=2),
     "p128x256_ptrstore": GemmConfig(128, 256, 64, 8, 3, tma_store=False),
     "n128x256": GemmConfig(128, 256, 64, 8, 3, persistent=False),
     "p256x128": GemmConfig(256, 128, 64, 8, 3),
