@@ -93,23 +93,28 @@ def test_dropout_errors():
 
 
 @triton.jit
-def _keep_kernel(RowBase, Out, seed_lo, seed_hi, thr, N: tl.constexpr, M: tl.constexpr):
+def _keep_kernel(RowBase, Out, OutT, seed_lo, seed_hi, thr, N: tl.constexpr, M: tl.constexpr):
     rows = tl.load(RowBase + tl.arange(0, M))
     cols = tl.arange(0, N)
-    keep = dropout_keep(rows[:, None], cols[None, :], seed_lo, seed_hi, thr)
+    keep = dropout_keep(rows[:, None], cols, seed_lo, seed_hi, thr, False)  # [queries, keys]
     tl.store(Out + tl.arange(0, M)[:, None] * N + cols[None, :], keep.to(tl.int8))
+    keep_t = dropout_keep(rows[None, :], cols, seed_lo, seed_hi, thr, True)  # [keys, queries], as dK/dV
+    tl.store(OutT + cols[:, None] * M + tl.arange(0, M)[None, :], keep_t.to(tl.int8))
 
 
 def test_kernel_hash_matches_torch_across_the_32_bit_boundary():
     """kernels/common.py:dropout_keep splits each row's 64-bit counter once and adds the key index in
     32 bits with a carry; rows whose counters cross 2^32 (long sequences, many heads) must still give
-    dropout.keep_bits' bits. Counters this large need B * H * Sq * Sk > 2^32, too big for a full
-    attention test, so the helper runs alone in a small kernel."""
+    dropout.keep_bits' bits, in both tile orientations. Counters this large need B * H * Sq * Sk > 2^32,
+    too big for a full attention test, so the helper runs alone in a small kernel."""
     M, N, p, seed = 8, 64, 0.3, (123457, 2**31 - 5)
-    # row bases just below 2^32 and 2^33 (so some keys carry into the high half), and far above
+    # row bases just below 2^32 and 2^33 (so some keys carry into the high half), odd ones (the carry
+    # can fall between the two keys of a pair's counters), and far above
     row_base = torch.tensor([0, 2**32 - 40, 2**32 - 1, 2**32, 2 * 2**32 - 17, 3 * 2**32 + 5, 2**40 - 3, 12345],
                             dtype=torch.int64, device=DEVICE)
     out = torch.empty(M, N, dtype=torch.int8, device=DEVICE)
-    _keep_kernel[(1,)](row_base, out, seed[0], seed[1], dropout.threshold(p), N=N, M=M)
-    offsets = row_base[:, None] + torch.arange(N, device=DEVICE)[None, :]
-    assert torch.equal(out.bool(), dropout.keep_bits(offsets, seed, p))
+    out_t = torch.empty(N, M, dtype=torch.int8, device=DEVICE)
+    _keep_kernel[(1,)](row_base, out, out_t, seed[0], seed[1], dropout.threshold(p), N=N, M=M)
+    want = dropout.keep_bits(row_base[:, None], torch.arange(N, device=DEVICE)[None, :], seed, p)
+    assert torch.equal(out.bool(), want)
+    assert torch.equal(out_t.bool(), want.T)

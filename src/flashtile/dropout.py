@@ -1,8 +1,11 @@
 """Dropout's random keep mask, defined once and evaluated identically by the kernels and by torch.
 
-Element (i, j) of head (b, h) has the counter ((b * Hq + h) * Sq + i) * Sk + j; its keep bit is a
-counter-based hash of that counter and a 64-bit seed (two 31-bit halves drawn from torch's default
-generator, so torch.manual_seed makes runs reproducible). Nothing S x S is stored: the backward
+Element (i, j) of head (b, h) has the counter n = ((b * Hq + h) * Sq + i) * Sk + j. Keys j and j + 1
+(j even) share one 32-bit counter-based hash of n - (j % 2) and a 64-bit seed (two 31-bit halves
+drawn from torch's default generator, so torch.manual_seed makes runs reproducible): the even key
+reads its low 16 bits, the odd key its high 16 bits, and a key is kept iff its 16 bits are >=
+threshold(p). The drop probability is therefore p rounded down to a multiple of 2^-16 (off by less
+than 1.6e-5); outputs are still scaled by 1 / (1 - p). Nothing S x S is stored: the backward
 regenerates the bits. kernels/common.py:dropout_keep is the Triton form of keep_bits below: it works
 in uint32 (multiplies wrap mod 2^32), which is this file's int64 arithmetic with the low 32 bits kept,
 so the two agree bit for bit (tests/test_dropout.py checks it).
@@ -32,15 +35,22 @@ def new_seed() -> Tuple[int, int]:
 
 
 def threshold(dropout_p: float) -> int:
-    """Keep iff (hash >> 8) >= threshold: a keep probability of 1 - dropout_p (to 2^-24)."""
-    return int(dropout_p * (1 << 24))
+    """Keep iff a key's 16 random bits are >= threshold: a keep probability of 1 - dropout_p (to 2^-16)."""
+    return int(dropout_p * (1 << 16))
 
 
-def keep_bits(offsets: torch.Tensor, seed: Tuple[int, int], dropout_p: float) -> torch.Tensor:
-    """Bool keep mask of the elements whose counters are `offsets` (int64)."""
-    x = _mix32((offsets & _M32) ^ seed[0])
-    x = _mix32(x ^ (offsets >> 32) ^ seed[1])
-    return (x >> 8) >= threshold(dropout_p)
+def pair_hash(counters: torch.Tensor, seed: Tuple[int, int]) -> torch.Tensor:
+    """The 32-bit hash of int64 counters (each the counter of an even key): lowbias32 of the low half,
+    keyed by the seed and by lowbias32 of the high half."""
+    key = _mix32((counters >> 32) ^ seed[1]) ^ seed[0]
+    return _mix32((counters & _M32) ^ key)
+
+
+def keep_bits(row_base: torch.Tensor, cols: torch.Tensor, seed: Tuple[int, int], dropout_p: float) -> torch.Tensor:
+    """Bool keep mask of keys ``cols`` (int64) of rows whose first counter is ``row_base`` (int64,
+    broadcast against cols: ((b * Hq + h) * Sq + i) * Sk)."""
+    x = pair_hash(row_base + (cols & ~1), seed)
+    return ((x >> (16 * (cols & 1))) & 0xFFFF) >= threshold(dropout_p)
 
 
 def keep_tile(b0: int, b1: int, heads_q: int, heads_kv: int, q_lo: int, q_hi: int, k_lo: int, k_hi: int,
@@ -52,8 +62,7 @@ def keep_tile(b0: int, b1: int, heads_q: int, heads_kv: int, q_lo: int, q_hi: in
     i = torch.arange(q_lo, q_hi, device=device, dtype=torch.int64)
     j = torch.arange(k_lo, k_hi, device=device, dtype=torch.int64)
     rows = (b[:, None] * heads_q + h[None, :])[:, :, None] * seqlen_q + i  # [nb, Hq, rows]
-    offsets = rows[..., None] * seqlen_k + j  # [nb, Hq, rows, keys]
-    keep = keep_bits(offsets, seed, dropout_p)
+    keep = keep_bits(rows[..., None] * seqlen_k, j, seed, dropout_p)  # [nb, Hq, rows, keys]
     return keep.view(b1 - b0, heads_kv, (heads_q // heads_kv) * (q_hi - q_lo), k_hi - k_lo)
 
 

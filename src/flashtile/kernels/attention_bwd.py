@@ -80,8 +80,8 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am_
             pt = tl.where(tl.trans(vis) & (rows[None, :] < seqlen_q), pt, 0.0)
     # -- dV += P^T dO ; dP^T = V dO^T ; dS^T = P^T * (dP^T - delta) ; dK += dS^T Q --
     if DROPOUT:  # drop_rows: this head's first counter, drop_stride: counters per row; transposed
-        keep = dropout_keep(drop_rows + rows[None, :].to(tl.int64) * drop_stride, offs_n[:, None], seed_lo, seed_hi,
-                            drop_thr)
+        keep = dropout_keep(drop_rows + rows[None, :].to(tl.int64) * drop_stride, offs_n, seed_lo, seed_hi,
+                            drop_thr, True)
         dv = tl.dot(tl.where(keep, pt * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     else:
         dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
@@ -320,7 +320,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_am
                          p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT:
-        keep = dropout_keep(drop_rows[:, None], cols[None, :], seed_lo, seed_hi, drop_thr)
+        keep = dropout_keep(drop_rows[:, None], cols, seed_lo, seed_hi, drop_thr, False)
         dp = tl.where(keep, dp * drop_scale, 0.0)
     ds = p * (dp - delta[:, None])
     if BIAS_GRAD:  # the bias is added after softcap: its gradient is dS before the tanh factor

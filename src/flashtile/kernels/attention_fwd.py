@@ -70,7 +70,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, dr
     else:
         v = tl.load(v_ptrs + start_n * stride_vs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
     if DROPOUT:  # l_i keeps the undropped sum (softmax normaliser); only P @ V sees the mask
-        keep = dropout_keep(drop_rows[:, None], cols[None, :], seed_lo, seed_hi, drop_thr)
+        keep = dropout_keep(drop_rows[:, None], cols, seed_lo, seed_hi, drop_thr, False)
         p = tl.where(keep, p, 0.0)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_new

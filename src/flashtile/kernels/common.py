@@ -178,22 +178,38 @@ def _mix32(x):
 
 
 @triton.jit
-def dropout_keep(row_base, cols, seed_lo, seed_hi, threshold):
-    """Keep bits of counters row_base + cols: row_base int64 (((b * Hq + h) * Sq + i) * Sk, one per query
-    row, shaped to broadcast, e.g. [M, 1]), cols int32 key indices (e.g. [1, N]).
-
-    A counter-based hash, so the backward regenerates the forward's mask and dropout.py reproduces it
-    bit for bit in torch: x = mix(lo ^ seed_lo), x = mix(x ^ hi ^ seed_hi), keep iff x >> 8 >= threshold,
-    lo / hi the 32-bit halves of the counter. The 64-bit split is done once per row; per element the
-    halves come from a 32-bit add and its carry (64-bit integer ops cost several instructions each).
-    """
+def _pair_hash(row_base, even, seed_lo, seed_hi):
+    """lowbias32 of the counter row_base + even (an even key index), keyed by the seed and the counter's
+    high half: dropout.py's pair_hash. The 64-bit split is done once per row; per element the low half
+    comes from a 32-bit add, whose carry picks between the two row keys (64-bit integer ops cost
+    several instructions each)."""
     base_lo = (row_base & 0xFFFFFFFF).to(tl.uint32)
     base_hi = (row_base >> 32).to(tl.uint32)
-    lo = base_lo + cols.to(tl.uint32)  # wraps mod 2^32 (0 <= cols < 2^31)
-    hi = base_hi + (lo < base_lo).to(tl.uint32)  # the carry out of the low half
-    x = _mix32(lo ^ seed_lo.to(tl.uint32))
-    x = _mix32(x ^ hi ^ seed_hi.to(tl.uint32))
-    return (x >> 8) >= threshold.to(tl.uint32)
+    key0 = _mix32(base_hi ^ seed_hi.to(tl.uint32)) ^ seed_lo.to(tl.uint32)
+    key1 = _mix32((base_hi + 1) ^ seed_hi.to(tl.uint32)) ^ seed_lo.to(tl.uint32)
+    lo = base_lo + even.to(tl.uint32)  # wraps mod 2^32 (0 <= even < 2^31)
+    return _mix32(lo ^ tl.where(lo < base_lo, key1, key0))
+
+
+@triton.jit
+def dropout_keep(row_base, cols, seed_lo, seed_hi, threshold, KEYS_FIRST: tl.constexpr):
+    """Keep bits of one score tile (dropout.py: keep_bits); cols: the tile's key indices, 1-d, from an
+    even index on (tiles are multiples of 16 wide).
+
+    KEYS_FIRST = False: tile [queries, keys], row_base int64 [M, 1] (((b * Hq + h) * Sq + i) * Sk);
+    True: tile [keys, queries] (the dK/dV kernel's orientation), row_base [1, M].
+    One 32-bit hash serves two neighbouring keys (16 bits each): half the integer work per element of
+    one hash per key, which cost the forward about as much time as its two matrix products.
+    """
+    N: tl.constexpr = cols.shape[0]
+    even, _ = tl.split(tl.reshape(cols, (N // 2, 2)))
+    if KEYS_FIRST:
+        x = _pair_hash(row_base, even[:, None], seed_lo, seed_hi)  # [N / 2, M]
+        halves = tl.reshape(tl.permute(tl.join(x & 0xFFFF, x >> 16), (0, 2, 1)), (N, x.shape[1]))
+    else:
+        x = _pair_hash(row_base, even[None, :], seed_lo, seed_hi)  # [M, N / 2]
+        halves = tl.reshape(tl.join(x & 0xFFFF, x >> 16), (x.shape[0], N))
+    return halves >= threshold.to(tl.uint32)
 
 
 @triton.jit
