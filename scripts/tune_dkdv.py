@@ -1,6 +1,6 @@
 """Time the dK/dV kernel's tile configs on the dense and variant backward passes (fills tuning.py).
 
-python scripts/tune_dkdv.py
+python scripts/tune_dkdv.py [case ...]   (cases: dense causal dropout dropout_causal softcap softcap_causal window)
 The dK/dV program keeps K, V and two fp32 accumulators in registers, so its best tile depends on
 which features add live values (dropout's counters, softcap's tanh): ptxas -v on the sm_90 build
 shows spills of 0.5-2.5 KB per thread for some configs. Prints ms of the whole backward per config.
@@ -9,6 +9,7 @@ shows spills of 0.5-2.5 KB per thread for some configs. Prints ms of the whole b
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import triton
@@ -31,9 +32,13 @@ def main() -> None:
         "dropout": dict(dropout_p=0.1, dropout_seed=(1, 2)),
         "dropout_causal": dict(right=0, dropout_p=0.1, dropout_seed=(1, 2)),
         "softcap": dict(softcap=30.0),
+        "softcap_causal": dict(right=0, softcap=30.0),
         "window": dict(left=1024, right=0),
     }
+    only = set(sys.argv[1:])
     for name, kw in cases.items():
+        if only and name not in only:
+            continue
         fwd_kw = {k_: v_ for k_, v_ in kw.items()}
         out, lse = attention_forward(q, k, v, scale, **fwd_kw)
         base = backward_config(dev, D, D, q.dtype, "right" in kw)

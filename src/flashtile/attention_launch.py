@@ -27,6 +27,16 @@ def _empty(*shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
+def _softcap_flag(softcap: float, dtype: torch.dtype) -> int:
+    """SOFTCAP of the kernels: 0 off; 2 the hardware tanh.approx for bf16 on a GPU (its error, about
+    2^-11 relative, is 8x below bf16's rounding; softcap's three special-function ops per score
+    outran the tensor cores); 1 the exp2 form otherwise (fp16 / fp32 need its accuracy; the
+    interpreter cannot run inline PTX)."""
+    if softcap <= 0:
+        return 0
+    return 2 if dtype == torch.bfloat16 and not triton_interpreting() else 1
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs are fp32-exact unless torch allows tf32 for matmuls (design.md)."""
     if dtype == torch.float32 and not triton_interpreting() and torch.backends.cuda.matmul.allow_tf32:
@@ -238,7 +248,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
             Sq, Sk, Hq, Hq // Hkv, D, Dv,
             softmax_scale, softcap, left, right, *sp.scalars, *am_strides, *_dropout_args(dropout_p, dropout_seed))
     meta = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, DROPOUT=dropout_p > 0,
-                HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+                HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=_softcap_flag(softcap, q.dtype), HAS_ALIBI=alibi_slopes is not None,
                 VARLEN=layout.varlen, BLOCK_SPARSE=sp.enabled, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
                 ATTN_MASK=am_kind, EVEN_D=block_d == D, EVEN_DV=block_dv == Dv, DOT_PRECISION=_dot_precision(q.dtype))
     with _device_ctx(q):
@@ -296,7 +306,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                                     dropout=dropout_p > 0)
     block_d, block_dv = padded_head_dim(D), padded_head_dim(Dv)
     am_kind, am, am_strides = _attn_mask_args(attn_mask, (B, Hq, Sq, Sk), lse)
-    flags = dict(HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+    flags = dict(HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=_softcap_flag(softcap, q.dtype), HAS_ALIBI=alibi_slopes is not None,
                  VARLEN=layout.varlen, BLOCK_SPARSE=sp.enabled, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
                  ATTN_MASK=am_kind, DROPOUT=dropout_p > 0,
                  EVEN_D=block_d == D, EVEN_DV=block_dv == Dv, DOT_PRECISION=_dot_precision(q.dtype))
