@@ -71,9 +71,10 @@ def forward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: 
 
 
 def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
-                    causal: bool, block_sparse: bool = False, dropout: bool = False) -> BackwardConfig:
+                    causal: bool, block_sparse: bool = False, dropout: bool = False,
+                    softcap: bool = False) -> BackwardConfig:
     """Configs of attention_bwd_dkdv_kernel and attention_bwd_dq_kernel (block_sparse: a block_mask is
-    set; dropout: dropout_p > 0)."""
+    set; dropout: dropout_p > 0; softcap: softcap > 0)."""
     arch = _arch(device)
     d = max(padded_head_dim(head_dim), padded_head_dim(head_dim_v))
     if arch is None:
@@ -92,11 +93,13 @@ def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype:
         return BackwardConfig(KernelConfig(64, 128, 8, 3), KernelConfig(128, 64, 8, 3))
     if d <= 64:
         return BackwardConfig(KernelConfig(32, 128, 4, 3), KernelConfig(128, 64, 4, 3))
-    if dropout and not causal and d <= 128:
-        # scripts/tune_dkdv.py (B=2, H=16, S=8192, D=128, p=0.1): the dropout counters push the 64x64
-        # dK/dV program to ~2.5 KB of spills per thread (ptxas -v); 32x128 tiles with 8 warps take the
-        # non-causal backward from 31.0 to 13.1 ms (causal keeps the default: 7.1 against 7.4 ms)
-        return BackwardConfig(KernelConfig(32, 128, 8, 3), KernelConfig(128, 64, 8, 3))
+    if softcap and causal and d <= 128:
+        # scripts/tune_dkdv.py softcap_causal (B=2, H=16, S=8192, D=128, cap 30): the tanh factor kept
+        # for dS adds live values; 32x64 w4 takes the backward from 6.13 to 4.77 ms (non-causal
+        # keeps the default: 8.81 against 8.93 ms)
+        return BackwardConfig(KernelConfig(32, 64, 4, 2), KernelConfig(128, 64, 8, 3))
+    # dropout: with one hash per pair of keys the default tiles lead again (non-causal 9.52 ms against
+    # 10.67 for the 32x128 w8 tiles that the per-key hash's spills had called for)
     if d <= 128:
         return BackwardConfig(KernelConfig(64, 64, 4, 2), KernelConfig(128, 64, 8, 3))
     return BackwardConfig(KernelConfig(64, 64, 8, 2), KernelConfig(128, 32, 8, 3))
