@@ -6,7 +6,6 @@ output and 3 for gradients, against the same math done by torch in the input dty
 """
 
 import math
-from unittest import mock
 
 import pytest
 import torch
@@ -300,11 +299,6 @@ def test_sdpa_bad_input():
         ft.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(3, 8, dtype=torch.bool, device=DEVICE))
     with pytest.raises(TypeError, match="attn_mask"):
         ft.scaled_dot_product_attention(q, q, q, attn_mask=torch.ones(8, 8, dtype=torch.int32, device=DEVICE))
-    # a bias that requires grad is supported in eager mode (test_attn_mask.py), not yet under torch.compile
-    bias = torch.zeros(8, 8, device=DEVICE, requires_grad=True)
-    with ft.use_backend("triton"), mock.patch.object(torch.compiler, "is_compiling", return_value=True), \
-            pytest.raises(NotImplementedError, match="attn_mask"):
-        ft.scaled_dot_product_attention(q, q, q, attn_mask=bias)
 
 
 def test_custom_ops_pass_opcheck():

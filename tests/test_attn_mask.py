@@ -74,6 +74,40 @@ def test_bias_gradient_matches_torch(shape, backend):
         assert (g.double() - w).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("shape", [(Sq, Sk), (1, H, 1, Sk)], ids=["2d", "key-row"])
+def test_bias_gradient_under_torch_compile(shape):
+    """fullgraph torch.compile: the bias gradient comes from the flashtile::attention_bwd_bias op."""
+    q, k, v = (torch.randn(B, H, S, D, device=DEVICE, requires_grad=True) for S in (Sq, Sk, Sk))
+    bias = (torch.randn(*shape, device=DEVICE) * 2.0).requires_grad_()
+
+    def f(q, k, v, bias):
+        return ft.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.3)
+
+    with ft.use_backend("triton"):
+        out = torch.compile(f, fullgraph=True, backend="inductor" if HAS_GPU else "aot_eager")(q, k, v, bias)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*leaves[:3], attn_mask=leaves[3], scale=0.3)
+    assert (out.double() - ref).abs().max() < 1e-5
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, bias), dout)
+    want = torch.autograd.grad(ref, leaves, dout.double())
+    assert got[3].shape == bias.shape
+    for g, w in zip(got, want):
+        assert (g.double() - w).abs().max() < 1e-4
+
+
+def test_bias_gradient_op_passes_opcheck():
+    from flashtile import ops
+
+    q, k, v = (torch.randn(1, S, 2, 16, device=DEVICE) for S in (13, 21, 21))
+    bias = torch.randn(1, 2, 13, 21, device=DEVICE)
+    out, lse = ops.attention_fwd(q, k, v, 0.25, None, None, 0.0, None, None, None, 0, 0, bias, 0.0, 0, 0,
+                                 "triton", [], [])
+    args = (torch.randn_like(out), q, k, v, out, lse, 0.25, None, None, 0.0, None, None, None, 0, 0, bias, 0.0, 0, 0,
+            "triton", [], [])
+    torch.library.opcheck(ops.attention_bwd_bias, args)
+
+
 def test_bias_gradient_in_half_precision_follows_the_rule():
     """fp16 inputs with an fp16 bias: FlashAttention's tolerance rule on the bias gradient too."""
     q, k, v = (torch.randn(1, 2, S, 40, device=DEVICE, dtype=torch.float16, requires_grad=True) for S in (45, 61, 61))

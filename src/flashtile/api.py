@@ -234,8 +234,8 @@ def scaled_dot_product_attention(
     Hkv != Hq needs enable_gqa=True, as in torch. is_causal follows torch: top-left aligned
     (query i sees key j iff j <= i), which differs from flash_attn_func when Sq != Sk.
     attn_mask: as torch defines it, broadcastable to [B, Hq, Sq, Sk]: bool (True = may attend) or a
-    float bias added to the scores; a float bias that requires grad gets its gradient (eager mode;
-    NotImplementedError under torch.compile).
+    float bias added to the scores; a float bias that requires grad gets its gradient (eager mode
+    and torch.compile).
     block_mask: a flashtile.BlockMask (FlexAttention's idea), as in flash_attn_func.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):

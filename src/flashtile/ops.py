@@ -85,6 +85,22 @@ def _backward_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     raise ValueError(f"flashtile::attention_bwd: unknown backend {backend!r}")
 
 
+def _backward_with_bias_impl(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                             softmax_scale: float, left: Optional[int], right: Optional[int], softcap: float,
+                             alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
+                             cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+                             attn_mask: Optional[Tensor], dropout_p: float, seed_lo: int, seed_hi: int, backend: str,
+                             block_mask=None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dq, dk, dv and the gradient of an additive attn_mask as fp32 [B, Hq, Sq, Sk] (dS of every
+    score; the caller sums it over the dims the mask was broadcast along)."""
+    B, Sq, Hq, Sk = q.shape[0], q.shape[1], q.shape[2], k.shape[1]
+    dbias = torch.zeros(B, Hq, Sq, Sk, dtype=torch.float32, device=q.device)
+    dq, dk, dv = _backward_impl(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes,
+                                cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, dropout_p,
+                                seed_lo, seed_hi, backend, block_mask=block_mask, dbias=dbias)
+    return dq, dk, dv, dbias
+
+
 def _block_mask(bm_tensors: List[Tensor], bm_ints: List[int]):
     """The masks.BlockMask that BlockMask.parts flattened for an op's schema (empty lists: none)."""
     return BlockMask.from_parts(bm_tensors, bm_ints) if len(bm_tensors) else None
@@ -137,6 +153,30 @@ def _attention_bwd_fake(dout, q, k, v, out, lse, softmax_scale, left, right, sof
             torch.empty(v.shape, dtype=v.dtype, device=v.device))
 
 
+@torch.library.custom_op("flashtile::attention_bwd_bias", mutates_args=())
+def attention_bwd_bias(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                       softmax_scale: float, left: Optional[int], right: Optional[int], softcap: float,
+                       alibi_slopes: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                       max_seqlen_q: int, max_seqlen_k: int, attn_mask: Optional[Tensor], dropout_p: float,
+                       seed_lo: int, seed_hi: int, backend: str, bm_tensors: List[Tensor],
+                       bm_ints: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """attention_bwd plus the attn_mask gradient, fp32 [B, Hq, Sq, Sk] (the attn_mask requires grad)."""
+    return _backward_with_bias_impl(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes,
+                                    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, dropout_p,
+                                    seed_lo, seed_hi, backend, block_mask=_block_mask(bm_tensors, bm_ints))
+
+
+@attention_bwd_bias.register_fake
+def _attention_bwd_bias_fake(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes, cu_seqlens_q,
+                             cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, dropout_p, seed_lo, seed_hi, backend,
+                             bm_tensors, bm_ints):
+    dq, dk, dv = _attention_bwd_fake(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes,
+                                     cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, attn_mask, dropout_p,
+                                     seed_lo, seed_hi, backend, bm_tensors, bm_ints)
+    dbias = q.new_empty((q.shape[0], q.shape[2], q.shape[1], k.shape[1]), dtype=torch.float32)
+    return dq, dk, dv, dbias
+
+
 _N_ARGS = 17  # inputs of attention_fwd before the block-mask parts; backward returns a gradient (or None) for each
 _ATTN_MASK = 12  # position of attn_mask among them
 
@@ -154,28 +194,28 @@ def _setup_context(ctx, inputs, output):
     ctx.bm_ints = bm_ints
 
 
-def _grads(ctx, dout, backward_fn, bias_grad: bool = False, **extra):
+def _grads(ctx, dout, backward_fn, **extra):
+    """Gradients of every attention_fwd input; backward_fn returns (dq, dk, dv) or, when it is one of
+    the bias variants, (dq, dk, dv, dbias fp32 [B, Hq, Sq, Sk])."""
     # lse is returned for inspection; like FlashAttention, gradients flow through out only
     q, k, v, out, lse, alibi_slopes, cu_q, cu_k, attn_mask = ctx.saved_tensors[:9]
     if dout is None:
         dout = torch.zeros_like(out)
     softmax_scale, left, right, softcap = ctx.args
     grads = [None] * _N_ARGS
-    if bias_grad:
-        # dS of every (b, h, i, j), summed back over the dims the bias was broadcast along
-        B, Sq, Hq, Sk = q.shape[0], q.shape[1], q.shape[2], k.shape[1]
-        extra["dbias"] = torch.zeros(B, Hq, Sq, Sk, dtype=torch.float32, device=q.device)
-    grads[:3] = backward_fn(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes,
-                            cu_q, cu_k, *ctx.lengths, attn_mask, *ctx.dropout, ctx.backend, **extra)
-    if bias_grad:
-        grads[_ATTN_MASK] = extra["dbias"].sum_to_size(attn_mask.shape).to(attn_mask.dtype)
+    result = backward_fn(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes,
+                         cu_q, cu_k, *ctx.lengths, attn_mask, *ctx.dropout, ctx.backend, **extra)
+    grads[:3] = result[:3]
+    if len(result) == 4:  # dS of every (b, h, i, j), summed back over the dims the bias was broadcast along
+        grads[_ATTN_MASK] = result[3].sum_to_size(attn_mask.shape).to(attn_mask.dtype)
     return tuple(grads)
 
 
 def _backward(ctx, dout, dlse):
     # the op, so torch.compile traces the backward too; no gradients for the block-mask parts
     bm_tensors = list(ctx.saved_tensors[9:])
-    grads = _grads(ctx, dout, attention_bwd, bm_tensors=bm_tensors, bm_ints=ctx.bm_ints)
+    op = attention_bwd_bias if ctx.needs_input_grad[_ATTN_MASK] else attention_bwd
+    grads = _grads(ctx, dout, op, bm_tensors=bm_tensors, bm_ints=ctx.bm_ints)
     # torch checks that the gradients have the inputs' structure: a list per tensor list, and one None
     # for a non-empty int list (an empty list stays a list)
     return grads + ([None] * len(bm_tensors), None if ctx.bm_ints else [])
@@ -201,8 +241,8 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         # needs_input_grad counts block_mask first
-        bias_grad = ctx.needs_input_grad[1 + _ATTN_MASK]
-        return (None,) + _grads(ctx, dout, _backward_impl, bias_grad=bias_grad, block_mask=ctx.block_mask)
+        fn = _backward_with_bias_impl if ctx.needs_input_grad[1 + _ATTN_MASK] else _backward_impl
+        return (None,) + _grads(ctx, dout, fn, block_mask=ctx.block_mask)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, left: Optional[int], right: Optional[int],
@@ -215,10 +255,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, left: Optio
     args = (q, k, v, softmax_scale, left, right, softcap, alibi_slopes, cu_seqlens_q, cu_seqlens_k,
             max_seqlen_q, max_seqlen_k, attn_mask, float(dropout_p), dropout_seed[0], dropout_seed[1], backend)
     if torch.compiler.is_compiling():
-        from flashtile.errors import UnsupportedError
-        if attn_mask is not None and attn_mask.requires_grad:
-            raise UnsupportedError("an attn_mask that requires grad under torch.compile is not supported yet "
-                                   "(its gradient runs in eager mode)")
         # the op schema takes tensors and ints: a block mask travels flattened
         return attention_fwd(*args, *(block_mask.parts() if block_mask is not None else ([], [])))
     return _EagerAttention.apply(block_mask, *args)
