@@ -48,7 +48,7 @@ FLAG_SETS = [
          ATTN_MASK=0, DROPOUT=False, EVEN_D=True, EVEN_DV=True, BIAS_GRAD=False),
     dict(HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, HAS_ALIBI=True, VARLEN=True, BLOCK_SPARSE=False,
          ATTN_MASK=2, DROPOUT=True, EVEN_D=False, EVEN_DV=False, BIAS_GRAD=True),
-    dict(HAS_LEFT=False, HAS_RIGHT=True, SOFTCAP=4, HAS_ALIBI=False, VARLEN=False, BLOCK_SPARSE=True,
+    dict(HAS_LEFT=False, HAS_RIGHT=True, SOFTCAP=2, HAS_ALIBI=False, VARLEN=False, BLOCK_SPARSE=True,
          ATTN_MASK=0, DROPOUT=True, EVEN_D=True, EVEN_DV=True, BIAS_GRAD=False),
 ]
 

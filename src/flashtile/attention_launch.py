@@ -37,24 +37,6 @@ def _softcap_flag(softcap: float, dtype: torch.dtype) -> int:
     return 2 if dtype == torch.bfloat16 and not triton_interpreting() else 1
 
 
-# Largest cap for the forward's fixed maximum (SOFTCAP 3 / 4): a score can then sit 2 * cap * log2(e)
-# below the bound, and exp2 of that must stay a normal fp32 (exp2.approx flushes denormals to 0,
-# which would turn a row of very negative scores into an empty one): 2 * 40 * 1.44 = 115 < 126.
-FIXED_MAX_SOFTCAP = 40.0
-
-
-def _forward_softcap_flag(softcap: float, dtype: torch.dtype, alibi: bool, attn_mask: bool) -> int:
-    """The forward's SOFTCAP: _softcap_flag's 1 / 2 plus 2 (a fixed softmax maximum at the cap, no
-    online rescaling) when nothing is added after the cap (ALiBi or an attn_mask would unbound the
-    scores) and P keeps fp32's exponent range in the P @ V product (bf16, fp32; fp16 would flush
-    probabilities below 2^-24 to zero)."""
-    flag = _softcap_flag(softcap, dtype)
-    if (flag and softcap <= FIXED_MAX_SOFTCAP and not alibi and not attn_mask
-            and dtype in (torch.bfloat16, torch.float32)):
-        return flag + 2
-    return flag
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs are fp32-exact unless torch allows tf32 for matmuls (design.md)."""
     if dtype == torch.float32 and not triton_interpreting() and torch.backends.cuda.matmul.allow_tf32:
@@ -266,9 +248,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
             Sq, Sk, Hq, Hq // Hkv, D, Dv,
             softmax_scale, softcap, left, right, *sp.scalars, *am_strides, *_dropout_args(dropout_p, dropout_seed))
     meta = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, DROPOUT=dropout_p > 0,
-                HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=_forward_softcap_flag(
-                    softcap, q.dtype, alibi_slopes is not None, attn_mask is not None),
-                HAS_ALIBI=alibi_slopes is not None,
+                HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=_softcap_flag(softcap, q.dtype), HAS_ALIBI=alibi_slopes is not None,
                 VARLEN=layout.varlen, BLOCK_SPARSE=sp.enabled, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
                 ATTN_MASK=am_kind, EVEN_D=block_d == D, EVEN_DV=block_dv == Dv, DOT_PRECISION=_dot_precision(q.dtype))
     with _device_ctx(q):

@@ -57,15 +57,9 @@ def _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, dr
         if need_vis:
             qk = tl.where(visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT),
                           qk, float("-inf"))
-    if SOFTCAP >= 3:
-        # -- capped scores never exceed m_i = softcap * log2(e): a fixed max, nothing to rescale --
-        p = tl.math.exp2(qk - m_i[:, None])
-        l_i = l_i + tl.sum(p, 1)
-        m_new = m_i
-    else:
-        # -- online softmax: new running max, rescale what was accumulated --
-        p, alpha, l_i, m_new = online_softmax(qk, m_i, l_i, MASKED != 0 or ATTN_MASK != 0)
-        acc = acc * alpha[:, None]
+    # -- online softmax: new running max, rescale what was accumulated --
+    p, alpha, l_i, m_new = online_softmax(qk, m_i, l_i, MASKED != 0 or ATTN_MASK != 0)
+    acc = acc * alpha[:, None]
     if MASKED != 0:
         v_mask = cols[:, None] < seqlen_k
         if not EVEN_DV:
@@ -225,8 +219,6 @@ def attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale, softcap,
                                                                    SOFTCAP, HAS_ALIBI)
-    if SOFTCAP >= 3:  # the running max starts, and stays, at the bound of every capped score
-        m_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32) + softcap_post
 
     m_lo = tile * BLOCK_M
     m_hi = tl.minimum(m_lo + BLOCK_M, seqlen_q)

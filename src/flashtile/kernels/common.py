@@ -97,7 +97,7 @@ def tanh(x):
 @triton.jit
 def tanh_approx(x):
     """The GPU's tanh.approx.f32: one MUFU instruction against two (exp2 and a reciprocal) for tanh()
-    above, |relative error| about 2^-11. Softcap launches use it for bf16 inputs only (SOFTCAP 2 or 4),
+    above, |relative error| about 2^-11. Softcap launches use it for bf16 inputs only (SOFTCAP == 2),
     where it is 8x below the input's own rounding; the interpreter cannot run inline PTX."""
     return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
                                      pack=1)
@@ -114,12 +114,10 @@ def score_log2(qk, offs_m, cols, seqlen_q, seqlen_k, qk_scale, softcap_pre, soft
     ATTN_MASK (torch SDPA's attn_mask, am_ptrs: pointers of this tile, in qk's orientation):
     1 = bool (False hides the key), 2 = additive float bias, added after softcap and ALiBi.
     Returns (score, t) with t = tanh(...) when SOFTCAP (the backward needs 1 - t^2), else score.
-    SOFTCAP: 0 none, 1 tanh through exp2, 2 the hardware tanh.approx (tanh_approx); 3 and 4 (forward
-    only) as 1 and 2, with every score known to stay below softcap * log2(e) (the forward then uses
-    that bound as a fixed softmax maximum).
+    SOFTCAP: 0 none, 1 tanh through exp2, 2 the hardware tanh.approx (tanh_approx).
     """
     if SOFTCAP:
-        if SOFTCAP == 2 or SOFTCAP == 4:
+        if SOFTCAP == 2:
             t = tanh_approx(qk * softcap_pre)
         else:
             t = tanh(qk * softcap_pre)
