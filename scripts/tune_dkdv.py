@@ -41,7 +41,7 @@ def main() -> None:
             continue
         fwd_kw = {k_: v_ for k_, v_ in kw.items()}
         out, lse = attention_forward(q, k, v, scale, **fwd_kw)
-        base = backward_config(dev, D, D, q.dtype, "right" in kw)
+        base = backward_config(dev, D, D, q.dtype, "right" in kw, softcap="softcap" in kw)
         line = []
         for c in CONFIGS:
             cfg = BackwardConfig(KernelConfig(*c), base.dq)

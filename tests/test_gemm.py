@@ -214,10 +214,10 @@ def test_gelu_accuracy_over_its_range():
     assert float(err.max()) <= 3e-7, float(err.max())
 
 
-@pytest.mark.parametrize("split", [2, 4])
 @pytest.mark.parametrize("dtype", [torch.bfloat16 if HAS_GPU else torch.float16, torch.float32], ids=str)
-def test_epilogue_split(split, dtype):
-    """The epilogue on column slices of the tile: every bias layout, pre-activation, batched output."""
+def test_epilogue_split(dtype):
+    """The epilogue on the tile's two column halves: every bias layout, pre-activation, batched output."""
+    split = 2
     cfg = gemm_launch.GemmConfig(32, 32, 32, 4, 1, group_m=4, epilogue_split=split)
     M, N, K = 45, 70, 33
     a, b = _rand(2, M, K, dtype=dtype), _rand(2, K, N, dtype=dtype)

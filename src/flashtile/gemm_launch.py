@@ -40,7 +40,7 @@ class GemmConfig:
     warp_specialize: bool = False
     tma: bool = True  # load A and B through tensor descriptors where the layout allows
     tma_store: bool = True  # store C through a descriptor (warp specialization needs pointer stores)
-    epilogue_split: int = 1  # the epilogue runs on 1, 2 or 4 column slices of the tile (fewer live registers)
+    epilogue_split: int = 1  # 2: the epilogue runs on the tile's two column halves (fewer live registers)
 
 
 # The interpreter executes every op through numpy: one small config, pointers and descriptors alike.
@@ -52,11 +52,7 @@ SWEEP_16BIT = {
     "p128x256_flat": GemmConfig(128, 256, 64, 8, 3, flatten=True),
     "p128x256_g16": GemmConfig(128, 256, 64, 8, 3, group_m=16),
     "p128x256_e2": GemmConfig(128, 256, 64, 8, 3, epilogue_split=2),
-    "p128x256_e4": GemmConfig(128, 256, 64, 8, 3, epilogue_split=4),
-    "p128x256_e4s4": GemmConfig(128, 256, 64, 8, 4, epilogue_split=4),
     "p128x256_e2g16": GemmConfig(128, 256, 64, 8, 3, group_m=16, epilogue_split=2),
-    "p128x256_e2s4": GemmConfig(128, 256, 64, 8, 4, epilogue_split=2),
-    "p128x256_e2g16s4": GemmConfig(128, 256, 64, 8, 4, group_m=16, epilogue_split=2),
     "p128x256_ptrstore": GemmConfig(128, 256, 64, 8, 3, tma_store=False),
     "n128x256": GemmConfig(128, 256, 64, 8, 3, persistent=False),
     "p256x128": GemmConfig(256, 128, 64, 8, 3),
@@ -64,8 +60,7 @@ SWEEP_16BIT = {
     "p128x128_flat": GemmConfig(128, 128, 64, 8, 4, flatten=True),
     "p128x128_w4": GemmConfig(128, 128, 64, 4, 4),
     "n128x128": GemmConfig(128, 128, 64, 8, 4, persistent=False),
-    # two programs per SM (shared memory <= 113 KB each): one's epilogue overlaps the other's main loop
-    "n128x128_s2": GemmConfig(128, 128, 64, 8, 2, persistent=False),
+    # two programs per SM (96 KB of shared memory each): one's epilogue overlaps the other's main loop
     "n128x128_s3ptr": GemmConfig(128, 128, 64, 8, 3, persistent=False, tma_store=False),
     "ws128x128": GemmConfig(128, 128, 64, 4, 4, warp_specialize=True, tma_store=False),
     "ws128x256": GemmConfig(128, 256, 64, 4, 3, warp_specialize=True, tma_store=False),

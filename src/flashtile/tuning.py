@@ -71,10 +71,9 @@ def forward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: 
 
 
 def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
-                    causal: bool, block_sparse: bool = False, dropout: bool = False,
-                    softcap: bool = False) -> BackwardConfig:
+                    causal: bool, block_sparse: bool = False, softcap: bool = False) -> BackwardConfig:
     """Configs of attention_bwd_dkdv_kernel and attention_bwd_dq_kernel (block_sparse: a block_mask is
-    set; dropout: dropout_p > 0; softcap: softcap > 0)."""
+    set; softcap: softcap > 0). Dropout runs the default tiles (see below)."""
     arch = _arch(device)
     d = max(padded_head_dim(head_dim), padded_head_dim(head_dim_v))
     if arch is None:

@@ -13,8 +13,8 @@ P is recomputed from the saved log-sum-exp: p = exp2(s * scale * log2(e) - lse *
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import (block_list, dropout_keep, key_phases, list_tile, query_phases, score_log2, score_params,
-                                      sequence_bounds, visible)
+from flashtile.kernels.common import (block_list, dropout_keep, key_phases, list_tile, partial_tile_ptrs, query_phases,
+                                      score_log2, score_params, sequence_bounds, visible)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -128,8 +128,7 @@ def _dkdv_block_list(dk, dv, k, v, q_base, do_base, lse_base, delta_base, Tiles,
     for i in range(0, count * TILES_PER_BLOCK):
         entry, part, start_m = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_M, BLOCK_SQ)
         if ELEM:
-            tile = tl.load(TileIdx + entry)
-            em_ptrs = Tiles + tile.to(tl.int64) * (BLOCK_SQ * BLOCK_SK) + part * BLOCK_SK + em_local
+            em_ptrs = partial_tile_ptrs(Tiles, TileIdx, entry, part * BLOCK_SK, em_local, BLOCK_SQ, BLOCK_SK)
             dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                 start_m, True, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                 seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
@@ -367,8 +366,7 @@ def _dq_block_list(dq, q, do, lse2, delta, k_ptrs, v_ptrs, Tiles, am_ptrs, strid
     for i in range(0, count * TILES_PER_BLOCK):
         entry, part, start_n = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_N, BLOCK_SK)
         if ELEM:
-            tile = tl.load(TileIdx + entry)
-            em_ptrs = Tiles + tile.to(tl.int64) * (BLOCK_SQ * BLOCK_SK) + part + em_local
+            em_ptrs = partial_tile_ptrs(Tiles, TileIdx, entry, part, em_local, BLOCK_SQ, BLOCK_SK)
             dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                           start_n, True, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                           seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,

@@ -9,8 +9,8 @@ as EVEN_D), so an unused feature costs nothing: Triton compiles one specialisati
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import (block_list, dropout_keep, key_phases, list_tile, online_softmax, score_log2,
-                                      score_params, sequence_bounds, visible)
+from flashtile.kernels.common import (block_list, dropout_keep, key_phases, list_tile, online_softmax, partial_tile_ptrs,
+                                      score_log2, score_params, sequence_bounds, visible)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -117,8 +117,7 @@ def _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, Tiles, am_ptrs, stride_amn
     for i in range(0, count * TILES_PER_BLOCK):
         entry, part, start_n = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_N, BLOCK_SK)
         if ELEM:
-            tile = tl.load(TileIdx + entry)
-            em_ptrs = Tiles + tile.to(tl.int64) * (BLOCK_SQ * BLOCK_SK) + part + em_local
+            em_ptrs = partial_tile_ptrs(Tiles, TileIdx, entry, part, em_local, BLOCK_SQ, BLOCK_SK)
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                       start_n, True, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,

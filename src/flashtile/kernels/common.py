@@ -238,6 +238,15 @@ def list_tile(Idx, base, i, TILES_PER_BLOCK: tl.constexpr, TILE: tl.constexpr, B
 
 
 @triton.jit
+def partial_tile_ptrs(Tiles, TileIdx, entry, offset, em_local, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr):
+    """Pointers of a kernel tile inside the element-mask tile of block-list entry `entry`
+    (masks.BlockMask.partial_tiles: uint8 [P, BLOCK_SQ, BLOCK_SK]; TileIdx + entry holds its index):
+    offset is the kernel tile's first element in it, em_local the tile's [rows, cols] offsets."""
+    tile = tl.load(TileIdx + entry)
+    return Tiles + tile.to(tl.int64) * (BLOCK_SQ * BLOCK_SK) + offset + em_local
+
+
+@triton.jit
 def online_softmax(qk, m_i, l_i, GUARD: tl.constexpr):
     """One online-softmax step on log2-domain scores qk [M, N]: returns (p, alpha, l_i, m_new).
 

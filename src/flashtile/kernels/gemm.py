@@ -147,43 +147,18 @@ def gemm_kernel(
                            B_MODE, BATCHED_B)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
-        # epilogue, in EPILOGUE_SPLIT column slices: each slice's activation temporaries die at its
-        # store, so gelu's do not push the 128 x 256 accumulator into spills (ptxas: 255 registers and
-        # spills unsplit, none split)
-        if EPILOGUE_SPLIT == 1:
+        # epilogue, on the whole tile or (EPILOGUE_SPLIT == 2) on its two column halves: each half's
+        # activation temporaries die at its store, so gelu's do not push the 128 x 256 accumulator
+        # into spills (ptxas: 255 registers and spills whole, none in halves; 4 slices were no faster)
+        if EPILOGUE_SPLIT == 2:
+            lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            _epilogue(lo, C, Bias, Pre, bid, off_m, off_n, M, N, stride_cb, stride_cm, stride_cn,
+                      stride_xb, stride_xm, stride_xn, alpha, C_TMA, BATCHED_C, BIAS, ACTIVATION, STORE_PRE)
+            _epilogue(hi, C, Bias, Pre, bid, off_m, off_n + BLOCK_N // 2, M, N, stride_cb, stride_cm, stride_cn,
+                      stride_xb, stride_xm, stride_xn, alpha, C_TMA, BATCHED_C, BIAS, ACTIVATION, STORE_PRE)
+        else:
             _epilogue(acc, C, Bias, Pre, bid, off_m, off_n, M, N, stride_cb, stride_cm, stride_cn,
                       stride_xb, stride_xm, stride_xn, alpha, C_TMA, BATCHED_C, BIAS, ACTIVATION, STORE_PRE)
-        elif EPILOGUE_SPLIT == 2:
-            _epilogue_halves(acc, C, Bias, Pre, bid, off_m, off_n, M, N, stride_cb, stride_cm, stride_cn,
-                             stride_xb, stride_xm, stride_xn, alpha, C_TMA, BATCHED_C, BIAS, ACTIVATION, STORE_PRE)
-        else:  # 4 slices: halves of halves
-            lo, hi = _halves(acc)
-            _epilogue_halves(lo, C, Bias, Pre, bid, off_m, off_n, M, N, stride_cb, stride_cm, stride_cn,
-                             stride_xb, stride_xm, stride_xn, alpha, C_TMA, BATCHED_C, BIAS, ACTIVATION, STORE_PRE)
-            _epilogue_halves(hi, C, Bias, Pre, bid, off_m, off_n + BLOCK_N // 2, M, N, stride_cb, stride_cm,
-                             stride_cn, stride_xb, stride_xm, stride_xn, alpha, C_TMA, BATCHED_C, BIAS, ACTIVATION,
-                             STORE_PRE)
-
-
-@triton.jit
-def _halves(acc):
-    """The left and right column halves of a [rows, cols] tile."""
-    BM: tl.constexpr = acc.shape[0]
-    HALF: tl.constexpr = acc.shape[1] // 2
-    return tl.split(tl.permute(tl.reshape(acc, (BM, 2, HALF)), (0, 2, 1)))
-
-
-@triton.jit
-def _epilogue_halves(acc, C, Bias, Pre, bid, off_m, off_n, M, N, stride_cb, stride_cm, stride_cn,
-                     stride_xb, stride_xm, stride_xn, alpha,
-                     C_TMA: tl.constexpr, BATCHED_C: tl.constexpr, BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-                     STORE_PRE: tl.constexpr):
-    """_epilogue on the left, then the right column half of acc."""
-    lo, hi = _halves(acc)
-    _epilogue(lo, C, Bias, Pre, bid, off_m, off_n, M, N, stride_cb, stride_cm, stride_cn,
-              stride_xb, stride_xm, stride_xn, alpha, C_TMA, BATCHED_C, BIAS, ACTIVATION, STORE_PRE)
-    _epilogue(hi, C, Bias, Pre, bid, off_m, off_n + acc.shape[1] // 2, M, N, stride_cb, stride_cm, stride_cn,
-              stride_xb, stride_xm, stride_xn, alpha, C_TMA, BATCHED_C, BIAS, ACTIVATION, STORE_PRE)
 
 
 @triton.jit
