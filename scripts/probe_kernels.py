@@ -1,7 +1,9 @@
 """Per-kernel GPU time of one forward + backward step for several attention variants (diagnosis).
 
-python scripts/probe_kernels.py [--only NAME ...]
-Prints, per variant, the mean time per step of each kernel (torch.profiler) and the total.
+python scripts/probe_kernels.py [--only NAME ...] [--flex] [--natural-order]
+Prints, per variant, the mean time per step of each kernel (torch.profiler) and the total. The
+block-sparse cases are the variants suite's (random 25% and the document mask); --flex also profiles
+torch.compile(flex_attention) with the same mask for each of them.
 """
 
 from __future__ import annotations
@@ -31,8 +33,39 @@ def _varlen():
     return lambda: ft.flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, causal=True)
 
 
+def _suite_case(mask: str):
+    """The suite's block-sparse case: "document", or "random" at 25% density."""
+    return [c for c in suites.variants_suite()
+            if c.shape.get("variant") == "block_sparse" and c.shape.get("mask") == mask
+            and (mask != "random" or float(c.shape.get("density")) == 0.25)][0]
+
+
+def _block_sparse(mask: str):
+    dev = torch.device("cuda")
+    s = _suite_case(mask).shape
+    kw = variants.flashtile_kwargs(s, dev)
+    return _dense(int(s["B"]), int(s["Sq"]), int(s["H"]), **kw)
+
+
+def _flex(mask: str):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    dev = torch.device("cuda")
+    s = _suite_case(mask).shape
+    B, S, H = int(s["B"]), int(s["Sq"]), int(s["H"])
+    _, mask_mod = variants.mods(s, dev)
+    bm = create_block_mask(mask_mod, B=None, H=None, Q_LEN=S, KV_LEN=S, device=dev,
+                           BLOCK_SIZE=variants.flex_block_size(s))
+    q, k, v = (torch.randn(B, H, S, 128, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    compiled = torch.compile(flex_attention, fullgraph=True, dynamic=False)
+    return lambda: compiled(q, k, v, block_mask=bm)
+
+
+SPARSE_MASKS = {"sparse25": "random", "document": "document"}
+
 VARIANTS = {
     "dense": lambda: _dense(2, 8192, 16),
+    "dense_b1": lambda: _dense(1, 8192, 16),  # the block-sparse cases' shape
     "dense_causal": lambda: _dense(2, 8192, 16, causal=True),
     "dropout": lambda: _dense(2, 8192, 16, dropout_p=0.1),
     "dropout_causal": lambda: _dense(2, 8192, 16, dropout_p=0.1, causal=True),
@@ -40,6 +73,8 @@ VARIANTS = {
     "gqa_causal": lambda: _dense(1, 8192, 32, Hkv=8, causal=True),
     "softcap": lambda: _dense(2, 8192, 16, softcap=30.0),
     "varlen": _varlen,
+    "sparse25": lambda: _block_sparse(SPARSE_MASKS["sparse25"]),
+    "document": lambda: _block_sparse(SPARSE_MASKS["document"]),
 }
 
 
@@ -47,10 +82,26 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--flex", action="store_true", help="also profile FlexAttention on the block-sparse cases")
+    ap.add_argument("--natural-order", action="store_true",
+                    help="block-sparse programs in id order instead of heaviest first (BlockMask.program_order)")
     a = ap.parse_args()
+    if a.natural_order:
+        from flashtile.masks import BlockMask
+
+        def natural(self, by, batch, heads, heads_per_program, tile, num_tiles):
+            n = batch * (heads // heads_per_program) * num_tiles
+            return torch.arange(n, dtype=torch.int32, device=self.kind.device)
+
+        BlockMask.program_order = natural
+    runs = []
     for name, make in VARIANTS.items():
         if a.only and name not in a.only:
             continue
+        runs.append((name, make))
+        if a.flex and name in SPARSE_MASKS:
+            runs.append((f"{name} (flex)", lambda m=SPARSE_MASKS[name]: _flex(m)))
+    for name, make in runs:
         fn = make()
         out = fn()
         grad = torch.randn_like(out)

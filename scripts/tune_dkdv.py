@@ -1,6 +1,8 @@
 """Time the dK/dV kernel's tile configs on the dense and variant backward passes (fills tuning.py).
 
-python scripts/tune_dkdv.py [case ...]   (cases: dense causal dropout dropout_causal softcap softcap_causal window)
+python scripts/tune_dkdv.py [--dq] [--configs M,N,W,S ...] [case ...]
+  (cases: dense causal dropout dropout_causal softcap softcap_causal window; --dq varies the dQ
+  kernel's config with the default dK/dV one instead)
 The dK/dV program keeps K, V and two fp32 accumulators in registers, so its best tile depends on
 which features add live values (dropout's counters, softcap's tanh): ptxas -v on the sm_90 build
 shows spills of 0.5-2.5 KB per thread for some configs. Prints ms of the whole backward per config.
@@ -18,7 +20,9 @@ from flashtile.attention_launch import attention_backward, attention_forward
 from flashtile.tuning import BackwardConfig, KernelConfig, backward_config
 
 CONFIGS = [(64, 64, 4, 2), (32, 128, 8, 2), (32, 128, 8, 3), (64, 64, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2),
-           (16, 64, 4, 2), (64, 128, 8, 2), (32, 64, 8, 2)]
+           (16, 64, 4, 2), (64, 128, 8, 2), (64, 128, 8, 3), (64, 128, 16, 3), (32, 64, 8, 2)]
+DQ_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (128, 32, 8, 3),
+              (64, 128, 8, 3), (128, 64, 16, 3)]
 
 
 def main() -> None:
@@ -35,7 +39,19 @@ def main() -> None:
         "softcap_causal": dict(right=0, softcap=30.0),
         "window": dict(left=1024, right=0),
     }
-    only = set(sys.argv[1:])
+    args = sys.argv[1:]
+    vary_dq = "--dq" in args
+    configs = DQ_CONFIGS if vary_dq else CONFIGS
+    if "--configs" in args:
+        i = args.index("--configs")
+        picked = []
+        for a in args[i + 1:]:
+            if a.startswith("--") or "," not in a:
+                break
+            picked.append(tuple(int(x) for x in a.split(",")))
+        configs = picked
+        args = args[:i] + args[i + 1 + len(picked):]
+    only = {a for a in args if not a.startswith("--")}
     for name, kw in cases.items():
         if only and name not in only:
             continue
@@ -43,15 +59,16 @@ def main() -> None:
         out, lse = attention_forward(q, k, v, scale, **fwd_kw)
         base = backward_config(dev, D, D, q.dtype, "right" in kw, softcap="softcap" in kw)
         line = []
-        for c in CONFIGS:
-            cfg = BackwardConfig(KernelConfig(*c), base.dq)
+        for c in configs:
+            cfg = BackwardConfig(base.dkdv, KernelConfig(*c)) if vary_dq else BackwardConfig(KernelConfig(*c), base.dq)
             try:
                 ms = triton.testing.do_bench(lambda: attention_backward(do, q, k, v, out, lse, scale, config=cfg, **kw),
                                              warmup=25, rep=100, return_mode="median")
                 line.append(f"{c}: {ms:.2f}")
             except Exception as e:  # out of resources
                 line.append(f"{c}: {type(e).__name__}")
-        print(f"{name} (default dkdv {base.dkdv}): " + ", ".join(line), flush=True)
+        which = f"dq, dkdv fixed at {base.dkdv}" if vary_dq else f"dkdv, dq fixed at {base.dq}"
+        print(f"{name} ({which}; default {base.dq if vary_dq else base.dkdv}): " + ", ".join(line), flush=True)
 
 
 if __name__ == "__main__":

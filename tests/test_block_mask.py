@@ -161,6 +161,41 @@ def test_index_lists():
     assert int(bm.partial_kv_num.sum()) == int((bm.kind == 1).sum()) == int(bm.partial_q_num.sum())
 
 
+
+@pytest.mark.parametrize("by", ["query", "key"])
+@pytest.mark.parametrize("mask_batch, heads_per_program", [(1, 1), (2, 1), (2, 3)])
+def test_program_order_heaviest_first(by, mask_batch, heads_per_program):
+    """The launch order is a permutation of the program ids whose work (full + 2 x partial blocks of
+    the program's block, summed over its heads) never increases; equal work keeps the id order."""
+    gen = _gen(f"order{by}{mask_batch}{heads_per_program}")
+    batch, heads, sq, sk, block = 2, 3, 150, 130, (32, 16)
+    mask = _block_pattern_mask(gen, (mask_batch, heads, sq, sk), block)
+    bm = BlockMask.from_dense(mask, block)
+    tile = block[0] // 2 if by == "query" else block[1] // 2  # two program tiles per block
+    seqlen = sq if by == "query" else sk
+    num_tiles = math.ceil(seqlen / tile)
+    order = bm.program_order(by, batch, heads, heads_per_program, tile, num_tiles)
+    programs = heads // heads_per_program
+    assert order.dtype == torch.int32 and sorted(order.tolist()) == list(range(batch * programs * num_tiles))
+    # the same work, counted element-block by block with Python loops
+    kind = bm.kind.expand(batch, heads, -1, -1)
+    if by == "key":
+        kind = kind.transpose(2, 3)
+
+    def work(pid):
+        bp, t = divmod(pid, num_tiles)
+        b, p = divmod(bp, programs)
+        row = kind[b, p * heads_per_program:(p + 1) * heads_per_program, t * tile // (block[0] if by == "query" else block[1])]
+        return int((row == BlockMask.FULL).sum()) + 2 * int((row == BlockMask.PARTIAL).sum())
+
+    works = [work(pid) for pid in order.tolist()]
+    assert works == sorted(works, reverse=True) and works[0] > works[-1]
+    for (w0, p0), (w1, p1) in zip(zip(works, order.tolist()), zip(works[1:], order.tolist()[1:])):
+        assert w0 > w1 or p0 < p1  # stable among equals
+    assert bm.program_order(by, batch, heads, heads_per_program, tile, num_tiles) is order  # cached
+    with pytest.raises(ValueError, match="by must be"):
+        bm.program_order("rows", batch, heads, 1, tile, num_tiles)
+
 def test_partial_tiles_hold_each_partial_block():
     """partial_tiles[partial_kv_tile / partial_q_tile of a listed partial block] is that block of the
     element mask (zero past the sequence ends): what the kernels read instead of the [Sq, Sk] mask."""

@@ -20,7 +20,7 @@ if __name__ == "__main__" or os.environ.get("FLASHTILE_COMPILE_CHECK") == "1":
     from flashtile.kernels.gemm import gemm_kernel
 
 FP32_POINTERS = {"Lse", "Delta", "Alibi", "AttnMask", "DBias"}
-INT32_POINTERS = {"CuSeqQ", "CuSeqK", "FullNum", "FullIdx", "PartNum", "PartIdx", "PartTile"}
+INT32_POINTERS = {"CuSeqQ", "CuSeqK", "FullNum", "FullIdx", "PartNum", "PartIdx", "PartTile", "ProgramOrder"}
 UINT8_POINTERS = {"ElemTiles"}
 FLOAT_SCALARS = {"softmax_scale", "softcap", "drop_scale"}
 

@@ -107,10 +107,18 @@ class _Sparse:
     tiles: torch.Tensor  # uint8 [P, bq, bk]: element masks of the partial blocks
     scalars: Tuple[int, int, int, int]  # row multipliers of b and h, query and key blocks per row
     block: Tuple[int, int]
+    mask: Optional[object] = None  # the BlockMask under the kernels' rule
 
     @property
     def enabled(self) -> bool:
         return self.block != (0, 0)
+
+    def order(self, dummy: torch.Tensor, by: str, batch: int, heads: int, heads_per_program: int, tile: int,
+              seqlen: int) -> torch.Tensor:
+        """The ProgramOrder argument: heaviest programs first (BlockMask.program_order), or a placeholder."""
+        if not self.enabled:
+            return dummy
+        return self.mask.program_order(by, batch, heads, heads_per_program, tile, triton.cdiv(seqlen, tile))
 
 
 def _sparse_args(block_mask, dummy: torch.Tensor, left: Optional[int], right: Optional[int]) -> _Sparse:
@@ -125,7 +133,7 @@ def _sparse_args(block_mask, dummy: torch.Tensor, left: Optional[int], right: Op
     Bm, Hm, nq, nk = bm.kind.shape
     return _Sparse((bm.full_kv_num, bm.full_kv_idx, bm.partial_kv_num, bm.partial_kv_idx, bm.partial_kv_tile),
                    (bm.full_q_num, bm.full_q_idx, bm.partial_q_num, bm.partial_q_idx, bm.partial_q_tile), bm.partial_tiles,
-                   (Hm if Bm > 1 else 0, 1 if Hm > 1 else 0, nq, nk), tuple(bm.block_size))
+                   (Hm if Bm > 1 else 0, 1 if Hm > 1 else 0, nq, nk), tuple(bm.block_size), bm)
 
 
 def _attn_mask_args(attn_mask: Optional[torch.Tensor], shape: Tuple[int, int, int, int],
@@ -156,8 +164,11 @@ def _shrink(cfg: KernelConfig) -> Optional[KernelConfig]:
     return None
 
 
-def _launch(kernel, cfg: KernelConfig, sparse_block: Tuple[int, int], grid_of, args, meta) -> None:
+def _launch(kernel, cfg: KernelConfig, sparse_block: Tuple[int, int], grid_of, order_of, args, meta) -> None:
     """Launch with cfg; if this GPU lacks the shared memory or registers for it, retry smaller.
+
+    grid_of(block_m, block_n) -> grid; order_of(block_m, block_n) -> the kernel's last run-time
+    argument, ProgramOrder (both depend on the tiles that finally run).
 
     tuning.py's tables are measured on an H200; a GPU with less shared memory (consumer cards,
     older architectures) gets the largest config that fits instead of an OutOfResources error.
@@ -167,7 +178,7 @@ def _launch(kernel, cfg: KernelConfig, sparse_block: Tuple[int, int], grid_of, a
     while True:
         block_m, block_n = _fit_tile(cfg.block_m, sparse_block[0]), _fit_tile(cfg.block_n, sparse_block[1])
         try:
-            kernel[grid_of(block_m, block_n)](*args, BLOCK_M=block_m, BLOCK_N=block_n,
+            kernel[grid_of(block_m, block_n)](*args, order_of(block_m, block_n), BLOCK_M=block_m, BLOCK_N=block_n,
                                                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
             _SHRUNK[key] = cfg
             return
@@ -252,7 +263,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
                 VARLEN=layout.varlen, BLOCK_SPARSE=sp.enabled, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
                 ATTN_MASK=am_kind, EVEN_D=block_d == D, EVEN_DV=block_dv == Dv, DOT_PRECISION=_dot_precision(q.dtype))
     with _device_ctx(q):
-        _launch(attention_fwd_kernel, cfg, sp.block, lambda bm, bn: (triton.cdiv(Sq, bm) * B * Hq,), args, meta)
+        _launch(attention_fwd_kernel, cfg, sp.block, lambda bm, bn: (triton.cdiv(Sq, bm) * B * Hq,),
+                lambda bm, bn: sp.order(lse, "query", B, Hq, 1, bm, Sq), args, meta)
     return out, lse
 
 
@@ -320,7 +332,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                 *layout.lse_bh(lse), stride_alibi_b,
                 Sq, Sk, Hq, group, D, Dv, softmax_scale, softcap, left, right, *sp.scalars, *am_strides,
                 *_dropout_args(dropout_p, dropout_seed))
-        _launch(attention_bwd_dq_kernel, cfg.dq, sp.block, lambda bm, bn: (triton.cdiv(Sq, bm) * B * Hq,), args,
+        _launch(attention_bwd_dq_kernel, cfg.dq, sp.block, lambda bm, bn: (triton.cdiv(Sq, bm) * B * Hq,),
+                lambda bm, bn: sp.order(lse, "query", B, Hq, 1, bm, Sq), args,
                 dict(flags, BLOCK_D=block_d, BLOCK_DV=block_dv, BIAS_GRAD=dbias is not None))
         expand = _expand_gqa(q, k, cfg.dkdv.block_n, layout) if expand_gqa is None else (expand_gqa and group > 1)
         if expand:  # per-query-head fp32 partials, summed over the group below
@@ -337,7 +350,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                 D, Dv, softmax_scale, softcap, left, right, *sp.scalars, *am_strides,
                 *_dropout_args(dropout_p, dropout_seed))
         _launch(attention_bwd_dkdv_kernel, cfg.dkdv, sp.block,
-                lambda bm, bn: (triton.cdiv(Sk, bn) * B * n_head_programs,), args,
+                lambda bm, bn: (triton.cdiv(Sk, bn) * B * n_head_programs,),
+                lambda bm, bn: sp.order(lse, "key", B, Hq, heads_per_program, bn, Sk), args,
                 dict(flags, BLOCK_D=block_d, BLOCK_DV=block_dv))
         if expand:
             dk.copy_(dk_buf.unflatten(-2, (Hkv, group)).sum(-2))

@@ -604,6 +604,43 @@ class BlockMask:
         obj.__dict__["_no_refine"] = True
         return obj
 
+    # A partial block costs about twice a full one: its element-mask tile is loaded and ANDed in
+    PARTIAL_COST = 2
+
+    def program_order(self, by: str, batch: int, heads: int, heads_per_program: int, tile: int,
+                      num_tiles: int) -> torch.Tensor:
+        """Launch order of the kernels' programs, heaviest first: int32 ``[batch * programs * num_tiles]``.
+
+        ``by="query"``: programs own ``tile`` query rows (forward, dQ) and walk this mask's key-block
+        lists; ``by="key"``: they own ``tile`` keys (dK/dV) and walk the query-block lists, summed over
+        ``heads_per_program`` consecutive query heads (``heads // heads_per_program`` programs per
+        batch index). Entry i is the program id, ``(b * programs + p) * num_tiles + t``, that the
+        i-th launched program runs. Work per program = full blocks + PARTIAL_COST x partial blocks
+        of its block; ties keep the natural order, so programs sharing K/V stay together.
+
+        A greedy GPU scheduler starts programs in launch order; when list lengths vary (document
+        masks: long documents have long lists) the natural order can leave one long program running
+        alone at the end. Heaviest first bounds that tail by the lightest programs. Cached per
+        argument tuple on this (immutable) mask; device ops only, no host sync.
+        """
+        cache = self.__dict__.setdefault("_program_order", {})
+        key = (by, batch, heads, heads_per_program, tile, num_tiles)
+        if key not in cache:
+            if by == "query":
+                full, part, block = self.full_kv_num, self.partial_kv_num, self.block_size[0]
+            elif by == "key":
+                full, part, block = self.full_q_num, self.partial_q_num, self.block_size[1]
+            else:
+                raise ValueError(f"program_order: by must be 'query' or 'key', got {by!r}")
+            work = (full + self.PARTIAL_COST * part).expand(batch, heads, -1)
+            if heads_per_program > 1:
+                work = work.unflatten(1, (heads // heads_per_program, heads_per_program)).sum(2)
+            if tile < block:  # several program tiles per block; tiles never span blocks (tile | block)
+                work = work.repeat_interleave(block // tile, dim=2)
+            work = work[:, :, :num_tiles].flatten()
+            cache[key] = torch.argsort(work, descending=True, stable=True).to(torch.int32)
+        return cache[key]
+
     def check_compatible(
         self,
         batch: int,

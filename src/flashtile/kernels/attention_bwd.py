@@ -158,7 +158,7 @@ def attention_bwd_dkdv_kernel(
     seqlen_q, seqlen_k, heads_q, group_size, heads_per_program, n_head_programs,
     head_dim, head_dim_v, softmax_scale, softcap, window_left, window_right,
     sparse_mb, sparse_mh, sparse_nq, sparse_nk, stride_amb, stride_amh, stride_amm, stride_amn,
-    seed_lo, seed_hi, drop_thr, drop_scale,
+    seed_lo, seed_hi, drop_thr, drop_scale, ProgramOrder,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_SPARSE: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr,
@@ -170,6 +170,8 @@ def attention_bwd_dkdv_kernel(
     hpp = 1 writes per-query-head partials (DK is [B, Sk, Hq, D]) that the launcher sums."""
     n_n_tiles = tl.cdiv(seqlen_k, BLOCK_N)
     pid = tl.program_id(0)
+    if BLOCK_SPARSE:  # heaviest programs first (see the forward)
+        pid = tl.load(ProgramOrder + pid)
     if VARLEN:  # tile-major, so long sequences do not wait for their batch index (see the forward)
         n_bh = tl.num_programs(0) // n_n_tiles
         tile = pid // n_bh
@@ -398,7 +400,7 @@ def attention_bwd_dq_kernel(
     seqlen_q, seqlen_k, heads_q, group_size, head_dim, head_dim_v,
     softmax_scale, softcap, window_left, window_right,
     sparse_mb, sparse_mh, sparse_nq, sparse_nk, stride_amb, stride_amh, stride_amm, stride_amn,
-    seed_lo, seed_hi, drop_thr, drop_scale,
+    seed_lo, seed_hi, drop_thr, drop_scale, ProgramOrder,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_SPARSE: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr,
@@ -408,6 +410,8 @@ def attention_bwd_dq_kernel(
     """dQ [B, Sq, Hq, D] and Delta fp32 [B, Hq, Sq] for BLOCK_M query rows of one (batch, query head)."""
     n_m_tiles = tl.cdiv(seqlen_q, BLOCK_M)
     pid = tl.program_id(0)
+    if BLOCK_SPARSE:  # heaviest programs first (see the forward)
+        pid = tl.load(ProgramOrder + pid)
     if VARLEN:  # tile-major, last tiles first (see the forward)
         n_bh = tl.num_programs(0) // n_m_tiles
         tile = n_m_tiles - 1 - pid // n_bh
@@ -415,7 +419,7 @@ def attention_bwd_dq_kernel(
     else:
         tile = pid % n_m_tiles
         bh = pid // n_m_tiles
-        if HAS_RIGHT:
+        if HAS_RIGHT and not BLOCK_SPARSE:
             tile = n_m_tiles - 1 - tile
     b = bh // heads_q
     h = bh % heads_q

@@ -147,7 +147,7 @@ def attention_fwd_kernel(
     seqlen_q, seqlen_k, heads_q, group_size, head_dim, head_dim_v,
     softmax_scale, softcap, window_left, window_right,
     sparse_mb, sparse_mh, sparse_nq, sparse_nk, stride_amb, stride_amh, stride_amm, stride_amn,
-    seed_lo, seed_hi, drop_thr, drop_scale,
+    seed_lo, seed_hi, drop_thr, drop_scale, ProgramOrder,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_SPARSE: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr,
@@ -168,6 +168,10 @@ def attention_fwd_kernel(
     # -- which tile of which head --
     n_m_tiles = tl.cdiv(seqlen_q, BLOCK_M)
     pid = tl.program_id(0)
+    if BLOCK_SPARSE:
+        # heaviest programs first (masks.program_order): block lists differ in length, and a long one
+        # started last would run alone at the end of the grid
+        pid = tl.load(ProgramOrder + pid)
     if VARLEN:
         # tile-major, last tiles first: only long sequences have late tiles, and with causal a later
         # tile sees more keys, so the heaviest programs of every sequence start first (a sequence-major
@@ -178,7 +182,7 @@ def attention_fwd_kernel(
     else:
         tile = pid % n_m_tiles
         bh = pid // n_m_tiles
-        if HAS_RIGHT:
+        if HAS_RIGHT and not BLOCK_SPARSE:
             tile = n_m_tiles - 1 - tile  # longest rows first: better tail balance
     b = bh // heads_q
     h = bh % heads_q
