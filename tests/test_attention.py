@@ -340,3 +340,14 @@ def test_config_shrinks_when_the_gpu_lacks_resources(monkeypatch):
     assert tried[0] == (64, 64, 3) and tried[-1][1:] == (16, 1) and len(tried) > 3
     ref, _ = attention_ref(q, k, v, softmax_scale=0.25, causal=True)
     assert (out.double() - ref.double()).abs().max() < 1e-5
+
+
+def test_program_order_rule():
+    """Tile-major launch for varlen and causal GQA only (attention_launch.tile_major's measurements)."""
+    dense = attention_launch._Layout(2, 64, 64)
+    packed = attention_launch._Layout(2, 64, 64, torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32))
+    assert attention_launch.tile_major(packed, False, 1, False)
+    assert attention_launch.tile_major(dense, True, 4, False)
+    assert not attention_launch.tile_major(dense, True, 1, False)  # causal MHA: head-major
+    assert not attention_launch.tile_major(dense, False, 4, False)  # equal work per tile
+    assert not attention_launch.tile_major(dense, True, 4, True)  # block-sparse: ProgramOrder

@@ -163,7 +163,7 @@ def attention_bwd_dkdv_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_SPARSE: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr,
     ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, TILE_MAJOR: tl.constexpr,
 ):
     """dK, dV for BLOCK_N keys. Program p covers query heads [p*hpp, (p+1)*hpp) of one kv head and
     writes head p of DK/DV: hpp = group_size sums the GQA group in registers (DK is [B, Sk, Hkv, D]);
@@ -172,7 +172,7 @@ def attention_bwd_dkdv_kernel(
     pid = tl.program_id(0)
     if BLOCK_SPARSE:  # heaviest programs first (see the forward)
         pid = tl.load(ProgramOrder + pid)
-    if VARLEN:  # tile-major, so long sequences do not wait for their batch index (see the forward)
+    if TILE_MAJOR:  # tile-major (see the forward); with causal the first key tiles see the most queries
         n_bh = tl.num_programs(0) // n_n_tiles
         tile = pid // n_bh
         bh = pid % n_bh
@@ -406,13 +406,14 @@ def attention_bwd_dq_kernel(
     VARLEN: tl.constexpr, BLOCK_SPARSE: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr,
     ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, BIAS_GRAD: tl.constexpr,
+    TILE_MAJOR: tl.constexpr,
 ):
     """dQ [B, Sq, Hq, D] and Delta fp32 [B, Hq, Sq] for BLOCK_M query rows of one (batch, query head)."""
     n_m_tiles = tl.cdiv(seqlen_q, BLOCK_M)
     pid = tl.program_id(0)
     if BLOCK_SPARSE:  # heaviest programs first (see the forward)
         pid = tl.load(ProgramOrder + pid)
-    if VARLEN:  # tile-major, last tiles first (see the forward)
+    if TILE_MAJOR:  # tile-major, last tiles first (see the forward)
         n_bh = tl.num_programs(0) // n_m_tiles
         tile = n_m_tiles - 1 - pid // n_bh
         bh = pid % n_bh

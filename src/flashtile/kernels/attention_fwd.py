@@ -152,13 +152,15 @@ def attention_fwd_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_SPARSE: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr,
     ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, TILE_MAJOR: tl.constexpr,
 ):
     """Q [B, Sq, Hq, D], K [B, Sk, Hkv, D], V [B, Sk, Hkv, Dv] -> Out [B, Sq, Hq, Dv], Lse fp32 [B, Hq, Sq].
 
     Grid: one program per (query tile, batch x query head), query tiles fastest so that programs
-    sharing K/V run together (L2 reuse); with a right mask edge the heavy tiles go first. VARLEN
-    orders tiles first (last tiles first) to balance sequences of different lengths.
+    sharing K/V run together (L2 reuse); with a right mask edge the heavy tiles go first.
+    TILE_MAJOR orders tiles first (last tiles first) to balance sequences of different lengths
+    (VARLEN) or the causal tiles of GQA, whose kv heads' K/V fit in L2 (attention_launch.tile_major);
+    BLOCK_SPARSE programs start in ProgramOrder (heaviest block lists first).
     VARLEN: sequences are packed ([total, H, D], batch strides 0); sequence b spans rows
     CuSeqQ[b]:CuSeqQ[b+1] (keys: CuSeqK), seqlen_q / seqlen_k are the maxima, lse is [Hq, total_q].
     BLOCK_SPARSE: only the key blocks listed for this query block are visited (masks.BlockMask's
@@ -172,14 +174,16 @@ def attention_fwd_kernel(
         # heaviest programs first (masks.program_order): block lists differ in length, and a long one
         # started last would run alone at the end of the grid
         pid = tl.load(ProgramOrder + pid)
-    if VARLEN:
-        # tile-major, last tiles first: only long sequences have late tiles, and with causal a later
-        # tile sees more keys, so the heaviest programs of every sequence start first (a sequence-major
-        # order would start a long sequence's programs whenever its batch index comes up)
+    if TILE_MAJOR:
+        # tile-major, last tiles first: with causal a later tile sees more keys, and only long
+        # sequences have late tiles, so the heaviest programs of every head and sequence start first
+        # (head-major order leaves the last heads' long tiles for the end of the grid; a
+        # sequence-major one starts a long sequence's programs whenever its batch index comes up)
         n_bh = tl.num_programs(0) // n_m_tiles
         tile = n_m_tiles - 1 - pid // n_bh
         bh = pid % n_bh
     else:
+        # head-major: the programs running together share one head's K/V in L2
         tile = pid % n_m_tiles
         bh = pid // n_m_tiles
         if HAS_RIGHT and not BLOCK_SPARSE:
