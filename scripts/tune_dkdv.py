@@ -1,7 +1,7 @@
 """Time the dK/dV kernel's tile configs on the dense and variant backward passes (fills tuning.py).
 
 python scripts/tune_dkdv.py [--dq] [--configs M,N,W,S ...] [case ...]
-  (cases: dense causal dropout dropout_causal softcap softcap_causal window; --dq varies the dQ
+  (cases: dense causal dropout dropout_causal softcap softcap_causal window sparse25 document; --dq varies the dQ
   kernel's config with the default dK/dV one instead)
 The dK/dV program keeps K, V and two fp32 accumulators in registers, so its best tile depends on
 which features add live values (dropout's counters, softcap's tanh): ptxas -v on the sm_90 build
@@ -25,6 +25,14 @@ DQ_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3),
               (64, 128, 8, 3), (128, 64, 16, 3)]
 
 
+def _suite_mask(kind: str, dev: torch.device):
+    from flashtile.bench import suites, variants
+
+    case = [c for c in suites.variants_suite() if c.shape.get("variant") == "block_sparse"
+            and c.shape.get("mask") == kind and float(c.shape.get("density", 0.25)) == 0.25][0]
+    return variants.flashtile_kwargs(case.shape, dev)["block_mask"]
+
+
 def main() -> None:
     dev = torch.device("cuda")
     B, S, H, D = 2, 8192, 16, 128
@@ -38,6 +46,9 @@ def main() -> None:
         "softcap": dict(softcap=30.0),
         "softcap_causal": dict(right=0, softcap=30.0),
         "window": dict(left=1024, right=0),
+        # the variants suite's block masks (S=8192): random 25% of 128x128 blocks, 8 causal documents
+        "sparse25": dict(block_mask=_suite_mask("random", dev)),
+        "document": dict(right=0, block_mask=_suite_mask("document", dev)),
     }
     args = sys.argv[1:]
     vary_dq = "--dq" in args
@@ -57,7 +68,9 @@ def main() -> None:
             continue
         fwd_kw = {k_: v_ for k_, v_ in kw.items()}
         out, lse = attention_forward(q, k, v, scale, **fwd_kw)
-        base = backward_config(dev, D, D, q.dtype, "right" in kw, softcap="softcap" in kw)
+        bm = kw.get("block_mask")
+        base = backward_config(dev, D, D, q.dtype, "right" in kw, block_sparse=bm is not None,
+                               softcap="softcap" in kw, partial_blocks=bm is not None and bm.element_mask is not None)
         line = []
         for c in configs:
             cfg = BackwardConfig(base.dkdv, KernelConfig(*c)) if vary_dq else BackwardConfig(KernelConfig(*c), base.dq)

@@ -327,8 +327,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     causal = right is not None
     sp = _sparse_args(block_mask, lse, left, right)
     has_left, has_right, left, right = _mask_flags(left, right)
-    cfg = config or backward_config(q.device, D, Dv, q.dtype, causal, block_sparse=block_mask is not None,
-                                    softcap=softcap > 0)
+    cfg = config or backward_config(q.device, D, Dv, q.dtype, causal, block_sparse=sp.enabled,
+                                    softcap=softcap > 0, partial_blocks=sp.enabled and sp.mask.element_mask is not None)
     block_d, block_dv = padded_head_dim(D), padded_head_dim(Dv)
     am_kind, am, am_strides = _attn_mask_args(attn_mask, (B, Hq, Sq, Sk), lse)
     flags = dict(HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=_softcap_flag(softcap, q.dtype), HAS_ALIBI=alibi_slopes is not None,

@@ -71,9 +71,11 @@ def forward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: 
 
 
 def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
-                    causal: bool, block_sparse: bool = False, softcap: bool = False) -> BackwardConfig:
+                    causal: bool, block_sparse: bool = False, softcap: bool = False,
+                    partial_blocks: bool = False) -> BackwardConfig:
     """Configs of attention_bwd_dkdv_kernel and attention_bwd_dq_kernel (block_sparse: a block_mask is
-    set; softcap: softcap > 0). Dropout runs the default tiles (see below)."""
+    set, partial_blocks: it has partial blocks; softcap: softcap > 0). Dropout runs the default tiles
+    (see below)."""
     arch = _arch(device)
     d = max(padded_head_dim(head_dim), padded_head_dim(head_dim_v))
     if arch is None:
@@ -86,6 +88,10 @@ def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype:
             return BackwardConfig(KernelConfig(32, 64, 8, 2), KernelConfig(64, 32, 8, 2))
         return BackwardConfig(KernelConfig(16, 64, 8, 1), KernelConfig(64, 32, 8, 1))
     # H200 sweep (bf16, S=4096, non-causal), each kernel timed with the other fixed
+    if block_sparse and partial_blocks and d <= 128:
+        # scripts/tune_dkdv.py document (8 causal documents, S=8192, programs heaviest first): the
+        # element-mask tile adds live values; dK/dV 32x128 w8 s3 1.51 ms, 64x128 w8 s3 1.62
+        return BackwardConfig(KernelConfig(32, 128, 8, 3), KernelConfig(128, 64, 8, 3))
     if block_sparse and d <= 128:
         # scripts/tune_variants.py --sparse (S=16384, D=128, 25% of 128x128 blocks), with the flat
         # pipelined block-list loops: dK/dV 64x128 w8 s3 330 TFLOP/s, 32x128 w8 s3 313, 64x64 w4 s2 324
