@@ -61,6 +61,13 @@ def _flex(mask: str):
     return lambda: compiled(q, k, v, block_mask=bm)
 
 
+def _all_full(S: int):
+    from flashtile.masks import BlockMask
+
+    n = S // 128
+    return BlockMask.from_blocks(torch.ones(n, n, dtype=torch.bool, device="cuda"), block_size=128)
+
+
 SPARSE_MASKS = {"sparse25": "random", "document": "document"}
 
 VARIANTS = {
@@ -75,6 +82,8 @@ VARIANTS = {
     "varlen": _varlen,
     "sparse25": lambda: _block_sparse(SPARSE_MASKS["sparse25"]),
     "document": lambda: _block_sparse(SPARSE_MASKS["document"]),
+    # every block full: the block-list walk's own cost against dense_b1 (same shape, no mask)
+    "sparse100": lambda: _dense(1, 8192, 16, block_mask=_all_full(8192)),
 }
 
 

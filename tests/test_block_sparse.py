@@ -39,7 +39,9 @@ def _check(q, k, v, bm, **kw):
     dict(shape=(1, 45, 77, 4, 2, 40), mask=(1, 4), block=(32, 16), causal=True),
     dict(shape=(2, 64, 50, 2, 1, 16), mask=(1, 1), block=(16, 32), window_size=(20, 5)),
     dict(shape=(1, 33, 33, 3, 3, 24), mask=(1, 3), block=(16, 16), softcap=2.0),
-], ids=["batch-bcast", "gqa-causal", "mqa-window", "softcap"])
+    # seqlen_q a multiple of the block and no rule: no query tile crosses the sequence end
+    dict(shape=(2, 64, 83, 2, 2, 32), mask=(1, 2), block=(32, 16)),
+], ids=["batch-bcast", "gqa-causal", "mqa-window", "softcap", "aligned-rows"])
 def test_block_mask_matches_oracle(case, dtype, backend):
     q, k, v = _qkv(*case["shape"], dtype)
     B, Sq, Sk = case["shape"][:3]
