@@ -1,7 +1,7 @@
 """Time the dK/dV kernel's tile configs on the dense and variant backward passes (fills tuning.py).
 
 python scripts/tune_dkdv.py [--dq] [--configs M,N,W,S ...] [case ...]
-  (cases: dense causal dropout dropout_causal softcap softcap_causal window sparse25 document; --dq varies the dQ
+  (cases: dense causal dropout dropout_causal softcap softcap_causal window sparse25 document sparse100; --dq varies the dQ
   kernel's config with the default dK/dV one instead)
 The dK/dV program keeps K, V and two fp32 accumulators in registers, so its best tile depends on
 which features add live values (dropout's counters, softcap's tanh): ptxas -v on the sm_90 build
@@ -33,6 +33,12 @@ def _suite_mask(kind: str, dev: torch.device):
     return variants.flashtile_kwargs(case.shape, dev)["block_mask"]
 
 
+def _all_full_mask(S: int, dev: torch.device):
+    from flashtile.masks import BlockMask
+
+    return BlockMask.from_blocks(torch.ones(S // 128, S // 128, dtype=torch.bool, device=dev), block_size=128)
+
+
 def main() -> None:
     dev = torch.device("cuda")
     B, S, H, D = 2, 8192, 16, 128
@@ -49,6 +55,7 @@ def main() -> None:
         # the variants suite's block masks (S=8192): random 25% of 128x128 blocks, 8 causal documents
         "sparse25": dict(block_mask=_suite_mask("random", dev)),
         "document": dict(right=0, block_mask=_suite_mask("document", dev)),
+        "sparse100": dict(block_mask=_all_full_mask(S, dev)),  # the block-list walk against "dense"
     }
     args = sys.argv[1:]
     vary_dq = "--dq" in args
