@@ -1,7 +1,8 @@
 """Time the dK/dV kernel's tile configs on the dense and variant backward passes (fills tuning.py).
 
 python scripts/tune_dkdv.py [--dq] [--configs M,N,W,S ...] [case ...]
-  (cases: dense causal dropout dropout_causal softcap softcap_causal window sparse25 document sparse100; --dq varies the dQ
+  (cases: dense causal dropout dropout_causal softcap softcap_causal window sparse25 document sparse100
+  alibi alibi_causal gqa_causal; --dq varies the dQ
   kernel's config with the default dK/dV one instead)
 The dK/dV program keeps K, V and two fp32 accumulators in registers, so its best tile depends on
 which features add live values (dropout's counters, softcap's tanh): ptxas -v on the sm_90 build
@@ -33,6 +34,12 @@ def _suite_mask(kind: str, dev: torch.device):
     return variants.flashtile_kwargs(case.shape, dev)["block_mask"]
 
 
+def _slopes(H: int, dev: torch.device) -> torch.Tensor:
+    from flashtile.bench import variants
+
+    return variants.alibi_slopes(H, dev)
+
+
 def _all_full_mask(S: int, dev: torch.device):
     from flashtile.masks import BlockMask
 
@@ -42,7 +49,7 @@ def _all_full_mask(S: int, dev: torch.device):
 def main() -> None:
     dev = torch.device("cuda")
     B, S, H, D = 2, 8192, 16, 128
-    q, k, v, do = (torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16) for _ in range(4))
+    q, k_all, v_all, do = (torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16) for _ in range(4))
     scale = 1 / math.sqrt(D)
     cases = {
         "dense": dict(),
@@ -56,6 +63,9 @@ def main() -> None:
         "sparse25": dict(block_mask=_suite_mask("random", dev)),
         "document": dict(right=0, block_mask=_suite_mask("document", dev)),
         "sparse100": dict(block_mask=_all_full_mask(S, dev)),  # the block-list walk against "dense"
+        "alibi": dict(alibi_slopes=_slopes(H, dev)),
+        "alibi_causal": dict(right=0, alibi_slopes=_slopes(H, dev)),
+        "gqa_causal": dict(right=0, kv_heads=H // 4),  # the variants suite's GQA: 4 query heads per kv head
     }
     args = sys.argv[1:]
     vary_dq = "--dq" in args
@@ -73,8 +83,10 @@ def main() -> None:
     for name, kw in cases.items():
         if only and name not in only:
             continue
-        fwd_kw = {k_: v_ for k_, v_ in kw.items()}
-        out, lse = attention_forward(q, k, v, scale, **fwd_kw)
+        kw = dict(kw)
+        kv = kw.pop("kv_heads", H)
+        k, v = k_all[:, :, :kv], v_all[:, :, :kv]
+        out, lse = attention_forward(q, k, v, scale, **kw)
         bm = kw.get("block_mask")
         base = backward_config(dev, D, D, q.dtype, "right" in kw, block_sparse=bm is not None,
                                softcap="softcap" in kw, partial_blocks=bm is not None and bm.element_mask is not None)
