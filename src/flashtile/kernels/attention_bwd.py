@@ -13,8 +13,8 @@ P is recomputed from the saved log-sum-exp: p = exp2(s * scale * log2(e) - lse *
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import (block_list, dropout_keep, key_phases, list_tile, partial_tile_ptrs, query_phases,
-                                      score_log2, score_params, sequence_bounds, visible)
+from flashtile.kernels.common import (block_list, dropout_keep, key_phases, list_tile, partial_tile_ptrs, program_tile,
+                                      query_phases, score_log2, score_params, sequence_bounds, visible)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -169,16 +169,7 @@ def attention_bwd_dkdv_kernel(
     writes head p of DK/DV: hpp = group_size sums the GQA group in registers (DK is [B, Sk, Hkv, D]);
     hpp = 1 writes per-query-head partials (DK is [B, Sk, Hq, D]) that the launcher sums."""
     n_n_tiles = tl.cdiv(seqlen_k, BLOCK_N)
-    pid = tl.program_id(0)
-    if BLOCK_SPARSE:  # heaviest programs first (see the forward)
-        pid = tl.load(ProgramOrder + pid)
-    if TILE_MAJOR:  # tile-major (see the forward); with causal the first key tiles see the most queries
-        n_bh = tl.num_programs(0) // n_n_tiles
-        tile = pid // n_bh
-        bh = pid % n_bh
-    else:
-        tile = pid % n_n_tiles
-        bh = pid // n_n_tiles
+    tile, bh = program_tile(ProgramOrder, n_n_tiles, BLOCK_SPARSE, TILE_MAJOR, HAS_RIGHT, False)
     b = bh // n_head_programs
     hp = bh % n_head_programs
     h_q0 = hp * heads_per_program
@@ -410,18 +401,7 @@ def attention_bwd_dq_kernel(
 ):
     """dQ [B, Sq, Hq, D] and Delta fp32 [B, Hq, Sq] for BLOCK_M query rows of one (batch, query head)."""
     n_m_tiles = tl.cdiv(seqlen_q, BLOCK_M)
-    pid = tl.program_id(0)
-    if BLOCK_SPARSE:  # heaviest programs first (see the forward)
-        pid = tl.load(ProgramOrder + pid)
-    if TILE_MAJOR:  # tile-major, last tiles first (see the forward)
-        n_bh = tl.num_programs(0) // n_m_tiles
-        tile = n_m_tiles - 1 - pid // n_bh
-        bh = pid % n_bh
-    else:
-        tile = pid % n_m_tiles
-        bh = pid // n_m_tiles
-        if HAS_RIGHT and not BLOCK_SPARSE:
-            tile = n_m_tiles - 1 - tile
+    tile, bh = program_tile(ProgramOrder, n_m_tiles, BLOCK_SPARSE, TILE_MAJOR, HAS_RIGHT, True)
     b = bh // heads_q
     h = bh % heads_q
     h_kv = h // group_size

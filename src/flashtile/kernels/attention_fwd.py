@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from flashtile.kernels.common import (block_list, dropout_keep, key_phases, list_tile, online_softmax, partial_tile_ptrs,
-                                      score_log2, score_params, sequence_bounds, visible)
+                                      program_tile, score_log2, score_params, sequence_bounds, visible)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -169,25 +169,7 @@ def attention_fwd_kernel(
     """
     # -- which tile of which head --
     n_m_tiles = tl.cdiv(seqlen_q, BLOCK_M)
-    pid = tl.program_id(0)
-    if BLOCK_SPARSE:
-        # heaviest programs first (masks.program_order): block lists differ in length, and a long one
-        # started last would run alone at the end of the grid
-        pid = tl.load(ProgramOrder + pid)
-    if TILE_MAJOR:
-        # tile-major, last tiles first: with causal a later tile sees more keys, and only long
-        # sequences have late tiles, so the heaviest programs of every head and sequence start first
-        # (head-major order leaves the last heads' long tiles for the end of the grid; a
-        # sequence-major one starts a long sequence's programs whenever its batch index comes up)
-        n_bh = tl.num_programs(0) // n_m_tiles
-        tile = n_m_tiles - 1 - pid // n_bh
-        bh = pid % n_bh
-    else:
-        # head-major: the programs running together share one head's K/V in L2
-        tile = pid % n_m_tiles
-        bh = pid // n_m_tiles
-        if HAS_RIGHT and not BLOCK_SPARSE:
-            tile = n_m_tiles - 1 - tile  # longest rows first: better tail balance
+    tile, bh = program_tile(ProgramOrder, n_m_tiles, BLOCK_SPARSE, TILE_MAJOR, HAS_RIGHT, True)
     b = bh // heads_q
     h = bh % heads_q
     h_kv = h // group_size

@@ -226,6 +226,35 @@ def dropout_keep(row_base, cols, seed_lo, seed_hi, threshold, KEYS_FIRST: tl.con
 
 
 @triton.jit
+def program_tile(ProgramOrder, n_tiles, BLOCK_SPARSE: tl.constexpr, TILE_MAJOR: tl.constexpr,
+                 HAS_RIGHT: tl.constexpr, QUERY_TILES: tl.constexpr):
+    """(tile, bh) of this program: its tile of n_tiles and its row of the batch x head grid.
+
+    BLOCK_SPARSE: the launch order comes from ProgramOrder (masks.BlockMask.program_order, heaviest
+    block lists first: a long list started last would run alone at the end of the grid).
+    TILE_MAJOR: tiles first (attention_launch.tile_major: varlen, causal GQA), heaviest tiles first;
+    otherwise head-major, so the programs running together share one head's tensors in L2.
+    QUERY_TILES: programs own query tiles (forward, dQ), whose later tiles see more keys under causal
+    (heavy last, so they are reversed); key tiles (dK/dV) are heavy first already.
+    """
+    pid = tl.program_id(0)
+    if BLOCK_SPARSE:
+        pid = tl.load(ProgramOrder + pid)
+    if TILE_MAJOR:
+        n_bh = tl.num_programs(0) // n_tiles
+        tile = pid // n_bh
+        bh = pid % n_bh
+        if QUERY_TILES:
+            tile = n_tiles - 1 - tile
+    else:
+        tile = pid % n_tiles
+        bh = pid // n_tiles
+        if QUERY_TILES and HAS_RIGHT and not BLOCK_SPARSE:
+            tile = n_tiles - 1 - tile
+    return tile, bh
+
+
+@triton.jit
 def list_tile(Idx, base, i, TILES_PER_BLOCK: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr):
     """Tile i of a block-sparse list walked as one flat loop of TILES_PER_BLOCK tiles per listed block.
 
