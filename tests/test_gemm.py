@@ -177,26 +177,37 @@ def test_deterministic():
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="the tuned configs need a GPU")
-@pytest.mark.parametrize("kind_cfg", gemm_launch.shipped_configs(), ids=lambda kc: f"{kc[0]}-{kc[1]}")
-def test_every_tuned_config(kind_cfg, monkeypatch):
-    """Each config of the table computes the right thing (edges, transposes, bias, gelu, pre-activation)."""
-    kind, cfg = kind_cfg
+@pytest.mark.parametrize("kind_cfg_act", gemm_launch.shipped_configs(), ids=lambda kca: f"{kca[0]}-{kca[1]}-{kca[2]}")
+def test_every_tuned_config(kind_cfg_act, monkeypatch):
+    """Each config of the table computes the right thing as the table uses it (edges, transposes):
+    with an activation, gelu with the pre-activation store; without, every bias layout. alpha 1 and
+    0.5 (ALPHA_ONE starts the accumulator from a bias vector)."""
+    kind, cfg, activation = kind_cfg_act
     dtype = torch.float32 if kind != "16bit" else torch.bfloat16
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", kind == "tf32")
+    # tf32 (10-bit mantissa) is bounded by the same math in bf16 (7 bits); torch's own fp32 matmul
+    # may not use tf32 even when allowed, so it cannot serve as the low-precision bound there
+    lp = (lambda t: t.bfloat16()) if kind == "tf32" else (lambda t: t)
+    M, N, K = 300, 520, 200
     for ta, tb in [(False, False), (True, False), (False, True)]:
-        M, N, K = 300, 520, 200
         a = _rand(K, M, dtype=dtype).mT if ta else _rand(M, K, dtype=dtype)
         b = _rand(N, K, dtype=dtype).mT if tb else _rand(K, N, dtype=dtype)
-        bias = _rand(N, dtype=dtype)
-        out, pre = gemm_launch.gemm_forward(a, b, bias, 1.0, "gelu", dtype, store_pre=True, config=cfg)
-        ref = gemm_torch(a.double(), b.double(), bias.double(), 1.0, "gelu", torch.float64)
-        # tf32 (10-bit mantissa) is bounded by the same math in bf16 (7 bits); torch's own fp32 matmul
-        # may not use tf32 even when allowed, so it cannot serve as the low-precision bound there
-        lp = (lambda t: t.bfloat16()) if kind == "tf32" else (lambda t: t)
-        low = _lowprec(lp(a), lp(b), lp(bias), 1.0, "gelu", dtype)
-        _close(f"out {cfg}", out, ref, low, 2)
-        _close(f"pre {cfg}", pre, gemm_torch(a.double(), b.double(), bias.double(), 1.0, None, torch.float64),
-               _lowprec(lp(a), lp(b), lp(bias), 1.0, None, dtype), 2)
+        for alpha in (1.0, 0.5):
+            if activation:
+                bias = _rand(N, dtype=dtype)
+                out, pre = gemm_launch.gemm_forward(a, b, bias, alpha, "gelu", dtype, store_pre=True, config=cfg)
+                ref = gemm_torch(a.double(), b.double(), bias.double(), alpha, "gelu", torch.float64)
+                _close(f"out {cfg}", out, ref, _lowprec(lp(a), lp(b), lp(bias), alpha, "gelu", dtype), 2)
+                _close(f"pre {cfg}", pre, gemm_torch(a.double(), b.double(), bias.double(), alpha, None,
+                                                     torch.float64),
+                       _lowprec(lp(a), lp(b), lp(bias), alpha, None, dtype), 2)
+                continue
+            for bias in (None, _rand(N, dtype=dtype), _rand(M, 1, dtype=dtype), _rand(M, N, dtype=dtype)):
+                out, _ = gemm_launch.gemm_forward(a, b, bias, alpha, None, dtype, config=cfg)
+                hb = bias.double() if bias is not None else None
+                ref = gemm_torch(a.double(), b.double(), hb, alpha, None, torch.float64)
+                low = _lowprec(lp(a), lp(b), lp(bias) if bias is not None else None, alpha, None, dtype)
+                _close(f"out {cfg} bias {None if bias is None else tuple(bias.shape)}", out, ref, low, 2)
 
 
 def test_gelu_accuracy_over_its_range():
@@ -275,3 +286,23 @@ def test_tf32_follows_torch(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     tf32 = (ft.gemm(a, b).double() - ref).abs().max()
     assert exact < 1e-3 < tf32 < 0.5
+
+
+def test_launch_drops_stages_until_shared_memory_fits():
+    """A kernel that Triton finds too big for shared memory is launched again with one stage fewer,
+    down to 2 (then the error stands): the 4-stage plain config needs this for a full bias tile."""
+    from triton.runtime.errors import OutOfResources
+
+    tried = []
+
+    def launch(meta, fits_at):
+        tried.append(meta["num_stages"])
+        if meta["num_stages"] > fits_at:
+            raise OutOfResources(240000, 232448, "shared memory")
+
+    gemm_launch._fit_shared_memory(lambda m: launch(m, 3), {"num_stages": 4, "num_warps": 8})
+    assert tried == [4, 3]
+    tried.clear()
+    with pytest.raises(OutOfResources):
+        gemm_launch._fit_shared_memory(lambda m: launch(m, 1), {"num_stages": 4})
+    assert tried == [4, 3, 2]

@@ -123,23 +123,23 @@ def compile_gemm_variants() -> None:
     from flashtile.gemm_launch import shipped_configs
 
     base = dict(GROUP_M=8, A_MODE=1, B_MODE=1, C_TMA=True, BATCHED_A=False, BATCHED_B=False, BATCHED_C=False,
-                BIAS=1, ACTIVATION=2, STORE_PRE=False, DOT_PRECISION="ieee", FLATTEN=False,
-                WARP_SPECIALIZE=False, EPILOGUE_SPLIT=1)
+                BIAS=1, ALPHA_ONE=True, ACTIVATION=2, STORE_PRE=False, DOT_PRECISION="ieee", FLATTEN=False,
+                WARP_SPECIALIZE=False, EPILOGUE_SPLIT=1, PTX=True)
     variants = []
-    for kind, cfg in shipped_configs():
+    for kind, cfg, activation in shipped_configs():
         fp32 = kind != "16bit"
         variants.append(("fp32" if fp32 else "bf16", dict(
-            base, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            base, ACTIVATION=2 if activation else 0, STORE_PRE=activation, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
             FLATTEN=cfg.flatten, WARP_SPECIALIZE=cfg.warp_specialize, C_TMA=cfg.tma_store,
             EPILOGUE_SPLIT=cfg.epilogue_split,
             A_MODE=int(cfg.tma), B_MODE=2 * int(cfg.tma), DOT_PRECISION="tf32" if kind == "tf32" else "ieee"),
             cfg.num_warps, cfg.num_stages))
     tile = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)
     variants += [
-        ("bf16", dict(base, **tile, A_MODE=2, B_MODE=1, ACTIVATION=3, STORE_PRE=True), 8, 3),
+        ("bf16", dict(base, **tile, A_MODE=2, B_MODE=1, ACTIVATION=3, STORE_PRE=True, ALPHA_ONE=False), 8, 3),
         ("fp16", dict(base, **tile, A_MODE=0, B_MODE=0, C_TMA=False, ACTIVATION=4, BIAS=0), 8, 3),
         ("bf16", dict(base, **tile, BATCHED_A=True, BATCHED_B=True, BATCHED_C=True, A_MODE=2, B_MODE=2,
-                      ACTIVATION=1, BIAS=3), 8, 3),
+                      ACTIVATION=1, BIAS=3, ALPHA_ONE=False), 8, 3),
         ("fp32", dict(base, BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, DOT_PRECISION="tf32", A_MODE=2, BIAS=2), 8, 3),
     ]
     for elem, consts, warps, stages in variants:

@@ -16,6 +16,7 @@ import functools
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flashtile.dispatch import triton_interpreting
@@ -53,6 +54,9 @@ SWEEP_16BIT = {
     "p128x256_g16": GemmConfig(128, 256, 64, 8, 3, group_m=16),
     "p128x256_e2": GemmConfig(128, 256, 64, 8, 3, epilogue_split=2),
     "p128x256_e2g16": GemmConfig(128, 256, 64, 8, 3, group_m=16, epilogue_split=2),
+    "p128x256_e2_flat": GemmConfig(128, 256, 64, 8, 3, epilogue_split=2, flatten=True),
+    "p128x256_e2g16_flat": GemmConfig(128, 256, 64, 8, 3, group_m=16, epilogue_split=2, flatten=True),
+    "p128x256_e2g8_flat_s4": GemmConfig(128, 256, 64, 8, 4, epilogue_split=2, flatten=True),
     "p128x256_ptrstore": GemmConfig(128, 256, 64, 8, 3, tma_store=False),
     "n128x256": GemmConfig(128, 256, 64, 8, 3, persistent=False),
     "p256x128": GemmConfig(256, 128, 64, 8, 3),
@@ -60,10 +64,12 @@ SWEEP_16BIT = {
     "p128x128_flat": GemmConfig(128, 128, 64, 8, 4, flatten=True),
     "p128x128_w4": GemmConfig(128, 128, 64, 4, 4),
     "n128x128": GemmConfig(128, 128, 64, 8, 4, persistent=False),
-    # two programs per SM (96 KB of shared memory each): one's epilogue overlaps the other's main loop
+    # one program per tile, 128 x 128 (ptxas: 163 registers with gelu, so one 256-thread program per SM;
+    # a 128-register cap for two per SM ran at 0.7-0.8x cuBLAS, session 6)
     "n128x128_s3ptr": GemmConfig(128, 128, 64, 8, 3, persistent=False, tma_store=False),
-    # warp-specialised: compiled in session 2; with session 4's epilogue the compile did not finish in 6
-    # minutes (triton 3.6, sm_90), so give tune_gemm.py --configs without these until that is understood
+    # warp-specialised: compiled in session 2; on the H200 the sweep's compile-and-run did not finish in
+    # 6 minutes (session 4) or 150 s (session 6, 256x128 and 128x128, triton 3.6), though the same
+    # variants compile offline for sm_90 in seconds: give tune_gemm.py --configs without these
     "ws128x128": GemmConfig(128, 128, 64, 4, 4, warp_specialize=True, tma_store=False),
     "ws128x256": GemmConfig(128, 256, 64, 4, 3, warp_specialize=True, tma_store=False),
     "n128x64": GemmConfig(128, 64, 64, 4, 4, persistent=False),
@@ -106,27 +112,31 @@ def select_config(arch: Tuple[int, int], fp32: bool, precision: str, m: int, n: 
     if m * n <= 1024 * 1024:
         return SWEEP_16BIT["p128x128"]
     if activation and m * n <= 2048 * 2048:
-        # up to one wave of 128 x 256 tiles: two 128 x 128 programs per SM (pointer stores, 3 stages:
-        # 96 KB of shared memory each) overlap one's epilogue with the other's main loop; 2048^3
-        # bias + gelu: 1.08x addmm + gelu against 1.02x (H200, scripts/tune_gemm.py --rounds 3)
+        # up to one wave of 128 x 256 tiles: 128 x 128 programs, one per tile (twice the programs, so
+        # the last wave is less empty and epilogues start at different times); 2048^3 bias + gelu:
+        # 1.08x addmm + gelu against 1.02x (H200, scripts/tune_gemm.py --rounds 3)
         return SWEEP_16BIT["n128x128_s3ptr"]
-    # H200 sweep (scripts/tune_gemm.py --rounds 3; 2048^3 .. 16384x14336x4096): grouping 16 tile rows
-    # and storing C in two halves gives plain GEMM 0.975-0.995x cuBLAS; with an activation, the two
-    # halves without the wider grouping give 1.01-1.03x addmm + gelu (the grouped one 0.99-1.04x)
-    return SWEEP_16BIT["p128x256_e2" if activation else "p128x256_e2g16"]
+    # H200 sweep (scripts/tune_gemm.py --rounds 3; 2048^3 .. 16384x14336x4096): plain GEMM flattens the
+    # tile loop, so the next tile's first loads overlap this tile's epilogue, with 4 stages and C
+    # stored in two halves: 0.94-1.02x cuBLAS, against 0.87-0.99x for the unflattened 3-stage kernel
+    # grouping 16 tile rows. With an activation, flattening halved the speed; the unflattened kernel
+    # with C in two halves gives 1.00-1.06x addmm + gelu
+    return SWEEP_16BIT["p128x256_e2" if activation else "p128x256_e2g8_flat_s4"]
 
 
-def shipped_configs() -> List[Tuple[str, GemmConfig]]:
-    """("16bit" | "fp32" | "tf32", config) for every config select_config returns on Hopper."""
+def shipped_configs() -> List[Tuple[str, GemmConfig, bool]]:
+    """(kind, config, activation) for every config select_config returns on Hopper: kind is "16bit",
+    "fp32" or "tf32", activation whether the config runs with one (and then with the pre-activation
+    store, the one that needs the most shared memory)."""
     sizes = [1, 16, 64, 65, 256, 257, 512, 1024, 1025, 2048, 4096, 8192, 16384]
-    out: List[Tuple[str, GemmConfig]] = []
+    out: List[Tuple[str, GemmConfig, bool]] = []
     for kind, fp32, precision in (("16bit", False, "ieee"), ("fp32", True, "ieee"), ("tf32", True, "tf32")):
         for m in sizes:
             for n in sizes:
                 for activation in (False, True):
                     cfg = select_config((9, 0), fp32, precision, m, n, 4096, activation)
-                    if (kind, cfg) not in out:
-                        out.append((kind, cfg))
+                    if (kind, cfg, activation) not in out:
+                        out.append((kind, cfg, activation))
     return out
 
 
@@ -280,7 +290,8 @@ def gemm_forward(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor],
             # and one Triton specialisation (out and pre are fresh allocations: always 16-byte aligned)
             key = (a.shape, a.stride(), b.shape, b.stride(), a.dtype, out_dtype, act, want_pre, config,
                    a.data_ptr() % 16, b.data_ptr() % 16, a.device.index, dot_precision(a.dtype),
-                   None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.data_ptr() % 16))
+                   None if bias is None else (bias.shape, bias.stride(), bias.dtype, bias.data_ptr() % 16),
+                   alpha == 1.0)  # ALPHA_ONE
             plan = _PLANS.get(key)
             with _device_ctx(a):
                 if plan is not None:
@@ -289,7 +300,7 @@ def gemm_forward(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor],
                     grid, args, meta = launch_args(_mat2(a, M, K), _mat2(b, K, N), _mat2(out, M, N),
                                                    _mat2(bias, M, N) if bias is not None else None,
                                                    _mat2(pre, M, N) if pre is not None else None, alpha, act, config)
-                    _PLANS.launch_and_plan(key, grid, args, meta, _plan_slots(args))
+                    _fit_shared_memory(lambda m: _PLANS.launch_and_plan(key, grid, args, m, _plan_slots(args)), meta)
         return out, pre
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     out = _empty((*batch, M, N), out_dtype, a.device)
@@ -360,7 +371,21 @@ def _launch(a: _Mat, b: _Mat, c: _Mat, bias: Optional[_Mat], pre: Optional[_Mat]
             config: Optional[GemmConfig]) -> None:
     """One launch: a [Bt, M, K], b [Bt, K, N], c and pre [Bt, M, N] (contiguous), bias [Bt, M, N]."""
     grid, args, meta = launch_args(a, b, c, bias, pre, alpha, act, config)
-    gemm_kernel[grid](*args, **meta)
+    _fit_shared_memory(lambda m: gemm_kernel[grid](*args, **m), meta)
+
+
+def _fit_shared_memory(launch, meta: dict) -> None:
+    """launch(meta), and again with one pipeline stage fewer while Triton finds that the compiled
+    kernel needs more shared memory than the GPU has: the 4-stage plain config fills the H200's 227 KB
+    with A and B stages alone, and a full [M, N] bias tile or a transposed operand adds a few KB."""
+    while True:
+        try:
+            launch(meta)
+            return
+        except OutOfResources:
+            if meta["num_stages"] <= 2:
+                raise
+            meta = dict(meta, num_stages=meta["num_stages"] - 1)
 
 
 def launch_args(a: _Mat, b: _Mat, c: _Mat, bias: Optional[_Mat], pre: Optional[_Mat], alpha: float, act: int,
@@ -398,7 +423,9 @@ def launch_args(a: _Mat, b: _Mat, c: _Mat, bias: Optional[_Mat], pre: Optional[_
     meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg.group_m,
                 A_MODE=a_mode, B_MODE=b_mode, C_TMA=c_mode == 1,
                 BATCHED_A=batched_a, BATCHED_B=batched_b, BATCHED_C=batched_c,
-                BIAS=_bias_kind(bias), ACTIVATION=act, STORE_PRE=pre is not None,
-                DOT_PRECISION=precision, FLATTEN=cfg.flatten, WARP_SPECIALIZE=cfg.warp_specialize,
-                EPILOGUE_SPLIT=cfg.epilogue_split, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                BIAS=_bias_kind(bias), ALPHA_ONE=alpha == 1.0, ACTIVATION=act,
+                STORE_PRE=pre is not None, DOT_PRECISION=precision, FLATTEN=cfg.flatten,
+                WARP_SPECIALIZE=cfg.warp_specialize, EPILOGUE_SPLIT=cfg.epilogue_split,
+                PTX=device.type == "cuda" and not triton_interpreting(),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return (programs,), args, meta

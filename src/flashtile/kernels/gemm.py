@@ -80,32 +80,67 @@ def _load_tile(X, bid, off_r, off_c, R, C, stride_b, stride_r, stride_c,
 
 
 @triton.jit
-def _erf(x):
-    """erf without branches (Abramowitz & Stegun 7.1.26, |error| <= 1.5e-7, about 15 instructions).
-
-    libdevice's erff branches per element and costs about 40 instructions: in the GEMM epilogue,
-    which does not overlap the next tile's main loop, that made bias + gelu 8 us slower than the
-    plain GEMM at 2048^3. erf(+-inf) = +-1 and NaN stays NaN.
-    """
-    ax = tl.abs(x)
-    t = 1.0 / (1.0 + 0.3275911 * ax)
-    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
-    y = 1.0 - poly * tl.math.exp2(-ax * ax * 1.4426950408889634)  # exp(-x^2)
-    return tl.where(x < 0.0, -y, y)
+def _reciprocal(x, PTX: tl.constexpr):
+    """1 / x; with PTX, the GPU's rcp.approx (one MUFU instruction, 1 ulp; x >= 1 here) instead of the
+    IEEE division's six with its range checks. The interpreter cannot run inline PTX."""
+    if PTX:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 / x
 
 
 @triton.jit
-def _activate(x, ACTIVATION: tl.constexpr):
+def _gelu(x, PTX: tl.constexpr):
+    """x * Phi(x), Phi the normal CDF, without branches: Phi(x) = 1 - h for x >= 0 and h for x < 0, with
+    h = erfc(|x| / sqrt(2)) / 2 = t * P(t) * exp(-x^2 / 2), t = 1 / (1 + p |x| / sqrt(2)) (Abramowitz &
+    Stegun 7.1.26, |error| <= 1.5e-7; P's coefficients halved). h gives Phi's negative tail directly,
+    without 1 + erf(x)'s cancellation.
+
+    About 16 instructions with PTX: libdevice's erff branches per element and costs about 40, and the
+    epilogue, which does not overlap the next tile's main loop, pays for each one. x = -inf gives NaN
+    as torch does (-inf * 0); NaN stays NaN."""
+    z = tl.abs(x) * 0.7071067811865476  # |x| / sqrt(2)
+    t = _reciprocal(1.0 + 0.3275911 * z, PTX)
+    h = t * (0.127414796 + t * (-0.142248368 + t * (0.7107068705 + t * (-0.7265760135 + t * 0.5307027145))))
+    h = h * tl.math.exp2(z * z * -1.4426950408889634)  # exp(-z^2)
+    return x * tl.where(x < 0.0, h, 1.0 - h)
+
+
+@triton.jit
+def _activate(x, ACTIVATION: tl.constexpr, PTX: tl.constexpr):
     """The fused activation on the fp32 pre-activation tile (torch's definitions)."""
     if ACTIVATION == ACT_RELU:
         x = tl.maximum(x, 0.0)
     elif ACTIVATION == ACT_GELU:
-        x = 0.5 * x * (1.0 + _erf(x * 0.7071067811865476))  # 1 / sqrt(2)
+        x = _gelu(x, PTX)
     elif ACTIVATION == ACT_GELU_TANH:
         x = 0.5 * x * (1.0 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))  # sqrt(2 / pi)
     elif ACTIVATION == ACT_SILU:
         x = x / (1.0 + tl.exp(-x))
     return x
+
+
+@triton.jit
+def _add_bias(acc, Bias, bid, off_m, off_n, M, N, stride_xb, stride_xm, stride_xn, BIAS: tl.constexpr):
+    """acc + bias[off_m : off_m + rows, off_n : off_n + cols] of matrix bid, in fp32 (a vector load when
+    the bias broadcasts along rows or columns)."""
+    BM: tl.constexpr = acc.shape[0]
+    BN: tl.constexpr = acc.shape[1]
+    offs_m = off_m + tl.arange(0, BM)
+    offs_n = off_n + tl.arange(0, BN)
+    bias_base = Bias + bid.to(tl.int64) * stride_xb
+    if BIAS == BIAS_ROW:
+        bias = tl.load(bias_base + offs_n.to(tl.int64) * stride_xn, mask=offs_n < N, other=0.0)
+        acc = acc + bias.to(tl.float32)[None, :]
+    elif BIAS == BIAS_COL:
+        bias = tl.load(bias_base + offs_m.to(tl.int64) * stride_xm, mask=offs_m < M, other=0.0)
+        acc = acc + bias.to(tl.float32)[:, None]
+    elif BIAS == BIAS_FULL:
+        bias = tl.load(bias_base + offs_m.to(tl.int64)[:, None] * stride_xm + offs_n.to(tl.int64)[None, :] * stride_xn,
+                       mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+        acc = acc + bias.to(tl.float32)
+    return acc
 
 
 @triton.jit
@@ -120,14 +155,18 @@ def gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     A_MODE: tl.constexpr, B_MODE: tl.constexpr, C_TMA: tl.constexpr,
     BATCHED_A: tl.constexpr, BATCHED_B: tl.constexpr, BATCHED_C: tl.constexpr,
-    BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
+    BIAS: tl.constexpr, ALPHA_ONE: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    EPILOGUE_SPLIT: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr, PTX: tl.constexpr,
 ):
     """C[b] = act(alpha * A[b] @ B[b] + bias[b]); Pre[b] (contiguous like C) = the pre-activation.
 
     C is a descriptor of [batch, M, N] / [M, N] when C_TMA, else a pointer with strides stride_c*.
     Bias and Pre are pointers (Pre only read when STORE_PRE, Bias only when BIAS != BIAS_NONE).
+    ALPHA_ONE (the launcher's alpha == 1): no scaling, and a bias vector (BIAS_ROW / BIAS_COL) starts
+    the accumulator, so its loads and adds run before the main loop, while the first TMA loads are in
+    flight, instead of in the epilogue (a full bias tile's 64-bit addresses would stay live through it).
+    PTX: running on an NVIDIA GPU, not the interpreter (inline PTX allowed).
     """
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -139,6 +178,10 @@ def gemm_kernel(
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # (not with WARP_SPECIALIZE: the bias vector loaded before the loop spills its consumers, ptxas)
+        BIAS_IN_ACC: tl.constexpr = ALPHA_ONE and not WARP_SPECIALIZE and (BIAS == BIAS_ROW or BIAS == BIAS_COL)
+        if BIAS_IN_ACC:
+            acc = _add_bias(acc, Bias, bid, off_m, off_n, M, N, stride_xb, stride_xm, stride_xn, BIAS)
         for kt in range(k_tiles):
             off_k = kt * BLOCK_K
             a = _load_tile(A, bid, off_m, off_k, M, K, stride_ab, stride_am, stride_ak, BLOCK_M, BLOCK_K,
@@ -150,47 +193,42 @@ def gemm_kernel(
         # epilogue, on the whole tile or (EPILOGUE_SPLIT == 2) on its two column halves: each half's
         # activation temporaries die at its store, so gelu's do not push the 128 x 256 accumulator
         # into spills (ptxas: 255 registers and spills whole, none in halves; 4 slices were no faster)
+        EPILOGUE_BIAS: tl.constexpr = BIAS_NONE if BIAS_IN_ACC else BIAS
         if EPILOGUE_SPLIT == 2:
             lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
             _epilogue(lo, C, Bias, Pre, bid, off_m, off_n, M, N, stride_cb, stride_cm, stride_cn,
-                      stride_xb, stride_xm, stride_xn, alpha, C_TMA, BATCHED_C, BIAS, ACTIVATION, STORE_PRE)
+                      stride_xb, stride_xm, stride_xn, alpha, C_TMA, BATCHED_C, EPILOGUE_BIAS, ALPHA_ONE,
+                      ACTIVATION, STORE_PRE, PTX)
             _epilogue(hi, C, Bias, Pre, bid, off_m, off_n + BLOCK_N // 2, M, N, stride_cb, stride_cm, stride_cn,
-                      stride_xb, stride_xm, stride_xn, alpha, C_TMA, BATCHED_C, BIAS, ACTIVATION, STORE_PRE)
+                      stride_xb, stride_xm, stride_xn, alpha, C_TMA, BATCHED_C, EPILOGUE_BIAS, ALPHA_ONE,
+                      ACTIVATION, STORE_PRE, PTX)
         else:
             _epilogue(acc, C, Bias, Pre, bid, off_m, off_n, M, N, stride_cb, stride_cm, stride_cn,
-                      stride_xb, stride_xm, stride_xn, alpha, C_TMA, BATCHED_C, BIAS, ACTIVATION, STORE_PRE)
+                      stride_xb, stride_xm, stride_xn, alpha, C_TMA, BATCHED_C, EPILOGUE_BIAS, ALPHA_ONE,
+                      ACTIVATION, STORE_PRE, PTX)
 
 
 @triton.jit
 def _epilogue(acc, C, Bias, Pre, bid, off_m, off_n, M, N, stride_cb, stride_cm, stride_cn,
               stride_xb, stride_xm, stride_xn, alpha,
-              C_TMA: tl.constexpr, BATCHED_C: tl.constexpr, BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-              STORE_PRE: tl.constexpr):
+              C_TMA: tl.constexpr, BATCHED_C: tl.constexpr, BIAS: tl.constexpr, ALPHA_ONE: tl.constexpr,
+              ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr, PTX: tl.constexpr):
     """Scale, bias, (pre-activation,) activation and one rounding to C's dtype, for the accumulator
     tile acc = (A @ B)[off_m : off_m + rows, off_n : off_n + cols] of matrix bid."""
     BM: tl.constexpr = acc.shape[0]
     BN: tl.constexpr = acc.shape[1]
-    acc = acc * alpha
+    if not ALPHA_ONE:
+        acc = acc * alpha
+    acc = _add_bias(acc, Bias, bid, off_m, off_n, M, N, stride_xb, stride_xm, stride_xn, BIAS)
     offs_m = off_m + tl.arange(0, BM)
     offs_n = off_n + tl.arange(0, BN)
     inside = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    bias_base = Bias + bid.to(tl.int64) * stride_xb
-    if BIAS == BIAS_ROW:
-        bias = tl.load(bias_base + offs_n.to(tl.int64) * stride_xn, mask=offs_n < N, other=0.0)
-        acc = acc + bias.to(tl.float32)[None, :]
-    elif BIAS == BIAS_COL:
-        bias = tl.load(bias_base + offs_m.to(tl.int64) * stride_xm, mask=offs_m < M, other=0.0)
-        acc = acc + bias.to(tl.float32)[:, None]
-    elif BIAS == BIAS_FULL:
-        bias = tl.load(bias_base + offs_m.to(tl.int64)[:, None] * stride_xm
-                       + offs_n.to(tl.int64)[None, :] * stride_xn, mask=inside, other=0.0)
-        acc = acc + bias.to(tl.float32)
     if STORE_PRE:
         # Pre is allocated contiguous [batch, M, N]: its strides are (M * N, N, 1)
         pre_ptrs = (Pre + bid.to(tl.int64) * M * N + offs_m.to(tl.int64)[:, None] * N
                     + offs_n.to(tl.int64)[None, :])
         tl.store(pre_ptrs, acc.to(Pre.dtype.element_ty), mask=inside)
-    acc = _activate(acc, ACTIVATION)
+    acc = _activate(acc, ACTIVATION, PTX)
     if C_TMA:
         if BATCHED_C:
             C.store([bid, off_m, off_n], acc.to(C.dtype).reshape(1, BM, BN))
