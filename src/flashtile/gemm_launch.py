@@ -119,8 +119,8 @@ def select_config(arch: Tuple[int, int], fp32: bool, precision: str, m: int, n: 
     # H200 sweep (scripts/tune_gemm.py --rounds 3; 2048^3 .. 16384x14336x4096): plain GEMM flattens the
     # tile loop, so the next tile's first loads overlap this tile's epilogue, with 4 stages and C
     # stored in two halves: 0.94-1.02x cuBLAS, against 0.87-0.99x for the unflattened 3-stage kernel
-    # grouping 16 tile rows. With an activation, flattening halved the speed; the unflattened kernel
-    # with C in two halves gives 1.00-1.06x addmm + gelu
+    # grouping 16 tile rows. With an activation, the unflattened kernel with C in two halves gives
+    # 1.01-1.13x addmm + gelu, and the flattened ones were within the run-to-run noise (+-3%) of it
     return SWEEP_16BIT["p128x256_e2" if activation else "p128x256_e2g8_flat_s4"]
 
 

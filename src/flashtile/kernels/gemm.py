@@ -163,9 +163,10 @@ def gemm_kernel(
 
     C is a descriptor of [batch, M, N] / [M, N] when C_TMA, else a pointer with strides stride_c*.
     Bias and Pre are pointers (Pre only read when STORE_PRE, Bias only when BIAS != BIAS_NONE).
-    ALPHA_ONE (the launcher's alpha == 1): no scaling, and a bias vector (BIAS_ROW / BIAS_COL) starts
-    the accumulator, so its loads and adds run before the main loop, while the first TMA loads are in
-    flight, instead of in the epilogue (a full bias tile's 64-bit addresses would stay live through it).
+    ALPHA_ONE (the launcher's alpha == 1): no scaling, and (unless FLATTEN or WARP_SPECIALIZE) a bias
+    vector (BIAS_ROW / BIAS_COL) starts the accumulator, so its loads and adds run before the main
+    loop, while the first TMA loads are in flight, instead of in the epilogue (a full bias tile's
+    64-bit addresses would stay live through the loop).
     PTX: running on an NVIDIA GPU, not the interpreter (inline PTX allowed).
     """
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -178,8 +179,10 @@ def gemm_kernel(
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        # (not with WARP_SPECIALIZE: the bias vector loaded before the loop spills its consumers, ptxas)
-        BIAS_IN_ACC: tl.constexpr = ALPHA_ONE and not WARP_SPECIALIZE and (BIAS == BIAS_ROW or BIAS == BIAS_COL)
+        # not with WARP_SPECIALIZE (ptxas: the bias vector loaded before the loop spills the consumers)
+        # nor FLATTEN (the pipeliner then waits for every MMA and stops prefetching: half the speed)
+        BIAS_IN_ACC: tl.constexpr = (ALPHA_ONE and not WARP_SPECIALIZE and not FLATTEN
+                                     and (BIAS == BIAS_ROW or BIAS == BIAS_COL))
         if BIAS_IN_ACC:
             acc = _add_bias(acc, Bias, bid, off_m, off_n, M, N, stride_xb, stride_xm, stride_xn, BIAS)
         for kt in range(k_tiles):
