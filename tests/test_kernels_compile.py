@@ -148,6 +148,11 @@ def compile_gemm_variants() -> None:
         k = triton.compile(ASTSource(gemm_kernel, sig, constants), target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=warps, num_stages=stages))
         assert "ptx" in k.asm and k.metadata.shared <= 232448, (elem, consts)  # H100/H200: 227 KiB per block
+        if elem != "fp32" and warps == 8 and stages >= 3 and consts["A_MODE"] and consts["B_MODE"]:
+            # the TMA-fed tensor-core loop stays software-pipelined (one MMA group in flight while
+            # the next loads land): a bias in the accumulator of a flattened loop once made it wait
+            # for each MMA
+            assert "wgmma.wait_group.sync.aligned 1" in k.asm["ptx"], ("MMA not pipelined", consts, stages)
 
 
 def test_kernels_compile_for_sm90():
