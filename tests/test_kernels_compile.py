@@ -63,9 +63,31 @@ def compile_all() -> None:
             dkdv = _compile(attention_bwd_dkdv_kernel, elem, dict(common, BLOCK_M=32, BLOCK_N=64))
             for k in (fwd, dq, dkdv):
                 assert "ptx" in k.asm and k.metadata.shared > 0
+    compile_forward_configs()
     compile_gemm_variants()
     compile_wide_variants()
     print("compiled")
+
+
+def compile_forward_configs() -> None:
+    """tuning.forward_config's Hopper tiles for D=128 bf16 fit shared memory on the flag sets they run
+    with: 128-key tiles only for long keys without per-score extras (long_plain), else 128 x 64."""
+    import torch
+
+    from flashtile.tuning import forward_config
+
+    gpu = torch.device("cuda", 0)
+    torch.cuda.get_device_capability = lambda *a, **k: (9, 0)  # no driver here: the H200's tables
+    long_cfg = forward_config(gpu, 128, 128, torch.bfloat16, True, long_plain=True)
+    assert (long_cfg.block_m, long_cfg.block_n) == (128, 128), long_cfg
+    for args in ((128, 128, False), (64, 64, True)):  # not long_plain; D = 64
+        cfg = forward_config(gpu, args[0], args[1], torch.bfloat16, True, long_plain=args[2])
+        assert (cfg.block_m, cfg.block_n) == (128, 64), (args, cfg)
+    plain = dict(FLAG_SETS[0], DOT_PRECISION="ieee", BLOCK_D=128, BLOCK_DV=128, BLOCK_SQ=0, BLOCK_SK=0)
+    for flags in (plain, dict(plain, HAS_RIGHT=True, HAS_ALIBI=True, TILE_MAJOR=True)):
+        k = _compile(attention_fwd_kernel, "bf16", dict(flags, BLOCK_M=long_cfg.block_m, BLOCK_N=long_cfg.block_n),
+                     num_warps=long_cfg.num_warps, num_stages=long_cfg.num_stages)
+        assert k.metadata.shared <= 232448, k.metadata.shared  # H100/H200: 227 KiB per block
 
 
 def compile_wide_variants() -> None:
