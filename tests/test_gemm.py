@@ -294,6 +294,8 @@ def test_launch_drops_stages_until_shared_memory_fits():
     down to 2 (then the error stands): the 4-stage plain config needs this for a full bias tile."""
     from triton.runtime.errors import OutOfResources
 
+    from flashtile.launch_fit import launch_fitting
+
     tried = []
 
     def launch(meta, fits_at):
@@ -301,9 +303,9 @@ def test_launch_drops_stages_until_shared_memory_fits():
         if meta["num_stages"] > fits_at:
             raise OutOfResources(240000, 232448, "shared memory")
 
-    gemm_launch._fit_shared_memory(lambda m: launch(m, 3), {"num_stages": 4, "num_warps": 8})
+    launch_fitting(lambda m: launch(m, 3), {"num_stages": 4, "num_warps": 8}, gemm_launch._fewer_stages)
     assert tried == [4, 3]
     tried.clear()
     with pytest.raises(OutOfResources):
-        gemm_launch._fit_shared_memory(lambda m: launch(m, 1), {"num_stages": 4})
+        launch_fitting(lambda m: launch(m, 1), {"num_stages": 4}, gemm_launch._fewer_stages)
     assert tried == [4, 3, 2]

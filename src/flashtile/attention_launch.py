@@ -19,6 +19,7 @@ from flashtile.dispatch import triton_interpreting, wide_heads
 from flashtile.errors import UnsupportedError
 from flashtile.kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
 from flashtile.kernels.attention_fwd import attention_fwd_kernel
+from flashtile.launch_fit import launch_fitting
 from flashtile.tuning import BackwardConfig, KernelConfig, backward_config, forward_config, padded_head_dim
 
 
@@ -186,19 +187,13 @@ def _launch(kernel, cfg: KernelConfig, sparse_block: Tuple[int, int], grid_of, o
     older architectures) gets the largest config that fits instead of an OutOfResources error.
     """
     key = (id(kernel), cfg, sparse_block, meta["BLOCK_D"], meta["BLOCK_DV"], args[0].dtype, args[0].device)
-    cfg = _SHRUNK.get(key, cfg)
-    while True:
-        block_m, block_n = _fit_tile(cfg.block_m, sparse_block[0]), _fit_tile(cfg.block_n, sparse_block[1])
-        try:
-            kernel[grid_of(block_m, block_n)](*args, order_of(block_m, block_n), BLOCK_M=block_m, BLOCK_N=block_n,
-                                               num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta)
-            _SHRUNK[key] = cfg
-            return
-        except triton.runtime.errors.OutOfResources:
-            smaller = _shrink(cfg)
-            if smaller is None:
-                raise
-            cfg = smaller
+
+    def launch(c: KernelConfig) -> None:
+        block_m, block_n = _fit_tile(c.block_m, sparse_block[0]), _fit_tile(c.block_n, sparse_block[1])
+        kernel[grid_of(block_m, block_n)](*args, order_of(block_m, block_n), BLOCK_M=block_m, BLOCK_N=block_n,
+                                           num_warps=c.num_warps, num_stages=c.num_stages, **meta)
+
+    _SHRUNK[key] = launch_fitting(launch, _SHRUNK.get(key, cfg), _shrink)
 
 
 def _dropout_args(dropout_p: float, seed: Tuple[int, int]) -> Tuple[int, int, int, float]:

@@ -16,12 +16,12 @@ import functools
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
-from triton.runtime.errors import OutOfResources
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from flashtile.dispatch import triton_interpreting
 from flashtile.kernels.gemm import gemm_kernel
 from flashtile.launch_cache import PlanCache
+from flashtile.launch_fit import launch_fitting
 
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 
@@ -300,7 +300,8 @@ def gemm_forward(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor],
                     grid, args, meta = launch_args(_mat2(a, M, K), _mat2(b, K, N), _mat2(out, M, N),
                                                    _mat2(bias, M, N) if bias is not None else None,
                                                    _mat2(pre, M, N) if pre is not None else None, alpha, act, config)
-                    _fit_shared_memory(lambda m: _PLANS.launch_and_plan(key, grid, args, m, _plan_slots(args)), meta)
+                    launch_fitting(lambda m: _PLANS.launch_and_plan(key, grid, args, m, _plan_slots(args)), meta,
+                                   _fewer_stages)
         return out, pre
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     out = _empty((*batch, M, N), out_dtype, a.device)
@@ -371,21 +372,14 @@ def _launch(a: _Mat, b: _Mat, c: _Mat, bias: Optional[_Mat], pre: Optional[_Mat]
             config: Optional[GemmConfig]) -> None:
     """One launch: a [Bt, M, K], b [Bt, K, N], c and pre [Bt, M, N] (contiguous), bias [Bt, M, N]."""
     grid, args, meta = launch_args(a, b, c, bias, pre, alpha, act, config)
-    _fit_shared_memory(lambda m: gemm_kernel[grid](*args, **m), meta)
+    launch_fitting(lambda m: gemm_kernel[grid](*args, **m), meta, _fewer_stages)
 
 
-def _fit_shared_memory(launch, meta: dict) -> None:
-    """launch(meta), and again with one pipeline stage fewer while Triton finds that the compiled
-    kernel needs more shared memory than the GPU has: the 4-stage plain config fills the H200's 227 KB
-    with A and B stages alone, and a full [M, N] bias tile or a transposed operand adds a few KB."""
-    while True:
-        try:
-            launch(meta)
-            return
-        except OutOfResources:
-            if meta["num_stages"] <= 2:
-                raise
-            meta = dict(meta, num_stages=meta["num_stages"] - 1)
+def _fewer_stages(meta: dict) -> Optional[dict]:
+    """The launch with one pipeline stage fewer (down to 2): the 4-stage plain config fills the
+    H200's 227 KB with A and B stages alone, and a full [M, N] bias tile or a transposed operand adds
+    a few KB, which Triton reports as OutOfResources."""
+    return dict(meta, num_stages=meta["num_stages"] - 1) if meta["num_stages"] > 2 else None
 
 
 def launch_args(a: _Mat, b: _Mat, c: _Mat, bias: Optional[_Mat], pre: Optional[_Mat], alpha: float, act: int,

@@ -16,6 +16,7 @@ from flashtile.attention_launch import (_Layout, _alibi_args, _dense_layout, _de
                                         _mask_flags, forward_buffers)
 from flashtile.errors import UnsupportedError
 from flashtile.kernels.attention_wide import wide_delta_kernel, wide_dkdv_kernel, wide_dq_kernel, wide_fwd_kernel
+from flashtile.launch_fit import launch_fitting
 from flashtile.tuning import WideBackwardConfig, WideConfig, wide_backward_config, wide_forward_config
 
 DELTA_BLOCK = (64, 64)  # rows x columns per step of wide_delta_kernel
@@ -46,16 +47,9 @@ def _check_features(block_mask, attn_mask, dropout_p: float) -> None:
 
 def _run(kernel, grid, cfg: WideConfig, args, meta) -> None:
     """Launch; a GPU without the shared memory for cfg's pipeline depth retries with fewer stages."""
-    stages = cfg.num_stages
-    while True:
-        try:
-            kernel[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                         num_warps=cfg.num_warps, num_stages=stages, **meta)
-            return
-        except triton.runtime.errors.OutOfResources:
-            if stages <= 1:
-                raise
-            stages -= 1
+    launch_fitting(lambda stages: kernel[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                                               num_warps=cfg.num_warps, num_stages=stages, **meta),
+                   cfg.num_stages, lambda stages: stages - 1 if stages > 1 else None)
 
 
 def _flags(layout: _Layout, left, right, softcap: float, alibi_slopes, dtype: torch.dtype):
