@@ -63,8 +63,9 @@ def forward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: 
         if long_plain and d == 128 and max(head_dim, head_dim_v) > 64:
             # 128-key tiles (224 KB of shared memory): H200 A/B, 3 interleaved rounds, D=128 against
             # 128x64: S=8192 non-causal / causal / ALiBi / ALiBi causal / GQA causal +3.6 / +5.0 /
-            # +3.8 / +4.2 / +2.0%, S=2048 +1.9 / +0.4%; but S=512 -2.2%, window (1024, 0) -6.1%,
-            # softcap causal -3.4%, dropout -5% and D=64 -17%, which keep 128x64
+            # +3.8 / +4.2 / +2.0%, S=2048 +1.9 / +0.4%; but S=512 -2.2%, windows -6 / -7%, softcap
+            # -3 / -12%, dropout -13%, varlen -4%, random block masks -6% and D=64 -17%, which keep
+            # 128x64 (attn_mask measured +20% once, on 2 stages: not swept yet, docs/perf_notes.md)
             return KernelConfig(128, 128, 8, 3)
         if d <= 128:
             return KernelConfig(128, 64, 8, 3)
