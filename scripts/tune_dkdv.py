@@ -2,7 +2,7 @@
 
 python scripts/tune_dkdv.py [--dq] [--configs M,N,W,S ...] [case ...]
   (cases: dense causal dropout dropout_causal softcap softcap_causal window sparse25 document sparse100
-  alibi alibi_causal gqa_causal; --dq varies the dQ
+  alibi alibi_causal gqa_causal attn_mask; --dq varies the dQ
   kernel's config with the default dK/dV one instead)
 The dK/dV program keeps K, V and two fp32 accumulators in registers, so its best tile depends on
 which features add live values (dropout's counters, softcap's tanh): ptxas -v on the sm_90 build
@@ -66,6 +66,8 @@ def main() -> None:
         "alibi": dict(alibi_slopes=_slopes(H, dev)),
         "alibi_causal": dict(right=0, alibi_slopes=_slopes(H, dev)),
         "gqa_causal": dict(right=0, kv_heads=H // 4),  # the variants suite's GQA: 4 query heads per kv head
+        # SDPA's bool attn_mask, one [S, S] mask per batch broadcast over heads (70% of keys kept)
+        "attn_mask": dict(attn_mask=torch.rand(B, 1, S, S, device=dev) > 0.3),
     }
     args = sys.argv[1:]
     vary_dq = "--dq" in args
