@@ -12,6 +12,7 @@ import torch
 import flashtile as ft
 from flashtile import attention_launch, wide_launch
 from conftest import DEVICE, HAS_GPU
+from oracle import assert_results_match_oracle
 from test_attention import check_against_oracle
 from test_varlen import _make as make_packed
 from test_varlen import check_against_oracle as check_varlen_against_oracle
@@ -158,18 +159,63 @@ def test_largest_head_dim(backend):
         ft.flash_attn_func(*_make((1, 4, 4, 1, 1, 2049, 64), torch.float32))
 
 
-@pytest.mark.parametrize("feature", ["dropout", "block_mask", "attn_mask"])
+@pytest.mark.parametrize("feature", ["dropout", "block_mask", "gradient of attn_mask"])
 def test_unsupported_features_raise(feature):
-    """What the wide kernels do not have yet raises UnsupportedError (a NotImplementedError) on the Triton path."""
+    """What the wide kernels do not have yet raises UnsupportedError (a NotImplementedError) on the Triton path
+    (the mask gradient only when backward runs: that is when autograd asks for it)."""
     q, k, v = _make((1, 32, 32, 2, 2, 320, 320), torch.float16)
     with ft.use_backend("triton"), pytest.raises(NotImplementedError, match=feature):
         if feature == "dropout":
             ft.flash_attn_func(q, k, v, dropout_p=0.1)
         elif feature == "block_mask":
             ft.flash_attn_func(q, k, v, block_mask=ft.BlockMask.causal(32, 32, block_size=(16, 16), device=DEVICE))
-        else:
-            mask = torch.ones(32, 32, dtype=torch.bool, device=DEVICE).tril()
-            ft.scaled_dot_product_attention(*(t.detach().transpose(1, 2) for t in (q, k, v)), attn_mask=mask)
+        else:  # an additive attn_mask that requires grad: its gradient is the dense kernels' only
+            bias = torch.randn(32, 32, device=DEVICE, dtype=torch.float16, requires_grad=True)
+            out = ft.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=bias)
+            out.sum().backward()
+
+
+MASK_SHAPES = {"2d": lambda B, H, Sq, Sk: (Sq, Sk), "batch": lambda B, H, Sq, Sk: (B, 1, Sq, Sk),
+               "key-row": lambda B, H, Sq, Sk: (1, H, 1, Sk), "full": lambda B, H, Sq, Sk: (B, H, Sq, Sk)}
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("mask_shape", list(MASK_SHAPES))
+@pytest.mark.parametrize("shape", [(1, 29, 43, 2, 2, 320, 320), (2, 19, 19, 2, 1, 333, 333), (1, 21, 21, 2, 1, 320, 100)],
+                         ids=_shape_id)
+def test_attn_mask_matches_oracle(shape, mask_shape, kind):
+    """torch SDPA's attn_mask (bool or additive, broadcast to [B, Hq, Sq, Sk]) in the wide forward, dQ
+    and dK / dV kernels: out, lse and gradients against the oracle, FlashAttention's rule."""
+    B, Sq, Sk, Hq, Hkv, D, Dv = shape
+    dtype = torch.bfloat16 if HAS_GPU else torch.float16
+    q, k, v = _make(shape, dtype)
+    mshape = MASK_SHAPES[mask_shape](B, Hq, Sq, Sk)
+    if kind == "bool":
+        mask = torch.rand(*mshape, device=DEVICE) > 0.4
+        mask[..., 0] = True  # every row keeps a key (fully masked rows: the next test)
+    else:
+        mask = (torch.randn(*mshape, device=DEVICE) * 2.0).to(dtype)
+    dout = torch.randn(B, Sq, Hq, Dv, device=DEVICE, dtype=dtype)
+    scale = D ** -0.5
+    with ft.use_backend("triton"), torch.no_grad():
+        out, lse = attention_launch.attention_forward(q, k, v, scale, attn_mask=mask)
+        grads = attention_launch.attention_backward(dout, q, k, v, out, lse, scale, attn_mask=mask)
+    assert_results_match_oracle(q, k, v, dout, (out, lse), grads, softmax_scale=scale, attn_mask=mask)
+
+
+def test_attn_mask_fully_masked_rows():
+    """A row whose bool mask hides every key gives out 0 and lse -inf, and finite gradients (as the
+    dense kernels do); the other rows are unaffected."""
+    q, k, v = _make((1, 24, 24, 2, 1, 320, 320), torch.float32)
+    mask = torch.rand(24, 24, device=DEVICE) > 0.5
+    mask[:, 0] = True
+    mask[5] = False
+    with ft.use_backend("triton"):
+        out = ft.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=mask,
+                                              enable_gqa=True)
+        dq, = torch.autograd.grad(out.sum(), (q,))
+    assert torch.all(out[:, :, 5] == 0) and torch.isfinite(out).all() and torch.isfinite(dq).all()
+    assert torch.all(dq[:, 5] == 0)
 
 
 @pytest.mark.parametrize("dim, max_part, want", [

@@ -310,7 +310,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     if wide_heads(q.shape[-1], v.shape[-1]):
         from flashtile.wide_launch import wide_backward
         return wide_backward(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes, config,
-                             expand_gqa, layout, block_mask, attn_mask, dropout_p, dropout_seed)
+                             expand_gqa, layout, block_mask, attn_mask, dropout_p, dropout_seed, dbias)
     layout = layout or _dense_layout(q, k)
     Hq, D = q.shape[-2], q.shape[-1]
     Hkv, Dv = k.shape[-2], v.shape[-1]

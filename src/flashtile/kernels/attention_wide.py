@@ -16,8 +16,8 @@ dim over several programs, each recomputing S for its slice. Nothing is S x S, n
   wide_dq_kernel    dQ[:, slice]
   wide_dkdv_kernel  dK[:, slice] (DKDV = 1) or dV[:, slice] (DKDV = 0) of one key tile, summing the
                     GQA group in registers
-Masking (causal / sliding window), softcap and ALiBi reuse kernels/common.py's helpers, so the
-semantics are the dense kernels'.
+Masking (causal / sliding window, torch SDPA's attn_mask), softcap and ALiBi reuse kernels/common.py's
+helpers, so the semantics are the dense kernels'.
 """
 
 import triton
@@ -88,13 +88,15 @@ def _query_program(n_split, seqlen_q, seqlen_k, heads_q, group_size, CuSeqQ, CuS
 
 
 @triton.jit
-def _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, offs_m, offs_n, offs_k, cols_a, cols_b,
-               start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
-               seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+def _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, am_ptrs, stride_amn, offs_m, offs_n,
+               offs_k, cols_a, cols_b, start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post,
+               alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PART_B: tl.constexpr,
                MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-               HAS_ALIBI: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, FLATTEN: tl.constexpr):
-    """Online-softmax update over key tiles [start, stop): S chunked over Dqk, O slice in registers."""
+               HAS_ALIBI: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, FLATTEN: tl.constexpr,
+               ATTN_MASK: tl.constexpr):
+    """Online-softmax update over key tiles [start, stop): S chunked over Dqk, O slice in registers.
+    am_ptrs: torch SDPA's attn_mask at this tile's rows and key 0 (ATTN_MASK as in common.score_log2)."""
     for start_n in tl.range(start, stop, BLOCK_N, flatten=FLATTEN):
         cols = start_n + offs_n
         # -- V's slice first: its loads are in flight during the S loop below (loaded after the
@@ -107,11 +109,12 @@ def _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, o
         qk = _dot_over_k(qk, q_ptrs, k_ptrs + start_n * stride_ks, q_ok, cols[None, :] < seqlen_k, offs_k, head_dim,
                          BLOCK_K, EVEN_K, DOT_PRECISION)
         qk, _ = score_log2(qk, offs_m, cols, seqlen_q, seqlen_k, qk_scale, softcap_pre, softcap_post, alibi_log2,
-                           SOFTCAP, HAS_ALIBI, q_ptrs, 0)
+                           SOFTCAP, HAS_ALIBI, am_ptrs + start_n * stride_amn, ATTN_MASK)
         if MASKED:
             vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             qk = tl.where(vis, qk, float("-inf"))
-        p, alpha, l_i, m_new = online_softmax(qk, m_i, l_i, MASKED)
+        # a mask can hide every key a row has seen so far in any tile: guard the running max there too
+        p, alpha, l_i, m_new = online_softmax(qk, m_i, l_i, MASKED or ATTN_MASK != 0)
         acc_a = tl.dot(p.to(va.dtype), va, acc_a * alpha[:, None], input_precision=DOT_PRECISION)
         if PART_B > 0:
             acc_b = tl.dot(p.to(vb.dtype), vb, acc_b * alpha[:, None], input_precision=DOT_PRECISION)
@@ -120,24 +123,27 @@ def _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, o
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "window_left", "window_right",
-                               "stride_lse_b", "stride_lse_h", "n_split"])
+                               "stride_lse_b", "stride_lse_h", "n_split", "stride_amb", "stride_amh", "stride_amm",
+                               "stride_amn"])
 def wide_fwd_kernel(
-    Q, K, V, Out, Lse, Alibi, CuSeqQ, CuSeqK,
+    Q, K, V, Out, Lse, Alibi, CuSeqQ, CuSeqK, AttnMask,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h, stride_alibi_b,
     seqlen_q, seqlen_k, heads_q, group_size, head_dim, head_dim_v,
-    softmax_scale, softcap, window_left, window_right, n_split,
+    softmax_scale, softcap, window_left, window_right, n_split, stride_amb, stride_amh, stride_amm, stride_amn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PART_A: tl.constexpr, PART_B: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     VARLEN: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, FLATTEN: tl.constexpr,
+    ATTN_MASK: tl.constexpr,
 ):
     """Q [B, Sq, Hq, Dqk], K [B, Sk, Hkv, Dqk], V [B, Sk, Hkv, Dv] -> Out [B, Sq, Hq, Dv], Lse fp32 [B, Hq, Sq].
 
     Grid: one program per (Dv slice, query tile, batch x query head), see _query_program. Slice s
-    covers Dv columns [s * W, s * W + W), W = PART_A + PART_B. VARLEN as in attention_fwd_kernel.
+    covers Dv columns [s * W, s * W + W), W = PART_A + PART_B. VARLEN and ATTN_MASK (torch SDPA's
+    attn_mask through its [B, Hq, Sq, Sk] broadcast strides) as in attention_fwd_kernel.
     """
     split, tile, b, h, h_kv, q_start, k_start, seqlen_q, seqlen_k = _query_program(
         n_split, seqlen_q, seqlen_k, heads_q, group_size, CuSeqQ, CuSeqK, BLOCK_M, HAS_RIGHT, VARLEN)
@@ -167,22 +173,27 @@ def wide_fwd_kernel(
     a, bb, c, d = key_phases(m_lo, m_hi, seqlen_q, seqlen_k, window_left, window_right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     va_ptrs = v_base + cols_a[None, :]
     vb_ptrs = v_base + cols_b[None, :]
+    am_ptrs = (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
+               + offs_m[:, None].to(tl.int64) * stride_amm + offs_n[None, :].to(tl.int64) * stride_amn)
     if HAS_LEFT:
-        acc_a, acc_b, l_i, m_i = _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, offs_m, offs_n,
+        acc_a, acc_b, l_i, m_i = _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, am_ptrs, stride_amn, offs_m, offs_n,
                                             offs_k, cols_a, cols_b, a, bb, stride_ks, stride_vs, qk_scale, softcap_pre,
                                             softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
                                             window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, True,
-                                            HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, DOT_PRECISION, FLATTEN)
-    acc_a, acc_b, l_i, m_i = _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, offs_m, offs_n,
+                                            HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, DOT_PRECISION, FLATTEN,
+                                            ATTN_MASK)
+    acc_a, acc_b, l_i, m_i = _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, am_ptrs, stride_amn, offs_m, offs_n,
                                         offs_k, cols_a, cols_b, bb, c, stride_ks, stride_vs, qk_scale, softcap_pre,
                                         softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
                                         window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, False,
-                                        HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, DOT_PRECISION, FLATTEN)
-    acc_a, acc_b, l_i, m_i = _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, offs_m, offs_n,
+                                        HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, DOT_PRECISION, FLATTEN,
+                                            ATTN_MASK)
+    acc_a, acc_b, l_i, m_i = _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, am_ptrs, stride_amn, offs_m, offs_n,
                                         offs_k, cols_a, cols_b, c, d, stride_ks, stride_vs, qk_scale, softcap_pre,
                                         softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
                                         window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, True,
-                                        HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, DOT_PRECISION, FLATTEN)
+                                        HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, DOT_PRECISION, FLATTEN,
+                                            ATTN_MASK)
 
     # -- epilogue: normalise; a row that saw no key gives out 0 and lse -inf --
     empty = l_i == 0.0
@@ -228,13 +239,14 @@ def wide_delta_kernel(Out, DOut, Delta, CuSeqQ, stride_ob, stride_os, stride_oh,
 
 
 @triton.jit
-def _dq_tiles(dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, ka_ptrs, kb_ptrs,
+def _dq_tiles(dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, ka_ptrs, kb_ptrs, am_ptrs, stride_amn,
               offs_m, offs_n, offs_k, cols_a, cols_b, start, stop, stride_ks, stride_vs,
               qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
               window_left, window_right,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PART_B: tl.constexpr,
               MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-              HAS_ALIBI: tl.constexpr, EVEN_K: tl.constexpr, EVEN_KV: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              HAS_ALIBI: tl.constexpr, EVEN_K: tl.constexpr, EVEN_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              ATTN_MASK: tl.constexpr):
     """dQ slice over key tiles [start, stop): S and dP chunked over Dqk / Dv, dQ += dS K[:, slice]."""
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + offs_n
@@ -248,7 +260,7 @@ def _dq_tiles(dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, 
         s = _dot_over_k(s, q_ptrs, kt_ptrs + start_n * stride_ks, q_ok, k_ok, offs_k, head_dim,
                         BLOCK_K, EVEN_K, DOT_PRECISION)
         s, t = score_log2(s, offs_m, cols, seqlen_q, seqlen_k, qk_scale, softcap_pre, softcap_post, alibi_log2,
-                          SOFTCAP, HAS_ALIBI, q_ptrs, 0)
+                          SOFTCAP, HAS_ALIBI, am_ptrs + start_n * stride_amn, ATTN_MASK)
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
             vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
@@ -266,20 +278,22 @@ def _dq_tiles(dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, 
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "window_left", "window_right",
-                               "stride_lse_b", "stride_lse_h", "n_split"])
+                               "stride_lse_b", "stride_lse_h", "n_split", "stride_amb", "stride_amh", "stride_amm",
+                               "stride_amn"])
 def wide_dq_kernel(
-    Q, K, V, DOut, Lse, Delta, DQ, Alibi, CuSeqQ, CuSeqK,
+    Q, K, V, DOut, Lse, Delta, DQ, Alibi, CuSeqQ, CuSeqK, AttnMask,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh, stride_lse_b, stride_lse_h, stride_alibi_b,
     seqlen_q, seqlen_k, heads_q, group_size, head_dim, head_dim_v,
-    softmax_scale, softcap, window_left, window_right, n_split,
+    softmax_scale, softcap, window_left, window_right, n_split, stride_amb, stride_amh, stride_amm, stride_amn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PART_A: tl.constexpr, PART_B: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     VARLEN: tl.constexpr, EVEN_K: tl.constexpr, EVEN_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ATTN_MASK: tl.constexpr,
 ):
     """dQ [B, Sq, Hq, Dqk], one Dqk slice of BLOCK_M query rows per program (grid as wide_fwd_kernel)."""
     split, tile, b, h, h_kv, q_start, k_start, seqlen_q, seqlen_k = _query_program(
@@ -312,22 +326,24 @@ def wide_dq_kernel(
     m_lo = tile * BLOCK_M
     m_hi = tl.minimum(m_lo + BLOCK_M, seqlen_q)
     a, bb, c, d = key_phases(m_lo, m_hi, seqlen_q, seqlen_k, window_left, window_right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+    am_ptrs = (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
+               + offs_m[:, None].to(tl.int64) * stride_amm + offs_n[None, :].to(tl.int64) * stride_amn)
     if HAS_LEFT:
         dq_a, dq_b = _dq_tiles(dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, ka_ptrs,
-                               kb_ptrs, offs_m, offs_n, offs_k, cols_a, cols_b, a, bb, stride_ks, stride_vs,
+                               kb_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_k, cols_a, cols_b, a, bb, stride_ks, stride_vs,
                                qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim,
                                head_dim_v, window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, True,
-                               HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION)
+                               HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION, ATTN_MASK)
     dq_a, dq_b = _dq_tiles(dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, ka_ptrs,
-                           kb_ptrs, offs_m, offs_n, offs_k, cols_a, cols_b, bb, c, stride_ks, stride_vs,
+                           kb_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_k, cols_a, cols_b, bb, c, stride_ks, stride_vs,
                            qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim,
                            head_dim_v, window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, False,
-                           HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION)
+                           HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION, ATTN_MASK)
     dq_a, dq_b = _dq_tiles(dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, ka_ptrs,
-                           kb_ptrs, offs_m, offs_n, offs_k, cols_a, cols_b, c, d, stride_ks, stride_vs,
+                           kb_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_k, cols_a, cols_b, c, d, stride_ks, stride_vs,
                            qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim,
                            head_dim_v, window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, True,
-                           HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION)
+                           HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION, ATTN_MASK)
     dq_base = DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + q_rows[:, None] * stride_dqs
     _store_part(dq_base + cols_a[None, :], dq_a * softmax_scale, q_ok, cols_a, head_dim)
     if PART_B > 0:
@@ -336,18 +352,20 @@ def wide_dq_kernel(
 
 @triton.jit
 def _dkdv_tiles(acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, xb_base, lse_base, delta_base,
+                amt_ptrs, stride_amm,
                 offs_m, offs_n, offs_k, cols_a, cols_b, start, stop, stride_qs, stride_dos, stride_xs,
                 qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
                 width, window_left, window_right,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PART_B: tl.constexpr,
                 DKDV: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_K: tl.constexpr, EVEN_KV: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr):
     """One key tile over query tiles [start, stop) of one query head.
 
     S^T = K Q^T (chunked over Dqk), P^T = exp2(S^T - lse). DKDV = 0: dV += P^T dO[:, slice].
     DKDV = 1: dP^T = V dO^T (chunked over Dv), dS^T = P^T (dP^T - delta), dK += dS^T Q[:, slice].
     X (xa_base / xb_base, row stride stride_xs) is dO for dV and Q for dK, at query row 0.
+    amt_ptrs: the attn_mask [BLOCK_N keys, BLOCK_M queries] at query row 0 (S^T's orientation).
     """
     for start_m in range(start, stop, BLOCK_M):
         rows = start_m + offs_m
@@ -356,7 +374,7 @@ def _dkdv_tiles(acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, 
         st = _dot_over_k(st, k_ptrs, qt_base + rows[None, :].to(tl.int64) * stride_qs + offs_k[:, None], k_ok, q_ok,
                          offs_k, head_dim, BLOCK_K, EVEN_K, DOT_PRECISION)
         st, tt = score_log2(st, offs_n, rows, seqlen_k, seqlen_q, qk_scale, softcap_pre, softcap_post, alibi_log2,
-                            SOFTCAP, HAS_ALIBI, k_ptrs, 0)
+                            SOFTCAP, HAS_ALIBI, amt_ptrs + start_m * stride_amm, ATTN_MASK)
         lse2 = _load_lse2(lse_base, rows, seqlen_q)
         pt = tl.math.exp2(st - lse2[None, :])
         if MASKED:
@@ -383,20 +401,22 @@ def _dkdv_tiles(acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, 
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "window_left", "window_right",
-                               "stride_lse_b", "stride_lse_h", "n_split"])
+                               "stride_lse_b", "stride_lse_h", "n_split", "stride_amb", "stride_amh", "stride_amm",
+                               "stride_amn"])
 def wide_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DX, Alibi, CuSeqQ, CuSeqK,
+    Q, K, V, DOut, Lse, Delta, DX, Alibi, CuSeqQ, CuSeqK, AttnMask,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dxb, stride_dxs, stride_dxh, stride_lse_b, stride_lse_h, stride_alibi_b,
     seqlen_q, seqlen_k, heads_q, group_size, head_dim, head_dim_v,
-    softmax_scale, softcap, window_left, window_right, n_split,
+    softmax_scale, softcap, window_left, window_right, n_split, stride_amb, stride_amh, stride_amm, stride_amn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PART_A: tl.constexpr, PART_B: tl.constexpr, DKDV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     VARLEN: tl.constexpr, EVEN_K: tl.constexpr, EVEN_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ATTN_MASK: tl.constexpr,
 ):
     """DKDV = 1: DX = dK [B, Sk, Hkv, Dqk]; DKDV = 0: DX = dV [B, Sk, Hkv, Dv]; one slice of BLOCK_N keys
     of one kv head per program, summed over the kv head's GQA group in registers (grid: slice,
@@ -448,25 +468,27 @@ def wide_dkdv_kernel(
         delta_base = Delta + b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start
         qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale,
                                                                         softcap, SOFTCAP, HAS_ALIBI)
+        amt_ptrs = (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
+                    + offs_m[None, :].to(tl.int64) * stride_amm + offs_n[:, None].to(tl.int64) * stride_amn)
         if HAS_RIGHT:
             acc_a, acc_b = _dkdv_tiles(acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, xb_base,
-                                       lse_base, delta_base, offs_m, offs_n, offs_k, cols_a, cols_b, a, bb, stride_qs,
+                                       lse_base, delta_base, amt_ptrs, stride_amm, offs_m, offs_n, offs_k, cols_a, cols_b, a, bb, stride_qs,
                                        stride_dos, stride_xs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                        seqlen_q, seqlen_k, head_dim, head_dim_v, width, window_left, window_right,
                                        BLOCK_M, BLOCK_N, BLOCK_K, PART_B, DKDV, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                       HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION)
+                                       HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION, ATTN_MASK)
         acc_a, acc_b = _dkdv_tiles(acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, xb_base,
-                                   lse_base, delta_base, offs_m, offs_n, offs_k, cols_a, cols_b, bb, c, stride_qs,
+                                   lse_base, delta_base, amt_ptrs, stride_amm, offs_m, offs_n, offs_k, cols_a, cols_b, bb, c, stride_qs,
                                    stride_dos, stride_xs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                    seqlen_q, seqlen_k, head_dim, head_dim_v, width, window_left, window_right,
                                    BLOCK_M, BLOCK_N, BLOCK_K, PART_B, DKDV, False, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                   HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION)
+                                   HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION, ATTN_MASK)
         acc_a, acc_b = _dkdv_tiles(acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, xb_base,
-                                   lse_base, delta_base, offs_m, offs_n, offs_k, cols_a, cols_b, c, d, stride_qs,
+                                   lse_base, delta_base, amt_ptrs, stride_amm, offs_m, offs_n, offs_k, cols_a, cols_b, c, d, stride_qs,
                                    stride_dos, stride_xs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                    seqlen_q, seqlen_k, head_dim, head_dim_v, width, window_left, window_right,
                                    BLOCK_M, BLOCK_N, BLOCK_K, PART_B, DKDV, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                   HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION)
+                                   HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION, ATTN_MASK)
     if DKDV == 1:
         acc_a = acc_a * softmax_scale
         acc_b = acc_b * softmax_scale
