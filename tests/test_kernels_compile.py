@@ -101,9 +101,9 @@ def compile_wide_variants() -> None:
     gpu = torch.device("cuda", 0)
     torch.cuda.get_device_capability = lambda *a, **k: (9, 0)  # no driver here: the H200's tables
     plain = dict(HAS_LEFT=False, HAS_RIGHT=False, SOFTCAP=False, HAS_ALIBI=False, VARLEN=False, EVEN_K=True,
-                 EVEN_KV=True, ATTN_MASK=0)
+                 EVEN_KV=True, ATTN_MASK=0, DROPOUT=False)
     every = dict(HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, HAS_ALIBI=True, VARLEN=True, EVEN_K=False,
-                 EVEN_KV=False, ATTN_MASK=2)
+                 EVEN_KV=False, ATTN_MASK=2, DROPOUT=True)
     for elem, dtype, precision, flag_sets in (("bf16", torch.bfloat16, "ieee", (plain, every)),
                                               ("fp32", torch.float32, "tf32", (every,))):
         fwd_cfg = wide_forward_config(gpu, 640, 640, dtype, False)

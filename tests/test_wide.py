@@ -12,7 +12,8 @@ import torch
 import flashtile as ft
 from flashtile import attention_launch, wide_launch
 from conftest import DEVICE, HAS_GPU
-from oracle import assert_results_match_oracle
+from flashtile.reference import attention_ref, attention_varlen_ref
+from oracle import assert_matches_oracle, assert_results_match_oracle
 from test_attention import check_against_oracle
 from test_varlen import _make as make_packed
 from test_varlen import check_against_oracle as check_varlen_against_oracle
@@ -159,15 +160,13 @@ def test_largest_head_dim(backend):
         ft.flash_attn_func(*_make((1, 4, 4, 1, 1, 2049, 64), torch.float32))
 
 
-@pytest.mark.parametrize("feature", ["dropout", "block_mask", "gradient of attn_mask"])
+@pytest.mark.parametrize("feature", ["block_mask", "gradient of attn_mask"])
 def test_unsupported_features_raise(feature):
     """What the wide kernels do not have yet raises UnsupportedError (a NotImplementedError) on the Triton path
     (the mask gradient only when backward runs: that is when autograd asks for it)."""
     q, k, v = _make((1, 32, 32, 2, 2, 320, 320), torch.float16)
     with ft.use_backend("triton"), pytest.raises(NotImplementedError, match=feature):
-        if feature == "dropout":
-            ft.flash_attn_func(q, k, v, dropout_p=0.1)
-        elif feature == "block_mask":
+        if feature == "block_mask":
             ft.flash_attn_func(q, k, v, block_mask=ft.BlockMask.causal(32, 32, block_size=(16, 16), device=DEVICE))
         else:  # an additive attn_mask that requires grad: its gradient is the dense kernels' only
             bias = torch.randn(32, 32, device=DEVICE, dtype=torch.float16, requires_grad=True)
@@ -239,3 +238,36 @@ def test_any_strides_without_copies(backend):
     k, v = (torch.randn(B, H, S, D, device=DEVICE).transpose(1, 2).requires_grad_() for _ in range(2))
     with ft.use_backend(backend):
         check_against_oracle(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(causal=True), dict(window_size=(7, 3), softcap=2.0)],
+                         ids=["plain", "causal", "window-softcap"])
+@pytest.mark.parametrize("shape", [(2, 29, 43, 2, 1, 320, 320), (1, 21, 21, 2, 2, 333, 100)], ids=_shape_id)
+def test_dropout_is_the_exact_function_of_its_pattern(shape, kw):
+    """Dropout in the wide kernels: out, lse and gradients equal the oracle run with the returned keep
+    pattern (the dense kernels' counters and hash, so one pattern for every head dim)."""
+    dtype = torch.bfloat16 if HAS_GPU else torch.float16
+    q, k, v = _make(shape, dtype)
+    with ft.use_backend("triton"):
+        out, lse, keep = ft.flash_attn_func(q, k, v, dropout_p=0.3, return_attn_probs=True, **kw)
+    B, Sq, Sk, Hq = shape[0], shape[1], shape[2], shape[3]
+    assert keep.dtype == torch.bool and keep.shape == (B, Hq, Sq, Sk)
+    assert_matches_oracle((q, k, v), (out, lse),
+                          attention_ref(q, k, v, dropout_p=0.3, dropout_mask=keep, upcast=True, **kw),
+                          attention_ref(q, k, v, dropout_p=0.3, dropout_mask=keep, upcast=False, **kw))
+
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(causal=True)], ids=["plain", "causal"])
+def test_varlen_dropout_is_the_exact_function_of_its_padded_pattern(kw):
+    """Packed sequences with dropout in the wide kernels: sequence b draws keep[b, :, :Sq_b, :Sk_b] of
+    the padded pattern (max_seqlen above the longest sequence too), as in the dense kernels."""
+    q, k, v, meta = make_packed([5, 0, 17, 9], [7, 3, 17, 0], 2, 1, 320, torch.float32)
+    cu_q, cu_k, max_q, max_k = meta
+    torch.manual_seed(11)
+    with ft.use_backend("triton"):
+        out, lse, keep = ft.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q + 3, max_k, dropout_p=0.3,
+                                                   return_attn_probs=True, **kw)
+    ref = attention_varlen_ref(q, k, v, cu_q, cu_k, upcast=True, dropout_p=0.3, dropout_mask=keep, **kw)
+    low = attention_varlen_ref(q, k, v, cu_q, cu_k, upcast=False, dropout_p=0.3, dropout_mask=keep, **kw)
+    assert_matches_oracle((q, k, v), (out, lse), ref, low)

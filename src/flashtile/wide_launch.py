@@ -13,7 +13,7 @@ import torch
 import triton
 
 from flashtile.attention_launch import (_Layout, _alibi_args, _attn_mask_args, _dense_layout, _device_ctx,
-                                        _dot_precision, _empty, _mask_flags, forward_buffers)
+                                        _dot_precision, _dropout_args, _empty, _mask_flags, forward_buffers)
 from flashtile.errors import UnsupportedError
 from flashtile.kernels.attention_wide import wide_delta_kernel, wide_dkdv_kernel, wide_dq_kernel, wide_fwd_kernel
 from flashtile.launch_fit import launch_fitting
@@ -37,12 +37,11 @@ def wide_parts(dim: int, max_part: int) -> Tuple[int, int, int]:
     return a, b, triton.cdiv(dim, a + b)
 
 
-def _check_features(block_mask, dropout_p: float, dbias=None) -> None:
-    for name, used in (("dropout_p", dropout_p > 0), ("block_mask", block_mask is not None),
-                       ("a gradient of attn_mask", dbias is not None)):
+def _check_features(block_mask, dbias=None) -> None:
+    for name, used in (("block_mask", block_mask is not None), ("a gradient of attn_mask", dbias is not None)):
         if used:
             raise UnsupportedError(f"{name} with head dims > 256 is not supported yet (the wide-head kernels "
-                                   "have causal, sliding window, GQA, softcap, ALiBi, attn_mask and varlen)")
+                                   "have causal, sliding window, GQA, softcap, ALiBi, attn_mask, dropout and varlen)")
 
 
 def _run(kernel, grid, cfg: WideConfig, args, meta) -> None:
@@ -65,7 +64,7 @@ def wide_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
                  layout: Optional[_Layout] = None, block_mask=None, attn_mask: Optional[torch.Tensor] = None,
                  dropout_p: float = 0.0, dropout_seed: Tuple[int, int] = (0, 0)) -> Tuple[torch.Tensor, torch.Tensor]:
     """out [.., Hq, Dv] (q's dtype) and lse fp32, as attention_launch.attention_forward."""
-    _check_features(block_mask, dropout_p)
+    _check_features(block_mask)
     layout = layout or _dense_layout(q, k)
     Hq, D = q.shape[-2], q.shape[-1]
     Hkv, Dv = k.shape[-2], v.shape[-1]
@@ -81,11 +80,11 @@ def wide_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
     cu_q, cu_k = layout.cu(lse)
     args = (q, k, v, out, lse, slopes, cu_q, cu_k, am, *layout.bsh(q), *layout.bsh(k), *layout.bsh(v),
             *layout.bsh(out), *layout.lse_bh(lse), stride_alibi_b, Sq, Sk, Hq, Hq // Hkv, D, Dv, softmax_scale, softcap,
-            left, right, n_split, *am_strides)
+            left, right, n_split, *am_strides, *_dropout_args(dropout_p, dropout_seed))
     grid = (n_split * triton.cdiv(Sq, cfg.block_m) * B * Hq,)
     with _device_ctx(q):
         _run(wide_fwd_kernel, grid, cfg, args, dict(meta, PART_A=part_a, PART_B=part_b, EVEN_K=D % cfg.block_k == 0,
-                                                    FLATTEN=cfg.flatten, ATTN_MASK=am_kind))
+                                                    FLATTEN=cfg.flatten, ATTN_MASK=am_kind, DROPOUT=dropout_p > 0))
     return out, lse
 
 
@@ -98,7 +97,7 @@ def wide_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                   dbias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv (contiguous, dtypes of q, k, v); the GQA group is always summed in registers.
     dbias (an attn_mask that requires grad) is not supported here yet: UnsupportedError."""
-    _check_features(block_mask, dropout_p, dbias)
+    _check_features(block_mask, dbias)
     layout = layout or _dense_layout(q, k)
     Hq, D = q.shape[-2], q.shape[-1]
     Hkv, Dv = k.shape[-2], v.shape[-1]
@@ -128,9 +127,9 @@ def wide_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
             part_a, part_b, n_split = wide_parts(width, c.max_part)
             tile = c.block_m if kernel is wide_dq_kernel else c.block_n
             args = (q, k, v, dout, lse, delta, dx, slopes, cu_q, cu_k, am, *inputs, *layout.bsh(dx), *scalars, n_split,
-                    *am_strides)
+                    *am_strides, *_dropout_args(dropout_p, dropout_seed))
             _run(kernel, (n_split * triton.cdiv(rows, tile) * B * heads,), c, args,
                  dict(meta, **extra, PART_A=part_a, PART_B=part_b, EVEN_K=D % c.block_k == 0,
-                      EVEN_KV=Dv % c.block_k == 0, ATTN_MASK=am_kind))
+                      EVEN_KV=Dv % c.block_k == 0, ATTN_MASK=am_kind, DROPOUT=dropout_p > 0))
     return dq, dk, dv
 

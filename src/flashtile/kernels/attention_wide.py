@@ -16,16 +16,16 @@ dim over several programs, each recomputing S for its slice. Nothing is S x S, n
   wide_dq_kernel    dQ[:, slice]
   wide_dkdv_kernel  dK[:, slice] (DKDV = 1) or dV[:, slice] (DKDV = 0) of one key tile, summing the
                     GQA group in registers
-Masking (causal / sliding window, torch SDPA's attn_mask), softcap and ALiBi reuse kernels/common.py's
-helpers, so the semantics are the dense kernels'.
+Masking (causal / sliding window, torch SDPA's attn_mask), softcap, ALiBi and dropout reuse
+kernels/common.py's helpers, so the semantics (and the dropout pattern) are the dense kernels'.
 """
 
 import triton
 import triton.language as tl
 
 from flashtile.kernels.attention_bwd import _load_lse2
-from flashtile.kernels.common import (key_phases, online_softmax, query_phases, score_log2, score_params, sequence_bounds,
-                                      visible)
+from flashtile.kernels.common import (dropout_keep, key_phases, online_softmax, query_phases, score_log2, score_params,
+                                      sequence_bounds, visible)
 
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -88,15 +88,18 @@ def _query_program(n_split, seqlen_q, seqlen_k, heads_q, group_size, CuSeqQ, CuS
 
 
 @triton.jit
-def _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, am_ptrs, stride_amn, offs_m, offs_n,
-               offs_k, cols_a, cols_b, start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post,
-               alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+def _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, am_ptrs, stride_amn,
+               drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_k, cols_a, cols_b, start, stop,
+               stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
+               head_dim, head_dim_v, window_left, window_right,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PART_B: tl.constexpr,
                MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                HAS_ALIBI: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, FLATTEN: tl.constexpr,
-               ATTN_MASK: tl.constexpr):
+               ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr):
     """Online-softmax update over key tiles [start, stop): S chunked over Dqk, O slice in registers.
-    am_ptrs: torch SDPA's attn_mask at this tile's rows and key 0 (ATTN_MASK as in common.score_log2)."""
+    am_ptrs: torch SDPA's attn_mask at this tile's rows and key 0 (ATTN_MASK as in common.score_log2).
+    DROPOUT: drop_rows are the rows' first dropout counters (attention_fwd_kernel's); l_i keeps the
+    undropped sum, only P V sees the keep pattern."""
     for start_n in tl.range(start, stop, BLOCK_N, flatten=FLATTEN):
         cols = start_n + offs_n
         # -- V's slice first: its loads are in flight during the S loop below (loaded after the
@@ -115,6 +118,8 @@ def _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, a
             qk = tl.where(vis, qk, float("-inf"))
         # a mask can hide every key a row has seen so far in any tile: guard the running max there too
         p, alpha, l_i, m_new = online_softmax(qk, m_i, l_i, MASKED or ATTN_MASK != 0)
+        if DROPOUT:
+            p = tl.where(dropout_keep(drop_rows[:, None], cols, seed_lo, seed_hi, drop_thr, False), p, 0.0)
         acc_a = tl.dot(p.to(va.dtype), va, acc_a * alpha[:, None], input_precision=DOT_PRECISION)
         if PART_B > 0:
             acc_b = tl.dot(p.to(vb.dtype), vb, acc_b * alpha[:, None], input_precision=DOT_PRECISION)
@@ -124,7 +129,7 @@ def _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, a
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "window_left", "window_right",
                                "stride_lse_b", "stride_lse_h", "n_split", "stride_amb", "stride_amh", "stride_amm",
-                               "stride_amn"])
+                               "stride_amn", "seed_lo", "seed_hi", "drop_thr"])
 def wide_fwd_kernel(
     Q, K, V, Out, Lse, Alibi, CuSeqQ, CuSeqK, AttnMask,
     stride_qb, stride_qs, stride_qh,
@@ -133,18 +138,21 @@ def wide_fwd_kernel(
     stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h, stride_alibi_b,
     seqlen_q, seqlen_k, heads_q, group_size, head_dim, head_dim_v,
     softmax_scale, softcap, window_left, window_right, n_split, stride_amb, stride_amh, stride_amm, stride_amn,
+    seed_lo, seed_hi, drop_thr, drop_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PART_A: tl.constexpr, PART_B: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     VARLEN: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, FLATTEN: tl.constexpr,
-    ATTN_MASK: tl.constexpr,
+    ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """Q [B, Sq, Hq, Dqk], K [B, Sk, Hkv, Dqk], V [B, Sk, Hkv, Dv] -> Out [B, Sq, Hq, Dv], Lse fp32 [B, Hq, Sq].
 
     Grid: one program per (Dv slice, query tile, batch x query head), see _query_program. Slice s
-    covers Dv columns [s * W, s * W + W), W = PART_A + PART_B. VARLEN and ATTN_MASK (torch SDPA's
-    attn_mask through its [B, Hq, Sq, Sk] broadcast strides) as in attention_fwd_kernel.
+    covers Dv columns [s * W, s * W + W), W = PART_A + PART_B. VARLEN, ATTN_MASK (torch SDPA's
+    attn_mask through its [B, Hq, Sq, Sk] broadcast strides) and DROPOUT (the same counters and keep
+    pattern) as in attention_fwd_kernel.
     """
+    count_q, count_k = seqlen_q, seqlen_k  # dropout counters index a [B, Hq, max Sq, max Sk] grid
     split, tile, b, h, h_kv, q_start, k_start, seqlen_q, seqlen_k = _query_program(
         n_split, seqlen_q, seqlen_k, heads_q, group_size, CuSeqQ, CuSeqK, BLOCK_M, HAS_RIGHT, VARLEN)
     if VARLEN:
@@ -175,29 +183,34 @@ def wide_fwd_kernel(
     vb_ptrs = v_base + cols_b[None, :]
     am_ptrs = (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
                + offs_m[:, None].to(tl.int64) * stride_amm + offs_n[None, :].to(tl.int64) * stride_amn)
+    drop_rows = ((b * heads_q + h).to(tl.int64) * count_q + offs_m) * count_k
     if HAS_LEFT:
-        acc_a, acc_b, l_i, m_i = _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, am_ptrs, stride_amn, offs_m, offs_n,
-                                            offs_k, cols_a, cols_b, a, bb, stride_ks, stride_vs, qk_scale, softcap_pre,
-                                            softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                            window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, True,
-                                            HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, DOT_PRECISION, FLATTEN,
-                                            ATTN_MASK)
-    acc_a, acc_b, l_i, m_i = _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, am_ptrs, stride_amn, offs_m, offs_n,
-                                        offs_k, cols_a, cols_b, bb, c, stride_ks, stride_vs, qk_scale, softcap_pre,
-                                        softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                        window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, False,
-                                        HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, DOT_PRECISION, FLATTEN,
-                                            ATTN_MASK)
-    acc_a, acc_b, l_i, m_i = _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, am_ptrs, stride_amn, offs_m, offs_n,
-                                        offs_k, cols_a, cols_b, c, d, stride_ks, stride_vs, qk_scale, softcap_pre,
-                                        softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                        window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, True,
-                                        HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, DOT_PRECISION, FLATTEN,
-                                            ATTN_MASK)
+        acc_a, acc_b, l_i, m_i = _fwd_tiles(
+            acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo,
+            seed_hi, drop_thr, offs_m, offs_n, offs_k, cols_a, cols_b, a, bb, stride_ks, stride_vs, qk_scale,
+            softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left,
+            window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
+            EVEN_K, DOT_PRECISION, FLATTEN, ATTN_MASK, DROPOUT)
+    acc_a, acc_b, l_i, m_i = _fwd_tiles(
+        acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo,
+        seed_hi, drop_thr, offs_m, offs_n, offs_k, cols_a, cols_b, bb, c, stride_ks, stride_vs, qk_scale,
+        softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left,
+        window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
+        EVEN_K, DOT_PRECISION, FLATTEN, ATTN_MASK, DROPOUT)
+    acc_a, acc_b, l_i, m_i = _fwd_tiles(
+        acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo,
+        seed_hi, drop_thr, offs_m, offs_n, offs_k, cols_a, cols_b, c, d, stride_ks, stride_vs, qk_scale,
+        softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left,
+        window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
+        EVEN_K, DOT_PRECISION, FLATTEN, ATTN_MASK, DROPOUT)
 
-    # -- epilogue: normalise; a row that saw no key gives out 0 and lse -inf --
+    # -- epilogue: normalise (dropout: and scale by 1 / (1 - p)); a row that saw no key gives out 0
+    # and lse -inf --
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
+    if DROPOUT:
+        acc_a = acc_a * drop_scale
+        acc_b = acc_b * drop_scale
     o_base = Out + b.to(tl.int64) * stride_ob + h * stride_oh + q_rows[:, None] * stride_os
     _store_part(o_base + cols_a[None, :], acc_a / l_safe[:, None], q_ok, cols_a, head_dim_v)
     if PART_B > 0:
@@ -240,14 +253,16 @@ def wide_delta_kernel(Out, DOut, Delta, CuSeqQ, stride_ob, stride_os, stride_oh,
 
 @triton.jit
 def _dq_tiles(dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, ka_ptrs, kb_ptrs, am_ptrs, stride_amn,
+              drop_rows, seed_lo, seed_hi, drop_thr, drop_scale,
               offs_m, offs_n, offs_k, cols_a, cols_b, start, stop, stride_ks, stride_vs,
               qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
               window_left, window_right,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PART_B: tl.constexpr,
               MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
               HAS_ALIBI: tl.constexpr, EVEN_K: tl.constexpr, EVEN_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              ATTN_MASK: tl.constexpr):
-    """dQ slice over key tiles [start, stop): S and dP chunked over Dqk / Dv, dQ += dS K[:, slice]."""
+              ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr):
+    """dQ slice over key tiles [start, stop): S and dP chunked over Dqk / Dv, dQ += dS K[:, slice].
+    DROPOUT: dP keeps the forward's pattern, scaled by 1 / (1 - p) (attention_bwd's _dq_tile)."""
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + offs_n
         k_ok = cols[None, :] < seqlen_k
@@ -268,6 +283,9 @@ def _dq_tiles(dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, 
         dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         dp = _dot_over_k(dp, do_ptrs, vt_ptrs + start_n * stride_vs, q_ok, k_ok, offs_k, head_dim_v,
                          BLOCK_K, EVEN_KV, DOT_PRECISION)
+        if DROPOUT:
+            keep = dropout_keep(drop_rows[:, None], cols, seed_lo, seed_hi, drop_thr, False)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
@@ -279,7 +297,7 @@ def _dq_tiles(dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "window_left", "window_right",
                                "stride_lse_b", "stride_lse_h", "n_split", "stride_amb", "stride_amh", "stride_amm",
-                               "stride_amn"])
+                               "stride_amn", "seed_lo", "seed_hi", "drop_thr"])
 def wide_dq_kernel(
     Q, K, V, DOut, Lse, Delta, DQ, Alibi, CuSeqQ, CuSeqK, AttnMask,
     stride_qb, stride_qs, stride_qh,
@@ -289,13 +307,15 @@ def wide_dq_kernel(
     stride_dqb, stride_dqs, stride_dqh, stride_lse_b, stride_lse_h, stride_alibi_b,
     seqlen_q, seqlen_k, heads_q, group_size, head_dim, head_dim_v,
     softmax_scale, softcap, window_left, window_right, n_split, stride_amb, stride_amh, stride_amm, stride_amn,
+    seed_lo, seed_hi, drop_thr, drop_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PART_A: tl.constexpr, PART_B: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     VARLEN: tl.constexpr, EVEN_K: tl.constexpr, EVEN_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ATTN_MASK: tl.constexpr,
+    ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """dQ [B, Sq, Hq, Dqk], one Dqk slice of BLOCK_M query rows per program (grid as wide_fwd_kernel)."""
+    count_q, count_k = seqlen_q, seqlen_k  # dropout counters, as in the forward
     split, tile, b, h, h_kv, q_start, k_start, seqlen_q, seqlen_k = _query_program(
         n_split, seqlen_q, seqlen_k, heads_q, group_size, CuSeqQ, CuSeqK, BLOCK_M, HAS_RIGHT, VARLEN)
     if VARLEN:
@@ -328,22 +348,26 @@ def wide_dq_kernel(
     a, bb, c, d = key_phases(m_lo, m_hi, seqlen_q, seqlen_k, window_left, window_right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     am_ptrs = (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
                + offs_m[:, None].to(tl.int64) * stride_amm + offs_n[None, :].to(tl.int64) * stride_amn)
+    drop_rows = ((b * heads_q + h).to(tl.int64) * count_q + offs_m) * count_k
     if HAS_LEFT:
-        dq_a, dq_b = _dq_tiles(dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, ka_ptrs,
-                               kb_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_k, cols_a, cols_b, a, bb, stride_ks, stride_vs,
-                               qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim,
-                               head_dim_v, window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, True,
-                               HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION, ATTN_MASK)
-    dq_a, dq_b = _dq_tiles(dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, ka_ptrs,
-                           kb_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_k, cols_a, cols_b, bb, c, stride_ks, stride_vs,
-                           qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim,
-                           head_dim_v, window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, False,
-                           HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION, ATTN_MASK)
-    dq_a, dq_b = _dq_tiles(dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, ka_ptrs,
-                           kb_ptrs, am_ptrs, stride_amn, offs_m, offs_n, offs_k, cols_a, cols_b, c, d, stride_ks, stride_vs,
-                           qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim,
-                           head_dim_v, window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, True,
-                           HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION, ATTN_MASK)
+        dq_a, dq_b = _dq_tiles(
+            dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, ka_ptrs, kb_ptrs, am_ptrs, stride_amn,
+            drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_k, cols_a, cols_b, a, bb,
+            stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim,
+            head_dim_v, window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, True, HAS_LEFT, HAS_RIGHT,
+            SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+    dq_a, dq_b = _dq_tiles(
+        dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, ka_ptrs, kb_ptrs, am_ptrs, stride_amn,
+        drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_k, cols_a, cols_b, bb, c,
+        stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim,
+        head_dim_v, window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, False, HAS_LEFT, HAS_RIGHT,
+        SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+    dq_a, dq_b = _dq_tiles(
+        dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, ka_ptrs, kb_ptrs, am_ptrs, stride_amn,
+        drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_k, cols_a, cols_b, c, d,
+        stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim,
+        head_dim_v, window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, True, HAS_LEFT, HAS_RIGHT,
+        SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION, ATTN_MASK, DROPOUT)
     dq_base = DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + q_rows[:, None] * stride_dqs
     _store_part(dq_base + cols_a[None, :], dq_a * softmax_scale, q_ok, cols_a, head_dim)
     if PART_B > 0:
@@ -352,20 +376,22 @@ def wide_dq_kernel(
 
 @triton.jit
 def _dkdv_tiles(acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, xb_base, lse_base, delta_base,
-                amt_ptrs, stride_amm,
+                amt_ptrs, stride_amm, drop_base, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale,
                 offs_m, offs_n, offs_k, cols_a, cols_b, start, stop, stride_qs, stride_dos, stride_xs,
                 qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
                 width, window_left, window_right,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PART_B: tl.constexpr,
                 DKDV: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, EVEN_K: tl.constexpr, EVEN_KV: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr):
     """One key tile over query tiles [start, stop) of one query head.
 
     S^T = K Q^T (chunked over Dqk), P^T = exp2(S^T - lse). DKDV = 0: dV += P^T dO[:, slice].
     DKDV = 1: dP^T = V dO^T (chunked over Dv), dS^T = P^T (dP^T - delta), dK += dS^T Q[:, slice].
     X (xa_base / xb_base, row stride stride_xs) is dO for dV and Q for dK, at query row 0.
     amt_ptrs: the attn_mask [BLOCK_N keys, BLOCK_M queries] at query row 0 (S^T's orientation).
+    DROPOUT: drop_base is this head's first counter, drop_stride the counters per query row; dV sees
+    the kept P^T and dK the kept dP^T, both scaled by 1 / (1 - p) (attention_bwd's _dkdv_tile).
     """
     for start_m in range(start, stop, BLOCK_M):
         rows = start_m + offs_m
@@ -380,14 +406,21 @@ def _dkdv_tiles(acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, 
         if MASKED:
             vis = visible(rows, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             pt = tl.where(tl.trans(vis) & q_ok, pt, 0.0)
+        if DROPOUT:
+            keep = dropout_keep(drop_base + rows[None, :].to(tl.int64) * drop_stride, offs_n, seed_lo, seed_hi,
+                                drop_thr, True)
         if DKDV == 1:
             dpt = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             dpt = _dot_over_k(dpt, v_ptrs, dot_base + rows[None, :].to(tl.int64) * stride_dos + offs_k[:, None], k_ok,
                               q_ok, offs_k, head_dim_v, BLOCK_K, EVEN_KV, DOT_PRECISION)
+            if DROPOUT:
+                dpt = tl.where(keep, dpt * drop_scale, 0.0)
             delta = tl.load(delta_base + rows, mask=rows < seqlen_q, other=0.0)
             pt = pt * (dpt - delta[None, :])
             if SOFTCAP:
                 pt = pt * (1.0 - tt * tt)
+        elif DROPOUT:
+            pt = tl.where(keep, pt * drop_scale, 0.0)
         # X's slice is loaded here, after the S^T / dP^T loops: issued before them (as dQ and the
         # forward do) it measured no faster for dV and 4% slower for dK at D=320 on the H200
         x_rows = rows[:, None] < seqlen_q
@@ -402,7 +435,7 @@ def _dkdv_tiles(acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "window_left", "window_right",
                                "stride_lse_b", "stride_lse_h", "n_split", "stride_amb", "stride_amh", "stride_amm",
-                               "stride_amn"])
+                               "stride_amn", "seed_lo", "seed_hi", "drop_thr"])
 def wide_dkdv_kernel(
     Q, K, V, DOut, Lse, Delta, DX, Alibi, CuSeqQ, CuSeqK, AttnMask,
     stride_qb, stride_qs, stride_qh,
@@ -412,15 +445,17 @@ def wide_dkdv_kernel(
     stride_dxb, stride_dxs, stride_dxh, stride_lse_b, stride_lse_h, stride_alibi_b,
     seqlen_q, seqlen_k, heads_q, group_size, head_dim, head_dim_v,
     softmax_scale, softcap, window_left, window_right, n_split, stride_amb, stride_amh, stride_amm, stride_amn,
+    seed_lo, seed_hi, drop_thr, drop_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PART_A: tl.constexpr, PART_B: tl.constexpr, DKDV: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     VARLEN: tl.constexpr, EVEN_K: tl.constexpr, EVEN_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ATTN_MASK: tl.constexpr,
+    ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """DKDV = 1: DX = dK [B, Sk, Hkv, Dqk]; DKDV = 0: DX = dV [B, Sk, Hkv, Dv]; one slice of BLOCK_N keys
     of one kv head per program, summed over the kv head's GQA group in registers (grid: slice,
     key tile, batch x kv head, slices fastest)."""
+    count_q, count_k = seqlen_q, seqlen_k  # dropout counters, as in the forward
     n_n_tiles = tl.cdiv(seqlen_k, BLOCK_N)
     pid = tl.program_id(0)
     split = pid % n_split
@@ -470,25 +505,29 @@ def wide_dkdv_kernel(
                                                                         softcap, SOFTCAP, HAS_ALIBI)
         amt_ptrs = (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
                     + offs_m[None, :].to(tl.int64) * stride_amm + offs_n[:, None].to(tl.int64) * stride_amn)
+        drop_base = (b * heads_q + h).to(tl.int64) * count_q * count_k
         if HAS_RIGHT:
-            acc_a, acc_b = _dkdv_tiles(acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, xb_base,
-                                       lse_base, delta_base, amt_ptrs, stride_amm, offs_m, offs_n, offs_k, cols_a, cols_b, a, bb, stride_qs,
-                                       stride_dos, stride_xs, qk_scale, softcap_pre, softcap_post, alibi_log2,
-                                       seqlen_q, seqlen_k, head_dim, head_dim_v, width, window_left, window_right,
-                                       BLOCK_M, BLOCK_N, BLOCK_K, PART_B, DKDV, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                       HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION, ATTN_MASK)
-        acc_a, acc_b = _dkdv_tiles(acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, xb_base,
-                                   lse_base, delta_base, amt_ptrs, stride_amm, offs_m, offs_n, offs_k, cols_a, cols_b, bb, c, stride_qs,
-                                   stride_dos, stride_xs, qk_scale, softcap_pre, softcap_post, alibi_log2,
-                                   seqlen_q, seqlen_k, head_dim, head_dim_v, width, window_left, window_right,
-                                   BLOCK_M, BLOCK_N, BLOCK_K, PART_B, DKDV, False, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                   HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION, ATTN_MASK)
-        acc_a, acc_b = _dkdv_tiles(acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, xb_base,
-                                   lse_base, delta_base, amt_ptrs, stride_amm, offs_m, offs_n, offs_k, cols_a, cols_b, c, d, stride_qs,
-                                   stride_dos, stride_xs, qk_scale, softcap_pre, softcap_post, alibi_log2,
-                                   seqlen_q, seqlen_k, head_dim, head_dim_v, width, window_left, window_right,
-                                   BLOCK_M, BLOCK_N, BLOCK_K, PART_B, DKDV, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                                   HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION, ATTN_MASK)
+            acc_a, acc_b = _dkdv_tiles(
+                acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, xb_base, lse_base, delta_base, amt_ptrs,
+                stride_amm, drop_base, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_k, cols_a,
+                cols_b, a, bb, stride_qs, stride_dos, stride_xs, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                seqlen_q, seqlen_k, head_dim, head_dim_v, width, window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K,
+                PART_B, DKDV, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION,
+                ATTN_MASK, DROPOUT)
+        acc_a, acc_b = _dkdv_tiles(
+            acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, xb_base, lse_base, delta_base, amt_ptrs,
+            stride_amm, drop_base, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_k, cols_a,
+            cols_b, bb, c, stride_qs, stride_dos, stride_xs, qk_scale, softcap_pre, softcap_post, alibi_log2,
+            seqlen_q, seqlen_k, head_dim, head_dim_v, width, window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K,
+            PART_B, DKDV, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION,
+            ATTN_MASK, DROPOUT)
+        acc_a, acc_b = _dkdv_tiles(
+            acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, xb_base, lse_base, delta_base, amt_ptrs,
+            stride_amm, drop_base, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_k, cols_a,
+            cols_b, c, d, stride_qs, stride_dos, stride_xs, qk_scale, softcap_pre, softcap_post, alibi_log2,
+            seqlen_q, seqlen_k, head_dim, head_dim_v, width, window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K,
+            PART_B, DKDV, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION,
+            ATTN_MASK, DROPOUT)
     if DKDV == 1:
         acc_a = acc_a * softmax_scale
         acc_b = acc_b * softmax_scale
