@@ -184,25 +184,17 @@ def wide_fwd_kernel(
     am_ptrs = (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
                + offs_m[:, None].to(tl.int64) * stride_amm + offs_n[None, :].to(tl.int64) * stride_amn)
     drop_rows = ((b * heads_q + h).to(tl.int64) * count_q + offs_m) * count_k
-    if HAS_LEFT:
+    # key tiles [a, bb) and [c, d) need the visibility rule, [bb, c) is visible to every row; a left edge
+    # (window) makes [a, bb) non-empty. One call site, unrolled per phase (MASKED is a constexpr)
+    for phase in tl.static_range(0 if HAS_LEFT else 1, 3):
+        lo = a if phase == 0 else (bb if phase == 1 else c)
+        hi = bb if phase == 0 else (c if phase == 1 else d)
         acc_a, acc_b, l_i, m_i = _fwd_tiles(
             acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo,
-            seed_hi, drop_thr, offs_m, offs_n, offs_k, cols_a, cols_b, a, bb, stride_ks, stride_vs, qk_scale,
+            seed_hi, drop_thr, offs_m, offs_n, offs_k, cols_a, cols_b, lo, hi, stride_ks, stride_vs, qk_scale,
             softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left,
-            window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
+            window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, phase != 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
             EVEN_K, DOT_PRECISION, FLATTEN, ATTN_MASK, DROPOUT)
-    acc_a, acc_b, l_i, m_i = _fwd_tiles(
-        acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo,
-        seed_hi, drop_thr, offs_m, offs_n, offs_k, cols_a, cols_b, bb, c, stride_ks, stride_vs, qk_scale,
-        softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left,
-        window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
-        EVEN_K, DOT_PRECISION, FLATTEN, ATTN_MASK, DROPOUT)
-    acc_a, acc_b, l_i, m_i = _fwd_tiles(
-        acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo,
-        seed_hi, drop_thr, offs_m, offs_n, offs_k, cols_a, cols_b, c, d, stride_ks, stride_vs, qk_scale,
-        softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left,
-        window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
-        EVEN_K, DOT_PRECISION, FLATTEN, ATTN_MASK, DROPOUT)
 
     # -- epilogue: normalise (dropout: and scale by 1 / (1 - p)); a row that saw no key gives out 0
     # and lse -inf --
@@ -349,25 +341,15 @@ def wide_dq_kernel(
     am_ptrs = (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
                + offs_m[:, None].to(tl.int64) * stride_amm + offs_n[None, :].to(tl.int64) * stride_amn)
     drop_rows = ((b * heads_q + h).to(tl.int64) * count_q + offs_m) * count_k
-    if HAS_LEFT:
+    for phase in tl.static_range(0 if HAS_LEFT else 1, 3):  # the forward's phases: [a, bb), [bb, c), [c, d)
+        lo = a if phase == 0 else (bb if phase == 1 else c)
+        hi = bb if phase == 0 else (c if phase == 1 else d)
         dq_a, dq_b = _dq_tiles(
             dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, ka_ptrs, kb_ptrs, am_ptrs, stride_amn,
-            drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_k, cols_a, cols_b, a, bb,
+            drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_k, cols_a, cols_b, lo, hi,
             stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim,
-            head_dim_v, window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, True, HAS_LEFT, HAS_RIGHT,
+            head_dim_v, window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, phase != 1, HAS_LEFT, HAS_RIGHT,
             SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION, ATTN_MASK, DROPOUT)
-    dq_a, dq_b = _dq_tiles(
-        dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, ka_ptrs, kb_ptrs, am_ptrs, stride_amn,
-        drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_k, cols_a, cols_b, bb, c,
-        stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim,
-        head_dim_v, window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, False, HAS_LEFT, HAS_RIGHT,
-        SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION, ATTN_MASK, DROPOUT)
-    dq_a, dq_b = _dq_tiles(
-        dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, ka_ptrs, kb_ptrs, am_ptrs, stride_amn,
-        drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_k, cols_a, cols_b, c, d,
-        stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim,
-        head_dim_v, window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, True, HAS_LEFT, HAS_RIGHT,
-        SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION, ATTN_MASK, DROPOUT)
     dq_base = DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + q_rows[:, None] * stride_dqs
     _store_part(dq_base + cols_a[None, :], dq_a * softmax_scale, q_ok, cols_a, head_dim)
     if PART_B > 0:
@@ -506,28 +488,18 @@ def wide_dkdv_kernel(
         amt_ptrs = (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
                     + offs_m[None, :].to(tl.int64) * stride_amm + offs_n[:, None].to(tl.int64) * stride_amn)
         drop_base = (b * heads_q + h).to(tl.int64) * count_q * count_k
-        if HAS_RIGHT:
+        # query tiles [a, bb) and [c, d) need the visibility rule, [bb, c) sees every key of the tile; a
+        # right edge (causal) makes [a, bb) non-empty
+        for phase in tl.static_range(0 if HAS_RIGHT else 1, 3):
+            lo = a if phase == 0 else (bb if phase == 1 else c)
+            hi = bb if phase == 0 else (c if phase == 1 else d)
             acc_a, acc_b = _dkdv_tiles(
-                acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, xb_base, lse_base, delta_base, amt_ptrs,
-                stride_amm, drop_base, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_k, cols_a,
-                cols_b, a, bb, stride_qs, stride_dos, stride_xs, qk_scale, softcap_pre, softcap_post, alibi_log2,
-                seqlen_q, seqlen_k, head_dim, head_dim_v, width, window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K,
-                PART_B, DKDV, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION,
-                ATTN_MASK, DROPOUT)
-        acc_a, acc_b = _dkdv_tiles(
-            acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, xb_base, lse_base, delta_base, amt_ptrs,
-            stride_amm, drop_base, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_k, cols_a,
-            cols_b, bb, c, stride_qs, stride_dos, stride_xs, qk_scale, softcap_pre, softcap_post, alibi_log2,
-            seqlen_q, seqlen_k, head_dim, head_dim_v, width, window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K,
-            PART_B, DKDV, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION,
-            ATTN_MASK, DROPOUT)
-        acc_a, acc_b = _dkdv_tiles(
-            acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, xb_base, lse_base, delta_base, amt_ptrs,
-            stride_amm, drop_base, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_k, cols_a,
-            cols_b, c, d, stride_qs, stride_dos, stride_xs, qk_scale, softcap_pre, softcap_post, alibi_log2,
-            seqlen_q, seqlen_k, head_dim, head_dim_v, width, window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K,
-            PART_B, DKDV, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION,
-            ATTN_MASK, DROPOUT)
+                acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, xb_base, lse_base, delta_base,
+                amt_ptrs, stride_amm, drop_base, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n,
+                offs_k, cols_a, cols_b, lo, hi, stride_qs, stride_dos, stride_xs, qk_scale, softcap_pre, softcap_post,
+                alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, width, window_left, window_right, BLOCK_M,
+                BLOCK_N, BLOCK_K, PART_B, DKDV, phase != 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV,
+                DOT_PRECISION, ATTN_MASK, DROPOUT)
     if DKDV == 1:
         acc_a = acc_a * softmax_scale
         acc_b = acc_b * softmax_scale
