@@ -110,7 +110,8 @@ def compile_wide_variants() -> None:
         bwd_cfg = wide_backward_config(gpu, 640, 640, dtype, False)
         for flags in flag_sets:
             common = dict(flags, DOT_PRECISION=precision)
-            jobs = [(wide_fwd_kernel, fwd_cfg, dict(FLATTEN=fwd_cfg.flatten)), (wide_dq_kernel, bwd_cfg.dq, {}),
+            jobs = [(wide_fwd_kernel, fwd_cfg, dict(FLATTEN=fwd_cfg.flatten)),
+                    (wide_dq_kernel, bwd_cfg.dq, dict(BIAS_GRAD=flags["ATTN_MASK"] == 2)),
                     (wide_dkdv_kernel, bwd_cfg.dk, dict(DKDV=1)), (wide_dkdv_kernel, bwd_cfg.dv, dict(DKDV=0))]
             for kernel, c, extra in jobs:
                 part_a, part_b, _ = wide_parts(640, c.max_part)

@@ -160,22 +160,40 @@ def test_largest_head_dim(backend):
         ft.flash_attn_func(*_make((1, 4, 4, 1, 1, 2049, 64), torch.float32))
 
 
-@pytest.mark.parametrize("feature", ["block_mask", "gradient of attn_mask"])
-def test_unsupported_features_raise(feature):
-    """What the wide kernels do not have yet raises UnsupportedError (a NotImplementedError) on the Triton path
-    (the mask gradient only when backward runs: that is when autograd asks for it)."""
-    q, k, v = _make((1, 32, 32, 2, 2, 320, 320), torch.float16)
-    with ft.use_backend("triton"), pytest.raises(NotImplementedError, match=feature):
-        if feature == "block_mask":
-            ft.flash_attn_func(q, k, v, block_mask=ft.BlockMask.causal(32, 32, block_size=(16, 16), device=DEVICE))
-        else:  # an additive attn_mask that requires grad: its gradient is the dense kernels' only
-            bias = torch.randn(32, 32, device=DEVICE, dtype=torch.float16, requires_grad=True)
-            out = ft.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), attn_mask=bias)
-            out.sum().backward()
-
-
 MASK_SHAPES = {"2d": lambda B, H, Sq, Sk: (Sq, Sk), "batch": lambda B, H, Sq, Sk: (B, 1, Sq, Sk),
                "key-row": lambda B, H, Sq, Sk: (1, H, 1, Sk), "full": lambda B, H, Sq, Sk: (B, H, Sq, Sk)}
+
+
+def test_block_mask_raises():
+    """What the wide kernels do not have yet raises UnsupportedError (a NotImplementedError) on the Triton path."""
+    q, k, v = _make((1, 32, 32, 2, 2, 320, 320), torch.float16)
+    with ft.use_backend("triton"), pytest.raises(NotImplementedError, match="block_mask"):
+        ft.flash_attn_func(q, k, v, block_mask=ft.BlockMask.causal(32, 32, block_size=(16, 16), device=DEVICE))
+
+
+@pytest.mark.parametrize("mask_shape", list(MASK_SHAPES))
+def test_attn_mask_gradient_matches_oracle(mask_shape):
+    """An additive attn_mask that requires grad gets dS summed over its broadcast dims (GQA, Dqk != Dv,
+    two Dqk slices in the dQ kernel: one of them writes dS); hidden keys (-inf) get zero gradient."""
+    B, Sq, Sk, Hq, Hkv, D, Dv = 2, 21, 27, 2, 1, 640, 320
+    q, k, v = _make((B, Sq, Sk, Hq, Hkv, D, Dv), torch.float32)
+    bias = torch.randn(*MASK_SHAPES[mask_shape](B, Hq, Sq, Sk), device=DEVICE) * 2.0
+    bias[..., 1::7] = float("-inf")
+    bias.requires_grad_()
+    sdpa = lambda *t: ft.scaled_dot_product_attention(*(x.transpose(1, 2) for x in t[:3]), attn_mask=t[3],  # noqa: E731
+                                                      scale=0.05, enable_gqa=True)
+    with ft.use_backend("triton"):
+        out = sdpa(q, k, v, bias)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        *(x.transpose(1, 2) for x in leaves[:3]), attn_mask=leaves[3], scale=0.05, enable_gqa=True)
+    assert (out.double() - ref).abs().max() < 1e-4
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, bias), dout)
+    want = torch.autograd.grad(ref, leaves, dout.double())
+    assert got[3].shape == bias.shape
+    for name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
+        assert (g.double() - w).abs().max() < 1e-4 * (1 + w.abs().max()), name
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])

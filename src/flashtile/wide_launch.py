@@ -37,11 +37,10 @@ def wide_parts(dim: int, max_part: int) -> Tuple[int, int, int]:
     return a, b, triton.cdiv(dim, a + b)
 
 
-def _check_features(block_mask, dbias=None) -> None:
-    for name, used in (("block_mask", block_mask is not None), ("a gradient of attn_mask", dbias is not None)):
-        if used:
-            raise UnsupportedError(f"{name} with head dims > 256 is not supported yet (the wide-head kernels "
-                                   "have causal, sliding window, GQA, softcap, ALiBi, attn_mask, dropout and varlen)")
+def _check_features(block_mask) -> None:
+    if block_mask is not None:
+        raise UnsupportedError("block_mask with head dims > 256 is not supported yet (the wide-head kernels have "
+                               "causal, sliding window, GQA, softcap, ALiBi, attn_mask, dropout and varlen)")
 
 
 def _run(kernel, grid, cfg: WideConfig, args, meta) -> None:
@@ -96,8 +95,8 @@ def wide_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                   dropout_p: float = 0.0, dropout_seed: Tuple[int, int] = (0, 0),
                   dbias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv (contiguous, dtypes of q, k, v); the GQA group is always summed in registers.
-    dbias (an attn_mask that requires grad) is not supported here yet: UnsupportedError."""
-    _check_features(block_mask, dbias)
+    dbias: as attention_launch.attention_backward (the dQ launch writes the attn_mask's gradient)."""
+    _check_features(block_mask)
     layout = layout or _dense_layout(q, k)
     Hq, D = q.shape[-2], q.shape[-1]
     Hkv, Dv = k.shape[-2], v.shape[-1]
@@ -121,13 +120,14 @@ def wide_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
             out, dout, delta, cu_q, *layout.bsh(out), *layout.bsh(dout), *layout.lse_bh(delta), Sq, Hq, Dv,
             BLOCK_M=bm, BLOCK_K=bk, VARLEN=layout.varlen)
         for kernel, dx, c, rows, heads, width, extra in (
-                (wide_dq_kernel, dq, cfg.dq, Sq, Hq, D, {}),
+                (wide_dq_kernel, dq, cfg.dq, Sq, Hq, D, dict(BIAS_GRAD=dbias is not None)),
                 (wide_dkdv_kernel, dk, cfg.dk, Sk, Hkv, D, dict(DKDV=1)),
                 (wide_dkdv_kernel, dv, cfg.dv, Sk, Hkv, Dv, dict(DKDV=0))):
             part_a, part_b, n_split = wide_parts(width, c.max_part)
             tile = c.block_m if kernel is wide_dq_kernel else c.block_n
-            args = (q, k, v, dout, lse, delta, dx, slopes, cu_q, cu_k, am, *inputs, *layout.bsh(dx), *scalars, n_split,
-                    *am_strides, *_dropout_args(dropout_p, dropout_seed))
+            bias_grad = (dbias if dbias is not None else lse,) if kernel is wide_dq_kernel else ()
+            args = (q, k, v, dout, lse, delta, dx, slopes, cu_q, cu_k, am, *bias_grad, *inputs, *layout.bsh(dx),
+                    *scalars, n_split, *am_strides, *_dropout_args(dropout_p, dropout_seed))
             _run(kernel, (n_split * triton.cdiv(rows, tile) * B * heads,), c, args,
                  dict(meta, **extra, PART_A=part_a, PART_B=part_b, EVEN_K=D % c.block_k == 0,
                       EVEN_KV=Dv % c.block_k == 0, ATTN_MASK=am_kind, DROPOUT=dropout_p > 0))

@@ -245,16 +245,18 @@ def wide_delta_kernel(Out, DOut, Delta, CuSeqQ, stride_ob, stride_os, stride_oh,
 
 @triton.jit
 def _dq_tiles(dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, ka_ptrs, kb_ptrs, am_ptrs, stride_amn,
-              drop_rows, seed_lo, seed_hi, drop_thr, drop_scale,
+              drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, db_base, db_write,
               offs_m, offs_n, offs_k, cols_a, cols_b, start, stop, stride_ks, stride_vs,
               qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
               window_left, window_right,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PART_B: tl.constexpr,
               MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
               HAS_ALIBI: tl.constexpr, EVEN_K: tl.constexpr, EVEN_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr):
+              ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr):
     """dQ slice over key tiles [start, stop): S and dP chunked over Dqk / Dv, dQ += dS K[:, slice].
-    DROPOUT: dP keeps the forward's pattern, scaled by 1 / (1 - p) (attention_bwd's _dq_tile)."""
+    DROPOUT: dP keeps the forward's pattern, scaled by 1 / (1 - p) (attention_bwd's _dq_tile).
+    BIAS_GRAD: dS (the gradient of an additive attn_mask) goes to this head's fp32 [Sq, Sk] slice at
+    db_base when db_write (one program of the query tile's Dqk slices writes it)."""
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + offs_n
         k_ok = cols[None, :] < seqlen_k
@@ -279,6 +281,9 @@ def _dq_tiles(dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, 
             keep = dropout_keep(drop_rows[:, None], cols, seed_lo, seed_hi, drop_thr, False)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if BIAS_GRAD:  # the bias is added after softcap: its gradient is dS before the tanh factor
+            tl.store(db_base + offs_m[:, None].to(tl.int64) * seqlen_k + cols[None, :], ds,
+                     mask=(offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k) & db_write)
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
         dq_a = tl.dot(ds.to(ka.dtype), ka, dq_a, input_precision=DOT_PRECISION)
@@ -291,7 +296,7 @@ def _dq_tiles(dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, 
                                "stride_lse_b", "stride_lse_h", "n_split", "stride_amb", "stride_amh", "stride_amm",
                                "stride_amn", "seed_lo", "seed_hi", "drop_thr"])
 def wide_dq_kernel(
-    Q, K, V, DOut, Lse, Delta, DQ, Alibi, CuSeqQ, CuSeqK, AttnMask,
+    Q, K, V, DOut, Lse, Delta, DQ, Alibi, CuSeqQ, CuSeqK, AttnMask, DBias,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -304,9 +309,10 @@ def wide_dq_kernel(
     PART_A: tl.constexpr, PART_B: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     VARLEN: tl.constexpr, EVEN_K: tl.constexpr, EVEN_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+    ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr, BIAS_GRAD: tl.constexpr,
 ):
-    """dQ [B, Sq, Hq, Dqk], one Dqk slice of BLOCK_M query rows per program (grid as wide_fwd_kernel)."""
+    """dQ [B, Sq, Hq, Dqk], one Dqk slice of BLOCK_M query rows per program (grid as wide_fwd_kernel).
+    BIAS_GRAD: also DBias fp32 [B, Hq, Sq, Sk] = dS, the gradient of the additive attn_mask (dense layout)."""
     count_q, count_k = seqlen_q, seqlen_k  # dropout counters, as in the forward
     split, tile, b, h, h_kv, q_start, k_start, seqlen_q, seqlen_k = _query_program(
         n_split, seqlen_q, seqlen_k, heads_q, group_size, CuSeqQ, CuSeqK, BLOCK_M, HAS_RIGHT, VARLEN)
@@ -341,15 +347,16 @@ def wide_dq_kernel(
     am_ptrs = (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
                + offs_m[:, None].to(tl.int64) * stride_amm + offs_n[None, :].to(tl.int64) * stride_amn)
     drop_rows = ((b * heads_q + h).to(tl.int64) * count_q + offs_m) * count_k
+    db_base = DBias + (b * heads_q + h).to(tl.int64) * count_q * count_k
     for phase in tl.static_range(0 if HAS_LEFT else 1, 3):  # the forward's phases: [a, bb), [bb, c), [c, d)
         lo = a if phase == 0 else (bb if phase == 1 else c)
         hi = bb if phase == 0 else (c if phase == 1 else d)
         dq_a, dq_b = _dq_tiles(
             dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, ka_ptrs, kb_ptrs, am_ptrs, stride_amn,
-            drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_k, cols_a, cols_b, lo, hi,
-            stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim,
-            head_dim_v, window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, phase != 1, HAS_LEFT, HAS_RIGHT,
-            SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+            drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, db_base, split == 0, offs_m, offs_n, offs_k, cols_a,
+            cols_b, lo, hi, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
+            head_dim, head_dim_v, window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, phase != 1, HAS_LEFT,
+            HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD)
     dq_base = DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + q_rows[:, None] * stride_dqs
     _store_part(dq_base + cols_a[None, :], dq_a * softmax_scale, q_ok, cols_a, head_dim)
     if PART_B > 0:
