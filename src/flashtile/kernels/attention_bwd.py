@@ -13,8 +13,9 @@ P is recomputed from the saved log-sum-exp: p = exp2(s * scale * log2(e) - lse *
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import (block_list, dropout_keep, key_phases, list_tile, partial_tile_ptrs, program_tile,
-                                      query_phases, score_log2, score_params, sequence_bounds, visible)
+from flashtile.kernels.common import (attn_mask_ptrs, block_list, dropout_keep, dropout_rows, key_phases, list_tile,
+                                      partial_tile_ptrs, program_tile, query_phases, score_log2, score_params,
+                                      sequence_bounds, visible)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -214,10 +215,10 @@ def attention_bwd_dkdv_kernel(
         delta_base = Delta + b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start
         qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale,
                                                                         softcap, SOFTCAP, HAS_ALIBI)
-        drop_rows = (b * heads_q + h).to(tl.int64) * count_q * count_k  # this head's first counter
+        drop_rows = dropout_rows(b, h, heads_q, count_q, count_k, 0)  # this head's first counter
         # attn_mask tile in the transposed orientation [keys, queries], at query row 0
-        am_ptrs = (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
-                   + offs_m[None, :].to(tl.int64) * stride_amm + offs_n[:, None].to(tl.int64) * stride_amn)
+        am_ptrs = attn_mask_ptrs(AttnMask, b, h, offs_m[None, :], offs_n[:, None], stride_amb, stride_amh,
+                                 stride_amm, stride_amn)
         if BLOCK_SPARSE:
             # -- block-sparse: the query blocks listed for this key block (lists of the transposed mask) --
             row = b * sparse_mb + h * sparse_mh
@@ -438,9 +439,9 @@ def attention_bwd_dq_kernel(
 
     k_ptrs = K + b.to(tl.int64) * stride_kb + h_kv * stride_kh + k_rows[:, None] * stride_ks + offs_d[None, :]
     v_ptrs = V + b.to(tl.int64) * stride_vb + h_kv * stride_vh + k_rows[:, None] * stride_vs + offs_dv[None, :]
-    am_ptrs = (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
-               + offs_m[:, None].to(tl.int64) * stride_amm + offs_n[None, :].to(tl.int64) * stride_amn)
-    drop_rows = ((b * heads_q + h).to(tl.int64) * count_q + offs_m) * count_k
+    am_ptrs = attn_mask_ptrs(AttnMask, b, h, offs_m[:, None], offs_n[None, :], stride_amb, stride_amh, stride_amm,
+                             stride_amn)
+    drop_rows = dropout_rows(b, h, heads_q, count_q, count_k, offs_m)
     db_base = DBias + (b * heads_q + h).to(tl.int64) * seqlen_q * seqlen_k  # dS of this head, [Sq, Sk]
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale, softcap,

@@ -9,8 +9,9 @@ as EVEN_D), so an unused feature costs nothing: Triton compiles one specialisati
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import (block_list, dropout_keep, key_phases, list_tile, online_softmax, partial_tile_ptrs,
-                                      program_tile, score_log2, score_params, sequence_bounds, visible)
+from flashtile.kernels.common import (attn_mask_ptrs, block_list, dropout_keep, dropout_rows, key_phases, list_tile,
+                                      online_softmax, partial_tile_ptrs, program_tile, score_log2, score_params,
+                                      sequence_bounds, visible)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -196,12 +197,12 @@ def attention_fwd_kernel(
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
 
     # torch SDPA's attn_mask (bool or additive), broadcast through 0 strides; read tile by tile
-    am_ptrs = (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
-               + offs_m[:, None].to(tl.int64) * stride_amm + offs_n[None, :].to(tl.int64) * stride_amn)
+    am_ptrs = attn_mask_ptrs(AttnMask, b, h, offs_m[:, None], offs_n[None, :], stride_amb, stride_amh, stride_amm,
+                             stride_amn)
 
     # dropout counters: element (i, j) of head (b, h) is ((b * Hq + h) * Sq + i) * Sk + j (varlen: i, j
     # within sequence b, Sq / Sk the maxima, so the keep pattern is FlashAttention's padded one)
-    drop_rows = ((b * heads_q + h).to(tl.int64) * count_q + offs_m) * count_k
+    drop_rows = dropout_rows(b, h, heads_q, count_q, count_k, offs_m)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

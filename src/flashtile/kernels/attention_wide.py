@@ -24,8 +24,8 @@ import triton
 import triton.language as tl
 
 from flashtile.kernels.attention_bwd import _load_lse2
-from flashtile.kernels.common import (dropout_keep, key_phases, online_softmax, query_phases, score_log2, score_params,
-                                      sequence_bounds, visible)
+from flashtile.kernels.common import (attn_mask_ptrs, dropout_keep, dropout_rows, key_phases, online_softmax,
+                                      query_phases, score_log2, score_params, sequence_bounds, visible)
 
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -181,9 +181,9 @@ def wide_fwd_kernel(
     a, bb, c, d = key_phases(m_lo, m_hi, seqlen_q, seqlen_k, window_left, window_right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     va_ptrs = v_base + cols_a[None, :]
     vb_ptrs = v_base + cols_b[None, :]
-    am_ptrs = (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
-               + offs_m[:, None].to(tl.int64) * stride_amm + offs_n[None, :].to(tl.int64) * stride_amn)
-    drop_rows = ((b * heads_q + h).to(tl.int64) * count_q + offs_m) * count_k
+    am_ptrs = attn_mask_ptrs(AttnMask, b, h, offs_m[:, None], offs_n[None, :], stride_amb, stride_amh, stride_amm,
+                             stride_amn)
+    drop_rows = dropout_rows(b, h, heads_q, count_q, count_k, offs_m)
     # key tiles [a, bb) and [c, d) need the visibility rule, [bb, c) is visible to every row; a left edge
     # (window) makes [a, bb) non-empty. One call site, unrolled per phase (MASKED is a constexpr)
     for phase in tl.static_range(0 if HAS_LEFT else 1, 3):
@@ -344,9 +344,9 @@ def wide_dq_kernel(
     m_lo = tile * BLOCK_M
     m_hi = tl.minimum(m_lo + BLOCK_M, seqlen_q)
     a, bb, c, d = key_phases(m_lo, m_hi, seqlen_q, seqlen_k, window_left, window_right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
-    am_ptrs = (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
-               + offs_m[:, None].to(tl.int64) * stride_amm + offs_n[None, :].to(tl.int64) * stride_amn)
-    drop_rows = ((b * heads_q + h).to(tl.int64) * count_q + offs_m) * count_k
+    am_ptrs = attn_mask_ptrs(AttnMask, b, h, offs_m[:, None], offs_n[None, :], stride_amb, stride_amh, stride_amm,
+                             stride_amn)
+    drop_rows = dropout_rows(b, h, heads_q, count_q, count_k, offs_m)
     db_base = DBias + (b * heads_q + h).to(tl.int64) * count_q * count_k
     for phase in tl.static_range(0 if HAS_LEFT else 1, 3):  # the forward's phases: [a, bb), [bb, c), [c, d)
         lo = a if phase == 0 else (bb if phase == 1 else c)
@@ -492,9 +492,9 @@ def wide_dkdv_kernel(
         delta_base = Delta + b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start
         qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale,
                                                                         softcap, SOFTCAP, HAS_ALIBI)
-        amt_ptrs = (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
-                    + offs_m[None, :].to(tl.int64) * stride_amm + offs_n[:, None].to(tl.int64) * stride_amn)
-        drop_base = (b * heads_q + h).to(tl.int64) * count_q * count_k
+        amt_ptrs = attn_mask_ptrs(AttnMask, b, h, offs_m[None, :], offs_n[:, None], stride_amb, stride_amh,
+                                  stride_amm, stride_amn)
+        drop_base = dropout_rows(b, h, heads_q, count_q, count_k, 0)
         # query tiles [a, bb) and [c, d) need the visibility rule, [bb, c) sees every key of the tile; a
         # right edge (causal) makes [a, bb) non-empty
         for phase in tl.static_range(0 if HAS_RIGHT else 1, 3):

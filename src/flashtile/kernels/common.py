@@ -205,6 +205,23 @@ def _pair_hash(row_base, even, seed_lo, seed_hi):
 
 
 @triton.jit
+def dropout_rows(b, h, heads_q, count_q, count_k, rows):
+    """First dropout counter of query rows ``rows`` (0: the head's first counter) of head (b, h):
+    ((b * Hq + h) * Sq + i) * Sk, with Sq / Sk the maximum lengths (varlen: FlashAttention's padded
+    pattern), dropout.py's definition."""
+    return ((b * heads_q + h).to(tl.int64) * count_q + rows) * count_k
+
+
+@triton.jit
+def attn_mask_ptrs(AttnMask, b, h, queries, keys, stride_amb, stride_amh, stride_amm, stride_amn):
+    """Pointers of torch SDPA's attn_mask at head (b, h) through its [B, Hq, Sq, Sk] broadcast strides
+    (0 where it broadcasts). The tile takes the shape of queries + keys: queries [M, 1] and keys
+    [1, N] for a [queries, keys] tile, the transposes for the dK/dV kernels' [keys, queries] tiles."""
+    return (AttnMask + b.to(tl.int64) * stride_amb + h.to(tl.int64) * stride_amh
+            + queries.to(tl.int64) * stride_amm + keys.to(tl.int64) * stride_amn)
+
+
+@triton.jit
 def dropout_keep(row_base, cols, seed_lo, seed_hi, threshold, KEYS_FIRST: tl.constexpr):
     """Keep bits of one score tile (dropout.py: keep_bits); cols: the tile's key indices, 1-d, from an
     even index on (tiles are multiples of 16 wide).
