@@ -34,10 +34,11 @@ def _varlen():
 
 
 def _suite_case(mask: str):
-    """The suite's block-sparse case: "document", or "random" at 25% density."""
+    """The suite's block-sparse case: "document", or "random:<density>" (e.g. "random:0.25")."""
+    kind, _, density = mask.partition(":")
     return [c for c in suites.variants_suite()
-            if c.shape.get("variant") == "block_sparse" and c.shape.get("mask") == mask
-            and (mask != "random" or float(c.shape.get("density")) == 0.25)][0]
+            if c.shape.get("variant") == "block_sparse" and c.shape.get("mask") == kind
+            and (kind != "random" or float(c.shape.get("density")) == float(density))][0]
 
 
 def _block_sparse(mask: str):
@@ -68,7 +69,7 @@ def _all_full(S: int):
     return BlockMask.from_blocks(torch.ones(n, n, dtype=torch.bool, device="cuda"), block_size=128)
 
 
-SPARSE_MASKS = {"sparse25": "random", "document": "document"}
+SPARSE_MASKS = {"sparse10": "random:0.1", "sparse25": "random:0.25", "document": "document"}
 
 VARIANTS = {
     "dense": lambda: _dense(2, 8192, 16),
@@ -80,6 +81,7 @@ VARIANTS = {
     "gqa_causal": lambda: _dense(1, 8192, 32, Hkv=8, causal=True),
     "softcap": lambda: _dense(2, 8192, 16, softcap=30.0),
     "varlen": _varlen,
+    "sparse10": lambda: _block_sparse(SPARSE_MASKS["sparse10"]),
     "sparse25": lambda: _block_sparse(SPARSE_MASKS["sparse25"]),
     "document": lambda: _block_sparse(SPARSE_MASKS["document"]),
     # every block full: the block-list walk's own cost against dense_b1 (same shape, no mask)
