@@ -3,7 +3,7 @@
     PYTHONPATH=src python3 scripts/tune_wide.py --dims 320 512 640 1024 --fwd 64,64,64,8,3,512 128,64,64,8,3,256 \
         --bwd 64,64,64,8,3,512 --max-seconds 200
 
-A config is block_m,block_n,block_k,num_warps,num_stages,max_part[,flatten]. Forward configs are
+A config is block_m,block_n,block_k,num_warps,num_stages,max_part. Forward configs are
 timed on wide_forward; backward configs on each backward kernel separately (dQ, dK, dV launches timed
 with CUDA events around the launch). Shapes: the wide suite's (B=1, H=48, S=8192, bf16). Prints one
 line per measurement as it goes (TFLOP/s of that kernel's share of the work).
@@ -20,8 +20,7 @@ import torch
 def _cfg(text: str):
     from flashtile.tuning import WideConfig
 
-    parts = [int(x) for x in text.split(",")]
-    return WideConfig(*parts[:6], flatten=len(parts) > 6 and bool(parts[6]))
+    return WideConfig(*(int(x) for x in text.split(",")))
 
 
 def _median_ms(fn, reps: int = 3) -> float:

@@ -71,7 +71,8 @@ def compile_all() -> None:
 
 def compile_forward_configs() -> None:
     """tuning.forward_config's Hopper tiles for D=128 bf16 fit shared memory on the flag sets they run
-    with: 128-key tiles only for long keys without per-score extras (long_plain), else 128 x 64."""
+    with: 128-key tiles only for long keys without per-score extras (long_plain) or with only a bool
+    attn_mask (long_bool_mask), else 128 x 64."""
     import torch
 
     from flashtile.tuning import forward_config
@@ -83,10 +84,13 @@ def compile_forward_configs() -> None:
     for args in ((128, 128, False), (64, 64, True)):  # not long_plain; D = 64
         cfg = forward_config(gpu, args[0], args[1], torch.bfloat16, True, long_plain=args[2])
         assert (cfg.block_m, cfg.block_n) == (128, 64), (args, cfg)
+    mask_cfg = forward_config(gpu, 128, 128, torch.bfloat16, False, long_bool_mask=True)
+    assert (mask_cfg.block_m, mask_cfg.block_n) == (128, 128), mask_cfg
     plain = dict(FLAG_SETS[0], DOT_PRECISION="ieee", BLOCK_D=128, BLOCK_DV=128, BLOCK_SQ=0, BLOCK_SK=0)
-    for flags in (plain, dict(plain, HAS_RIGHT=True, HAS_ALIBI=True, TILE_MAJOR=True)):
-        k = _compile(attention_fwd_kernel, "bf16", dict(flags, BLOCK_M=long_cfg.block_m, BLOCK_N=long_cfg.block_n),
-                     num_warps=long_cfg.num_warps, num_stages=long_cfg.num_stages)
+    for flags, c in ((plain, long_cfg), (dict(plain, HAS_RIGHT=True, HAS_ALIBI=True, TILE_MAJOR=True), long_cfg),
+                     (dict(plain, ATTN_MASK=1), mask_cfg)):
+        k = _compile(attention_fwd_kernel, "bf16", dict(flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
+                     num_warps=c.num_warps, num_stages=c.num_stages)
         assert k.metadata.shared <= 232448, k.metadata.shared  # H100/H200: 227 KiB per block
 
 
@@ -110,7 +114,7 @@ def compile_wide_variants() -> None:
         bwd_cfg = wide_backward_config(gpu, 640, 640, dtype, False)
         for flags in flag_sets:
             common = dict(flags, DOT_PRECISION=precision)
-            jobs = [(wide_fwd_kernel, fwd_cfg, dict(FLATTEN=fwd_cfg.flatten)),
+            jobs = [(wide_fwd_kernel, fwd_cfg, {}),
                     (wide_dq_kernel, bwd_cfg.dq, dict(BIAS_GRAD=flags["ATTN_MASK"] == 2)),
                     (wide_dkdv_kernel, bwd_cfg.dk, dict(DKDV=1)), (wide_dkdv_kernel, bwd_cfg.dv, dict(DKDV=0))]
             for kernel, c, extra in jobs:
@@ -120,7 +124,7 @@ def compile_wide_variants() -> None:
                 names = {p.name for p in kernel.params if p.is_constexpr}  # the forward has no EVEN_KV
                 k = _compile(kernel, elem, {n: v for n, v in consts.items() if n in names},
                              num_warps=c.num_warps, num_stages=c.num_stages)
-                assert "ptx" in k.asm and k.metadata.shared > 0
+                assert "ptx" in k.asm and 0 < k.metadata.shared <= 232448, (kernel, c, k.metadata.shared)
         k = _compile(wide_delta_kernel, elem, dict(BLOCK_M=DELTA_BLOCK[0], BLOCK_K=DELTA_BLOCK[1], VARLEN=True))
         assert "ptx" in k.asm
 

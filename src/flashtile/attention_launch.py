@@ -256,9 +256,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     causal = right is not None
     sp = _sparse_args(block_mask, lse, left, right)
     has_left, has_right, left, right = _mask_flags(left, right)
-    long_plain = (Sk >= 2048 and not has_left and softcap <= 0 and dropout_p == 0 and attn_mask is None
-                  and not sp.enabled and not layout.varlen)
-    cfg = config or forward_config(q.device, D, Dv, q.dtype, causal, long_plain)
+    long_rest = Sk >= 2048 and not has_left and softcap <= 0 and dropout_p == 0 and not sp.enabled and not layout.varlen
+    cfg = config or forward_config(q.device, D, Dv, q.dtype, causal, long_rest and attn_mask is None,
+                                   long_rest and attn_mask is not None and attn_mask.dtype == torch.bool)
     block_d, block_dv = padded_head_dim(D), padded_head_dim(Dv)
     am_kind, am, am_strides = _attn_mask_args(attn_mask, (B, Hq, Sq, Sk), lse)
     slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)

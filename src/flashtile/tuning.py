@@ -47,9 +47,10 @@ def _arch(device: torch.device) -> Optional[Tuple[int, int]]:
 
 
 def forward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
-                   causal: bool, long_plain: bool = False) -> KernelConfig:
+                   causal: bool, long_plain: bool = False, long_bool_mask: bool = False) -> KernelConfig:
     """Config of attention_fwd_kernel. long_plain: at least 2048 keys and no per-score work beyond
-    causal and ALiBi (no window, softcap, dropout, attn_mask, block mask; not varlen)."""
+    causal and ALiBi (no window, softcap, dropout, attn_mask, block mask; not varlen). long_bool_mask:
+    the same, except for a bool attn_mask."""
     arch = _arch(device)
     d = max(padded_head_dim(head_dim), padded_head_dim(head_dim_v))
     if arch is None:  # interpreter: every op is a numpy call, so fewer larger tiles run faster
@@ -65,8 +66,13 @@ def forward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: 
             # 128x64: S=8192 non-causal / causal / ALiBi / ALiBi causal / GQA causal +3.6 / +5.0 /
             # +3.8 / +4.2 / +2.0%, S=2048 +1.9 / +0.4%; but S=512 -2.2%, windows -6 / -7%, softcap
             # -3 / -12%, dropout -13%, varlen -4%, random block masks -6% and D=64 -17%, which keep
-            # 128x64 (attn_mask measured +20% once, on 2 stages: not swept yet, docs/perf_notes.md)
+            # 128x64
             return KernelConfig(128, 128, 8, 3)
+        if long_bool_mask and d == 128 and max(head_dim, head_dim_v) > 64:
+            # scripts/tune_forward.py attn_mask (B=4, H=16, S=4096, bool [B, 1, S, S] mask): 128x128 w8
+            # on 2 stages (the mask tile leaves no room for 3) 1.21x 128x64 w8 s3; 128x64 s2 1.01x,
+            # 64x64 w4 0.96x. An additive bias prefers 128x64 s3 (128x128 s2: 0.92x)
+            return KernelConfig(128, 128, 8, 2)
         if d <= 128:
             return KernelConfig(128, 64, 8, 3)
         return KernelConfig(128, 64, 8, 2)
@@ -138,7 +144,6 @@ class WideConfig:
     num_warps: int
     num_stages: int
     max_part: int
-    flatten: bool = False  # forward: flatten the key-tile and Dqk-chunk loops into one pipelined loop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,10 +160,13 @@ def wide_forward_config(device: torch.device, head_dim: int, head_dim_v: int, dt
         return WideConfig(32, 32, 64, 4, 1, 512)
     if dtype == torch.float32:
         return WideConfig(64, 32, 32, 8, 2, 256)
-    # H200 sweep (bf16, B=1, H=48, S=8192, non-causal; scripts/tune_wide.py): 128 x 64 tiles with
-    # 256-wide O slices lead at every D although the slices recompute S (D=512, 3 stages: 182 TFLOP/s
-    # vs 165 for 64 x 64 with one 512 slice); 4 stages: 218 (D=512), 149 (D=1024).
-    return WideConfig(128, 64, 64, 8, 4, 256)
+    # H200 sweep (bf16, B=1, H=48, S=8192; scripts/tune_wide.py), 256-wide O slices (each recomputes
+    # S; one 512 slice on 64 x 64 tiles: 207 TFLOP/s at D=512). 128 queries x 128 keys, 4 stages, TFLOP/s
+    # at D = 320 / 512 / 768 / 1024: 270 / 293 / 241 / 203, causal 512: 294; 128 x 64 keys: 191 / 227 /
+    # 190 / 156, causal 236. Q's chunks are re-read from L2 once per key tile, so 128-key tiles halve
+    # that traffic per FLOP. 3 stages: 255 / 273 / 222 / 184; 5: 267 at 320, 196 at 1024; 32-wide
+    # chunks (4-8 stages) 5-15% slower; 128 x 256 keys with 128 slices 131 at 512
+    return WideConfig(128, 128, 64, 8, 4, 256)
 
 
 def wide_backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
@@ -170,8 +178,19 @@ def wide_backward_config(device: torch.device, head_dim: int, head_dim_v: int, d
     if dtype == torch.float32:
         one = WideConfig(64, 32, 32, 8, 2, 256)
         return WideBackwardConfig(one, one, one)
-    # H200 sweep (bf16, D=512, S=8192): one 512-wide slice per program (no recomputed S / dP) and
-    # 5 pipeline stages: dQ 216, dK 215, dV 207 TFLOP/s of their shares (3 stages: 172 / 173 / 176;
-    # 256-wide slices: ~100); 6 stages is no faster
-    one = WideConfig(64, 64, 64, 8, 5, 512)
-    return WideBackwardConfig(one, one, one)
+    # H200 sweeps (bf16, B=1, H=48, S=8192; scripts/tune_wide.py): one slice of up to 512 columns per
+    # program (no recomputed S / dP; 256-wide slices: ~100 TFLOP/s). TFLOP/s of each kernel's share,
+    # 64 x 64 tiles 5 stages against 128 queries x 64 keys 4 stages, at D = 320 / 512 / 1024:
+    #   dQ 198 / 238 / 168 against 289 / 110 / 95, dV 173 / 206 / 159 against 239 / 163 / 140:
+    #   128 query rows pay off while the produced slice is narrow (320 = 256 + 64 fp32 columns per
+    #   row), a 512-wide slice on 128 rows spills;
+    #   dK 174 / 214 / 150 against 256 / 279 / 201 (its accumulator is [keys, slice]: the query tile
+    #   does not grow it). 3 stages, 32-wide chunks or 32-key tiles are slower.
+    from flashtile.wide_launch import wide_parts
+
+    narrow, wide = WideConfig(128, 64, 64, 8, 4, 512), WideConfig(64, 64, 64, 8, 5, 512)
+
+    def by_width(dim: int) -> WideConfig:
+        part_a, part_b, _ = wide_parts(dim, 512)
+        return narrow if part_a + part_b <= 320 else wide
+    return WideBackwardConfig(by_width(head_dim), narrow, by_width(head_dim_v))

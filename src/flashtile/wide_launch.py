@@ -83,7 +83,7 @@ def wide_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
     grid = (n_split * triton.cdiv(Sq, cfg.block_m) * B * Hq,)
     with _device_ctx(q):
         _run(wide_fwd_kernel, grid, cfg, args, dict(meta, PART_A=part_a, PART_B=part_b, EVEN_K=D % cfg.block_k == 0,
-                                                    FLATTEN=cfg.flatten, ATTN_MASK=am_kind, DROPOUT=dropout_p > 0))
+                                                    ATTN_MASK=am_kind, DROPOUT=dropout_p > 0))
     return out, lse
 
 

@@ -94,13 +94,13 @@ def _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, a
                head_dim, head_dim_v, window_left, window_right,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PART_B: tl.constexpr,
                MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-               HAS_ALIBI: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, FLATTEN: tl.constexpr,
+               HAS_ALIBI: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
                ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr):
     """Online-softmax update over key tiles [start, stop): S chunked over Dqk, O slice in registers.
     am_ptrs: torch SDPA's attn_mask at this tile's rows and key 0 (ATTN_MASK as in common.score_log2).
     DROPOUT: drop_rows are the rows' first dropout counters (attention_fwd_kernel's); l_i keeps the
     undropped sum, only P V sees the keep pattern."""
-    for start_n in tl.range(start, stop, BLOCK_N, flatten=FLATTEN):
+    for start_n in tl.range(start, stop, BLOCK_N):
         cols = start_n + offs_n
         # -- V's slice first: its loads are in flight during the S loop below (loaded after the
         # softmax, they stalled every key tile: the outer loop is not software-pipelined) --
@@ -142,7 +142,7 @@ def wide_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PART_A: tl.constexpr, PART_B: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    VARLEN: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, FLATTEN: tl.constexpr,
+    VARLEN: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """Q [B, Sq, Hq, Dqk], K [B, Sk, Hkv, Dqk], V [B, Sk, Hkv, Dv] -> Out [B, Sq, Hq, Dv], Lse fp32 [B, Hq, Sq].
@@ -194,7 +194,7 @@ def wide_fwd_kernel(
             seed_hi, drop_thr, offs_m, offs_n, offs_k, cols_a, cols_b, lo, hi, stride_ks, stride_vs, qk_scale,
             softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left,
             window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, phase != 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
-            EVEN_K, DOT_PRECISION, FLATTEN, ATTN_MASK, DROPOUT)
+            EVEN_K, DOT_PRECISION, ATTN_MASK, DROPOUT)
 
     # -- epilogue: normalise (dropout: and scale by 1 / (1 - p)); a row that saw no key gives out 0
     # and lse -inf --
