@@ -165,8 +165,10 @@ def wide_forward_config(device: torch.device, head_dim: int, head_dim_v: int, dt
     # at D = 320 / 512 / 768 / 1024: 270 / 293 / 241 / 203, causal 512: 294; 128 x 64 keys: 191 / 227 /
     # 190 / 156, causal 236. Q's chunks are re-read from L2 once per key tile, so 128-key tiles halve
     # that traffic per FLOP. 3 stages: 255 / 273 / 222 / 184; 5: 267 at 320, 196 at 1024; 32-wide
-    # chunks (4-8 stages) 5-15% slower; 128 x 256 keys with 128 slices 131 at 512
-    return WideConfig(128, 128, 64, 8, 4, 256)
+    # chunks (4-8 stages) 5-15% slower; 128 x 256 keys with 128 slices 131 at 512. Slices of up to
+    # 320 columns (256 + 64) instead of 256 where that saves one: D = 320 / 576 / 640 / 896 / 960
+    # 271 / 229 / 225 / 193 / 188 -> 288 / 241 / 251 / 207 / 214; 384-wide slices spill (142 at 1024)
+    return WideConfig(128, 128, 64, 8, 4, 320)
 
 
 def wide_backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
