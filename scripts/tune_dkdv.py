@@ -1,7 +1,7 @@
 """Time the dK/dV kernel's tile configs on the dense and variant backward passes (fills tuning.py).
 
 python scripts/tune_dkdv.py [--dq] [--configs M,N,W,S ...] [case ...]
-  (cases: dense causal dropout dropout_causal softcap softcap_causal window sparse25 document sparse100
+  (cases: dense causal dropout dropout_causal softcap softcap_causal window sparse10 sparse25 document sparse100
   alibi alibi_causal gqa_causal attn_mask; --dq varies the dQ
   kernel's config with the default dK/dV one instead)
 The dK/dV program keeps K, V and two fp32 accumulators in registers, so its best tile depends on
@@ -26,11 +26,11 @@ DQ_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3),
               (64, 128, 8, 3), (128, 64, 16, 3)]
 
 
-def _suite_mask(kind: str, dev: torch.device):
+def _suite_mask(kind: str, dev: torch.device, density: float = 0.25):
     from flashtile.bench import suites, variants
 
     case = [c for c in suites.variants_suite() if c.shape.get("variant") == "block_sparse"
-            and c.shape.get("mask") == kind and float(c.shape.get("density", 0.25)) == 0.25][0]
+            and c.shape.get("mask") == kind and float(c.shape.get("density", density)) == density][0]
     return variants.flashtile_kwargs(case.shape, dev)["block_mask"]
 
 
@@ -59,7 +59,8 @@ def main() -> None:
         "softcap": dict(softcap=30.0),
         "softcap_causal": dict(right=0, softcap=30.0),
         "window": dict(left=1024, right=0),
-        # the variants suite's block masks (S=8192): random 25% of 128x128 blocks, 8 causal documents
+        # the variants suite's block masks (S=8192): random 10% / 25% of 128x128 blocks, 8 causal documents
+        "sparse10": dict(block_mask=_suite_mask("random", dev, 0.1)),
         "sparse25": dict(block_mask=_suite_mask("random", dev)),
         "document": dict(right=0, block_mask=_suite_mask("document", dev)),
         "sparse100": dict(block_mask=_all_full_mask(S, dev)),  # the block-list walk against "dense"

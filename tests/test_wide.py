@@ -43,6 +43,7 @@ SHAPES_GPU = SHAPES_CPU + [
     (1, 300, 300, 4, 4, 576, 512),
     (1, 777, 777, 2, 1, 1000, 1000),
     (1, 129, 200, 4, 2, 704, 333),
+    (1, 200, 333, 2, 1, 768, 768),  # 384-wide backward slices: dV and dK on 128-query steps, dQ on 64
 ]
 SHAPES = SHAPES_GPU if HAS_GPU else SHAPES_CPU
 

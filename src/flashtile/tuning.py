@@ -185,14 +185,15 @@ def wide_backward_config(device: torch.device, head_dim: int, head_dim_v: int, d
     # 64 x 64 tiles 5 stages against 128 queries x 64 keys 4 stages, at D = 320 / 512 / 1024:
     #   dQ 198 / 238 / 168 against 289 / 110 / 95, dV 173 / 206 / 159 against 239 / 163 / 140:
     #   128 query rows pay off while the produced slice is narrow (320 = 256 + 64 fp32 columns per
-    #   row), a 512-wide slice on 128 rows spills;
+    #   row), a 512-wide slice on 128 rows spills; at 384-wide slices (D = 384 / 768) dV still gains
+    #   (193 / 149 -> 259 / 205), dQ does not (214 / 153 -> 182 / 140);
     #   dK 174 / 214 / 150 against 256 / 279 / 201 (its accumulator is [keys, slice]: the query tile
     #   does not grow it). 3 stages, 32-wide chunks or 32-key tiles are slower.
     from flashtile.wide_launch import wide_parts
 
-    narrow, wide = WideConfig(128, 64, 64, 8, 4, 512), WideConfig(64, 64, 64, 8, 5, 512)
+    rows128, rows64 = WideConfig(128, 64, 64, 8, 4, 512), WideConfig(64, 64, 64, 8, 5, 512)
 
-    def by_width(dim: int) -> WideConfig:
+    def by_width(dim: int, widest: int) -> WideConfig:
         part_a, part_b, _ = wide_parts(dim, 512)
-        return narrow if part_a + part_b <= 320 else wide
-    return WideBackwardConfig(by_width(head_dim), narrow, by_width(head_dim_v))
+        return rows128 if part_a + part_b <= widest else rows64
+    return WideBackwardConfig(by_width(head_dim, 320), rows128, by_width(head_dim_v, 384))
