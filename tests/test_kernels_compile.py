@@ -108,17 +108,19 @@ def compile_wide_variants() -> None:
                  EVEN_KV=True, ATTN_MASK=0, DROPOUT=False)
     every = dict(HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, HAS_ALIBI=True, VARLEN=True, EVEN_K=False,
                  EVEN_KV=False, ATTN_MASK=2, DROPOUT=True)
-    for elem, dtype, precision, flag_sets in (("bf16", torch.bfloat16, "ieee", (plain, every)),
-                                              ("fp32", torch.float32, "tf32", (every,))):
-        fwd_cfg = wide_forward_config(gpu, 640, 640, dtype, False)
-        bwd_cfg = wide_backward_config(gpu, 640, 640, dtype, False)
+    # D=640: 320-wide slices everywhere; D=768: 384-wide backward slices (dQ on 64 rows, dK / dV on 128)
+    for elem, dtype, precision, flag_sets, dim in (("bf16", torch.bfloat16, "ieee", (plain, every), 640),
+                                                   ("bf16", torch.bfloat16, "ieee", (plain,), 768),
+                                                   ("fp32", torch.float32, "tf32", (every,), 640)):
+        fwd_cfg = wide_forward_config(gpu, dim, dim, dtype, False)
+        bwd_cfg = wide_backward_config(gpu, dim, dim, dtype, False)
         for flags in flag_sets:
             common = dict(flags, DOT_PRECISION=precision)
             jobs = [(wide_fwd_kernel, fwd_cfg, {}),
                     (wide_dq_kernel, bwd_cfg.dq, dict(BIAS_GRAD=flags["ATTN_MASK"] == 2)),
                     (wide_dkdv_kernel, bwd_cfg.dk, dict(DKDV=1)), (wide_dkdv_kernel, bwd_cfg.dv, dict(DKDV=0))]
             for kernel, c, extra in jobs:
-                part_a, part_b, _ = wide_parts(640, c.max_part)
+                part_a, part_b, _ = wide_parts(dim, c.max_part)
                 consts = dict(common, **extra, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
                               PART_A=part_a, PART_B=part_b)
                 names = {p.name for p in kernel.params if p.is_constexpr}  # the forward has no EVEN_KV
