@@ -40,6 +40,10 @@ def device_capability(index: int) -> Tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _arch(device: torch.device) -> Optional[Tuple[int, int]]:
     if device.type != "cuda" or triton_interpreting():
         return None
@@ -66,7 +70,7 @@ def forward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: 
             # 128x64: S=8192 non-causal / causal / ALiBi / ALiBi causal / GQA causal +3.6 / +5.0 /
             # +3.8 / +4.2 / +2.0%, S=2048 +1.9 / +0.4%; but S=512 -2.2%, windows -6 / -7%, softcap
             # -3 / -12%, dropout -13%, varlen -4%, random block masks -6% and D=64 -17%, which keep
-            # 128x64
+            # 128x64 (a bool attn_mask: below)
             return KernelConfig(128, 128, 8, 3)
         if long_bool_mask and d == 128 and max(head_dim, head_dim_v) > 64:
             # scripts/tune_forward.py attn_mask (B=4, H=16, S=4096, bool [B, 1, S, S] mask): 128x128 w8
@@ -129,6 +133,21 @@ def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype:
     return BackwardConfig(KernelConfig(64, 64, 8, 2), KernelConfig(128, 32, 8, 3))
 
 
+def wide_parts(dim: int, max_part: int) -> Tuple[int, int, int]:
+    """(part_a, part_b, n_split): each program accumulates dim-columns [s*W, s*W + W), W = part_a + part_b.
+
+    The slice is as narrow as the split allows (a multiple of 64), made of two powers of two so that a
+    width like 320 = 256 + 64 costs no padded columns; part_b = 0 when one tile covers it.
+    """
+    n = _cdiv(_cdiv(dim, 64) * 64, max_part)
+    width = _cdiv(_cdiv(dim, n), 64) * 64
+    a = 1 << (width.bit_length() - 1)
+    b = 0 if width == a else 1 << (width - a - 1).bit_length()
+    if b == a:
+        a, b = 2 * a, 0
+    return a, b, _cdiv(dim, a + b)
+
+
 @dataclasses.dataclass(frozen=True)
 class WideConfig:
     """Config of one wide-head kernel (kernels/attention_wide.py).
@@ -189,8 +208,6 @@ def wide_backward_config(device: torch.device, head_dim: int, head_dim_v: int, d
     #   (193 / 149 -> 259 / 205), dQ does not (214 / 153 -> 182 / 140);
     #   dK 174 / 214 / 150 against 256 / 279 / 201 (its accumulator is [keys, slice]: the query tile
     #   does not grow it). 3 stages, 32-wide chunks or 32-key tiles are slower.
-    from flashtile.wide_launch import wide_parts
-
     rows128, rows64 = WideConfig(128, 64, 64, 8, 4, 512), WideConfig(64, 64, 64, 8, 5, 512)
 
     def by_width(dim: int, widest: int) -> WideConfig:

@@ -17,24 +17,9 @@ from flashtile.attention_launch import (_Layout, _alibi_args, _attn_mask_args, _
 from flashtile.errors import UnsupportedError
 from flashtile.kernels.attention_wide import wide_delta_kernel, wide_dkdv_kernel, wide_dq_kernel, wide_fwd_kernel
 from flashtile.launch_fit import launch_fitting
-from flashtile.tuning import WideBackwardConfig, WideConfig, wide_backward_config, wide_forward_config
+from flashtile.tuning import WideBackwardConfig, WideConfig, wide_backward_config, wide_forward_config, wide_parts
 
 DELTA_BLOCK = (64, 64)  # rows x columns per step of wide_delta_kernel
-
-
-def wide_parts(dim: int, max_part: int) -> Tuple[int, int, int]:
-    """(part_a, part_b, n_split): each program accumulates dim-columns [s*W, s*W + W), W = part_a + part_b.
-
-    The slice is as narrow as the split allows (a multiple of 64), made of two powers of two so that a
-    width like 320 = 256 + 64 costs no padded columns; part_b = 0 when one tile covers it.
-    """
-    n = triton.cdiv(triton.cdiv(dim, 64) * 64, max_part)
-    width = triton.cdiv(triton.cdiv(dim, n), 64) * 64
-    a = 1 << (width.bit_length() - 1)
-    b = 0 if width == a else 1 << (width - a - 1).bit_length()
-    if b == a:
-        a, b = 2 * a, 0
-    return a, b, triton.cdiv(dim, a + b)
 
 
 def _check_features(block_mask) -> None:
