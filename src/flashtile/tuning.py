@@ -12,6 +12,7 @@ import functools
 from typing import Optional, Tuple
 
 import torch
+import triton
 
 from flashtile.dispatch import triton_interpreting
 
@@ -38,10 +39,6 @@ def padded_head_dim(d: int) -> int:
 @functools.lru_cache(maxsize=None)
 def device_capability(index: int) -> Tuple[int, int]:
     return torch.cuda.get_device_capability(index)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _arch(device: torch.device) -> Optional[Tuple[int, int]]:
@@ -139,13 +136,13 @@ def wide_parts(dim: int, max_part: int) -> Tuple[int, int, int]:
     The slice is as narrow as the split allows (a multiple of 64), made of two powers of two so that a
     width like 320 = 256 + 64 costs no padded columns; part_b = 0 when one tile covers it.
     """
-    n = _cdiv(_cdiv(dim, 64) * 64, max_part)
-    width = _cdiv(_cdiv(dim, n), 64) * 64
+    n = triton.cdiv(triton.cdiv(dim, 64) * 64, max_part)
+    width = triton.cdiv(triton.cdiv(dim, n), 64) * 64
     a = 1 << (width.bit_length() - 1)
     b = 0 if width == a else 1 << (width - a - 1).bit_length()
     if b == a:
         a, b = 2 * a, 0
-    return a, b, _cdiv(dim, a + b)
+    return a, b, triton.cdiv(dim, a + b)
 
 
 @dataclasses.dataclass(frozen=True)
