@@ -343,11 +343,38 @@ def test_config_shrinks_when_the_gpu_lacks_resources(monkeypatch):
 
 
 def test_program_order_rule():
-    """Tile-major launch for varlen and causal GQA only (attention_launch.tile_major's measurements)."""
+    """(TILE_MAJOR, HEAD_GROUP) per case (attention_launch.program_order's measurements)."""
     dense = attention_launch._Layout(2, 64, 64)
     packed = attention_launch._Layout(2, 64, 64, torch.zeros(3, dtype=torch.int32), torch.zeros(3, dtype=torch.int32))
-    assert attention_launch.tile_major(packed, False, 1, False)
-    assert attention_launch.tile_major(dense, True, 4, False)
-    assert not attention_launch.tile_major(dense, True, 1, False)  # causal MHA: head-major
-    assert not attention_launch.tile_major(dense, False, 4, False)  # equal work per tile
-    assert not attention_launch.tile_major(dense, True, 4, True)  # block-sparse: ProgramOrder
+    order = attention_launch.program_order
+    assert order(packed, False, False, 1, False) == (True, 4)  # varlen: sequences of different lengths
+    assert order(dense, True, False, 4, False) == (True, 0)  # causal GQA: every row tile-major
+    assert order(dense, True, False, 1, False) == (True, 4)  # causal MHA: groups of 4 heads
+    assert order(dense, True, True, 1, False) == (False, 0)  # window: equal tiles, head-major
+    assert order(dense, False, False, 4, False) == (False, 0)  # equal work per tile
+    assert order(dense, True, False, 4, True) == (False, 0)  # block-sparse: ProgramOrder
+    assert order(attention_launch._Layout(1, 16384, 16384), True, False, 1, False) == (True, 2)  # L2
+    assert order(attention_launch._Layout(1, 65536, 65536), True, False, 1, False) == (True, 1)
+
+
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(window_size=(8, 0)), dict(window_size=(5, 11)),
+                                dict(causal=True, softcap=5.0)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 37, 37, 2, 1, 40), (1, 113, 37, 4, 2, 59), (1, 37, 113, 3, 3, 72)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_split_phase_backward(shape, kw, monkeypatch):
+    """dK/dV's per-phase loops (BackwardConfig.split_phases, which long causal sequences run) on short
+    sequences, with the mask edges and Sq != Sk both ways, against the oracle."""
+    tiles = attention_launch.KernelConfig(*((64, 64, 4, 2) if HAS_GPU else (32, 32, 4, 1)))
+    cfg = attention_launch.BackwardConfig(tiles, tiles, split_phases=True)
+    monkeypatch.setattr(attention_launch, "backward_config", lambda *a, **k: cfg)
+    q, k, v = _make(shape, torch.float32)
+    check_against_oracle(q, k, v, **kw)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="long sequences: GPU only")
+@pytest.mark.parametrize("shape", [(1, 4097, 4097, 3, 1, 128), (2, 4096, 4160, 5, 5, 96)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_long_causal(shape):
+    """Causal at >= LONG_CAUSAL_KEYS keys: split-phase dK/dV tiles, heads launched in tile-major groups."""
+    q, k, v = _make(shape, torch.bfloat16)
+    check_against_oracle(q, k, v, causal=True)

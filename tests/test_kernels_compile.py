@@ -45,11 +45,14 @@ def _compile(kernel, elem: str, constexprs: dict, num_warps: int = 8, num_stages
 
 FLAG_SETS = [
     dict(HAS_LEFT=False, HAS_RIGHT=False, SOFTCAP=False, HAS_ALIBI=False, VARLEN=False, BLOCK_SPARSE=False,
-         ATTN_MASK=0, DROPOUT=False, EVEN_D=True, EVEN_DV=True, BIAS_GRAD=False, TILE_MAJOR=False),
+         ATTN_MASK=0, DROPOUT=False, EVEN_D=True, EVEN_DV=True, BIAS_GRAD=False, TILE_MAJOR=False,
+         HEAD_GROUP=0, SPLIT_PHASES=False),
     dict(HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, HAS_ALIBI=True, VARLEN=True, BLOCK_SPARSE=False,
-         ATTN_MASK=2, DROPOUT=True, EVEN_D=False, EVEN_DV=False, BIAS_GRAD=True, TILE_MAJOR=True),
+         ATTN_MASK=2, DROPOUT=True, EVEN_D=False, EVEN_DV=False, BIAS_GRAD=True, TILE_MAJOR=True,
+         HEAD_GROUP=4, SPLIT_PHASES=True),
     dict(HAS_LEFT=False, HAS_RIGHT=True, SOFTCAP=2, HAS_ALIBI=False, VARLEN=False, BLOCK_SPARSE=True,
-         ATTN_MASK=0, DROPOUT=True, EVEN_D=True, EVEN_DV=True, BIAS_GRAD=False, TILE_MAJOR=False),
+         ATTN_MASK=0, DROPOUT=True, EVEN_D=True, EVEN_DV=True, BIAS_GRAD=False, TILE_MAJOR=False,
+         HEAD_GROUP=0, SPLIT_PHASES=False),
 ]
 
 
@@ -75,7 +78,7 @@ def compile_forward_configs() -> None:
     attn_mask (long_bool_mask), else 128 x 64."""
     import torch
 
-    from flashtile.tuning import forward_config
+    from flashtile.tuning import backward_config, forward_config
 
     gpu = torch.device("cuda", 0)
     torch.cuda.get_device_capability = lambda *a, **k: (9, 0)  # no driver here: the H200's tables
@@ -87,11 +90,19 @@ def compile_forward_configs() -> None:
     mask_cfg = forward_config(gpu, 128, 128, torch.bfloat16, False, long_bool_mask=True)
     assert (mask_cfg.block_m, mask_cfg.block_n) == (128, 128), mask_cfg
     plain = dict(FLAG_SETS[0], DOT_PRECISION="ieee", BLOCK_D=128, BLOCK_DV=128, BLOCK_SQ=0, BLOCK_SK=0)
-    for flags, c in ((plain, long_cfg), (dict(plain, HAS_RIGHT=True, HAS_ALIBI=True, TILE_MAJOR=True), long_cfg),
+    for flags, c in ((plain, long_cfg), (dict(plain, HAS_RIGHT=True, HAS_ALIBI=True, TILE_MAJOR=True, HEAD_GROUP=4), long_cfg),
                      (dict(plain, ATTN_MASK=1), mask_cfg)):
         k = _compile(attention_fwd_kernel, "bf16", dict(flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
                      num_warps=c.num_warps, num_stages=c.num_stages)
         assert k.metadata.shared <= 232448, k.metadata.shared  # H100/H200: 227 KiB per block
+    # the long causal backward: split-phase dK/dV, heads in tile-major groups
+    bwd = backward_config(gpu, 128, 128, torch.bfloat16, True, long_causal=True)
+    assert bwd.split_phases, bwd
+    causal = dict(plain, HAS_RIGHT=True, TILE_MAJOR=True, HEAD_GROUP=4, SPLIT_PHASES=True)
+    for kernel, c in ((attention_bwd_dkdv_kernel, bwd.dkdv), (attention_bwd_dq_kernel, bwd.dq)):
+        k = _compile(kernel, "bf16", dict(causal, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
+                     num_warps=c.num_warps, num_stages=c.num_stages)
+        assert k.metadata.shared <= 232448, k.metadata.shared
 
 
 def compile_wide_variants() -> None:

@@ -20,7 +20,8 @@ from flashtile.errors import UnsupportedError
 from flashtile.kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
 from flashtile.kernels.attention_fwd import attention_fwd_kernel
 from flashtile.launch_fit import launch_fitting
-from flashtile.tuning import BackwardConfig, KernelConfig, backward_config, forward_config, padded_head_dim
+from flashtile.tuning import (LONG_CAUSAL_KEYS, BackwardConfig, KernelConfig, backward_config, forward_config,
+                              padded_head_dim)
 
 
 def _empty(*shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -165,16 +166,31 @@ def _shrink(cfg: KernelConfig) -> Optional[KernelConfig]:
     return None
 
 
-def tile_major(layout: _Layout, causal: bool, group: int, block_sparse: bool) -> bool:
-    """Launch programs tile-major (the kernels' TILE_MAJOR) instead of head-major.
+def program_order(layout: _Layout, causal: bool, window: bool, group: int, block_sparse: bool) -> Tuple[bool, int]:
+    """(TILE_MAJOR, HEAD_GROUP) of the kernels' launch order (kernels/common.py:program_tile).
 
-    Varlen always: a long sequence's tiles must not wait for its batch index. Causal GQA too (H200,
-    B=1, Hq=32, Hkv=8, S=8192, D=128, per kernel: forward 1220 -> 1176 us, dQ 1380 -> 1341, dK/dV
-    2986 -> 2642): the kv heads' K/V stay in L2 while every head's long tiles start first. Causal
-    MHA stays head-major: tile-major measured 2-6% slower at S <= 4096 (K/V of all heads spill L2),
-    and block-sparse programs follow their own ProgramOrder.
+    Head-major order starts each head's heaviest causal tile first, but the last head's heaviest one
+    near the end of the grid, where it runs alone. Causal MHA without a window and varlen therefore
+    launch tile-major inside groups of (batch, head) rows whose tensors stay in L2: 4 rows up to 8192
+    keys, fewer beyond (H200, B=2, H=16, S=8192, D=128 causal, per kernel: forward 1221 -> 1169 us,
+    dQ 1401 -> 1341; varlen with 16 sequences: dK/dV 1026 -> 989, dQ 586 -> 573; every head tile-major
+    had measured 2-6% slower for causal MHA at S <= 4096). Causal GQA stays tile-major over all rows
+    (its dQ ran 3% slower in groups; the kv heads' K/V fit in L2). Windows keep head-major (their
+    tiles are equally heavy; groups measured 1-6% slower); block-sparse programs follow their own
+    ProgramOrder.
     """
-    return layout.varlen or (causal and group > 1 and not block_sparse)
+    rows = max(1, min(4, 32768 // max(layout.seqlen_k, 1)))
+    if layout.varlen:
+        return True, rows
+    if block_sparse or not causal:
+        return False, 0
+    if group > 1:
+        return True, 0
+    return (False, 0) if window else (True, rows)
+
+
+def _order_flags(order: Tuple[bool, int]) -> dict:
+    return dict(TILE_MAJOR=order[0], HEAD_GROUP=order[1])
 
 
 def _launch(kernel, cfg: KernelConfig, sparse_block: Tuple[int, int], grid_of, order_of, args, meta) -> None:
@@ -271,7 +287,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
                 HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=_softcap_flag(softcap, q.dtype), HAS_ALIBI=alibi_slopes is not None,
                 VARLEN=layout.varlen, BLOCK_SPARSE=sp.enabled, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
                 ATTN_MASK=am_kind, EVEN_D=block_d == D, EVEN_DV=block_dv == Dv, DOT_PRECISION=_dot_precision(q.dtype),
-                TILE_MAJOR=tile_major(layout, causal, Hq // Hkv, sp.enabled))
+                **_order_flags(program_order(layout, causal, has_left, Hq // Hkv, sp.enabled)))
     with _device_ctx(q):
         _launch(attention_fwd_kernel, cfg, sp.block, lambda bm, bn: (triton.cdiv(Sq, bm) * B * Hq,),
                 lambda bm, bn: sp.order(lse, "query", B, Hq, 1, bm, Sq), args, meta)
@@ -324,15 +340,17 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     causal = right is not None
     sp = _sparse_args(block_mask, lse, left, right)
     has_left, has_right, left, right = _mask_flags(left, right)
+    long_causal = causal and not has_left and not sp.enabled and not layout.varlen and Sk >= LONG_CAUSAL_KEYS
     cfg = config or backward_config(q.device, D, Dv, q.dtype, causal, block_sparse=sp.enabled,
-                                    softcap=softcap > 0, partial_blocks=sp.enabled and sp.mask.element_mask is not None)
+                                    softcap=softcap > 0, partial_blocks=sp.enabled and sp.mask.element_mask is not None,
+                                    long_causal=long_causal)
     block_d, block_dv = padded_head_dim(D), padded_head_dim(Dv)
     am_kind, am, am_strides = _attn_mask_args(attn_mask, (B, Hq, Sq, Sk), lse)
     flags = dict(HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=_softcap_flag(softcap, q.dtype), HAS_ALIBI=alibi_slopes is not None,
                  VARLEN=layout.varlen, BLOCK_SPARSE=sp.enabled, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
                  ATTN_MASK=am_kind, DROPOUT=dropout_p > 0,
                  EVEN_D=block_d == D, EVEN_DV=block_dv == Dv, DOT_PRECISION=_dot_precision(q.dtype),
-                 TILE_MAJOR=tile_major(layout, causal, group, sp.enabled))
+                 **_order_flags(program_order(layout, causal, has_left, group, sp.enabled)))
     slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
     delta = _empty(lse.shape, dtype=torch.float32, device=q.device)
     cu_q, cu_k = layout.cu(lse)
@@ -363,7 +381,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         _launch(attention_bwd_dkdv_kernel, cfg.dkdv, sp.block,
                 lambda bm, bn: (triton.cdiv(Sk, bn) * B * n_head_programs,),
                 lambda bm, bn: sp.order(lse, "key", B, Hq, heads_per_program, bn, Sk), args,
-                dict(flags, BLOCK_D=block_d, BLOCK_DV=block_dv))
+                dict(flags, BLOCK_D=block_d, BLOCK_DV=block_dv, SPLIT_PHASES=cfg.split_phases))
         if expand:
             dk.copy_(dk_buf.unflatten(-2, (Hkv, group)).sum(-2))
             dv.copy_(dv_buf.unflatten(-2, (Hkv, group)).sum(-2))

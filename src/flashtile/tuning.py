@@ -29,6 +29,9 @@ class KernelConfig:
 class BackwardConfig:
     dkdv: KernelConfig
     dq: KernelConfig
+    # dK/dV walks a causal key tile's masked and unmasked query tiles in separate loops (the kernel's
+    # SPLIT_PHASES) instead of one loop with a per-tile mask branch
+    split_phases: bool = False
 
 
 def padded_head_dim(d: int) -> int:
@@ -85,11 +88,16 @@ def forward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: 
     return KernelConfig(64, 32, 8, 1)
 
 
+# Keys from which a causal backward walks its tiles in phases (BackwardConfig.split_phases)
+LONG_CAUSAL_KEYS = 4096
+
+
 def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
                     causal: bool, block_sparse: bool = False, softcap: bool = False,
-                    partial_blocks: bool = False) -> BackwardConfig:
+                    partial_blocks: bool = False, long_causal: bool = False) -> BackwardConfig:
     """Configs of attention_bwd_dkdv_kernel and attention_bwd_dq_kernel (block_sparse: a block_mask is
-    set, partial_blocks: it has partial blocks; softcap: softcap > 0). Dropout runs the default tiles
+    set, partial_blocks: it has partial blocks; softcap: softcap > 0; long_causal: causal without a
+    window, block mask or varlen, over at least LONG_CAUSAL_KEYS keys). Dropout runs the default tiles
     (see below)."""
     arch = _arch(device)
     d = max(padded_head_dim(head_dim), padded_head_dim(head_dim_v))
@@ -118,6 +126,13 @@ def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype:
         # for dS adds live values; 32x64 w4 takes the backward from 6.13 to 4.77 ms (non-causal
         # keeps the default: 8.81 against 8.93 ms)
         return BackwardConfig(KernelConfig(32, 64, 4, 2), KernelConfig(128, 64, 8, 3))
+    if long_causal and 64 < d <= 128:
+        # H200 (B=2, H=16, S=8192, D=128 causal, dK/dV launch alone, 2 rounds): one loop with a per-tile
+        # mask branch on 64x128 w8 2704 us; the masked and unmasked query tiles in separate loops 2694,
+        # on 64x64 w4 2661, and with heads in tile-major groups of 4 (program_order) 2507. GQA (4 query
+        # heads per kv head): 2659 -> 2401. Short sequences keep the one loop (each phase's loop drains
+        # the software pipeline: S=1024 causal forward+backward ran 205 against 245 TFLOP/s)
+        return BackwardConfig(KernelConfig(64, 64, 4, 2), KernelConfig(128, 64, 8, 3), split_phases=True)
     if causal and d <= 128:
         # scripts/tune_dkdv.py (B=2, H=16, S=8192): dK/dV on 128 keys x 64 queries with 8 warps ties
         # 64x64 w4 on plain causal (4.08 / 4.09 ms), causal dropout (5.90 / 5.89) and window (1.21 /

@@ -153,7 +153,7 @@ def attention_fwd_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     VARLEN: tl.constexpr, BLOCK_SPARSE: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr,
     ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, TILE_MAJOR: tl.constexpr,
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, TILE_MAJOR: tl.constexpr, HEAD_GROUP: tl.constexpr,
 ):
     """Q [B, Sq, Hq, D], K [B, Sk, Hkv, D], V [B, Sk, Hkv, Dv] -> Out [B, Sq, Hq, Dv], Lse fp32 [B, Hq, Sq].
 
@@ -170,7 +170,7 @@ def attention_fwd_kernel(
     """
     # -- which tile of which head --
     n_m_tiles = tl.cdiv(seqlen_q, BLOCK_M)
-    tile, bh = program_tile(ProgramOrder, n_m_tiles, BLOCK_SPARSE, TILE_MAJOR, HAS_RIGHT, True)
+    tile, bh = program_tile(ProgramOrder, n_m_tiles, BLOCK_SPARSE, TILE_MAJOR, HEAD_GROUP, HAS_RIGHT, True)
     b = bh // heads_q
     h = bh % heads_q
     h_kv = h // group_size

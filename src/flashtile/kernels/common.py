@@ -244,13 +244,16 @@ def dropout_keep(row_base, cols, seed_lo, seed_hi, threshold, KEYS_FIRST: tl.con
 
 @triton.jit
 def program_tile(ProgramOrder, n_tiles, BLOCK_SPARSE: tl.constexpr, TILE_MAJOR: tl.constexpr,
-                 HAS_RIGHT: tl.constexpr, QUERY_TILES: tl.constexpr):
+                 HEAD_GROUP: tl.constexpr, HAS_RIGHT: tl.constexpr, QUERY_TILES: tl.constexpr):
     """(tile, bh) of this program: its tile of n_tiles and its row of the batch x head grid.
 
     BLOCK_SPARSE: the launch order comes from ProgramOrder (masks.BlockMask.program_order, heaviest
     block lists first: a long list started last would run alone at the end of the grid).
-    TILE_MAJOR: tiles first (attention_launch.tile_major: varlen, causal GQA), heaviest tiles first;
-    otherwise head-major, so the programs running together share one head's tensors in L2.
+    TILE_MAJOR: tiles first, heaviest tiles first (attention_launch.program_order), inside groups of
+    HEAD_GROUP rows (0: one group of every row). Head-major order starts the last head's heaviest
+    causal tile near the end of the grid, where it runs alone; groups of a few heads keep those
+    heads' tensors in L2 while their heavy tiles start first.
+    Otherwise head-major, so the programs running together share one head's tensors in L2.
     QUERY_TILES: programs own query tiles (forward, dQ), whose later tiles see more keys under causal
     (heavy last, so they are reversed); key tiles (dK/dV) are heavy first already.
     """
@@ -259,8 +262,15 @@ def program_tile(ProgramOrder, n_tiles, BLOCK_SPARSE: tl.constexpr, TILE_MAJOR: 
         pid = tl.load(ProgramOrder + pid)
     if TILE_MAJOR:
         n_bh = tl.num_programs(0) // n_tiles
-        tile = pid // n_bh
-        bh = pid % n_bh
+        if HEAD_GROUP == 0:
+            tile = pid // n_bh
+            bh = pid % n_bh
+        else:
+            group = pid // (HEAD_GROUP * n_tiles)
+            rank = pid % (HEAD_GROUP * n_tiles)
+            rows = tl.minimum(n_bh - group * HEAD_GROUP, HEAD_GROUP)  # the last group may be smaller
+            tile = rank // rows
+            bh = group * HEAD_GROUP + rank % rows
         if QUERY_TILES:
             tile = n_tiles - 1 - tile
     else:
