@@ -353,8 +353,9 @@ def test_program_order_rule():
     assert order(dense, True, True, 1, False) == (False, 0)  # window: equal tiles, head-major
     assert order(dense, False, False, 4, False) == (False, 0)  # equal work per tile
     assert order(dense, True, False, 4, True) == (False, 0)  # block-sparse: ProgramOrder
-    assert order(attention_launch._Layout(1, 16384, 16384), True, False, 1, False) == (True, 2)  # L2
-    assert order(attention_launch._Layout(1, 65536, 65536), True, False, 1, False) == (True, 1)
+    long = attention_launch._Layout(1, 16384, 16384)
+    assert order(long, True, False, 1, False) == (False, 0)  # past 8192 keys head-major measured faster
+    assert order(attention_launch._Layout(1, 16384, 16384, packed.cu_seqlens_q, packed.cu_seqlens_k), False, False, 1, False) == (True, 0)
 
 
 @pytest.mark.parametrize("kw", [dict(causal=True), dict(window_size=(8, 0)), dict(window_size=(5, 11)),
@@ -375,6 +376,6 @@ def test_split_phase_backward(shape, kw, monkeypatch):
 @pytest.mark.parametrize("shape", [(1, 4097, 4097, 3, 1, 128), (2, 4096, 4160, 5, 5, 96)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_long_causal(shape):
-    """Causal at >= LONG_CAUSAL_KEYS keys: split-phase dK/dV tiles, heads launched in tile-major groups."""
+    """Causal with a key count in LONG_CAUSAL_KEYS: split-phase dK/dV tiles, heads in tile-major groups."""
     q, k, v = _make(shape, torch.bfloat16)
     check_against_oracle(q, k, v, causal=True)

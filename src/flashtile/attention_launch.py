@@ -170,23 +170,23 @@ def program_order(layout: _Layout, causal: bool, window: bool, group: int, block
     """(TILE_MAJOR, HEAD_GROUP) of the kernels' launch order (kernels/common.py:program_tile).
 
     Head-major order starts each head's heaviest causal tile first, but the last head's heaviest one
-    near the end of the grid, where it runs alone. Causal MHA without a window and varlen therefore
-    launch tile-major inside groups of (batch, head) rows whose tensors stay in L2: 4 rows up to 8192
-    keys, fewer beyond (H200, B=2, H=16, S=8192, D=128 causal, per kernel: forward 1221 -> 1169 us,
-    dQ 1401 -> 1341; varlen with 16 sequences: dK/dV 1026 -> 989, dQ 586 -> 573; every head tile-major
-    had measured 2-6% slower for causal MHA at S <= 4096). Causal GQA stays tile-major over all rows
-    (its dQ ran 3% slower in groups; the kv heads' K/V fit in L2). Windows keep head-major (their
-    tiles are equally heavy; groups measured 1-6% slower); block-sparse programs follow their own
-    ProgramOrder.
+    near the end of the grid, where it runs alone. Up to 8192 keys, causal MHA without a window and
+    varlen therefore launch tile-major inside groups of 4 (batch, head) rows, whose tensors stay in L2
+    (H200, B=2, H=16, S=8192, D=128 causal, per kernel: forward 1221 -> 1169 us, dQ 1401 -> 1341;
+    varlen with 16 sequences: dK/dV 1026 -> 989, dQ 586 -> 573). Every head tile-major had measured
+    2-6% slower for causal MHA at S <= 4096, and at 16384 keys (B=1, H=16) head-major beat groups of
+    1, 2, 4 and 8 rows by 1.5-3% per step. Causal GQA stays tile-major over all rows (its dQ ran 3%
+    slower in groups; the kv heads' K/V fit in L2). Windows keep head-major (their tiles are equally
+    heavy; groups measured 1-6% slower); block-sparse programs follow their own ProgramOrder.
     """
-    rows = max(1, min(4, 32768 // max(layout.seqlen_k, 1)))
+    rows = 4 if layout.seqlen_k <= 8192 else 0
     if layout.varlen:
         return True, rows
     if block_sparse or not causal:
         return False, 0
     if group > 1:
         return True, 0
-    return (False, 0) if window else (True, rows)
+    return (False, 0) if window or not rows else (True, rows)
 
 
 def _order_flags(order: Tuple[bool, int]) -> dict:
@@ -340,7 +340,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     causal = right is not None
     sp = _sparse_args(block_mask, lse, left, right)
     has_left, has_right, left, right = _mask_flags(left, right)
-    long_causal = causal and not has_left and not sp.enabled and not layout.varlen and Sk >= LONG_CAUSAL_KEYS
+    long_causal = (causal and not has_left and not sp.enabled and not layout.varlen
+                   and LONG_CAUSAL_KEYS[0] <= Sk <= LONG_CAUSAL_KEYS[1])
     cfg = config or backward_config(q.device, D, Dv, q.dtype, causal, block_sparse=sp.enabled,
                                     softcap=softcap > 0, partial_blocks=sp.enabled and sp.mask.element_mask is not None,
                                     long_causal=long_causal)

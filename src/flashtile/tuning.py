@@ -88,8 +88,11 @@ def forward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: 
     return KernelConfig(64, 32, 8, 1)
 
 
-# Keys from which a causal backward walks its tiles in phases (BackwardConfig.split_phases)
-LONG_CAUSAL_KEYS = 4096
+# Key counts over which a causal backward walks its tiles in phases (BackwardConfig.split_phases):
+# measured faster at 4096 and 8192 keys (with the heads in tile-major groups, attention_launch.
+# program_order), slower at 16384 (B=1, H=16: forward+backward 9990 us one-loop head-major against
+# 10141-10269 for every split / grouped variant) and no faster at 1024-2048
+LONG_CAUSAL_KEYS = (4096, 8192)
 
 
 def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
@@ -97,7 +100,7 @@ def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype:
                     partial_blocks: bool = False, long_causal: bool = False) -> BackwardConfig:
     """Configs of attention_bwd_dkdv_kernel and attention_bwd_dq_kernel (block_sparse: a block_mask is
     set, partial_blocks: it has partial blocks; softcap: softcap > 0; long_causal: causal without a
-    window, block mask or varlen, over at least LONG_CAUSAL_KEYS keys). Dropout runs the default tiles
+    window, block mask or varlen, with a key count in LONG_CAUSAL_KEYS). Dropout runs the default tiles
     (see below)."""
     arch = _arch(device)
     d = max(padded_head_dim(head_dim), padded_head_dim(head_dim_v))
