@@ -80,6 +80,9 @@ SWEEP_FP32 = {
     "ieee64x64": GemmConfig(64, 64, 32, 4, 3),
     "ieee128x64": GemmConfig(128, 64, 32, 8, 3),
     "ieee128x128": GemmConfig(128, 128, 32, 8, 3),
+    # pointer loads: a descriptor's tile of a transposed operand (nn.Linear's weight.mT) is read
+    # column-wise by the CUDA-core dot, 4x slower (H200, 4096^3 NT: 5.1 against 21.4 TFLOP/s)
+    "ieee128x128_ptr": GemmConfig(128, 128, 32, 8, 3, tma=False),
     "tf32_128x128": GemmConfig(128, 128, 32, 8, 3),
 }
 
@@ -101,8 +104,11 @@ def gemm_config(device: torch.device, dtype: torch.dtype, m: int, n: int, k: int
 def select_config(arch: Tuple[int, int], fp32: bool, precision: str, m: int, n: int, k: int,
                   activation: bool = False) -> GemmConfig:
     """The table: by architecture, element type and problem size (H200 measurements, BENCHMARKS.md)."""
-    if fp32 and precision == "ieee":  # CUDA-core FMAs: small tiles, no tensor cores
-        return SWEEP_FP32["ieee64x64"]
+    if fp32 and precision == "ieee":  # CUDA-core FMAs, no tensor cores
+        # H200, 4096^3 (TFLOP/s; cuBLAS SGEMM 51): 64x64 with descriptors NN 35.8, NT 9.3; 128x128 with
+        # pointers NN 42.3, NT 21.4. Below 2048^2 outputs 128x128 tiles leave SMs idle (1000^3: 14.4
+        # against 31.8 for 64x64)
+        return SWEEP_FP32["ieee128x128_ptr" if m * n >= 2048 * 2048 else "ieee64x64"]
     if arch[0] < 9:  # Ampere and older: no TMA, less shared memory
         return GemmConfig(128, 128, 32, 8, 3, tma=False)
     if fp32:  # tf32: 4-byte elements, half the K tile
