@@ -159,18 +159,18 @@ def _gemm_signature(elem: str, out: str, c: dict) -> dict:
 
 
 def compile_gemm_variants() -> None:
-    """The GEMM kernel as gemm_launch runs it: every operand mode, the tuned tiles, WS, fp32 paths."""
+    """The GEMM kernel as gemm_launch runs it: every operand mode, the tuned tiles, fp32 paths."""
     from flashtile.gemm_launch import shipped_configs
 
     base = dict(GROUP_M=8, A_MODE=1, B_MODE=1, C_TMA=True, BATCHED_A=False, BATCHED_B=False, BATCHED_C=False,
                 BIAS=1, ALPHA_ONE=True, ACTIVATION=2, STORE_PRE=False, DOT_PRECISION="ieee", FLATTEN=False,
-                WARP_SPECIALIZE=False, EPILOGUE_SPLIT=1, PTX=True)
+                EPILOGUE_SPLIT=1, PTX=True)
     variants = []
     for kind, cfg, activation in shipped_configs():
         fp32 = kind != "16bit"
         variants.append(("fp32" if fp32 else "bf16", dict(
             base, ACTIVATION=2 if activation else 0, STORE_PRE=activation, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            FLATTEN=cfg.flatten, WARP_SPECIALIZE=cfg.warp_specialize, C_TMA=cfg.tma_store,
+            FLATTEN=cfg.flatten, C_TMA=cfg.tma_store,
             EPILOGUE_SPLIT=cfg.epilogue_split,
             A_MODE=int(cfg.tma), B_MODE=2 * int(cfg.tma), DOT_PRECISION="tf32" if kind == "tf32" else "ieee"),
             cfg.num_warps, cfg.num_stages))

@@ -38,9 +38,8 @@ class GemmConfig:
     group_m: int = 8
     persistent: bool = True  # at most one program per SM, looping over tiles
     flatten: bool = False  # tl.range(flatten=True): pipeline across tile boundaries
-    warp_specialize: bool = False
     tma: bool = True  # load A and B through tensor descriptors where the layout allows
-    tma_store: bool = True  # store C through a descriptor (warp specialization needs pointer stores)
+    tma_store: bool = True  # store C through a descriptor (else pointer stores)
     epilogue_split: int = 1  # 2: the epilogue runs on the tile's two column halves (fewer live registers)
 
 
@@ -67,11 +66,6 @@ SWEEP_16BIT = {
     # one program per tile, 128 x 128 (ptxas: 163 registers with gelu, so one 256-thread program per SM;
     # a 128-register cap for two per SM ran at 0.7-0.8x cuBLAS, session 6)
     "n128x128_s3ptr": GemmConfig(128, 128, 64, 8, 3, persistent=False, tma_store=False),
-    # warp-specialised: compiled in session 2; on the H200 the sweep's compile-and-run did not finish in
-    # 6 minutes (session 4) or 150 s (session 6, 256x128 and 128x128, triton 3.6), though the same
-    # variants compile offline for sm_90 in seconds: give tune_gemm.py --configs without these
-    "ws128x128": GemmConfig(128, 128, 64, 4, 4, warp_specialize=True, tma_store=False),
-    "ws128x256": GemmConfig(128, 256, 64, 4, 3, warp_specialize=True, tma_store=False),
     "n128x64": GemmConfig(128, 64, 64, 4, 4, persistent=False),
     "n64x128": GemmConfig(64, 128, 64, 4, 4, persistent=False),
     "n64x64": GemmConfig(64, 64, 64, 4, 4, persistent=False),
@@ -85,11 +79,6 @@ SWEEP_FP32 = {
     "ieee128x128_ptr": GemmConfig(128, 128, 32, 8, 3, tma=False),
     "tf32_128x128": GemmConfig(128, 128, 32, 8, 3),
 }
-
-
-def candidate_configs() -> List[Tuple[str, GemmConfig]]:
-    """("16bit" | "fp32", config) for every config the sweep measures (tests run each one)."""
-    return [("16bit", c) for c in SWEEP_16BIT.values()] + [("fp32", c) for c in SWEEP_FP32.values()]
 
 
 def gemm_config(device: torch.device, dtype: torch.dtype, m: int, n: int, k: int,
@@ -425,7 +414,7 @@ def launch_args(a: _Mat, b: _Mat, c: _Mat, bias: Optional[_Mat], pre: Optional[_
                 BATCHED_A=batched_a, BATCHED_B=batched_b, BATCHED_C=batched_c,
                 BIAS=_bias_kind(bias), ALPHA_ONE=alpha == 1.0, ACTIVATION=act,
                 STORE_PRE=pre is not None, DOT_PRECISION=precision, FLATTEN=cfg.flatten,
-                WARP_SPECIALIZE=cfg.warp_specialize, EPILOGUE_SPLIT=cfg.epilogue_split,
+                EPILOGUE_SPLIT=cfg.epilogue_split,
                 PTX=device.type == "cuda" and not triton_interpreting(),
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return (programs,), args, meta

@@ -156,14 +156,14 @@ def gemm_kernel(
     A_MODE: tl.constexpr, B_MODE: tl.constexpr, C_TMA: tl.constexpr,
     BATCHED_A: tl.constexpr, BATCHED_B: tl.constexpr, BATCHED_C: tl.constexpr,
     BIAS: tl.constexpr, ALPHA_ONE: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FLATTEN: tl.constexpr,
     EPILOGUE_SPLIT: tl.constexpr, PTX: tl.constexpr,
 ):
     """C[b] = act(alpha * A[b] @ B[b] + bias[b]); Pre[b] (contiguous like C) = the pre-activation.
 
     C is a descriptor of [batch, M, N] / [M, N] when C_TMA, else a pointer with strides stride_c*.
     Bias and Pre are pointers (Pre only read when STORE_PRE, Bias only when BIAS != BIAS_NONE).
-    ALPHA_ONE (the launcher's alpha == 1): no scaling, and (unless FLATTEN or WARP_SPECIALIZE) a bias
+    ALPHA_ONE (the launcher's alpha == 1): no scaling, and (unless FLATTEN) a bias
     vector (BIAS_ROW / BIAS_COL) starts the accumulator, so its loads and adds run before the main
     loop, while the first TMA loads are in flight, instead of in the epilogue (a full bias tile's
     64-bit addresses would stay live through the loop).
@@ -173,16 +173,15 @@ def gemm_kernel(
     num_pid_n = tl.cdiv(N, BLOCK_N)
     num_tiles = batch * num_pid_m * num_pid_n
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN,
-                         warp_specialize=WARP_SPECIALIZE):
+    # no warp specialisation: triton 3.6's sm_90 pass transforms only 4-warp loops, fails on TMA stores
+    # and hung at run time with pointer stores (docs/perf_notes.md, session 8)
+    for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0), flatten=FLATTEN):
         bid, pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        # not with WARP_SPECIALIZE (ptxas: the bias vector loaded before the loop spills the consumers)
-        # nor FLATTEN (the pipeliner then waits for every MMA and stops prefetching: half the speed)
-        BIAS_IN_ACC: tl.constexpr = (ALPHA_ONE and not WARP_SPECIALIZE and not FLATTEN
-                                     and (BIAS == BIAS_ROW or BIAS == BIAS_COL))
+        # not with FLATTEN (the pipeliner then waits for every MMA and stops prefetching: half the speed)
+        BIAS_IN_ACC: tl.constexpr = ALPHA_ONE and not FLATTEN and (BIAS == BIAS_ROW or BIAS == BIAS_COL)
         if BIAS_IN_ACC:
             acc = _add_bias(acc, Bias, bid, off_m, off_n, M, N, stride_xb, stride_xm, stride_xn, BIAS)
         for kt in range(k_tiles):
