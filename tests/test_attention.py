@@ -358,6 +358,18 @@ def test_program_order_rule():
     assert order(attention_launch._Layout(1, 16384, 16384, packed.cu_seqlens_q, packed.cu_seqlens_k), False, False, 1, False) == (True, 0)
 
 
+def _spy_dkdv_meta(monkeypatch):
+    """The meta-parameters of every dK/dV launch from now on (a list that fills as they run)."""
+    metas, real = [], attention_launch._launch
+
+    def spy(kernel, cfg, sparse_block, grid_of, order_of, args, meta):
+        if kernel is attention_launch.attention_bwd_dkdv_kernel:
+            metas.append(meta)
+        return real(kernel, cfg, sparse_block, grid_of, order_of, args, meta)
+    monkeypatch.setattr(attention_launch, "_launch", spy)
+    return metas
+
+
 @pytest.mark.parametrize("kw", [dict(causal=True), dict(window_size=(8, 0)), dict(window_size=(5, 11)),
                                 dict(causal=True, softcap=5.0)], ids=str)
 @pytest.mark.parametrize("shape", [(2, 37, 37, 2, 1, 40), (1, 113, 37, 4, 2, 59), (1, 37, 113, 3, 3, 72)],
@@ -368,14 +380,19 @@ def test_split_phase_backward(shape, kw, monkeypatch):
     tiles = attention_launch.KernelConfig(*((64, 64, 4, 2) if HAS_GPU else (32, 32, 4, 1)))
     cfg = attention_launch.BackwardConfig(tiles, tiles, split_phases=True)
     monkeypatch.setattr(attention_launch, "backward_config", lambda *a, **k: cfg)
+    metas = _spy_dkdv_meta(monkeypatch)
     q, k, v = _make(shape, torch.float32)
-    check_against_oracle(q, k, v, **kw)
+    with ft.use_backend("triton"):
+        check_against_oracle(q, k, v, **kw)
+    assert metas and all(m["SPLIT_PHASES"] for m in metas)  # the path under test did run
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="long sequences: GPU only")
 @pytest.mark.parametrize("shape", [(1, 4097, 4097, 3, 1, 128), (2, 4096, 4160, 5, 5, 96)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_long_causal(shape):
+def test_long_causal(shape, monkeypatch):
     """Causal with a key count in LONG_CAUSAL_KEYS: split-phase dK/dV tiles, heads in tile-major groups."""
+    metas = _spy_dkdv_meta(monkeypatch)
     q, k, v = _make(shape, torch.bfloat16)
     check_against_oracle(q, k, v, causal=True)
+    assert metas and all(m["SPLIT_PHASES"] and m["TILE_MAJOR"] for m in metas)
