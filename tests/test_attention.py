@@ -358,6 +358,30 @@ def test_program_order_rule():
     assert order(attention_launch._Layout(1, 16384, 16384, packed.cu_seqlens_q, packed.cu_seqlens_k), False, False, 1, False) == (True, 0)
 
 
+def test_backward_walk_rule():
+    """Which masked backwards take tuning's long-causal and short-walk dK/dV tiles (measured rules)."""
+    walk = attention_launch.walk_lengths  # (Sk, causal, has_left, left, right, block_sparse, varlen)
+    assert walk(1024, True, False, 0, 0, False, False) == (False, True)  # short causal
+    assert walk(1025, True, False, 0, 0, False, False) == (False, False)
+    assert walk(4096, True, False, 0, 0, False, False) == (True, False)
+    assert walk(8192, True, False, 0, 0, False, True) == (False, False)  # varlen keeps the one loop
+    assert walk(16384, True, True, 256, 0, False, False) == (False, True)  # narrow window, any length
+    assert walk(16384, True, True, 1024, 0, False, False) == (False, False)
+    assert walk(512, True, False, 0, 0, True, False) == (False, False)  # block masks have their tiles
+    assert walk(512, False, False, 0, 0, False, False) == (False, False)
+    from flashtile.tuning import backward_config
+    gpu = torch.device("cuda", 0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("flashtile.tuning._arch", lambda device: (9, 0))
+        short = backward_config(gpu, 128, 128, torch.bfloat16, True, short_walk=True)
+        assert (short.dkdv.block_m, short.dkdv.block_n, short.dkdv.num_warps) == (32, 64, 4)
+        # D <= 64, softcap and fp32 keep their own tiles
+        for args, kw in (((64, 64, torch.bfloat16), {}), ((128, 128, torch.bfloat16), dict(softcap=True)),
+                         ((128, 128, torch.float32), {})):
+            assert (backward_config(gpu, *args, True, short_walk=True, **kw)
+                    == backward_config(gpu, *args, True, short_walk=False, **kw))
+
+
 def _spy_dkdv_meta(monkeypatch):
     """The meta-parameters of every dK/dV launch from now on (a list that fills as they run)."""
     metas, real = [], attention_launch._launch

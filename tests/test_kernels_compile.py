@@ -103,6 +103,12 @@ def compile_forward_configs() -> None:
         k = _compile(kernel, "bf16", dict(causal, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
                      num_warps=c.num_warps, num_stages=c.num_stages)
         assert k.metadata.shared <= 232448, k.metadata.shared
+    # the short-walk dK/dV tiles (short causal, narrow windows), with a window and ALiBi
+    short = backward_config(gpu, 128, 128, torch.bfloat16, True, short_walk=True).dkdv
+    k = _compile(attention_bwd_dkdv_kernel, "bf16",
+                 dict(plain, HAS_LEFT=True, HAS_RIGHT=True, HAS_ALIBI=True, BLOCK_M=short.block_m, BLOCK_N=short.block_n),
+                 num_warps=short.num_warps, num_stages=short.num_stages)
+    assert k.metadata.shared <= 232448, k.metadata.shared
 
 
 def compile_wide_variants() -> None:

@@ -20,8 +20,8 @@ from flashtile.errors import UnsupportedError
 from flashtile.kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
 from flashtile.kernels.attention_fwd import attention_fwd_kernel
 from flashtile.launch_fit import launch_fitting
-from flashtile.tuning import (LONG_CAUSAL_KEYS, BackwardConfig, KernelConfig, backward_config, forward_config,
-                              padded_head_dim)
+from flashtile.tuning import (LONG_CAUSAL_KEYS, SHORT_CAUSAL_KEYS, SHORT_WINDOW, BackwardConfig, KernelConfig,
+                              backward_config, forward_config, padded_head_dim)
 
 
 def _empty(*shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -309,6 +309,19 @@ def _expand_gqa(q: torch.Tensor, k: torch.Tensor, block_n: int, layout: _Layout)
     return programs < 2 * _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
 
 
+def walk_lengths(seqlen_k: int, causal: bool, has_left: bool, left: int, right: int, block_sparse: bool,
+                 varlen: bool) -> Tuple[bool, bool]:
+    """(long_causal, short_walk) of tuning.backward_config: how far a masked backward's dK/dV programs
+    walk. long_causal: causal without a window, block mask or varlen, with LONG_CAUSAL_KEYS keys;
+    short_walk: no block mask, and causal with at most SHORT_CAUSAL_KEYS keys or a window of at most
+    SHORT_WINDOW keys (left + right, the kernels' edges)."""
+    long_causal = (causal and not has_left and not block_sparse and not varlen
+                   and LONG_CAUSAL_KEYS[0] <= seqlen_k <= LONG_CAUSAL_KEYS[1])
+    short_walk = causal and not block_sparse and (left + right <= SHORT_WINDOW if has_left
+                                                  else seqlen_k <= SHORT_CAUSAL_KEYS)
+    return long_causal, short_walk
+
+
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, softmax_scale: float,
                        left: Optional[int] = None, right: Optional[int] = None,
@@ -340,11 +353,10 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     causal = right is not None
     sp = _sparse_args(block_mask, lse, left, right)
     has_left, has_right, left, right = _mask_flags(left, right)
-    long_causal = (causal and not has_left and not sp.enabled and not layout.varlen
-                   and LONG_CAUSAL_KEYS[0] <= Sk <= LONG_CAUSAL_KEYS[1])
+    long_causal, short_walk = walk_lengths(Sk, causal, has_left, left, right, sp.enabled, layout.varlen)
     cfg = config or backward_config(q.device, D, Dv, q.dtype, causal, block_sparse=sp.enabled,
                                     softcap=softcap > 0, partial_blocks=sp.enabled and sp.mask.element_mask is not None,
-                                    long_causal=long_causal)
+                                    long_causal=long_causal, short_walk=short_walk)
     block_d, block_dv = padded_head_dim(D), padded_head_dim(Dv)
     am_kind, am, am_strides = _attn_mask_args(attn_mask, (B, Hq, Sq, Sk), lse)
     flags = dict(HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=_softcap_flag(softcap, q.dtype), HAS_ALIBI=alibi_slopes is not None,

@@ -93,15 +93,21 @@ def forward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: 
 # program_order), slower at 16384 (B=1, H=16: forward+backward 9990 us one-loop head-major against
 # 10141-10269 for every split / grouped variant) and no faster at 1024-2048
 LONG_CAUSAL_KEYS = (4096, 8192)
+# A masked backward whose dK/dV programs walk few query tiles (a causal one with at most this many keys,
+# or a window at most SHORT_WINDOW wide) runs 32x64 dK/dV tiles (BackwardConfig, short_walk)
+SHORT_CAUSAL_KEYS = 1024
+SHORT_WINDOW = 512
 
 
 def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
                     causal: bool, block_sparse: bool = False, softcap: bool = False,
-                    partial_blocks: bool = False, long_causal: bool = False) -> BackwardConfig:
+                    partial_blocks: bool = False, long_causal: bool = False,
+                    short_walk: bool = False) -> BackwardConfig:
     """Configs of attention_bwd_dkdv_kernel and attention_bwd_dq_kernel (block_sparse: a block_mask is
     set, partial_blocks: it has partial blocks; softcap: softcap > 0; long_causal: causal without a
-    window, block mask or varlen, with a key count in LONG_CAUSAL_KEYS). Dropout runs the default tiles
-    (see below)."""
+    window, block mask or varlen, with a key count in LONG_CAUSAL_KEYS; short_walk: causal with at most
+    SHORT_CAUSAL_KEYS keys or a window at most SHORT_WINDOW wide, without a block mask). Dropout runs
+    the default tiles (see below)."""
     arch = _arch(device)
     d = max(padded_head_dim(head_dim), padded_head_dim(head_dim_v))
     if arch is None:
@@ -128,6 +134,13 @@ def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype:
         # scripts/tune_dkdv.py softcap_causal (B=2, H=16, S=8192, D=128, cap 30): the tanh factor kept
         # for dS adds live values; 32x64 w4 takes the backward from 6.13 to 4.77 ms (non-causal
         # keeps the default: 8.81 against 8.93 ms)
+        return BackwardConfig(KernelConfig(32, 64, 4, 2), KernelConfig(128, 64, 8, 3))
+    if short_walk and 64 < d <= 128:
+        # H200 (B*S = 16384, H=16, D=128, backward alone, 3 rounds), 32x64 w4 s2 against 64x128 w8 s2:
+        # causal S=512 -8.3%, S=1024 -5.1%, S=2048 -1.5%; at S=1024 ALiBi -2.1%, GQA (4:1) -2.2%,
+        # dropout -6.4%, D=96 -3.0%; window (256, 0) -10.7% at every S from 512 to 4096. At 2048 keys
+        # ALiBi, GQA and D=96 lose 1.3-1.9%, at 4096 keys 2.6-5.8%: the short walk has few query tiles
+        # per program, so the program's fixed cost (K / V loads, dK / dV stores) weighs more
         return BackwardConfig(KernelConfig(32, 64, 4, 2), KernelConfig(128, 64, 8, 3))
     if long_causal and 64 < d <= 128:
         # H200 (B=2, H=16, S=8192, D=128 causal, dK/dV launch alone, 2 rounds): one loop with a per-tile
