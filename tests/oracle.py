@@ -9,8 +9,9 @@ another order than dP). Where the softmax gradient cancels exactly (a row with a
 P = 1), torch's own backward is exact and the rule's bound collapses to its atol, while any
 FlashAttention-style kernel is off by delta's error. The gradient of sum_i eps_i * lse_i is what a
 per-row delta error eps_i does to dQ and dK (d lse_i / d s_ij = P_ij), so the gradient checks add its
-size to the atol, with eps_i = |sum_d dO_id * (O_id - O_ref_id)| (from the stored output's measured
-error, already checked) + 2 * eps(fp32) * sum_d |dO_id * O_ref_id| (the fp32 sums). Found by
+size to the atol, for eps_i = sum_d dO_id * (O_id - O_ref_id) (the stored output's measured error,
+already checked: this term is the first-order gradient error itself) and, as a bound, for
+eps_i = 2 * eps(fp32) * sum_d |dO_id * O_ref_id| (the fp32 sums). Found by
 tests/test_fuzz.py (an fp32 single-key sequence, fp16 dropout on one key).
 """
 
@@ -34,13 +35,17 @@ def delta_floor(inputs: Sequence[torch.Tensor], out: torch.Tensor, out_ref: torc
     [..., Hq, rows] (dense [B, Sq, Hq, Dv] / [B, Hq, Sq]; packed [total, Hq, Dv] / [Hq, total]). The
     oracle's graph is kept for the gradient checks that follow."""
     o_ref = out_ref.detach()
-    do = dout.detach().to(o_ref.dtype).abs()
-    eps_rows = (dout.detach().to(o_ref.dtype) * (out.detach().to(o_ref.dtype) - o_ref)).sum(-1).abs()
-    eps_rows = eps_rows + 2 * torch.finfo(torch.float32).eps * (do * o_ref.abs()).sum(-1)
+    do = dout.detach().to(o_ref.dtype)
     lse = torch.where(torch.isfinite(lse_ref), lse_ref, torch.zeros_like(lse_ref))
-    grads = torch.autograd.grad((lse * eps_rows.transpose(-1, -2)).sum(), inputs, retain_graph=True,
-                                allow_unused=True)
-    return tuple(float(g.abs().max()) if g is not None and g.numel() else 0.0 for g in grads)
+    floors = [0.0] * len(inputs)
+    # the stored output's error, with its sign (the first-order gradient error itself), then the fp32
+    # sums' rounding as a bound (its sign is unknown; it matters where the first term is exact)
+    for eps_rows in ((do * (out.detach().to(o_ref.dtype) - o_ref)).sum(-1),
+                     2 * torch.finfo(torch.float32).eps * (do * o_ref).abs().sum(-1)):
+        grads = torch.autograd.grad((lse * eps_rows.transpose(-1, -2)).sum(), inputs, retain_graph=True,
+                                    allow_unused=True)
+        floors = [f + (float(g.abs().max()) if g is not None and g.numel() else 0.0) for f, g in zip(floors, grads)]
+    return tuple(floors)
 
 
 def assert_matches_oracle(inputs: Sequence[torch.Tensor], got: Sequence[torch.Tensor],

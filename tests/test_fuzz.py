@@ -27,7 +27,7 @@ DTYPES = [torch.float16, torch.bfloat16, torch.float32] if HAS_GPU else [torch.f
 # Triton's interpreter is slow: on CPU the shapes stay small and the examples few
 MAX_SEQ = 600 if HAS_GPU else 70
 MAX_DIM = 256 if HAS_GPU else 80
-EXAMPLES = {"triton": 40 if HAS_GPU else 8, "cpu": 25}
+EXAMPLES = {"triton": 15 if HAS_GPU else 4, "cpu": 12}  # per dtype
 BACKENDS = ["triton"] if HAS_GPU else ["triton", "cpu"]
 BLOCK_SIZES = [16, 32, 64, 128] if HAS_GPU else [16, 32]
 
@@ -46,7 +46,7 @@ def _fuzz(backend: str):
 
 
 @st.composite
-def attention_problems(draw, varlen: bool = False):
+def attention_problems(draw, dtype: torch.dtype, varlen: bool = False):
     """(shape, dtype, flash_attn_func keyword arguments, extras) for one example."""
     hkv = draw(st.integers(1, 2))
     group = draw(st.sampled_from([1, 1, 2, 3]))
@@ -84,7 +84,6 @@ def attention_problems(draw, varlen: bool = False):
     if not varlen and draw(st.integers(0, 2)) == 0:
         extras["block"] = (draw(st.sampled_from(BLOCK_SIZES)), draw(st.sampled_from(BLOCK_SIZES)))
         extras["mask_heads"] = draw(st.sampled_from([1, hkv * group]))
-    dtype = draw(st.sampled_from(DTYPES))
     return shape, dtype, kw, extras
 
 
@@ -153,18 +152,20 @@ def _check_varlen(problem, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_flash_attn_func_fuzz(backend):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_flash_attn_func_fuzz(dtype, backend):
     @_fuzz(backend)
-    @given(problem=attention_problems())
+    @given(problem=attention_problems(dtype))
     def run(problem):
         _check_dense(problem, backend)
     run()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_flash_attn_varlen_func_fuzz(backend):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_flash_attn_varlen_func_fuzz(dtype, backend):
     @_fuzz(backend)
-    @given(problem=attention_problems(varlen=True))
+    @given(problem=attention_problems(dtype, varlen=True))
     def run(problem):
         _check_varlen(problem, backend)
     run()
@@ -178,10 +179,13 @@ FOUND = [
                {"strided": False, "data_seed": 0, "block": (16, 16), "mask_heads": 1})),
     ("varlen", (([1, 0], [1, 0], 1, 1, 56, 56), torch.float32, {"softmax_scale": 1.0},
                 {"strided": False, "data_seed": 0})),
+    ("dense", ((1, 2, 1, 1, 1, 2, 1), torch.float16, {"dropout_p": 0.1}, {"strided": False, "data_seed": 0})),
+    ("dense", ((1, 1, 1, 4, 2, 1, 2), torch.float16, {"dropout_p": 0.1},
+               {"strided": False, "data_seed": 0, "block": (16, 16), "mask_heads": 1})),
 ]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind,problem", FOUND, ids=["dropout-one-key", "dropout-block-mask", "varlen-fp32-one-key"])
+@pytest.mark.parametrize("kind,problem", FOUND, ids=["dropout-one-key", "dropout-block-mask", "varlen-fp32-one-key", "dropout-dk", "dropout-gqa-dk"])
 def test_found_by_fuzz(kind, problem, backend):
     (_check_dense if kind == "dense" else _check_varlen)(problem, backend)
