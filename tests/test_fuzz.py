@@ -7,7 +7,7 @@ The fixed tests elsewhere cover each feature on chosen shapes; these look for th
 nobody wrote down.
 
 The examples are derandomized, so a CI run is reproducible. For an exploratory run, set
-FLASHTILE_FUZZ_SEED (fresh examples from that seed) and FLASHTILE_FUZZ_EXAMPLES (how many), e.g.
+FLASHTILE_FUZZ_SEED (fresh examples from that seed) and FLASHTILE_FUZZ_EXAMPLES (how many per dtype), e.g.
 FLASHTILE_FUZZ_SEED=7 FLASHTILE_FUZZ_EXAMPLES=500 pytest tests/test_fuzz.py
 """
 
@@ -186,6 +186,7 @@ FOUND = [
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind,problem", FOUND, ids=["dropout-one-key", "dropout-block-mask", "varlen-fp32-one-key", "dropout-dk", "dropout-gqa-dk"])
+@pytest.mark.parametrize("kind,problem", FOUND, ids=["dropout-one-key", "dropout-block-mask", "varlen-fp32-one-key",
+                                                     "dropout-dk", "dropout-gqa-dk"])
 def test_found_by_fuzz(kind, problem, backend):
     (_check_dense if kind == "dense" else _check_varlen)(problem, backend)

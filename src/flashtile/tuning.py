@@ -139,8 +139,9 @@ def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype:
         # H200 (B*S = 16384, H=16, D=128, backward alone, 3 rounds), 32x64 w4 s2 against 64x128 w8 s2:
         # causal S=512 -8.3%, S=1024 -5.1%, S=2048 -1.5%; at S=1024 ALiBi -2.1%, GQA (4:1) -2.2%,
         # dropout -6.4%, D=96 -3.0%; window (256, 0) -10.7% at every S from 512 to 4096. At 2048 keys
-        # ALiBi, GQA and D=96 lose 1.3-1.9%, at 4096 keys 2.6-5.8%: the short walk has few query tiles
-        # per program, so the program's fixed cost (K / V loads, dK / dV stores) weighs more
+        # ALiBi, GQA and D=96 lose 1.3-1.9%, at 4096 keys 2.6-5.8%, so the rule stops at 1024 keys.
+        # (Why is not measured: a short walk gives each program few query tiles, and the 4-warp
+        # programs run several to an SM, so one's K / V loads and dK / dV stores overlap another's math)
         return BackwardConfig(KernelConfig(32, 64, 4, 2), KernelConfig(128, 64, 8, 3))
     if long_causal and 64 < d <= 128:
         # H200 (B=2, H=16, S=8192, D=128 causal, dK/dV launch alone, 2 rounds): one loop with a per-tile
