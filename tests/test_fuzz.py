@@ -1,4 +1,5 @@
-"""Property-based tests: random combinations of the attention features against the float64 oracle.
+"""Property-based tests: random combinations of the attention features (and of ft.gemm's) against the
+float64 oracle.
 
 Hypothesis draws a shape (odd sizes, Sq != Sk, GQA / MQA, Dv != D, strided inputs) and a combination
 of features (causal or a sliding window, softcap, ALiBi, a softmax scale, dropout, a block mask), and
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 import flashtile as ft
 from flashtile.reference import attention_ref, attention_varlen_ref
 from conftest import DEVICE, HAS_GPU
-from oracle import assert_matches_oracle
+from oracle import assert_close, assert_matches_oracle, delta_floor
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32] if HAS_GPU else [torch.float16, torch.float32]
 # Triton's interpreter is slow: on CPU the shapes stay small and the examples few
@@ -190,3 +191,102 @@ FOUND = [
                                                      "dropout-dk", "dropout-gqa-dk"])
 def test_found_by_fuzz(kind, problem, backend):
     (_check_dense if kind == "dense" else _check_varlen)(problem, backend)
+
+
+@st.composite
+def gemm_problems(draw, dtype: torch.dtype):
+    """(a, b, bias, alpha, activation, out_dtype) of one ft.gemm example: odd sizes, broadcast batches,
+    transposed views, every bias shape and activation (test_gemm.check_gemm takes them as they are)."""
+    big = 700 if HAS_GPU else 90
+    m, n, k = (draw(st.integers(1, big)) for _ in range(3))
+    batch = draw(st.lists(st.integers(1, 3), max_size=2))
+    torch.manual_seed(draw(st.integers(0, 2**31 - 1)))
+
+    def operand(rows, cols):
+        dims = [d if draw(st.booleans()) else 1 for d in batch][len(batch) - draw(st.integers(0, len(batch))):]
+        if draw(st.booleans()):  # a transposed view (x.mT), read without a copy
+            return torch.randn((*dims, cols, rows), device=DEVICE, dtype=dtype).mT
+        return torch.randn((*dims, rows, cols), device=DEVICE, dtype=dtype)
+    a, b = operand(m, k), operand(k, n)
+    bias_shape = draw(st.sampled_from([None, (n,), (m, 1), (m, n), (1, n), ()]))
+    bias = None if bias_shape is None else torch.randn(bias_shape, device=DEVICE, dtype=dtype)
+    grad = draw(st.booleans())
+    for t in (a, b, bias):
+        if t is not None:
+            t.requires_grad_(grad)
+    alpha = draw(st.sampled_from([1.0, 0.5, -1.25]))
+    activation = draw(st.sampled_from([None, "relu", "gelu", "gelu_tanh", "silu"]))
+    out_dtype = draw(st.sampled_from([None, torch.float32]))
+    return a, b, bias, alpha, activation, out_dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gemm_fuzz(dtype, backend):
+    from test_gemm import check_gemm
+
+    @_fuzz(backend)
+    @given(problem=gemm_problems(dtype))
+    def run(problem):
+        with ft.use_backend(backend):
+            check_gemm(*problem)
+    run()
+
+
+@st.composite
+def sdpa_problems(draw, dtype: torch.dtype):
+    """One scaled_dot_product_attention example: SDPA's layout, GQA, is_causal (top-left) or an attn_mask,
+    bool or float, broadcast from any of torch's shapes, the float one sometimes requiring grad."""
+    b, hkv, group = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 2]))
+    sq, sk = draw(st.integers(1, MAX_SEQ)), draw(st.integers(1, MAX_SEQ))
+    d = draw(st.integers(1, MAX_DIM))
+    dv = d if draw(st.booleans()) else draw(st.integers(1, MAX_DIM))
+    hq = hkv * group
+    kind = draw(st.sampled_from(["none", "causal", "bool", "float", "float_grad"]))
+    shape = draw(st.sampled_from([(sq, sk), (1, 1, sq, sk), (b, 1, sq, sk), (1, hq, 1, sk), (b, hq, sq, sk), (sk,)]))
+    scale = draw(st.sampled_from([None, draw(st.floats(0.05, 2.0)) / max(d, 1) ** 0.5]))
+    return (b, hq, hkv, sq, sk, d, dv), dtype, kind, shape, scale, draw(st.integers(0, 2**31 - 1))
+
+
+def _check_sdpa(problem, backend):
+    (b, hq, hkv, sq, sk, d, dv), dtype, kind, shape, scale, data_seed = problem
+    torch.manual_seed(data_seed)
+    q = torch.randn(b, hq, sq, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    k = torch.randn(b, hkv, sk, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    v = torch.randn(b, hkv, sk, dv, device=DEVICE, dtype=dtype, requires_grad=True)
+    mask, leaves = None, [q, k, v]
+    if kind == "bool":
+        mask = torch.rand(shape, device=DEVICE) > 0.3
+    elif kind.startswith("float"):
+        mask = torch.randn(shape, device=DEVICE, dtype=dtype) * 2.0
+        mask[..., 1::5] = float("-inf")
+        if kind == "float_grad":
+            leaves.append(mask.requires_grad_())
+    with ft.use_backend(backend):
+        out = ft.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=kind == "causal", scale=scale,
+                                              enable_gqa=hq != hkv)
+    # the oracle in flash layout; SDPA's is_causal is top-left aligned: the lower triangle of [Sq, Sk]
+    rule = torch.ones(sq, sk, device=DEVICE, dtype=torch.bool).tril() if kind == "causal" else mask
+    ref_kw = dict(softmax_scale=scale, attn_mask=rule)
+    ref_out, ref_lse = attention_ref(*(t.transpose(1, 2) for t in (q, k, v)), upcast=True, **ref_kw)
+    low_out, _ = attention_ref(*(t.transpose(1, 2) for t in (q, k, v)), upcast=False, **ref_kw)
+    assert out.shape == (b, hq, sq, dv) and out.dtype == dtype
+    assert_close("out", out, ref_out.transpose(1, 2), low_out.transpose(1, 2), 2)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, dout)
+    floors = delta_floor(leaves, out.transpose(1, 2), ref_out, ref_lse, dout.transpose(1, 2))
+    want = torch.autograd.grad(ref_out, leaves, dout.transpose(1, 2).to(ref_out.dtype))
+    lowg = torch.autograd.grad(low_out, leaves, dout.transpose(1, 2))
+    for name, g, w, lg, floor, t in zip(("dq", "dk", "dv", "dbias"), got, want, lowg, floors, leaves):
+        assert g.shape == t.shape and g.dtype == t.dtype, name
+        assert_close(name, g, w, lg, 3, floor=floor)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_scaled_dot_product_attention_fuzz(dtype, backend):
+    @_fuzz(backend)
+    @given(problem=sdpa_problems(dtype))
+    def run(problem):
+        _check_sdpa(problem, backend)
+    run()
