@@ -46,6 +46,15 @@ def _fuzz(backend: str):
     return wrap
 
 
+def _run_examples(backend: str, problems, check) -> None:
+    """check(problem, backend) on the examples that hypothesis draws from problems (_fuzz's settings)."""
+    @_fuzz(backend)
+    @given(problem=problems)
+    def run(problem):
+        check(problem, backend)
+    run()
+
+
 @st.composite
 def attention_problems(draw, dtype: torch.dtype, varlen: bool = False):
     """(shape, dtype, flash_attn_func keyword arguments, extras) for one example."""
@@ -155,21 +164,13 @@ def _check_varlen(problem, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_flash_attn_func_fuzz(dtype, backend):
-    @_fuzz(backend)
-    @given(problem=attention_problems(dtype))
-    def run(problem):
-        _check_dense(problem, backend)
-    run()
+    _run_examples(backend, attention_problems(dtype), _check_dense)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_flash_attn_varlen_func_fuzz(dtype, backend):
-    @_fuzz(backend)
-    @given(problem=attention_problems(dtype, varlen=True))
-    def run(problem):
-        _check_varlen(problem, backend)
-    run()
+    _run_examples(backend, attention_problems(dtype, varlen=True), _check_varlen)
 
 
 # Examples the fuzz found (rows that see a single key, where torch's softmax gradient is exact and
@@ -225,12 +226,10 @@ def gemm_problems(draw, dtype: torch.dtype):
 def test_gemm_fuzz(dtype, backend):
     from test_gemm import check_gemm
 
-    @_fuzz(backend)
-    @given(problem=gemm_problems(dtype))
-    def run(problem):
+    def check(problem, backend):
         with ft.use_backend(backend):
             check_gemm(*problem)
-    run()
+    _run_examples(backend, gemm_problems(dtype), check)
 
 
 @st.composite
@@ -285,8 +284,4 @@ def _check_sdpa(problem, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_scaled_dot_product_attention_fuzz(dtype, backend):
-    @_fuzz(backend)
-    @given(problem=sdpa_problems(dtype))
-    def run(problem):
-        _check_sdpa(problem, backend)
-    run()
+    _run_examples(backend, sdpa_problems(dtype), _check_sdpa)
