@@ -63,6 +63,21 @@ def delta_floor(inputs: Sequence[torch.Tensor], out: torch.Tensor, out_ref: torc
     return tuple(floors)
 
 
+def assert_grads_match(grads: Sequence[torch.Tensor], out: torch.Tensor, dout: torch.Tensor,
+                       ref: Sequence[torch.Tensor], hi: Sequence[torch.Tensor], low_out: torch.Tensor,
+                       lo: Sequence[torch.Tensor], names: Sequence[str] = ("dq", "dk", "dv", "dbias")) -> None:
+    """The gradient half of the rule (factor 3, delta_floor): grads (the kernel's, for upstream dout) of
+    its output out against the oracle's, ref = (out, lse) built on leaves hi, and the same math in the
+    input dtype, low_out built on leaves lo (hi and lo may be the same tensors). out / dout / ref are in
+    flash layout ([..., rows, Hq, Dv], lse [..., Hq, rows])."""
+    floors = delta_floor(hi, out, ref[0], ref[1], dout)
+    want = torch.autograd.grad(ref[0], hi, dout.to(ref[0].dtype))
+    lowg = torch.autograd.grad(low_out, lo, dout)
+    for name, g, w, lg, floor, leaf in zip(names, grads, want, lowg, floors, lo):
+        assert g.shape == leaf.shape and g.dtype == leaf.dtype, name
+        assert_close(name, g, w, lg, 3, floor=floor)
+
+
 def assert_matches_oracle(inputs: Sequence[torch.Tensor], got: Sequence[torch.Tensor],
                           ref: Sequence[torch.Tensor], low: Sequence[torch.Tensor],
                           dout: Optional[torch.Tensor] = None, backward: bool = True) -> None:
@@ -76,13 +91,7 @@ def assert_matches_oracle(inputs: Sequence[torch.Tensor], got: Sequence[torch.Te
     if not backward:
         return
     dout = torch.randn_like(out) if dout is None else dout
-    grads = torch.autograd.grad(out, inputs, dout)
-    floors = delta_floor(inputs, out, ref[0], ref[1], dout)
-    want = torch.autograd.grad(ref[0], inputs, dout.to(ref[0].dtype))
-    lowg = torch.autograd.grad(low[0], inputs, dout)
-    for name, g, w, lg, floor in zip(("dq", "dk", "dv"), grads, want, lowg, floors):
-        assert g.shape == w.shape and g.dtype == inputs[0].dtype
-        assert_close(name, g, w, lg, 3, floor=floor)
+    assert_grads_match(torch.autograd.grad(out, inputs, dout), out, dout, ref, inputs, low[0], inputs)
 
 
 def assert_results_match_oracle(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
@@ -96,9 +105,4 @@ def assert_results_match_oracle(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     for name, g, r, lw in (("out", got[0], ref[0], low[0]), ("lse", got[1], ref[1], low[1])):
         assert g.shape == r.shape, name
         assert_close(name, g, r, lw, 2)
-    floors = delta_floor(hi, got[0], ref[0], ref[1], dout)
-    want = torch.autograd.grad(ref[0], hi, dout.double())
-    lowg = torch.autograd.grad(low[0], lo, dout)
-    for name, g, w, lg, floor in zip(("dq", "dk", "dv"), grads, want, lowg, floors):
-        assert g.shape == w.shape, name
-        assert_close(name, g, w, lg, 3, floor=floor)
+    assert_grads_match(grads, got[0], dout, ref, hi, low[0], lo)

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 import flashtile as ft
 from flashtile.reference import attention_ref, attention_varlen_ref
 from conftest import DEVICE, HAS_GPU
-from oracle import assert_close, assert_matches_oracle, delta_floor
+from oracle import assert_close, assert_grads_match, assert_matches_oracle
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32] if HAS_GPU else [torch.float16, torch.float32]
 # Triton's interpreter is slow: on CPU the shapes stay small and the examples few
@@ -287,13 +287,8 @@ def _check_sdpa(problem, backend):
     assert out.shape == (b, hq, sq, dv) and out.dtype == dtype
     assert_close("out", out, ref_out.transpose(1, 2), low_out.transpose(1, 2), 2)
     dout = torch.randn_like(out)
-    got = torch.autograd.grad(out, leaves, dout)
-    floors = delta_floor(leaves, out.transpose(1, 2), ref_out, ref_lse, dout.transpose(1, 2))
-    want = torch.autograd.grad(ref_out, leaves, dout.transpose(1, 2).to(ref_out.dtype))
-    lowg = torch.autograd.grad(low_out, leaves, dout.transpose(1, 2))
-    for name, g, w, lg, floor, t in zip(("dq", "dk", "dv", "dbias"), got, want, lowg, floors, leaves):
-        assert g.shape == t.shape and g.dtype == t.dtype, name
-        assert_close(name, g, w, lg, 3, floor=floor)
+    assert_grads_match(torch.autograd.grad(out, leaves, dout), out.transpose(1, 2), dout.transpose(1, 2),
+                       (ref_out, ref_lse), leaves, low_out, leaves)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
