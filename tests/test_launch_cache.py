@@ -1,17 +1,20 @@
-"""Launch plans (launch_cache.py): argument order, slot substitution, and GEMM calls that hit a plan.
+"""Launch plans (launch_cache.py): argument order, slot substitution, and GEMM and attention calls
+that hit a plan.
 
-On a GPU the repeated ft.gemm calls below run through KernelPlan (the first call of each signature
-builds it); under the interpreter every call takes Triton's front door, so the fakes check the
-plan logic itself.
+On a GPU the repeated ft.gemm / flash_attn_func calls below run through KernelPlan (the first call
+of each signature builds it); under the interpreter every call takes Triton's front door, so the
+fakes check the plan logic itself.
 """
 
+import pytest
 import torch
 
 import flashtile as ft
-from flashtile import gemm_launch
+from flashtile import attention_launch, gemm_launch
 from flashtile.gemm import gemm_torch
-from flashtile.launch_cache import KernelPlan, full_arguments
+from flashtile.launch_cache import KernelPlan, full_arguments, specialization_key
 from conftest import DEVICE, HAS_GPU
+from test_attention import check_against_oracle
 from test_gemm import _close, _lowprec
 
 
@@ -78,3 +81,49 @@ def test_repeated_calls_with_one_signature_use_fresh_data():
             out = ft.gemm(a, b, bias, alpha=alpha, activation="relu")
             ref = gemm_torch(a.double(), b.double(), bias.double(), alpha, "relu", torch.float64)
             _close(f"step {step}", out, ref, _lowprec(a, b, bias, alpha, "relu", dtype), 2)  # test_gemm's rule
+
+
+def test_specialization_key_separates_what_triton_compiles_apart():
+    """One key per Triton specialisation: ints by width, == 1 and divisibility by 16 (not by value),
+    tensors by dtype and 16-byte alignment, floats never; bools and None as themselves."""
+    key = lambda *a: specialization_key(a)
+    assert key(3) == key(5) != key(1) and key(32) == key(48) != key(40)
+    assert key(2**31) != key(2**31 - 17) and key(2**63) != key(2**62 + 1)
+    assert key(0.5) == key(2.0) and key(True) != key(1) and key(True) != key(False) and key(None) != key(0)
+    x = torch.randn(64)
+    assert key(x) == key(torch.randn(8)) != key(x[1:]) and key(x[4:]) == key(x) != key(x.half())
+
+
+def _qkv(seed, B=2, S=77, H=3, D=40, dtype=torch.float32, offset=False):
+    """q, k, v [B, S, H, D]; offset: q starts 4 bytes past a 16-byte boundary."""
+    g = torch.Generator().manual_seed(seed)
+    make = lambda: torch.randn(B, S, H, D, generator=g).to(device=DEVICE, dtype=dtype)
+    q = make()
+    if offset:
+        flat = torch.empty(q.numel() + 8, device=DEVICE, dtype=dtype)
+        q = flat[2:2 + q.numel()].view_as(q).copy_(q)
+    return [t.requires_grad_() for t in (q, make(), make())]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_repeated_attention_steps_use_fresh_data(causal):
+    """Forward + backward four times on one shape with new tensors, a new softmax scale and a q that
+    is misaligned every other step (another key): each step matches the oracle."""
+    dtype = torch.bfloat16 if HAS_GPU else torch.float32
+    with ft.use_backend("triton"):
+        for step, scale in enumerate((0.2, 0.2, 0.35, 0.35)):
+            q, k, v = _qkv(step, dtype=dtype, offset=step % 2 == 1)
+            check_against_oracle(q, k, v, softmax_scale=scale, causal=causal)
+
+
+def test_repeated_dropout_calls_draw_each_calls_seed():
+    """Dropout seeds change every call while the key stays: a replayed plan must pass the new seed.
+    The second seed's result equals a launch through Triton's front door with that seed, exactly."""
+    q, k, v = (t.detach() for t in _qkv(7, dtype=torch.float16 if HAS_GPU else torch.float32))
+    run = lambda seed: (torch.manual_seed(seed), ft.flash_attn_func(q, k, v, dropout_p=0.3, causal=True))[1]
+    with ft.use_backend("triton"):
+        first, second = run(1), run(2)
+        attention_launch._PLANS.clear()
+        fresh = run(2)
+    assert not torch.equal(first, second)
+    assert torch.equal(second, fresh)

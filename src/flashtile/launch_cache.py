@@ -9,12 +9,16 @@ swaps those arguments afterwards.
 
 The key is the launcher's job and must pin down everything Triton specialises on: the dtype and the
 16-byte alignment of every pointer, every integer argument's value (or at least whether it is 1,
-divisible by 16, or beyond 32 bits), and every constexpr. Launchers key on the exact integers.
+divisible by 16, or beyond 32 bits), and every constexpr. The GEMM launcher keys on the exact
+integers; the attention launcher on specialization_key of every argument, so that a new dropout
+seed or softmax scale replays the plan with the new value instead of making a new one.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+
+import torch
 
 MAX_PLANS = 512  # per launcher; a workload with ever-changing shapes starts over instead of growing
 
@@ -54,15 +58,45 @@ class PlanCache:
         return self.plans.get(key)
 
     def launch_and_plan(self, key: Hashable, grid: Tuple[int, ...], args: Sequence[Any], meta: Dict[str, Any],
-                        slots: Sequence[Tuple[int, Optional[Callable[[Any], Any]]]]) -> None:
+                        slots: Optional[Sequence[Tuple[int, Optional[Callable[[Any], Any]]]]] = None) -> None:
         """Launch through Triton's front door; keep a plan when Triton hands back a compiled kernel
-        (it does not under the interpreter, which then always takes this path)."""
+        (it does not under the interpreter, which then always takes this path).
+
+        slots None: every positional argument is replaceable (runtime_slots; the key then pins their
+        specialisation, as specialization_key does)."""
         compiled = self.kernel[grid](*args, **meta)
         if not hasattr(compiled, "function") or not hasattr(compiled, "__getitem__"):
             return
         if len(self.plans) >= MAX_PLANS:
             self.plans.clear()
+        if slots is None:
+            slots = runtime_slots(self.kernel)
         self.plans[key] = KernelPlan(compiled, grid, full_arguments(self.kernel, args, meta), slots)
+
+
+def specialization_key(args: Sequence[Any]) -> Tuple[Any, ...]:
+    """What Triton's binder specialises a kernel on, per positional argument, so that one key means one
+    compiled kernel whatever the values: a tensor's dtype and 16-byte alignment; an int's width
+    (i32 / i64 / u64), whether it is 1 (a constant then) and whether 16 divides it; a float's type
+    (floats are never specialised); any other value (None, bool, str) as itself."""
+    key = []
+    for a in args:
+        kind = type(a)
+        if kind is int:
+            key.append((a == 1, a % 16 == 0, -2**31 <= a < 2**31, a < 2**63))
+        elif kind is float:
+            key.append(float)
+        elif isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        else:
+            key.append((kind, a))
+    return tuple(key)
+
+
+def runtime_slots(kernel) -> List[Tuple[int, None]]:
+    """Slots for every non-constexpr parameter of ``kernel``, in order: a plan whose key is
+    specialization_key of all positional arguments can replace each of them."""
+    return [(i, None) for i, p in enumerate(kernel.params) if not p.is_constexpr]
 
 
 def full_arguments(kernel, args: Sequence[Any], meta: Dict[str, Any]) -> List[Any]:
