@@ -47,7 +47,7 @@ def test_plan_swaps_only_its_slots():
     plan.launch("y", 3)
     plan.launch("z", 4)
     assert compiled.calls == [((5, 1, 1), ("y", 64, 30, True)), ((5, 1, 1), ("z", 64, 40, True))]
-    assert plan.args == ["x", 64, 7, True]  # the template is not modified
+    assert plan.args == [None, 64, None, True]  # the template is not modified and holds no slot value
 
 
 def test_alpha_sits_where_the_plan_swaps_it():

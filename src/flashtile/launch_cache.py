@@ -37,8 +37,9 @@ class KernelPlan:
                  slots: Sequence[Tuple[int, Optional[Callable[[Any], Any]]]]):
         grid = tuple(grid) + (1,) * (3 - len(grid))
         self.runner = compiled[grid]
-        self.args = args
         self.slots = tuple(slots)
+        # every launch fills the slots: the template must not keep the first call's tensors alive
+        self.args = [None if i in {pos for pos, _ in self.slots} else a for i, a in enumerate(args)]
 
     def launch(self, *values) -> None:
         args = self.args.copy()
