@@ -39,7 +39,8 @@ class KernelPlan:
         self.runner = compiled[grid]
         self.slots = tuple(slots)
         # every launch fills the slots: the template must not keep the first call's tensors alive
-        self.args = [None if i in {pos for pos, _ in self.slots} else a for i, a in enumerate(args)]
+        filled = {pos for pos, _ in self.slots}
+        self.args = [None if i in filled else a for i, a in enumerate(args)]
 
     def launch(self, *values) -> None:
         args = self.args.copy()
