@@ -79,10 +79,11 @@ def attention_problems(draw, dtype: torch.dtype, varlen: bool = False):
         kw["window_size"] = (draw(edge), draw(edge))
     if draw(st.booleans()):
         kw["softcap"] = draw(st.floats(0.5, 50.0))
-    # fp32 with ALiBi and Sq=66 > Sk=1 (FLASHTILE_FUZZ_SEED=25): every row's one key carries a bias
-    # near -65 and exp2(s * log2(e) - lse) rounds a few ulps of that logit away from 1, where torch's
-    # softmax of a lone key is exact; the fp32 baseline now computes P the kernels' way
-    # (reference._probs_from_lse)
+    # Known false alarm, not handled by the rule yet (FLASHTILE_FUZZ_SEED=25 FLASHTILE_FUZZ_EXAMPLES=40):
+    # fp32, Sq=66 > Sk=1 with ALiBi, so every row's one key carries a bias near -65 and the kernels'
+    # exp2(s * log2(e) - lse) rounds a few ulps of that logit away from 1 (dV 1.9e-5 against a bound
+    # of 1.86e-5). reference._probs_from_lse does not cover it: the baseline's lse of a lone key is
+    # its score exactly, so its P is exactly 1, while the kernels' score and stored lse round apart
     alibi = draw(st.sampled_from([None, None, "heads", "batch"]))
     if alibi is not None:
         rows = (hkv * group,) if alibi == "heads" else (batch, hkv * group)

@@ -204,7 +204,7 @@ def _launch(kernel, cfg: KernelConfig, sparse_block: Tuple[int, int], grid_of, o
     older architectures) gets the largest config that fits instead of an OutOfResources error.
 
     Repeated calls (a training step relaunches the same shapes) go through a launch plan
-    (launch_cache.py): Triton's binder costs about 0.1 ms of host time per launch, and a short causal
+    (launch_cache.py): Triton's binder costs 0.1-0.2 ms of host time per launch, and a short causal
     step (S = 512) launches three kernels in about 0.65 ms of GPU time.
     """
     key = (id(kernel), cfg, sparse_block, meta["BLOCK_D"], meta["BLOCK_DV"], args[0].dtype, args[0].device)

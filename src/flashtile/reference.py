@@ -173,9 +173,12 @@ def _probs_from_lse(scores: torch.Tensor, lse: torch.Tensor, empty: torch.Tensor
     The float32 low-precision baseline uses it (fp16 / bf16 keep torch's softmax): subtracting two
     rounded log2-domain values of size |s| and |lse| errs by about an ulp of that size, so P carries a
     relative error of a few ulps of |lse| that torch's exp(s - max) / sum does not have. Found by
-    tests/test_fuzz.py: fp32 rows with lse near 20-60 (304 queries over 4 keys, ALiBi biases near -65)
-    put dV 10% past a bound built on torch's softmax. This is the kernels' algorithm in the input
-    precision, FlashAttention's rule ("3 x the error of the same computation in low precision").
+    tests/test_fuzz.py on an H200: 304 queries over 4 keys, D=1, twice the default scale put dV 10%
+    past a bound built on torch's softmax (test_found_by_fuzz_sdpa). This is the kernels' algorithm
+    in the input precision, FlashAttention's rule ("3 x the error of the same computation in low
+    precision"). A row with one visible key is still exact here (lse equals its score), so it does not
+    cover a lone key whose score the kernels round differently from their stored lse (test_fuzz.py's
+    strategy names that open case).
     """
     log2e = 1.4426950408889634
     probs = torch.exp2(scores * log2e - lse * log2e)
