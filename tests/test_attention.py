@@ -124,6 +124,36 @@ def test_last_dim_not_contiguous_is_copied(backend):
         check_against_oracle(q.requires_grad_(), k.requires_grad_(), v.requires_grad_())
 
 
+# Found by test_fuzz on the H200: fp16 with D=29 and Dv of 1-8 over two heads (V rows 2-16 elements
+# apart) gave wrong outputs, and an illegal memory access with dropout. The launchers now pad such
+# inputs (row_align.py); Sk spans several key tiles, as in the failing launches.
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dims", [(29, 1), (29, 2), (29, 8), (24, 29), (40, 3)], ids=lambda d: f"D{d[0]}-Dv{d[1]}")
+def test_unaligned_head_dims(dims, backend):
+    D, Dv = dims
+    Sk = 300 if HAS_GPU else 70
+    q, k, v = _rand(2, 64, 2, D, dtype=torch.float16), _rand(2, Sk, 2, D, dtype=torch.float16), _rand(
+        2, Sk, 2, Dv, dtype=torch.float16)
+    with ft.use_backend(backend):
+        check_against_oracle(q, k, v)
+        check_against_oracle(q, k, v, causal=True, softmax_scale=0.27)
+
+
+def test_row_align_pads_only_what_it_must():
+    from flashtile.row_align import aligned_rows, narrowed, rows_aligned
+    t = torch.randn(2, 5, 3, 32)
+    assert aligned_rows(t) is t  # a common shape goes to the kernels untouched
+    odd = torch.randn(2, 5, 3, 29)
+    padded = aligned_rows(odd)
+    assert padded.shape == (2, 5, 3, 32) and rows_aligned(padded) and padded.is_contiguous()
+    assert torch.equal(padded[..., :29], odd) and not padded[..., 29:].any()
+    assert torch.equal(narrowed(padded, 29), odd) and narrowed(padded, 29).is_contiguous()
+    strided = torch.randn(2, 5, 3, 33)[..., :32]  # rows 33 elements apart
+    assert not rows_aligned(strided) and torch.equal(aligned_rows(strided), strided)
+    shifted = torch.randn(2 * 5 * 3 * 32 + 1)[1:].view(2, 5, 3, 32)  # data 4 bytes past an aligned start
+    assert not rows_aligned(shifted) and aligned_rows(shifted).data_ptr() % 16 == 0
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fully_masked_rows(backend):
     """Causal with Sq > Sk leaves the first Sq - Sk rows with no key: out 0, lse -inf, zero grads."""

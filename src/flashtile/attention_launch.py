@@ -21,6 +21,7 @@ from flashtile.kernels.attention_bwd import attention_bwd_dkdv_kernel, attention
 from flashtile.kernels.attention_fwd import attention_fwd_kernel
 from flashtile.launch_cache import PlanCache, specialization_key
 from flashtile.launch_fit import launch_fitting
+from flashtile.row_align import aligned_rows, narrowed
 from flashtile.tuning import (LONG_CAUSAL_KEYS, SHORT_CAUSAL_KEYS, SHORT_WINDOW, BackwardConfig, KernelConfig,
                               backward_config, forward_config, padded_head_dim)
 
@@ -284,13 +285,15 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
         from flashtile.wide_launch import wide_forward
         return wide_forward(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, config, layout, block_mask,
                             attn_mask, dropout_p, dropout_seed)
+    dv_asked = v.shape[-1]
+    q, k, v = aligned_rows(q), aligned_rows(k), aligned_rows(v)  # see row_align.py
     layout = layout or _dense_layout(q, k)
     Hq, D = q.shape[-2], q.shape[-1]
     Hkv, Dv = k.shape[-2], v.shape[-1]
     B, Sq, Sk = layout.batch, layout.seqlen_q, layout.seqlen_k
     out, lse, done = forward_buffers(q, v, layout)
     if done:
-        return out, lse
+        return narrowed(out, dv_asked), lse
     causal = right is not None
     sp = _sparse_args(block_mask, lse, left, right)
     has_left, has_right, left, right = _mask_flags(left, right)
@@ -313,7 +316,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     with _device_ctx(q):
         _launch(attention_fwd_kernel, cfg, sp.block, lambda bm, bn: (triton.cdiv(Sq, bm) * B * Hq,),
                 lambda bm, bn: sp.order(lse, "query", B, Hq, 1, bm, Sq), args, meta)
-    return out, lse
+    return narrowed(out, dv_asked), lse
 
 
 def _expand_gqa(q: torch.Tensor, k: torch.Tensor, block_n: int, layout: _Layout) -> bool:
@@ -362,6 +365,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         from flashtile.wide_launch import wide_backward
         return wide_backward(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes, config,
                              expand_gqa, layout, block_mask, attn_mask, dropout_p, dropout_seed, dbias)
+    d_asked, dv_asked = q.shape[-1], v.shape[-1]
+    dout, q, k, v, out = (aligned_rows(t) for t in (dout, q, k, v, out))  # see row_align.py
     layout = layout or _dense_layout(q, k)
     Hq, D = q.shape[-2], q.shape[-1]
     Hkv, Dv = k.shape[-2], v.shape[-1]
@@ -371,7 +376,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     dk = _empty(k.shape, dtype=k.dtype, device=k.device)
     dv = _empty(v.shape, dtype=v.dtype, device=v.device)
     if Sq == 0 or Sk == 0 or B == 0 or Hq == 0 or q.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return narrowed(dq.zero_(), d_asked), narrowed(dk.zero_(), d_asked), narrowed(dv.zero_(), dv_asked)
     causal = right is not None
     sp = _sparse_args(block_mask, lse, left, right)
     has_left, has_right, left, right = _mask_flags(left, right)
@@ -420,7 +425,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         if expand:
             dk.copy_(dk_buf.unflatten(-2, (Hkv, group)).sum(-2))
             dv.copy_(dv_buf.unflatten(-2, (Hkv, group)).sum(-2))
-    return dq, dk, dv
+    return narrowed(dq, d_asked), narrowed(dk, d_asked), narrowed(dv, dv_asked)
 
 
 def attention_varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
