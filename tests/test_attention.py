@@ -139,6 +139,20 @@ def test_unaligned_head_dims(dims, backend):
         check_against_oracle(q, k, v, causal=True, softmax_scale=0.27)
 
 
+@pytest.mark.skipif(not HAS_GPU, reason="only GPU compilations failed; the interpreter ran these launches right")
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_small_value_head_dims_grid(dropout_p):
+    """The probe's grid (D 16 / 29 / 64 x Dv 1-24 x one or two heads, 300 keys), forward and backward."""
+    for D in (16, 29, 64):
+        for Dv in (1, 2, 3, 4, 8, 16, 24):
+            for H in (1, 2):
+                q, k, v = (_rand(1, n, H, d, dtype=torch.float16) for n, d in ((64, D), (300, D), (300, Dv)))
+                out, lse, keep = ft.flash_attn_func(q, k, v, dropout_p=dropout_p, return_attn_probs=True)
+                kw = dict(dropout_p=dropout_p, dropout_mask=keep) if dropout_p else {}
+                assert_matches_oracle((q, k, v), (out, lse), attention_ref(q, k, v, upcast=True, **kw),
+                                      attention_ref(q, k, v, upcast=False, **kw))
+
+
 def test_row_align_pads_only_what_it_must():
     from flashtile.row_align import aligned_rows, narrowed, rows_aligned
     t = torch.randn(2, 5, 3, 32)
