@@ -31,8 +31,9 @@ def padded_width(d: int) -> int:
 def rows_aligned(t: torch.Tensor) -> bool:
     """Whether t can go to the kernels as is: last dim a multiple of ALIGN and unit-stride, every
     other stride a multiple of ALIGN, data 16-byte aligned."""
-    return (t.shape[-1] % ALIGN == 0 and t.stride(-1) == 1
-            and all(s % ALIGN == 0 for s in t.stride()[:-1]) and t.data_ptr() % 16 == 0)
+    strides = t.stride()  # checked on every launch: map over a builtin keeps this near 0.5 us
+    return (t.shape[-1] % ALIGN == 0 and strides[-1] == 1 and not any(map(ALIGN.__rmod__, strides[:-1]))
+            and t.data_ptr() % 16 == 0)
 
 
 def aligned_rows(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
