@@ -3,8 +3,9 @@
 Why: on the H200 with Triton 3.6, the fp16 forward kernel at head dim 29 with a value head dim of
 1-8 and a V row stride of 2-16 elements (more than one head) returned wrong outputs with its
 default config and hit illegal memory accesses with dropout (tests/test_fuzz.py found it; the
-probe swept D in {16, 29, 64} and Dv in 1..24). Every failing launch had K and V rows that the
-compiler could not vectorize; head dims and strides that are multiples of 16 never failed.
+probe swept D in {16, 29, 64} and Dv in 1..24). Every failing launch had K or V rows that the
+compiler could not load as vectors; no launch with head dims and strides that are multiples of 16
+failed (docs/perf_notes.md, session 11).
 FlashAttention-2's interface pads head dims the same way (to multiples of 8) before its kernels.
 
 So the attention launchers hand the kernels only tensors whose last dim is a multiple of ALIGN,
@@ -31,7 +32,7 @@ def padded_width(d: int) -> int:
 def rows_aligned(t: torch.Tensor) -> bool:
     """Whether t can go to the kernels as is: last dim a multiple of ALIGN and unit-stride, every
     other stride a multiple of ALIGN, data 16-byte aligned."""
-    strides = t.stride()  # checked on every launch: map over a builtin keeps this near 0.5 us
+    strides = t.stride()  # checked on every launch (about 1 us a tensor)
     return (t.shape[-1] % ALIGN == 0 and strides[-1] == 1 and not any(map(ALIGN.__rmod__, strides[:-1]))
             and t.data_ptr() % 16 == 0)
 
