@@ -3,7 +3,7 @@
 Why: on the H200 with Triton 3.6, the fp16 forward kernel at head dim 29 with a value head dim of
 1-8 and a V row stride of 2-16 elements (more than one head) returned wrong outputs with its
 default config and hit illegal memory accesses with dropout (tests/test_fuzz.py found it; the
-probe swept D in {16, 29, 64} and Dv in 1..24). Every failing launch had K or V rows that the
+probe swept D in {16, 29, 64} and Dv in 1..24, 1..8 at D=64). Every failing launch had K or V rows that the
 compiler could not load as vectors; no launch with head dims and strides that are multiples of 16
 failed (docs/perf_notes.md, session 11).
 FlashAttention-2's interface pads head dims the same way (to multiples of 8) before its kernels.
