@@ -17,8 +17,6 @@ shapes (D = 64, 96, 128, 256 in contiguous or head-transposed layouts) pass thro
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 ALIGN = 16  # elements: Triton's binder marks an integer argument divisible by 16 or not at all
@@ -37,9 +35,9 @@ def rows_aligned(t: torch.Tensor) -> bool:
             and t.data_ptr() % 16 == 0)
 
 
-def aligned_rows(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def aligned_rows(t: torch.Tensor) -> torch.Tensor:
     """t itself when rows_aligned, else a contiguous copy zero-padded to padded_width in its last dim."""
-    if t is None or t.numel() == 0 or rows_aligned(t):
+    if t.numel() == 0 or rows_aligned(t):
         return t
     d = t.shape[-1]
     out = torch.empty((*t.shape[:-1], padded_width(d)), dtype=t.dtype, device=t.device)
