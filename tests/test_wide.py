@@ -290,3 +290,21 @@ def test_varlen_dropout_is_the_exact_function_of_its_padded_pattern(kw):
     ref = attention_varlen_ref(q, k, v, cu_q, cu_k, upcast=True, dropout_p=0.3, dropout_mask=keep, **kw)
     low = attention_varlen_ref(q, k, v, cu_q, cu_k, upcast=False, dropout_p=0.3, dropout_mask=keep, **kw)
     assert_matches_oracle((q, k, v), (out, lse), ref, low)
+
+
+# The dense kernels once gave wrong results on the H200 at odd head dims with small value head dims
+# (test_attention.test_small_value_head_dims_grid); the split-D kernels get the same grid: one side
+# wide, the other tiny or odd, rows 1-29 elements apart, several key tiles, with and without dropout.
+@pytest.mark.skipif(not HAS_GPU, reason="a GPU compilation question; the interpreter runs the CPU shapes above")
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("dims", [(257, 1), (333, 3), (333, 8), (300, 29), (29, 300), (3, 333)],
+                         ids=lambda d: f"D{d[0]}-Dv{d[1]}")
+def test_small_head_dim_beside_a_wide_one(dims, dropout_p):
+    D, Dv = dims
+    for H in (1, 2):
+        q, k, v = (torch.randn(1, n, H, d, device=DEVICE, dtype=torch.float16).requires_grad_()
+                   for n, d in ((64, D), (300, D), (300, Dv)))
+        out, lse, keep = ft.flash_attn_func(q, k, v, dropout_p=dropout_p, causal=H == 2, return_attn_probs=True)
+        kw = dict(causal=H == 2, **(dict(dropout_p=dropout_p, dropout_mask=keep) if dropout_p else {}))
+        assert_matches_oracle((q, k, v), (out, lse), attention_ref(q, k, v, upcast=True, **kw),
+                              attention_ref(q, k, v, upcast=False, **kw))
