@@ -15,6 +15,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 
+from flashtile import dropout
 from flashtile.dispatch import triton_interpreting, wide_heads
 from flashtile.errors import UnsupportedError
 from flashtile.kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
@@ -89,14 +90,16 @@ class _Layout:
 
     def bsh(self, t: torch.Tensor) -> Tuple[int, int, int]:
         """(batch, sequence, head) strides; packed tensors have no batch dim (stride 0)."""
-        return (0, t.stride(0), t.stride(1)) if self.varlen else (t.stride(0), t.stride(1), t.stride(2))
+        s = t.stride()  # one call, not three: a short step asks for 16 of these (host time)
+        return (0, s[0], s[1]) if self.cu_seqlens_q is not None else s[:3]
 
     def lse_shape(self, heads: int, rows: int) -> Tuple[int, ...]:
         return (heads, rows) if self.varlen else (self.batch, heads, self.seqlen_q)
 
     def lse_bh(self, lse: torch.Tensor) -> Tuple[int, int]:
         """(batch, head) strides of lse / delta."""
-        return (0, lse.stride(0)) if self.varlen else (lse.stride(0), lse.stride(1))
+        s = lse.stride()
+        return (0, s[0]) if self.cu_seqlens_q is not None else s[:2]
 
     def cu(self, dummy: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return (self.cu_seqlens_q, self.cu_seqlens_k) if self.varlen else (dummy, dummy)
@@ -237,7 +240,6 @@ _PLANS: dict = {}  # kernel -> its launch_cache.PlanCache
 
 def _dropout_args(dropout_p: float, seed: Tuple[int, int]) -> Tuple[int, int, int, float]:
     """(seed_lo, seed_hi, keep threshold, 1 / (1 - p)) for kernels/common.py:dropout_keep."""
-    from flashtile import dropout
     return seed[0], seed[1], dropout.threshold(dropout_p), 1.0 / (1.0 - dropout_p)
 
 

@@ -34,6 +34,7 @@ class BackwardConfig:
     split_phases: bool = False
 
 
+@functools.lru_cache(maxsize=None)
 def padded_head_dim(d: int) -> int:
     """Register tiles need a power of two; tl.dot needs at least 16."""
     return max(16, 1 << (max(d, 1) - 1).bit_length())
