@@ -177,8 +177,8 @@ def _probs_from_lse(scores: torch.Tensor, lse: torch.Tensor, empty: torch.Tensor
     past a bound built on torch's softmax (test_found_by_fuzz_sdpa). This is the kernels' algorithm
     in the input precision, FlashAttention's rule ("3 x the error of the same computation in low
     precision"). A row with one visible key is still exact here (lse equals its score), so it does not
-    cover a lone key whose score the kernels round differently from their stored lse (test_fuzz.py's
-    strategy names that open case).
+    cover a lone key whose score the kernels round differently from their stored lse; the tests'
+    oracle gives fp32 dV a floor for that (tests/oracle.py: value_sum_floor).
     """
     log2e = 1.4426950408889634
     probs = torch.exp2(scores * log2e - lse * log2e)
