@@ -18,6 +18,7 @@ import triton
 from flashtile import dropout
 from flashtile.dispatch import triton_interpreting, wide_heads
 from flashtile.errors import UnsupportedError
+from flashtile.key_layout import keys_in_range
 from flashtile.kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
 from flashtile.kernels.attention_fwd import attention_fwd_kernel
 from flashtile.launch_cache import PlanCache, specialization_key
@@ -290,6 +291,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     dv_asked = v.shape[-1]
     q, k, v = aligned_rows(q), aligned_rows(k), aligned_rows(v)  # see row_align.py
     layout = layout or _dense_layout(q, k)
+    k, v = (keys_in_range(t, layout.seqlen_k, layout.varlen) for t in (k, v))  # see key_layout.py
     Hq, D = q.shape[-2], q.shape[-1]
     Hkv, Dv = k.shape[-2], v.shape[-1]
     B, Sq, Sk = layout.batch, layout.seqlen_q, layout.seqlen_k
@@ -370,6 +372,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     d_asked, dv_asked = q.shape[-1], v.shape[-1]
     dout, q, k, v, out = (aligned_rows(t) for t in (dout, q, k, v, out))  # see row_align.py
     layout = layout or _dense_layout(q, k)
+    k, v = (keys_in_range(t, layout.seqlen_k, layout.varlen) for t in (k, v))  # see key_layout.py
     Hq, D = q.shape[-2], q.shape[-1]
     Hkv, Dv = k.shape[-2], v.shape[-1]
     B, Sq, Sk = layout.batch, layout.seqlen_q, layout.seqlen_k

@@ -16,6 +16,7 @@ from flashtile.attention_launch import (_Layout, _alibi_args, _attn_mask_args, _
                                         _dot_precision, _dropout_args, _empty, _mask_flags, forward_buffers)
 from flashtile.errors import UnsupportedError
 from flashtile.kernels.attention_wide import wide_delta_kernel, wide_dkdv_kernel, wide_dq_kernel, wide_fwd_kernel
+from flashtile.key_layout import keys_in_range
 from flashtile.launch_fit import launch_fitting
 from flashtile.tuning import WideBackwardConfig, WideConfig, wide_backward_config, wide_forward_config, wide_parts
 
@@ -50,6 +51,7 @@ def wide_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
     """out [.., Hq, Dv] (q's dtype) and lse fp32, as attention_launch.attention_forward."""
     _check_features(block_mask)
     layout = layout or _dense_layout(q, k)
+    k, v = (keys_in_range(t, layout.seqlen_k, layout.varlen) for t in (k, v))  # see key_layout.py
     Hq, D = q.shape[-2], q.shape[-1]
     Hkv, Dv = k.shape[-2], v.shape[-1]
     B, Sq, Sk = layout.batch, layout.seqlen_q, layout.seqlen_k
@@ -83,6 +85,7 @@ def wide_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     dbias: as attention_launch.attention_backward (the dQ launch writes the attn_mask's gradient)."""
     _check_features(block_mask)
     layout = layout or _dense_layout(q, k)
+    k, v = (keys_in_range(t, layout.seqlen_k, layout.varlen) for t in (k, v))  # see key_layout.py
     Hq, D = q.shape[-2], q.shape[-1]
     Hkv, Dv = k.shape[-2], v.shape[-1]
     B, Sq, Sk = layout.batch, layout.seqlen_q, layout.seqlen_k

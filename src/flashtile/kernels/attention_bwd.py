@@ -68,7 +68,7 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am_
     # -- P^T = exp2(K Q^T * scale - lse), recomputed from the forward's statistics --
     st, tt = score_log2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), offs_n, rows, seqlen_k, seqlen_q,
                         qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI,
-                        am_ptrs + start_m * stride_amm, ATTN_MASK)
+                        am_ptrs + tl.cast(start_m, tl.int64) * stride_amm, ATTN_MASK)
     pt = tl.math.exp2(st - lse2[None, :])
     if MASKED == 1:
         vis = visible(rows, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
@@ -195,9 +195,9 @@ def attention_bwd_dkdv_kernel(
     v_mask = offs_n[:, None] < seqlen_k
     if not EVEN_DV:
         v_mask = v_mask & (offs_dv[None, :] < head_dim_v)
-    k = tl.load(K + b.to(tl.int64) * stride_kb + h_kv * stride_kh + k_rows[:, None] * stride_ks + offs_d[None, :],
+    k = tl.load(K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh + k_rows[:, None] * stride_ks + offs_d[None, :],
                 mask=k_mask, other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + h_kv * stride_vh + k_rows[:, None] * stride_vs + offs_dv[None, :],
+    v = tl.load(V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh + k_rows[:, None] * stride_vs + offs_dv[None, :],
                 mask=v_mask, other=0.0)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -210,8 +210,8 @@ def attention_bwd_dkdv_kernel(
     for g in range(0, heads_per_program):
         h = h_q0 + g
         # bases at this sequence's first query row: the tile loops index rows from 0
-        q_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qs
-        do_base = DOut + b.to(tl.int64) * stride_dob + h * stride_doh + q_start.to(tl.int64) * stride_dos
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qs
+        do_base = DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + q_start.to(tl.int64) * stride_dos
         lse_base = Lse + b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start
         delta_base = Delta + b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start
         qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale,
@@ -268,9 +268,9 @@ def attention_bwd_dkdv_kernel(
     dv_mask = offs_n[:, None] < seqlen_k
     if not EVEN_DV:
         dv_mask = dv_mask & (offs_dv[None, :] < head_dim_v)
-    tl.store(DK + b.to(tl.int64) * stride_dkb + hp * stride_dkh + k_rows[:, None] * stride_dks + offs_d[None, :],
+    tl.store(DK + b.to(tl.int64) * stride_dkb + hp.to(tl.int64) * stride_dkh + k_rows[:, None] * stride_dks + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=dk_mask)
-    tl.store(DV + b.to(tl.int64) * stride_dvb + hp * stride_dvh + k_rows[:, None] * stride_dvs + offs_dv[None, :],
+    tl.store(DV + b.to(tl.int64) * stride_dvb + hp.to(tl.int64) * stride_dvh + k_rows[:, None] * stride_dvs + offs_dv[None, :],
              dv.to(DV.dtype.element_ty), mask=dv_mask)
 
 
@@ -309,7 +309,7 @@ def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_am
     # -- P = exp2(Q K^T * scale - lse); dP = dO V^T; dS = P * (dP - delta); dQ += dS K --
     s, t = score_log2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), offs_m, cols, seqlen_q, seqlen_k,
                       qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI,
-                      am_ptrs + start_n * stride_amn, ATTN_MASK)
+                      am_ptrs + tl.cast(start_n, tl.int64) * stride_amn, ATTN_MASK)
     p = tl.math.exp2(s - lse2[:, None])
     if MASKED == 1:
         vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
@@ -434,20 +434,20 @@ def attention_bwd_dq_kernel(
     do_mask = offs_m[:, None] < seqlen_q
     if not EVEN_DV:
         do_mask = do_mask & (offs_dv[None, :] < head_dim_v)
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :],
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :],
                 mask=q_mask, other=0.0)
-    do = tl.load(DOut + b.to(tl.int64) * stride_dob + h * stride_doh + q_rows[:, None] * stride_dos + offs_dv[None, :],
+    do = tl.load(DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + q_rows[:, None] * stride_dos + offs_dv[None, :],
                  mask=do_mask, other=0.0)
     lse_offset = b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start
     lse2 = _load_lse2(Lse + lse_offset, offs_m, seqlen_q)
     # -- delta = rowsum(dO * O): computed here once per row, read again by the dK/dV launch --
-    o = tl.load(Out + b.to(tl.int64) * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + offs_dv[None, :],
+    o = tl.load(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + q_rows[:, None] * stride_os + offs_dv[None, :],
                 mask=do_mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + lse_offset + offs_m, delta, mask=offs_m < seqlen_q)
 
-    k_ptrs = K + b.to(tl.int64) * stride_kb + h_kv * stride_kh + k_rows[:, None] * stride_ks + offs_d[None, :]
-    v_ptrs = V + b.to(tl.int64) * stride_vb + h_kv * stride_vh + k_rows[:, None] * stride_vs + offs_dv[None, :]
+    k_ptrs = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh + k_rows[:, None] * stride_ks + offs_d[None, :]
+    v_ptrs = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh + k_rows[:, None] * stride_vs + offs_dv[None, :]
     am_ptrs = attn_mask_ptrs(AttnMask, b, h, offs_m[:, None], offs_n[None, :], stride_amb, stride_amh, stride_amm,
                              stride_amn)
     drop_rows = dropout_rows(b, h, heads_q, count_q, count_k, offs_m)
@@ -496,5 +496,5 @@ def attention_bwd_dq_kernel(
     dq_mask = offs_m[:, None] < seqlen_q
     if not EVEN_D:
         dq_mask = dq_mask & (offs_d[None, :] < head_dim)
-    tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + q_rows[:, None] * stride_dqs + offs_d[None, :],
+    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + q_rows[:, None] * stride_dqs + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=dq_mask)

@@ -48,7 +48,7 @@ def _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, dr
     # -- scores in the log2 domain: qk_scale = softmax_scale * log2(e) --
     qk, _ = score_log2(tl.dot(q, kt, input_precision=DOT_PRECISION), offs_m, cols, seqlen_q, seqlen_k,
                        qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI,
-                       am_ptrs + start_n * stride_amn, ATTN_MASK)
+                       am_ptrs + tl.cast(start_n, tl.int64) * stride_amn, ATTN_MASK)
     if MASKED == 1:
         vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         if ELEM:
@@ -187,9 +187,9 @@ def attention_fwd_kernel(
 
     q_rows = (q_start + offs_m).to(tl.int64)
     k_rows = (k_start + offs_n).to(tl.int64)
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :]
-    k_ptrs = K + b.to(tl.int64) * stride_kb + h_kv * stride_kh + k_rows[None, :] * stride_ks + offs_d[:, None]
-    v_ptrs = V + b.to(tl.int64) * stride_vb + h_kv * stride_vh + k_rows[:, None] * stride_vs + offs_dv[None, :]
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :]
+    k_ptrs = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh + k_rows[None, :] * stride_ks + offs_d[:, None]
+    v_ptrs = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh + k_rows[:, None] * stride_vs + offs_dv[None, :]
 
     q_mask = offs_m[:, None] < seqlen_q
     if not EVEN_D:
@@ -263,7 +263,7 @@ def attention_fwd_kernel(
 
     lse_ptrs = Lse + b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_rows
     tl.store(lse_ptrs, lse, mask=offs_m < seqlen_q)
-    o_ptrs = Out + b.to(tl.int64) * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + offs_dv[None, :]
+    o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + q_rows[:, None] * stride_os + offs_dv[None, :]
     o_mask = offs_m[:, None] < seqlen_q
     if not EVEN_DV:
         o_mask = o_mask & (offs_dv[None, :] < head_dim_v)

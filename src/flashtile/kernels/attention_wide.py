@@ -112,7 +112,7 @@ def _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, a
         qk = _dot_over_k(qk, q_ptrs, k_ptrs + start_n * stride_ks, q_ok, cols[None, :] < seqlen_k, offs_k, head_dim,
                          BLOCK_K, EVEN_K, DOT_PRECISION)
         qk, _ = score_log2(qk, offs_m, cols, seqlen_q, seqlen_k, qk_scale, softcap_pre, softcap_post, alibi_log2,
-                           SOFTCAP, HAS_ALIBI, am_ptrs + start_n * stride_amn, ATTN_MASK)
+                           SOFTCAP, HAS_ALIBI, am_ptrs + tl.cast(start_n, tl.int64) * stride_amn, ATTN_MASK)
         if MASKED:
             vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             qk = tl.where(vis, qk, float("-inf"))
@@ -165,9 +165,9 @@ def wide_fwd_kernel(
     cols_a, cols_b = _slice_cols(split, PART_A, PART_B)
     q_rows = (q_start + offs_m).to(tl.int64)
     k_rows = (k_start + offs_n).to(tl.int64)
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_k[None, :]
-    k_ptrs = K + b.to(tl.int64) * stride_kb + h_kv * stride_kh + k_rows[None, :] * stride_ks + offs_k[:, None]
-    v_base = V + b.to(tl.int64) * stride_vb + h_kv * stride_vh + k_rows[:, None] * stride_vs
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_rows[:, None] * stride_qs + offs_k[None, :]
+    k_ptrs = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh + k_rows[None, :] * stride_ks + offs_k[:, None]
+    v_base = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh + k_rows[:, None] * stride_vs
     q_ok = offs_m[:, None] < seqlen_q
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -203,7 +203,7 @@ def wide_fwd_kernel(
     if DROPOUT:
         acc_a = acc_a * drop_scale
         acc_b = acc_b * drop_scale
-    o_base = Out + b.to(tl.int64) * stride_ob + h * stride_oh + q_rows[:, None] * stride_os
+    o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + q_rows[:, None] * stride_os
     _store_part(o_base + cols_a[None, :], acc_a / l_safe[:, None], q_ok, cols_a, head_dim_v)
     if PART_B > 0:
         _store_part(o_base + cols_b[None, :], acc_b / l_safe[:, None], q_ok, cols_b, head_dim_v)
@@ -231,8 +231,8 @@ def wide_delta_kernel(Out, DOut, Delta, CuSeqQ, stride_ob, stride_os, stride_oh,
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     rows = (q_start + offs_m).to(tl.int64)
-    o_ptrs = Out + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_k[None, :]
-    do_ptrs = DOut + b.to(tl.int64) * stride_dob + h * stride_doh + rows[:, None] * stride_dos + offs_k[None, :]
+    o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows[:, None] * stride_os + offs_k[None, :]
+    do_ptrs = DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + rows[:, None] * stride_dos + offs_k[None, :]
     delta = tl.zeros([BLOCK_M], dtype=tl.float32)
     for kk in range(0, head_dim_v, BLOCK_K):
         ok = (offs_m[:, None] < seqlen_q) & (offs_k[None, :] + kk < head_dim_v)
@@ -269,7 +269,7 @@ def _dq_tiles(dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, 
         s = _dot_over_k(s, q_ptrs, kt_ptrs + start_n * stride_ks, q_ok, k_ok, offs_k, head_dim,
                         BLOCK_K, EVEN_K, DOT_PRECISION)
         s, t = score_log2(s, offs_m, cols, seqlen_q, seqlen_k, qk_scale, softcap_pre, softcap_post, alibi_log2,
-                          SOFTCAP, HAS_ALIBI, am_ptrs + start_n * stride_amn, ATTN_MASK)
+                          SOFTCAP, HAS_ALIBI, am_ptrs + tl.cast(start_n, tl.int64) * stride_amn, ATTN_MASK)
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
             vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
@@ -326,11 +326,11 @@ def wide_dq_kernel(
     cols_a, cols_b = _slice_cols(split, PART_A, PART_B)
     q_rows = (q_start + offs_m).to(tl.int64)
     k_rows = (k_start + offs_n).to(tl.int64)
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_k[None, :]
-    do_ptrs = DOut + b.to(tl.int64) * stride_dob + h * stride_doh + q_rows[:, None] * stride_dos + offs_k[None, :]
-    k_base = K + b.to(tl.int64) * stride_kb + h_kv * stride_kh
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_rows[:, None] * stride_qs + offs_k[None, :]
+    do_ptrs = DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + q_rows[:, None] * stride_dos + offs_k[None, :]
+    k_base = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
     kt_ptrs = k_base + k_rows[None, :] * stride_ks + offs_k[:, None]
-    vt_ptrs = V + b.to(tl.int64) * stride_vb + h_kv * stride_vh + k_rows[None, :] * stride_vs + offs_k[:, None]
+    vt_ptrs = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh + k_rows[None, :] * stride_vs + offs_k[:, None]
     ka_ptrs = k_base + k_rows[:, None] * stride_ks + cols_a[None, :]
     kb_ptrs = k_base + k_rows[:, None] * stride_ks + cols_b[None, :]
     q_ok = offs_m[:, None] < seqlen_q
@@ -357,7 +357,7 @@ def wide_dq_kernel(
             cols_b, lo, hi, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
             head_dim, head_dim_v, window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, phase != 1, HAS_LEFT,
             HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD)
-    dq_base = DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + q_rows[:, None] * stride_dqs
+    dq_base = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + q_rows[:, None] * stride_dqs
     _store_part(dq_base + cols_a[None, :], dq_a * softmax_scale, q_ok, cols_a, head_dim)
     if PART_B > 0:
         _store_part(dq_base + cols_b[None, :], dq_b * softmax_scale, q_ok, cols_b, head_dim)
@@ -389,7 +389,7 @@ def _dkdv_tiles(acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, 
         st = _dot_over_k(st, k_ptrs, qt_base + rows[None, :].to(tl.int64) * stride_qs + offs_k[:, None], k_ok, q_ok,
                          offs_k, head_dim, BLOCK_K, EVEN_K, DOT_PRECISION)
         st, tt = score_log2(st, offs_n, rows, seqlen_k, seqlen_q, qk_scale, softcap_pre, softcap_post, alibi_log2,
-                            SOFTCAP, HAS_ALIBI, amt_ptrs + start_m * stride_amm, ATTN_MASK)
+                            SOFTCAP, HAS_ALIBI, amt_ptrs + tl.cast(start_m, tl.int64) * stride_amm, ATTN_MASK)
         lse2 = _load_lse2(lse_base, rows, seqlen_q)
         pt = tl.math.exp2(st - lse2[None, :])
         if MASKED:
@@ -464,8 +464,8 @@ def wide_dkdv_kernel(
     cols_a, cols_b = _slice_cols(split, PART_A, PART_B)
     k_rows = (k_start + offs_n).to(tl.int64)
     k_ok = offs_n[:, None] < seqlen_k
-    k_ptrs = K + b.to(tl.int64) * stride_kb + h_kv * stride_kh + k_rows[:, None] * stride_ks + offs_k[None, :]
-    v_ptrs = V + b.to(tl.int64) * stride_vb + h_kv * stride_vh + k_rows[:, None] * stride_vs + offs_k[None, :]
+    k_ptrs = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh + k_rows[:, None] * stride_ks + offs_k[None, :]
+    v_ptrs = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh + k_rows[:, None] * stride_vs + offs_k[None, :]
     acc_a = tl.zeros([BLOCK_N, PART_A], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_N, PART_B if PART_B > 0 else 16], dtype=tl.float32)
     if DKDV == 1:
@@ -478,8 +478,8 @@ def wide_dkdv_kernel(
     a, bb, c, d = query_phases(n_lo, n_hi, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, HAS_LEFT, HAS_RIGHT)
     for g in range(0, group_size):
         h = h_kv * group_size + g
-        qt_base = Q + b.to(tl.int64) * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qs
-        dot_base = DOut + b.to(tl.int64) * stride_dob + h * stride_doh + q_start.to(tl.int64) * stride_dos
+        qt_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qs
+        dot_base = DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + q_start.to(tl.int64) * stride_dos
         if DKDV == 1:
             x_base = qt_base
             stride_xs = stride_qs
@@ -510,7 +510,7 @@ def wide_dkdv_kernel(
     if DKDV == 1:
         acc_a = acc_a * softmax_scale
         acc_b = acc_b * softmax_scale
-    dx_base = DX + b.to(tl.int64) * stride_dxb + h_kv * stride_dxh + k_rows[:, None] * stride_dxs
+    dx_base = DX + b.to(tl.int64) * stride_dxb + h_kv.to(tl.int64) * stride_dxh + k_rows[:, None] * stride_dxs
     _store_part(dx_base + cols_a[None, :], acc_a, k_ok, cols_a, width)
     if PART_B > 0:
         _store_part(dx_base + cols_b[None, :], acc_b, k_ok, cols_b, width)
