@@ -92,7 +92,7 @@ class _Layout:
     def bsh(self, t: torch.Tensor) -> Tuple[int, int, int]:
         """(batch, sequence, head) strides; packed tensors have no batch dim (stride 0)."""
         s = t.stride()  # one call, not three: a short step asks for 16 of these (host time)
-        return (0, s[0], s[1]) if self.cu_seqlens_q is not None else s[:3]
+        return (0, s[0], s[1]) if self.varlen else s[:3]
 
     def lse_shape(self, heads: int, rows: int) -> Tuple[int, ...]:
         return (heads, rows) if self.varlen else (self.batch, heads, self.seqlen_q)
@@ -100,7 +100,7 @@ class _Layout:
     def lse_bh(self, lse: torch.Tensor) -> Tuple[int, int]:
         """(batch, head) strides of lse / delta."""
         s = lse.stride()
-        return (0, s[0]) if self.cu_seqlens_q is not None else s[:2]
+        return (0, s[0]) if self.varlen else s[:2]
 
     def cu(self, dummy: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return (self.cu_seqlens_q, self.cu_seqlens_k) if self.varlen else (dummy, dummy)
