@@ -376,12 +376,12 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     Hq, D = q.shape[-2], q.shape[-1]
     Hkv, Dv = k.shape[-2], v.shape[-1]
     B, Sq, Sk = layout.batch, layout.seqlen_q, layout.seqlen_k
-    group = Hq // Hkv
     dq = _empty(q.shape, dtype=q.dtype, device=q.device)
     dk = _empty(k.shape, dtype=k.dtype, device=k.device)
     dv = _empty(v.shape, dtype=v.dtype, device=v.device)
-    if Sq == 0 or Sk == 0 or B == 0 or Hq == 0 or q.numel() == 0:
+    if Sq == 0 or Sk == 0 or B == 0 or Hq == 0 or q.numel() == 0:  # nothing to launch (no heads at all too)
         return narrowed(dq.zero_(), d_asked), narrowed(dk.zero_(), d_asked), narrowed(dv.zero_(), dv_asked)
+    group = Hq // Hkv
     causal = right is not None
     sp = _sparse_args(block_mask, lse, left, right)
     has_left, has_right, left, right = _mask_flags(left, right)

@@ -42,7 +42,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(
             f"cpu attention: incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
         )
-    if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
+    if (q.shape[2] % k.shape[2] if k.shape[2] else q.shape[2]) != 0:  # no heads at all: empty results
         raise ValueError(f"cpu attention: Hq ({q.shape[2]}) must be a multiple of Hkv ({k.shape[2]})")
 
 
@@ -236,7 +236,7 @@ def attention_forward(
     _check_inputs(q, k, v)
     batch, seqlen_q, heads_q, head_dim = q.shape
     seqlen_k, heads_kv, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
-    group = heads_q // heads_kv
+    group = heads_q // max(heads_kv, 1)
     device = q.device
     # Every row of out and lse is written below (fully masked rows too), so no initialisation.
     out = torch.empty(batch, seqlen_q, heads_q, head_dim_v, dtype=q.dtype, device=device)
@@ -328,7 +328,7 @@ def attention_backward(
     _check_inputs(q, k, v)
     batch, seqlen_q, heads_q, head_dim = q.shape
     seqlen_k, heads_kv, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
-    group = heads_q // heads_kv
+    group = heads_q // max(heads_kv, 1)
     device = q.device
     dq = torch.empty(q.shape, dtype=q.dtype, device=device)  # every row is written below
     sparse = None
