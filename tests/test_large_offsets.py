@@ -82,8 +82,8 @@ def test_keys_in_range_copies_only_what_it_must():
     long = torch.empty(1, 2**20, 32, 128, device="meta")  # 2^20 keys x 4096: rows wrap 32-bit offsets
     heads_first = keys_in_range(long, 2**20, varlen=False)
     assert heads_first.shape == long.shape and heads_first.stride()[1] == 128
-    packed = torch.empty(2**20, 32, 128, device="meta")
-    assert keys_in_range(packed, 2**19, varlen=True).stride()[0] == 128
+    packed = torch.empty(2**20, 32, 128, device="meta")  # rows 4096 apart: the longest sequence decides
+    assert keys_in_range(packed, INT32_LIMIT // 4096 - 1, varlen=True) is packed
+    assert keys_in_range(packed, INT32_LIMIT // 4096, varlen=True).stride()[0] == 128
     with pytest.raises(UnsupportedError, match="32-bit"):  # 2^24 keys x 128 per head: no layout fits
         keys_in_range(torch.empty(1, 2**24, 2, 128, device="meta"), 2**24, varlen=False)
-    assert 2**19 * 32 * 128 >= INT32_LIMIT
