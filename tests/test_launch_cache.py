@@ -12,7 +12,8 @@ import torch
 import flashtile as ft
 from flashtile import attention_launch, gemm_launch
 from flashtile.gemm import gemm_torch
-from flashtile.launch_cache import KernelPlan, full_arguments, specialization_key
+from flashtile.launch_cache import KernelPlan, full_arguments, runtime_slots, specialization_key
+from flashtile.launch_recipe import MISSING, RecipeCache, capture
 from conftest import DEVICE, HAS_GPU
 from test_attention import check_against_oracle
 from test_gemm import _close, _lowprec
@@ -125,6 +126,105 @@ def test_repeated_dropout_calls_draw_each_calls_seed():
     with ft.use_backend("triton"):
         first, second = run(1), run(2)
         attention_launch._PLANS.clear()
+        attention_launch._RECIPES.clear()
         fresh = run(2)
     assert not torch.equal(first, second)
     assert torch.equal(second, fresh)
+
+
+class _RecipeKernel:
+    params = [_Param("Q", False), _Param("Out", False), _Param("stride", False), _Param("BLOCK", True),
+              _Param("softmax_scale", False), _Param("Dummy", False)]
+
+
+def _recipe_plan(compiled):
+    full = full_arguments(_RecipeKernel, ("q0", "o0", 7, 0.5, "q0"), dict(BLOCK=64))
+    return KernelPlan(compiled, (3,), full, runtime_slots(_RecipeKernel))
+
+
+def test_capture_replays_by_role_and_keeps_what_the_key_fixes():
+    """Tensors go by role (a dummy that is a role's tensor follows that role), named scalars by role,
+    the stride stays in the template."""
+    compiled = _FakeCompiled()
+    q, out = torch.zeros(2), torch.zeros(2)
+    launch = capture(_RecipeKernel, _recipe_plan(compiled), (q, out, 7, 0.5, q), (q, out, None),
+                     {"softmax_scale": 3})
+    q2, out2 = torch.ones(2), torch.ones(2)
+    launch((q2, out2, None, 0.25))
+    (grid, args), = compiled.calls
+    assert grid == (3, 1, 1) and args[0] is q2 and args[1] is out2 and args[5] is q2
+    assert args[2:5] == (7, 64, 0.25)
+
+
+def test_capture_refuses_what_it_cannot_replay_by_role():
+    """A tensor in two roles (q is k: a later call may pass two tensors) or a tensor of no role (a copy
+    the launcher made) gives no recipe, and the cache remembers that the key has none."""
+    plan = _recipe_plan(_FakeCompiled())
+    q, out = torch.zeros(2), torch.zeros(2)
+    assert capture(_RecipeKernel, plan, (q, out, 7, 0.5, q), (q, q, out), {}) is None
+    assert capture(_RecipeKernel, plan, (q, out.clone(), 7, 0.5, q), (q, out), {}) is None
+    cache = RecipeCache()
+    assert cache.get("k") is MISSING
+    cache.put("k", [None])
+    assert cache.get("k") is None
+    cache.put("k2", None)
+    assert cache.get("k2") is None
+
+
+_RECIPE_CASES = {
+    "plain": dict(),
+    "causal": dict(causal=True),
+    "window-softcap": dict(window_size=(13, 4), softcap="varies"),
+    "alibi": dict(alibi_slopes="varies", causal=True),
+    "dropout": dict(dropout_p=0.2),
+    "gqa": dict(heads_kv=1, causal=True),  # few kv heads: per-query-head partials summed after the launch
+    "q-is-k": dict(q_is_k=True),
+}
+
+
+@pytest.mark.parametrize("case", list(_RECIPE_CASES), ids=list(_RECIPE_CASES))
+def test_recipe_replays_are_the_full_launch(case):
+    """Three forward + backward calls of one signature with new tensors and new per-call scalars
+    (softmax scale, softcap, slopes' values, dropout seed): each call's out, lse and gradients equal,
+    bit for bit, the same call made again after the launch caches are cleared (Triton's front door and
+    the launcher's full path). On a GPU the second and third calls replay a recipe (checked); under the
+    interpreter Triton makes no plans, so there are no recipes and the test checks the full path."""
+    opts = dict(_RECIPE_CASES[case])
+    B, S, H, D = 2, 67, 4, 64
+    dtype = torch.bfloat16 if HAS_GPU else torch.float32
+    hkv = opts.pop("heads_kv", H)
+    q_is_k = opts.pop("q_is_k", False)
+
+    def call(step):
+        g = torch.Generator().manual_seed(100 + step)
+        make = lambda h: torch.randn(B, S, h, D, generator=g).to(device=DEVICE, dtype=dtype).requires_grad_()
+        q, k, v = make(H), make(hkv), make(hkv)
+        if q_is_k and step > 0:  # replays the recipe of step 0's distinct tensors with one tensor twice
+            k = q
+        kw = dict(opts, softmax_scale=0.1 + 0.05 * step)
+        if kw.get("softcap") == "varies":
+            kw["softcap"] = 2.0 + step
+        if kw.get("alibi_slopes") == "varies":
+            kw["alibi_slopes"] = (torch.rand(H, generator=g) * (step + 1)).to(DEVICE)
+        dout = torch.randn(B, S, H, D, generator=g).to(device=DEVICE, dtype=dtype)
+        torch.manual_seed(step)  # dropout's seed
+        out, lse, _ = ft.flash_attn_func(q, k, v, return_attn_probs=True, **kw)
+        inputs = (q, v) if k is q else (q, k, v)
+        return (out, lse, *torch.autograd.grad(out, inputs, dout))
+
+    with ft.use_backend("triton"):
+        attention_launch._RECIPES.clear()
+        replayed = [call(step) for step in range(3)]
+        made = [r for r in attention_launch._RECIPES.recipes.values() if r is not None]
+        if HAS_GPU:  # one for the forward, one for the backward (not GQA's expanded backward: below)
+            assert len(made) == (1 if hkv < H else 2)
+        fresh = []
+        for step in range(3):
+            attention_launch._PLANS.clear()
+            attention_launch._RECIPES.clear()
+            fresh.append(call(step))
+    for step, (got, want) in enumerate(zip(replayed, fresh)):
+        assert len(got) == len(want)
+        for name, a, b in zip(("out", "lse", "d1", "d2", "d3"), got, want):
+            assert torch.equal(a, b), f"step {step}: {name} differs from the full launch path"
+    assert not torch.equal(replayed[1][0], replayed[2][0])  # new data each call

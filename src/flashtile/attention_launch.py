@@ -21,8 +21,9 @@ from flashtile.errors import UnsupportedError
 from flashtile.key_layout import keys_in_range
 from flashtile.kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
 from flashtile.kernels.attention_fwd import attention_fwd_kernel
-from flashtile.launch_cache import PlanCache, specialization_key
+from flashtile.launch_cache import KernelPlan, PlanCache, specialization_key
 from flashtile.launch_fit import launch_fitting
+from flashtile.launch_recipe import MISSING, RecipeCache, capture
 from flashtile.row_align import aligned_rows, narrowed
 from flashtile.tuning import (LONG_CAUSAL_KEYS, SHORT_CAUSAL_KEYS, SHORT_WINDOW, BackwardConfig, KernelConfig,
                               backward_config, forward_config, padded_head_dim)
@@ -199,7 +200,8 @@ def _order_flags(order: Tuple[bool, int]) -> dict:
     return dict(TILE_MAJOR=order[0], HEAD_GROUP=order[1])
 
 
-def _launch(kernel, cfg: KernelConfig, sparse_block: Tuple[int, int], grid_of, order_of, args, meta) -> None:
+def _launch(kernel, cfg: KernelConfig, sparse_block: Tuple[int, int], grid_of, order_of, args,
+            meta) -> Optional[Tuple[KernelPlan, tuple]]:
     """Launch with cfg; if this GPU lacks the shared memory or registers for it, retry smaller.
 
     grid_of(block_m, block_n) -> grid; order_of(block_m, block_n) -> the kernel's last run-time
@@ -211,6 +213,9 @@ def _launch(kernel, cfg: KernelConfig, sparse_block: Tuple[int, int], grid_of, o
     Repeated calls (a training step relaunches the same shapes) go through a launch plan
     (launch_cache.py): Triton's binder costs 0.1-0.2 ms of host time per launch, and a short causal
     step (S = 512) launches three kernels in about 0.65 ms of GPU time.
+
+    Returns the plan that ran and its runtime arguments (launch_recipe.capture's input), or None where
+    Triton made no plan (the interpreter).
     """
     key = (id(kernel), cfg, sparse_block, meta["BLOCK_D"], meta["BLOCK_DV"], args[0].dtype, args[0].device)
     constexprs = tuple(meta.items())
@@ -222,6 +227,7 @@ def _launch(kernel, cfg: KernelConfig, sparse_block: Tuple[int, int], grid_of, o
         plan_key = (key, c, grid, constexprs, specialization_key(full))
         plans = _PLANS.get(kernel) or _PLANS.setdefault(kernel, PlanCache(kernel))
         plan = plans.get(plan_key)
+        ran[:] = plans, plan_key, full
         if plan is not None:
             plan.launch(*full)
             return True
@@ -231,12 +237,43 @@ def _launch(kernel, cfg: KernelConfig, sparse_block: Tuple[int, int], grid_of, o
                                                          num_warps=c.num_warps, num_stages=c.num_stages))
         return True
 
+    ran: list = []
     fitted = _SHRUNK.get(key, cfg)
     if not attempt(fitted, plan_only=True):
         _SHRUNK[key] = launch_fitting(attempt, fitted, _shrink)
+    plans, plan_key, full = ran
+    plan = plans.get(plan_key)
+    return None if plan is None else (plan, full)
 
 
 _PLANS: dict = {}  # kernel -> its launch_cache.PlanCache
+
+
+_RECIPES = RecipeCache()  # call signature -> launch_recipe launches (plain dense calls only)
+# the per-call scalars of a recipe, after its tensor roles (_FWD_ROLES / _BWD_ROLES tensors)
+_SCALAR_NAMES = ("softmax_scale", "softcap", "seed_lo", "seed_hi")
+_FWD_ROLES = 6  # q, k, v, out, lse, alibi_slopes
+_BWD_ROLES = 11  # dout, q, k, v, out, lse, alibi_slopes, delta, dq, dk, dv
+
+
+def _scalar_roles(first: int) -> dict:
+    return {name: first + i for i, name in enumerate(_SCALAR_NAMES)}
+
+
+def _call_key(tensors: Tuple[torch.Tensor, ...], left: Optional[int], right: Optional[int], softmax_scale: float,
+              softcap: float, alibi_slopes: Optional[torch.Tensor], dropout_p: float,
+              dropout_seed: Tuple[int, int]) -> tuple:
+    """What the launcher's decisions read, for launch_recipe: every tensor's shape, strides, dtype and
+    16-byte alignment (row_align, key_layout, the configs, Triton's specialisation), the device, the mask
+    edges, which features are on, dropout's p (its threshold and scale are fixed arguments), the
+    scalars' types and the tf32 setting (fp32's dot precision)."""
+    sig = [left, right, softcap > 0, type(softmax_scale), type(softcap), dropout_p,
+           torch.backends.cuda.matmul.allow_tf32, tensors[0].device]
+    for t in tensors if alibi_slopes is None else (*tensors, alibi_slopes):
+        sig += (t.shape, t.stride(), t.dtype, t.data_ptr() % 16)
+    if dropout_p > 0:
+        sig.append(specialization_key(dropout_seed))
+    return tuple(sig)
 
 
 def _dropout_args(dropout_p: float, seed: Tuple[int, int]) -> Tuple[int, int, int, float]:
@@ -288,6 +325,17 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
         from flashtile.wide_launch import wide_forward
         return wide_forward(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, config, layout, block_mask,
                             attn_mask, dropout_p, dropout_seed)
+    recipe_key = None
+    if config is None and layout is None and block_mask is None and attn_mask is None:
+        recipe_key = _call_key((q, k, v), left, right, softmax_scale, softcap, alibi_slopes, dropout_p, dropout_seed)
+        recipe = _RECIPES.get(recipe_key)
+        if recipe is not MISSING and recipe is not None:  # see launch_recipe.py
+            out = _empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
+            lse = _empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+            with _device_ctx(q):
+                recipe[0]((q, k, v, out, lse, alibi_slopes, softmax_scale, softcap, *dropout_seed))
+            return out, lse
+    call_tensors = (q, k, v, alibi_slopes)
     dv_asked = v.shape[-1]
     q, k, v = aligned_rows(q), aligned_rows(k), aligned_rows(v)  # see row_align.py
     layout = layout or _dense_layout(q, k)
@@ -318,8 +366,11 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
                 ATTN_MASK=am_kind, EVEN_D=block_d == D, EVEN_DV=block_dv == Dv, DOT_PRECISION=_dot_precision(q.dtype),
                 **_order_flags(program_order(layout, causal, has_left, Hq // Hkv, sp.enabled)))
     with _device_ctx(q):
-        _launch(attention_fwd_kernel, cfg, sp.block, lambda bm, bn: (triton.cdiv(Sq, bm) * B * Hq,),
-                lambda bm, bn: sp.order(lse, "query", B, Hq, 1, bm, Sq), args, meta)
+        ran = _launch(attention_fwd_kernel, cfg, sp.block, lambda bm, bn: (triton.cdiv(Sq, bm) * B * Hq,),
+                      lambda bm, bn: sp.order(lse, "query", B, Hq, 1, bm, Sq), args, meta)
+    if recipe_key is not None and _RECIPES.get(recipe_key) is MISSING:
+        roles = (*call_tensors[:3], out, lse, call_tensors[3])
+        _RECIPES.put(recipe_key, ran and [capture(attention_fwd_kernel, *ran, roles, _scalar_roles(_FWD_ROLES))])
     return narrowed(out, dv_asked), lse
 
 
@@ -369,6 +420,23 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         from flashtile.wide_launch import wide_backward
         return wide_backward(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes, config,
                              expand_gqa, layout, block_mask, attn_mask, dropout_p, dropout_seed, dbias)
+    recipe_key = None
+    if config is None and expand_gqa is None and layout is None and block_mask is None and attn_mask is None \
+            and dbias is None:
+        recipe_key = _call_key((dout, q, k, v, out, lse), left, right, softmax_scale, softcap, alibi_slopes,
+                               dropout_p, dropout_seed)
+        recipe = _RECIPES.get(recipe_key)
+        if recipe is not MISSING and recipe is not None:  # see launch_recipe.py
+            dq = _empty(q.shape, dtype=q.dtype, device=q.device)
+            dk = _empty(k.shape, dtype=k.dtype, device=k.device)
+            dv = _empty(v.shape, dtype=v.dtype, device=v.device)
+            delta = _empty(lse.shape, dtype=torch.float32, device=q.device)
+            values = (dout, q, k, v, out, lse, alibi_slopes, delta, dq, dk, dv, softmax_scale, softcap, *dropout_seed)
+            with _device_ctx(q):
+                for launch in recipe:
+                    launch(values)
+            return dq, dk, dv
+    call_tensors = (dout, q, k, v, out, lse, alibi_slopes)
     d_asked, dv_asked = q.shape[-1], v.shape[-1]
     dout, q, k, v, out = (aligned_rows(t) for t in (dout, q, k, v, out))  # see row_align.py
     layout = layout or _dense_layout(q, k)
@@ -406,9 +474,9 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                 *layout.lse_bh(lse), stride_alibi_b,
                 Sq, Sk, Hq, group, D, Dv, softmax_scale, softcap, left, right, *sp.scalars, *am_strides,
                 *_dropout_args(dropout_p, dropout_seed))
-        _launch(attention_bwd_dq_kernel, cfg.dq, sp.block, lambda bm, bn: (triton.cdiv(Sq, bm) * B * Hq,),
-                lambda bm, bn: sp.order(lse, "query", B, Hq, 1, bm, Sq), args,
-                dict(flags, BLOCK_D=block_d, BLOCK_DV=block_dv, BIAS_GRAD=dbias is not None))
+        ran_dq = _launch(attention_bwd_dq_kernel, cfg.dq, sp.block, lambda bm, bn: (triton.cdiv(Sq, bm) * B * Hq,),
+                         lambda bm, bn: sp.order(lse, "query", B, Hq, 1, bm, Sq), args,
+                         dict(flags, BLOCK_D=block_d, BLOCK_DV=block_dv, BIAS_GRAD=dbias is not None))
         expand = _expand_gqa(q, k, cfg.dkdv.block_n, layout) if expand_gqa is None else (expand_gqa and group > 1)
         if expand:  # per-query-head fp32 partials, summed over the group below
             dk_buf = _empty((*k.shape[:-2], Hq, D), dtype=torch.float32, device=q.device)
@@ -423,13 +491,19 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                 Sq, Sk, Hq, group, heads_per_program, n_head_programs,
                 D, Dv, softmax_scale, softcap, left, right, *sp.scalars, *am_strides,
                 *_dropout_args(dropout_p, dropout_seed))
-        _launch(attention_bwd_dkdv_kernel, cfg.dkdv, sp.block,
-                lambda bm, bn: (triton.cdiv(Sk, bn) * B * n_head_programs,),
-                lambda bm, bn: sp.order(lse, "key", B, Hq, heads_per_program, bn, Sk), args,
-                dict(flags, BLOCK_D=block_d, BLOCK_DV=block_dv, SPLIT_PHASES=cfg.split_phases))
+        ran_dkdv = _launch(attention_bwd_dkdv_kernel, cfg.dkdv, sp.block,
+                           lambda bm, bn: (triton.cdiv(Sk, bn) * B * n_head_programs,),
+                           lambda bm, bn: sp.order(lse, "key", B, Hq, heads_per_program, bn, Sk), args,
+                           dict(flags, BLOCK_D=block_d, BLOCK_DV=block_dv, SPLIT_PHASES=cfg.split_phases))
         if expand:
             dk.copy_(dk_buf.unflatten(-2, (Hkv, group)).sum(-2))
             dv.copy_(dv_buf.unflatten(-2, (Hkv, group)).sum(-2))
+    if recipe_key is not None and _RECIPES.get(recipe_key) is MISSING:
+        # the expanded GQA path sums partial buffers after the launches: not a recipe (capture finds them)
+        roles = (*call_tensors, delta, dq, dk, dv)
+        _RECIPES.put(recipe_key, ran_dq and ran_dkdv and [
+            capture(kernel, *ran, roles, _scalar_roles(_BWD_ROLES))
+            for kernel, ran in ((attention_bwd_dq_kernel, ran_dq), (attention_bwd_dkdv_kernel, ran_dkdv))])
     return narrowed(dq, d_asked), narrowed(dk, d_asked), narrowed(dv, dv_asked)
 
 
