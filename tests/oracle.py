@@ -17,6 +17,13 @@ tests/test_fuzz.py (an fp32 single-key sequence, fp16 dropout on one key).
 A second addition for fp32 dV (value_sum_floor): where every row sees one key, torch's fp32 dV is
 exact, and the bound collapses to its atol again, while the kernels add up to Sq * group rows one
 after another and compute that key's P from a rounded logit. The typical size of both is the floor.
+
+A third, for ft.gemm's gradients (gemm_grad_floor): the backward takes act'(z) from the stored
+pre-activation z (rounded to the output dtype, as torch's own autograd keeps it) and rounds
+grad_z = dout * act'(z) to the inputs' dtype before its two GEMMs. With few terms in the sum torch's
+own error can land far below the typical size of those roundings by luck, and 3x it is then no
+floor (fp16, [1, 1] @ [1, 17] + bias, gelu_tanh: da 1.41e-3 against 1.33e-3, where over 200 random
+douts the kernel path's median error was 8.6e-4 and torch's 1.6e-3; found by tests/test_fuzz.py).
 """
 
 import math
@@ -137,3 +144,28 @@ def assert_results_match_oracle(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         assert g.shape == r.shape, name
         assert_close(name, g, r, lw, 2)
     assert_grads_match(grads, got[0], dout, ref, hi, low[0], lo)
+
+
+def gemm_grad_floor(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor], alpha: float, act,
+                    dout: torch.Tensor, out_dtype: torch.dtype, factor: float = 3) -> Tuple[float, float, float]:
+    """(da, db, dbias) floors of ft.gemm's backward (module docstring): factor x the root-sum-square,
+    over each gradient's reduction, of the per-term first-order errors of rounding z to out_dtype and
+    grad_z to the inputs' dtype. act: torch's activation function (z -> act(z)). The root-sum-square is
+    the typical size of a sum of independent roundings, not its worst case, so large sums keep their
+    power to catch a real precision loss (tests/test_oracle.py)."""
+    a64, b64 = a.detach().double(), b.detach().double()
+    z = torch.matmul(a64, b64) * alpha
+    if bias is not None:
+        z = z + bias.detach().double()
+    z.requires_grad_(True)
+    (d1,) = torch.autograd.grad(act(z).sum(), z, create_graph=True)
+    d2 = torch.autograd.grad(d1.sum(), z, allow_unused=True)[0] if d1.requires_grad else None
+    do = dout.detach().double()
+    u_pre, u_in = (torch.finfo(t).eps / 2 for t in (out_dtype, a.dtype))
+    e2 = (u_in * (do * d1.detach())).square()
+    if d2 is not None:
+        e2 = e2 + (u_pre * z.detach().abs() * (do * d2)).square()
+    da = (e2 @ b64.square().mT).sum_to_size(a.shape).sqrt() * abs(alpha)
+    db = (a64.square().mT @ e2).sum_to_size(b.shape).sqrt() * abs(alpha)
+    dbias = e2.sum_to_size(bias.shape).sqrt() if bias is not None else torch.zeros(1, dtype=torch.float64)
+    return tuple(factor * (float(f.max()) if f.numel() else 0.0) for f in (da, db, dbias))
