@@ -118,8 +118,7 @@ def test_poisoned_outputs_are_fully_written(monkeypatch):
         t = real_empty(*args, **kwargs)
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
-    monkeypatch.setattr(wide_launch, "_empty", nan_empty)
-    monkeypatch.setattr(attention_launch, "_empty", nan_empty)
+    monkeypatch.setattr(attention_launch, "_empty", nan_empty)  # forward_buffers / backward_buffers: both launchers
     q, k, v = _make((2, 67, 51, 4, 2, 333, 700) if HAS_GPU else (1, 40, 33, 2, 1, 333, 700), torch.float16)
     with ft.use_backend("triton"):
         check_against_oracle(q, k, v, causal=True)

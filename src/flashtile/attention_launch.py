@@ -310,6 +310,14 @@ def forward_buffers(q: torch.Tensor, v: torch.Tensor, layout: _Layout) -> Tuple[
     return out, lse, False
 
 
+def backward_buffers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     lse: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv (contiguous, in the shapes and dtypes of q, k, v) and delta (fp32, lse's shape) of one
+    backward."""
+    return (_empty(q.shape, dtype=q.dtype, device=q.device), _empty(k.shape, dtype=k.dtype, device=k.device),
+            _empty(v.shape, dtype=v.dtype, device=v.device), _empty(lse.shape, dtype=torch.float32, device=q.device))
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
                       left: Optional[int] = None, right: Optional[int] = None,
                       softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
@@ -330,8 +338,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
         recipe_key = _call_key((q, k, v), left, right, softmax_scale, softcap, alibi_slopes, dropout_p, dropout_seed)
         recipe = _RECIPES.get(recipe_key)
         if recipe is not MISSING and recipe is not None:  # see launch_recipe.py
-            out = _empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
-            lse = _empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+            out, lse, _ = forward_buffers(q, v, _dense_layout(q, k))  # a recipe exists only where one launched
             with _device_ctx(q):
                 recipe[0]((q, k, v, out, lse, alibi_slopes, softmax_scale, softcap, *dropout_seed))
             return out, lse
@@ -427,10 +434,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                                dropout_p, dropout_seed)
         recipe = _RECIPES.get(recipe_key)
         if recipe is not MISSING and recipe is not None:  # see launch_recipe.py
-            dq = _empty(q.shape, dtype=q.dtype, device=q.device)
-            dk = _empty(k.shape, dtype=k.dtype, device=k.device)
-            dv = _empty(v.shape, dtype=v.dtype, device=v.device)
-            delta = _empty(lse.shape, dtype=torch.float32, device=q.device)
+            dq, dk, dv, delta = backward_buffers(q, k, v, lse)
             values = (dout, q, k, v, out, lse, alibi_slopes, delta, dq, dk, dv, softmax_scale, softcap, *dropout_seed)
             with _device_ctx(q):
                 for launch in recipe:
@@ -444,9 +448,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     Hq, D = q.shape[-2], q.shape[-1]
     Hkv, Dv = k.shape[-2], v.shape[-1]
     B, Sq, Sk = layout.batch, layout.seqlen_q, layout.seqlen_k
-    dq = _empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = _empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = _empty(v.shape, dtype=v.dtype, device=v.device)
+    dq, dk, dv, delta = backward_buffers(q, k, v, lse)
     if Sq == 0 or Sk == 0 or B == 0 or Hq == 0 or q.numel() == 0:  # nothing to launch (no heads at all too)
         return narrowed(dq.zero_(), d_asked), narrowed(dk.zero_(), d_asked), narrowed(dv.zero_(), dv_asked)
     group = Hq // Hkv
@@ -465,7 +467,6 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                  EVEN_D=block_d == D, EVEN_DV=block_dv == Dv, DOT_PRECISION=_dot_precision(q.dtype),
                  **_order_flags(program_order(layout, causal, has_left, group, sp.enabled)))
     slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
-    delta = _empty(lse.shape, dtype=torch.float32, device=q.device)
     cu_q, cu_k = layout.cu(lse)
     with _device_ctx(q):
         # dQ first: it also writes delta, which the dK/dV launch reads

@@ -70,18 +70,19 @@ def capture(kernel, plan: KernelPlan, runtime_args: Sequence[Any], roles: Sequen
     return RecipeLaunch(plan.runner, template, subs)
 
 
+MISSING = object()  # RecipeCache.get of a key never seen
+
+
 class RecipeCache:
     """Recipes by call-signature key. A key whose call cannot be replayed maps to None (the launcher
     then runs its full path without trying to build a recipe again)."""
-
-    _MISSING = object()
 
     def __init__(self):
         self.recipes: Dict[Hashable, Optional[Tuple[RecipeLaunch, ...]]] = {}
 
     def get(self, key: Hashable):
-        """The recipe (a tuple of launches), None (not replayable), or RecipeCache.MISSING."""
-        return self.recipes.get(key, self._MISSING)
+        """The recipe (a tuple of launches), None (not replayable), or MISSING."""
+        return self.recipes.get(key, MISSING)
 
     def put(self, key: Hashable, launches: Optional[Sequence[Optional[RecipeLaunch]]]) -> None:
         if len(self.recipes) >= MAX_PLANS:
@@ -92,5 +93,3 @@ class RecipeCache:
     def clear(self) -> None:
         self.recipes.clear()
 
-
-MISSING = RecipeCache._MISSING

@@ -13,7 +13,8 @@ import torch
 import triton
 
 from flashtile.attention_launch import (_Layout, _alibi_args, _attn_mask_args, _dense_layout, _device_ctx,
-                                        _dot_precision, _dropout_args, _empty, _mask_flags, forward_buffers)
+                                        _dot_precision, _dropout_args, _mask_flags, backward_buffers,
+                                        forward_buffers)
 from flashtile.errors import UnsupportedError
 from flashtile.kernels.attention_wide import wide_delta_kernel, wide_dkdv_kernel, wide_dq_kernel, wide_fwd_kernel
 from flashtile.key_layout import keys_in_range
@@ -89,9 +90,7 @@ def wide_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     Hq, D = q.shape[-2], q.shape[-1]
     Hkv, Dv = k.shape[-2], v.shape[-1]
     B, Sq, Sk = layout.batch, layout.seqlen_q, layout.seqlen_k
-    dq = _empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = _empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = _empty(v.shape, dtype=v.dtype, device=v.device)
+    dq, dk, dv, delta = backward_buffers(q, k, v, lse)
     if Sq == 0 or Sk == 0 or B == 0 or Hq == 0 or q.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     cfg = config or wide_backward_config(q.device, D, Dv, q.dtype, right is not None)
@@ -99,7 +98,6 @@ def wide_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
     am_kind, am, am_strides = _attn_mask_args(attn_mask, (B, Hq, Sq, Sk), lse)
     cu_q, cu_k = layout.cu(lse)
-    delta = _empty(lse.shape, dtype=torch.float32, device=q.device)
     scalars = (*layout.lse_bh(lse), stride_alibi_b, Sq, Sk, Hq, Hq // Hkv, D, Dv, softmax_scale, softcap, left, right)
     inputs = (*layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(dout))
     with _device_ctx(q):
