@@ -249,11 +249,18 @@ def _launch(kernel, cfg: KernelConfig, sparse_block: Tuple[int, int], grid_of, o
 _PLANS: dict = {}  # kernel -> its launch_cache.PlanCache
 
 
-_RECIPES = RecipeCache()  # call signature -> launch_recipe launches (plain dense calls only)
+_RECIPES = RecipeCache()  # call signature -> launch_recipe launches (dense and varlen calls without masks)
 # the per-call scalars of a recipe, after its tensor roles (_FWD_ROLES / _BWD_ROLES tensors)
 _SCALAR_NAMES = ("softmax_scale", "softcap", "seed_lo", "seed_hi")
-_FWD_ROLES = 6  # q, k, v, out, lse, alibi_slopes
-_BWD_ROLES = 11  # dout, q, k, v, out, lse, alibi_slopes, delta, dq, dk, dv
+_FWD_ROLES = 8  # q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k
+_BWD_ROLES = 13  # dout, q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, delta, dq, dk, dv
+
+
+def _recipe_layout(layout: Optional[_Layout]) -> Tuple[Tuple[torch.Tensor, ...], Optional[Tuple[int, int]]]:
+    """(cu_seqlens tensors, max lengths) of a recipe's call: none for dense calls (shapes give both)."""
+    if layout is None:
+        return (), None
+    return (layout.cu_seqlens_q, layout.cu_seqlens_k), (layout.seqlen_q, layout.seqlen_k)
 
 
 def _scalar_roles(first: int) -> dict:
@@ -262,13 +269,14 @@ def _scalar_roles(first: int) -> dict:
 
 def _call_key(tensors: Tuple[torch.Tensor, ...], left: Optional[int], right: Optional[int], softmax_scale: float,
               softcap: float, alibi_slopes: Optional[torch.Tensor], dropout_p: float,
-              dropout_seed: Tuple[int, int]) -> tuple:
+              dropout_seed: Tuple[int, int], lengths: Optional[Tuple[int, int]] = None) -> tuple:
     """What the launcher's decisions read, for launch_recipe: every tensor's shape, strides, dtype and
     16-byte alignment (row_align, key_layout, the configs, Triton's specialisation), the device, the mask
     edges, which features are on, dropout's p (its threshold and scale are fixed arguments), the
-    scalars' types and the tf32 setting (fp32's dot precision)."""
+    scalars' types, the tf32 setting (fp32's dot precision) and a packed call's max lengths. A packed
+    call's cu_seqlens are tensors like the others: their values are read by the kernels only."""
     sig = [left, right, softcap > 0, type(softmax_scale), type(softcap), dropout_p,
-           torch.backends.cuda.matmul.allow_tf32, tensors[0].device]
+           torch.backends.cuda.matmul.allow_tf32, tensors[0].device, lengths]
     for t in tensors if alibi_slopes is None else (*tensors, alibi_slopes):
         sig += (t.shape, t.stride(), t.dtype, t.data_ptr() % 16)
     if dropout_p > 0:
@@ -326,14 +334,18 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
         return wide_forward(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, config, layout, block_mask,
                             attn_mask, dropout_p, dropout_seed)
     recipe_key = None
-    if config is None and layout is None and block_mask is None and attn_mask is None:
-        recipe_key = _call_key((q, k, v), left, right, softmax_scale, softcap, alibi_slopes, dropout_p, dropout_seed)
+    if config is None and block_mask is None and attn_mask is None and (layout is None or layout.varlen):
+        cu, lengths = _recipe_layout(layout)
+        recipe_key = _call_key((q, k, v, *cu), left, right, softmax_scale, softcap, alibi_slopes, dropout_p,
+                               dropout_seed, lengths)
         recipe = _RECIPES.get(recipe_key)
         if recipe is not MISSING and recipe is not None:  # see launch_recipe.py
             out = _empty((*q.shape[:-1], v.shape[-1]), dtype=q.dtype, device=q.device)
-            lse = _empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32, device=q.device)
+            lse = _empty(layout.lse_shape(q.shape[-2], q.shape[0]) if layout else (q.shape[0], q.shape[2], q.shape[1]),
+                         dtype=torch.float32, device=q.device)
             with _device_ctx(q):
-                recipe[0]((q, k, v, out, lse, alibi_slopes, softmax_scale, softcap, *dropout_seed))
+                recipe[0]((q, k, v, out, lse, alibi_slopes, *(cu or (None, None)), softmax_scale, softcap,
+                           *dropout_seed))
             return out, lse
     call_tensors = (q, k, v, alibi_slopes)
     dv_asked = v.shape[-1]
@@ -369,7 +381,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
         ran = _launch(attention_fwd_kernel, cfg, sp.block, lambda bm, bn: (triton.cdiv(Sq, bm) * B * Hq,),
                       lambda bm, bn: sp.order(lse, "query", B, Hq, 1, bm, Sq), args, meta)
     if recipe_key is not None and _RECIPES.get(recipe_key) is MISSING:
-        roles = (*call_tensors[:3], out, lse, call_tensors[3])
+        roles = (*call_tensors[:3], out, lse, call_tensors[3], *(cu or (None, None)))
         _RECIPES.put(recipe_key, ran and [capture(attention_fwd_kernel, *ran, roles, _scalar_roles(_FWD_ROLES))])
     return narrowed(out, dv_asked), lse
 
@@ -421,17 +433,19 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         return wide_backward(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes, config,
                              expand_gqa, layout, block_mask, attn_mask, dropout_p, dropout_seed, dbias)
     recipe_key = None
-    if config is None and expand_gqa is None and layout is None and block_mask is None and attn_mask is None \
-            and dbias is None:
-        recipe_key = _call_key((dout, q, k, v, out, lse), left, right, softmax_scale, softcap, alibi_slopes,
-                               dropout_p, dropout_seed)
+    if config is None and expand_gqa is None and block_mask is None and attn_mask is None and dbias is None \
+            and (layout is None or layout.varlen):
+        cu, lengths = _recipe_layout(layout)
+        recipe_key = _call_key((dout, q, k, v, out, lse, *cu), left, right, softmax_scale, softcap, alibi_slopes,
+                               dropout_p, dropout_seed, lengths)
         recipe = _RECIPES.get(recipe_key)
         if recipe is not MISSING and recipe is not None:  # see launch_recipe.py
             dq = _empty(q.shape, dtype=q.dtype, device=q.device)
             dk = _empty(k.shape, dtype=k.dtype, device=k.device)
             dv = _empty(v.shape, dtype=v.dtype, device=v.device)
             delta = _empty(lse.shape, dtype=torch.float32, device=q.device)
-            values = (dout, q, k, v, out, lse, alibi_slopes, delta, dq, dk, dv, softmax_scale, softcap, *dropout_seed)
+            values = (dout, q, k, v, out, lse, alibi_slopes, *(cu or (None, None)), delta, dq, dk, dv, softmax_scale,
+                      softcap, *dropout_seed)
             with _device_ctx(q):
                 for launch in recipe:
                     launch(values)
@@ -500,7 +514,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             dv.copy_(dv_buf.unflatten(-2, (Hkv, group)).sum(-2))
     if recipe_key is not None and _RECIPES.get(recipe_key) is MISSING:
         # the expanded GQA path sums partial buffers after the launches: not a recipe (capture finds them)
-        roles = (*call_tensors, delta, dq, dk, dv)
+        roles = (*call_tensors, *(cu or (None, None)), delta, dq, dk, dv)
         _RECIPES.put(recipe_key, ran_dq and ran_dkdv and [
             capture(kernel, *ran, roles, _scalar_roles(_BWD_ROLES))
             for kernel, ran in ((attention_bwd_dq_kernel, ran_dq), (attention_bwd_dkdv_kernel, ran_dkdv))])
