@@ -13,7 +13,7 @@ import flashtile as ft
 from flashtile import attention_launch, gemm_launch
 from flashtile.gemm import gemm_torch
 from flashtile.launch_cache import KernelPlan, full_arguments, runtime_slots, specialization_key
-from flashtile.launch_recipe import MISSING, RecipeCache, capture
+from flashtile.launch_recipe import MISSING, RecipeCache, aliases, capture
 from conftest import DEVICE, HAS_GPU
 from test_attention import check_against_oracle
 from test_gemm import _close, _lowprec
@@ -156,13 +156,16 @@ def test_capture_replays_by_role_and_keeps_what_the_key_fixes():
     assert args[2:5] == (7, 64, 0.25)
 
 
-def test_capture_refuses_what_it_cannot_replay_by_role():
-    """A tensor in two roles (q is k: a later call may pass two tensors) or a tensor of no role (a copy
-    the launcher made) gives no recipe, and the cache remembers that the key has none."""
-    plan = _recipe_plan(_FakeCompiled())
+def test_capture_refuses_a_tensor_of_no_role():
+    """A tensor of no role (a copy the launcher made) gives no recipe, and the cache remembers that the
+    key has none. A tensor in two roles maps to the first (the key pins the aliasing: aliases)."""
+    compiled = _FakeCompiled()
+    plan = _recipe_plan(compiled)
     q, out = torch.zeros(2), torch.zeros(2)
-    assert capture(_RecipeKernel, plan, (q, out, 7, 0.5, q), (q, q, out), {}) is None
     assert capture(_RecipeKernel, plan, (q, out.clone(), 7, 0.5, q), (q, out), {}) is None
+    shared = capture(_RecipeKernel, plan, (q, out, 7, 0.5, q), (q, q, out), {})
+    assert [role for _, role in shared.subs] == [0, 2, 0]
+    assert aliases((q, out, q)) == (0, 1, 0) and aliases((q, out)) is None
     cache = RecipeCache()
     assert cache.get("k") is MISSING
     cache.put("k", [None])
@@ -232,14 +235,16 @@ def test_recipe_replays_are_the_full_launch(case):
         inputs = (q, v) if k is q else (q, k, v)
         return (out, lse, *torch.autograd.grad(out, inputs, dout))
 
-    # one recipe for the forward, one for the backward (not GQA's expanded backward: see _RECIPE_CASES)
-    _check_replays(call, 3, 1 if hkv < H else 2)
+    # one recipe for the forward, one for the backward (not GQA's expanded backward: see _RECIPE_CASES);
+    # q is k from step 1 on: another key (aliases), whose recipes step 2 replays
+    _check_replays(call, 3, 1 if hkv < H else 4 if q_is_k else 2)
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_recipe_replays_take_each_calls_cu_seqlens(causal):
     """Packed calls with the same total, batch and max lengths share a signature, but their sequence
-    boundaries differ: a replayed recipe must read the new cu_seqlens (and new tensors, scale, seed)."""
+    boundaries differ: a replayed recipe must read the new cu_seqlens (and new tensors, scale, seed).
+    One cu_seqlens for queries and keys, as self-attention passes them (two roles, one tensor)."""
     H, D = 3, 64
     dtype = torch.bfloat16 if HAS_GPU else torch.float32
     lengths = ([30, 17, 53], [53, 40, 7], [1, 53, 46])  # total 100, max 53 each time

@@ -23,7 +23,7 @@ from flashtile.kernels.attention_bwd import attention_bwd_dkdv_kernel, attention
 from flashtile.kernels.attention_fwd import attention_fwd_kernel
 from flashtile.launch_cache import KernelPlan, PlanCache, specialization_key
 from flashtile.launch_fit import launch_fitting
-from flashtile.launch_recipe import MISSING, RecipeCache, capture
+from flashtile.launch_recipe import MISSING, RecipeCache, aliases, capture
 from flashtile.row_align import aligned_rows, narrowed
 from flashtile.tuning import (LONG_CAUSAL_KEYS, SHORT_CAUSAL_KEYS, SHORT_WINDOW, BackwardConfig, KernelConfig,
                               backward_config, forward_config, padded_head_dim)
@@ -273,11 +273,14 @@ def _call_key(tensors: Tuple[torch.Tensor, ...], left: Optional[int], right: Opt
     """What the launcher's decisions read, for launch_recipe: every tensor's shape, strides, dtype and
     16-byte alignment (row_align, key_layout, the configs, Triton's specialisation), the device, the mask
     edges, which features are on, dropout's p (its threshold and scale are fixed arguments), the
-    scalars' types, the tf32 setting (fp32's dot precision) and a packed call's max lengths. A packed
+    scalars' types, the tf32 setting (fp32's dot precision), which tensors are one object (a recipe maps
+    each by role: launch_recipe.capture) and a packed call's max lengths. A packed
     call's cu_seqlens are tensors like the others: their values are read by the kernels only."""
+    if alibi_slopes is not None:
+        tensors = (*tensors, alibi_slopes)
     sig = [left, right, softcap > 0, type(softmax_scale), type(softcap), dropout_p,
-           torch.backends.cuda.matmul.allow_tf32, tensors[0].device, lengths]
-    for t in tensors if alibi_slopes is None else (*tensors, alibi_slopes):
+           torch.backends.cuda.matmul.allow_tf32, tensors[0].device, lengths, aliases(tensors)]
+    for t in tensors:
         sig += (t.shape, t.stride(), t.dtype, t.data_ptr() % 16)
     if dropout_p > 0:
         sig.append(specialization_key(dropout_seed))
