@@ -13,7 +13,7 @@ import flashtile as ft
 from flashtile import attention_launch, gemm_launch
 from flashtile.gemm import gemm_torch
 from flashtile.launch_cache import KernelPlan, full_arguments, runtime_slots, specialization_key
-from flashtile.launch_recipe import MISSING, RecipeCache, capture
+from flashtile.launch_recipe import MISSING, RecipeCache, aliases, capture
 from conftest import DEVICE, HAS_GPU
 from test_attention import check_against_oracle
 from test_gemm import _close, _lowprec
@@ -156,13 +156,16 @@ def test_capture_replays_by_role_and_keeps_what_the_key_fixes():
     assert args[2:5] == (7, 64, 0.25)
 
 
-def test_capture_refuses_what_it_cannot_replay_by_role():
-    """A tensor in two roles (q is k: a later call may pass two tensors) or a tensor of no role (a copy
-    the launcher made) gives no recipe, and the cache remembers that the key has none."""
-    plan = _recipe_plan(_FakeCompiled())
+def test_capture_refuses_a_tensor_of_no_role():
+    """A tensor of no role (a copy the launcher made) gives no recipe, and the cache remembers that the
+    key has none. A tensor in two roles maps to the first (the key pins the aliasing: aliases)."""
+    compiled = _FakeCompiled()
+    plan = _recipe_plan(compiled)
     q, out = torch.zeros(2), torch.zeros(2)
-    assert capture(_RecipeKernel, plan, (q, out, 7, 0.5, q), (q, q, out), {}) is None
     assert capture(_RecipeKernel, plan, (q, out.clone(), 7, 0.5, q), (q, out), {}) is None
+    shared = capture(_RecipeKernel, plan, (q, out, 7, 0.5, q), (q, q, out), {})
+    assert [role for _, role in shared.subs] == [0, 2, 0]
+    assert aliases((q, out, q)) == (0, 1, 0) and aliases((q, out)) is None
     cache = RecipeCache()
     assert cache.get("k") is MISSING
     cache.put("k", [None])
@@ -182,13 +185,33 @@ _RECIPE_CASES = {
 }
 
 
+def _check_replays(call, steps: int, recipes: int):
+    """call(step) -> (out, lse, *grads) for `steps` calls of one signature: each equals, bit for bit,
+    the same call made again after the launch caches are cleared (Triton's front door and the
+    launcher's full path). On a GPU `recipes` recipes must have been made (so later calls replayed
+    them); under the interpreter Triton makes no plans, so there are none and only the full path runs."""
+    with ft.use_backend("triton"):
+        attention_launch._RECIPES.clear()
+        replayed = [call(step) for step in range(steps)]
+        made = [r for r in attention_launch._RECIPES.recipes.values() if r is not None]
+        if HAS_GPU:
+            assert len(made) == recipes
+        fresh = []
+        for step in range(steps):
+            attention_launch._PLANS.clear()
+            attention_launch._RECIPES.clear()
+            fresh.append(call(step))
+    for step, (got, want) in enumerate(zip(replayed, fresh)):
+        assert len(got) == len(want)
+        for name, a, b in zip(("out", "lse", "d1", "d2", "d3"), got, want):
+            assert torch.equal(a, b), f"step {step}: {name} differs from the full launch path"
+    assert not torch.equal(replayed[-2][0], replayed[-1][0])  # new data each call
+
+
 @pytest.mark.parametrize("case", list(_RECIPE_CASES), ids=list(_RECIPE_CASES))
 def test_recipe_replays_are_the_full_launch(case):
     """Three forward + backward calls of one signature with new tensors and new per-call scalars
-    (softmax scale, softcap, slopes' values, dropout seed): each call's out, lse and gradients equal,
-    bit for bit, the same call made again after the launch caches are cleared (Triton's front door and
-    the launcher's full path). On a GPU the second and third calls replay a recipe (checked); under the
-    interpreter Triton makes no plans, so there are no recipes and the test checks the full path."""
+    (softmax scale, softcap, slopes' values, dropout seed); see _check_replays."""
     opts = dict(_RECIPE_CASES[case])
     B, S, H, D = 2, 67, 4, 64
     dtype = torch.bfloat16 if HAS_GPU else torch.float32
@@ -212,19 +235,31 @@ def test_recipe_replays_are_the_full_launch(case):
         inputs = (q, v) if k is q else (q, k, v)
         return (out, lse, *torch.autograd.grad(out, inputs, dout))
 
-    with ft.use_backend("triton"):
-        attention_launch._RECIPES.clear()
-        replayed = [call(step) for step in range(3)]
-        made = [r for r in attention_launch._RECIPES.recipes.values() if r is not None]
-        if HAS_GPU:  # one for the forward, one for the backward (not GQA's expanded backward: below)
-            assert len(made) == (1 if hkv < H else 2)
-        fresh = []
-        for step in range(3):
-            attention_launch._PLANS.clear()
-            attention_launch._RECIPES.clear()
-            fresh.append(call(step))
-    for step, (got, want) in enumerate(zip(replayed, fresh)):
-        assert len(got) == len(want)
-        for name, a, b in zip(("out", "lse", "d1", "d2", "d3"), got, want):
-            assert torch.equal(a, b), f"step {step}: {name} differs from the full launch path"
-    assert not torch.equal(replayed[1][0], replayed[2][0])  # new data each call
+    # one recipe for the forward, one for the backward (not GQA's expanded backward: see _RECIPE_CASES);
+    # q is k from step 1 on: another key (aliases), whose recipes step 2 replays
+    _check_replays(call, 3, 1 if hkv < H else 4 if q_is_k else 2)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_recipe_replays_take_each_calls_cu_seqlens(causal):
+    """Packed calls with the same total, batch and max lengths share a signature, but their sequence
+    boundaries differ: a replayed recipe must read the new cu_seqlens (and new tensors, scale, seed).
+    One cu_seqlens for queries and keys, as self-attention passes them (two roles, one tensor)."""
+    H, D = 3, 64
+    dtype = torch.bfloat16 if HAS_GPU else torch.float32
+    lengths = ([30, 17, 53], [53, 40, 7], [1, 53, 46])  # total 100, max 53 each time
+
+    def call(step):
+        g = torch.Generator().manual_seed(200 + step)
+        cu = torch.tensor([0, *torch.tensor(lengths[step]).cumsum(0).tolist()], dtype=torch.int32, device=DEVICE)
+        make = lambda: torch.randn(100, H, D, generator=g).to(device=DEVICE, dtype=dtype).requires_grad_()
+        q, k, v = make(), make(), make()
+        dout = torch.randn(100, H, D, generator=g).to(device=DEVICE, dtype=dtype)
+        torch.manual_seed(step)
+        out, lse, _ = ft.flash_attn_varlen_func(q, k, v, cu, cu, 53, 53, dropout_p=0.1 * (step % 2),
+                                                softmax_scale=0.2 + 0.01 * step, causal=causal,
+                                                return_attn_probs=True)
+        return (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
+
+    # steps 0 and 2 (no dropout) share one forward and one backward recipe, step 1 (dropout) its own pair
+    _check_replays(call, 3, 4)

@@ -23,7 +23,7 @@ from flashtile.kernels.attention_bwd import attention_bwd_dkdv_kernel, attention
 from flashtile.kernels.attention_fwd import attention_fwd_kernel
 from flashtile.launch_cache import KernelPlan, PlanCache, specialization_key
 from flashtile.launch_fit import launch_fitting
-from flashtile.launch_recipe import MISSING, RecipeCache, capture
+from flashtile.launch_recipe import MISSING, RecipeCache, aliases, capture
 from flashtile.row_align import aligned_rows, narrowed
 from flashtile.tuning import (LONG_CAUSAL_KEYS, SHORT_CAUSAL_KEYS, SHORT_WINDOW, BackwardConfig, KernelConfig,
                               backward_config, forward_config, padded_head_dim)
@@ -249,11 +249,18 @@ def _launch(kernel, cfg: KernelConfig, sparse_block: Tuple[int, int], grid_of, o
 _PLANS: dict = {}  # kernel -> its launch_cache.PlanCache
 
 
-_RECIPES = RecipeCache()  # call signature -> launch_recipe launches (plain dense calls only)
+_RECIPES = RecipeCache()  # call signature -> launch_recipe launches (dense and varlen calls without masks)
 # the per-call scalars of a recipe, after its tensor roles (_FWD_ROLES / _BWD_ROLES tensors)
 _SCALAR_NAMES = ("softmax_scale", "softcap", "seed_lo", "seed_hi")
-_FWD_ROLES = 6  # q, k, v, out, lse, alibi_slopes
-_BWD_ROLES = 11  # dout, q, k, v, out, lse, alibi_slopes, delta, dq, dk, dv
+_FWD_ROLES = 8  # q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k
+_BWD_ROLES = 13  # dout, q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, delta, dq, dk, dv
+
+
+def _recipe_layout(layout: Optional[_Layout]) -> Tuple[Tuple[torch.Tensor, ...], Optional[Tuple[int, int]]]:
+    """(cu_seqlens tensors, max lengths) of a recipe's call: none for dense calls (shapes give both)."""
+    if layout is None:
+        return (), None
+    return (layout.cu_seqlens_q, layout.cu_seqlens_k), (layout.seqlen_q, layout.seqlen_k)
 
 
 def _scalar_roles(first: int) -> dict:
@@ -262,14 +269,18 @@ def _scalar_roles(first: int) -> dict:
 
 def _call_key(tensors: Tuple[torch.Tensor, ...], left: Optional[int], right: Optional[int], softmax_scale: float,
               softcap: float, alibi_slopes: Optional[torch.Tensor], dropout_p: float,
-              dropout_seed: Tuple[int, int]) -> tuple:
+              dropout_seed: Tuple[int, int], lengths: Optional[Tuple[int, int]] = None) -> tuple:
     """What the launcher's decisions read, for launch_recipe: every tensor's shape, strides, dtype and
     16-byte alignment (row_align, key_layout, the configs, Triton's specialisation), the device, the mask
     edges, which features are on, dropout's p (its threshold and scale are fixed arguments), the
-    scalars' types and the tf32 setting (fp32's dot precision)."""
+    scalars' types, the tf32 setting (fp32's dot precision), which tensors are one object (a recipe maps
+    each by role: launch_recipe.capture) and a packed call's max lengths. A packed
+    call's cu_seqlens are tensors like the others: their values are read by the kernels only."""
+    if alibi_slopes is not None:
+        tensors = (*tensors, alibi_slopes)
     sig = [left, right, softcap > 0, type(softmax_scale), type(softcap), dropout_p,
-           torch.backends.cuda.matmul.allow_tf32, tensors[0].device]
-    for t in tensors if alibi_slopes is None else (*tensors, alibi_slopes):
+           torch.backends.cuda.matmul.allow_tf32, tensors[0].device, lengths, aliases(tensors)]
+    for t in tensors:
         sig += (t.shape, t.stride(), t.dtype, t.data_ptr() % 16)
     if dropout_p > 0:
         sig.append(specialization_key(dropout_seed))
@@ -334,13 +345,16 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
         return wide_forward(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, config, layout, block_mask,
                             attn_mask, dropout_p, dropout_seed)
     recipe_key = None
-    if config is None and layout is None and block_mask is None and attn_mask is None:
-        recipe_key = _call_key((q, k, v), left, right, softmax_scale, softcap, alibi_slopes, dropout_p, dropout_seed)
+    if config is None and block_mask is None and attn_mask is None and (layout is None or layout.varlen):
+        cu, lengths = _recipe_layout(layout)
+        recipe_key = _call_key((q, k, v, *cu), left, right, softmax_scale, softcap, alibi_slopes, dropout_p,
+                               dropout_seed, lengths)
         recipe = _RECIPES.get(recipe_key)
         if recipe is not MISSING and recipe is not None:  # see launch_recipe.py
-            out, lse, _ = forward_buffers(q, v, _dense_layout(q, k))  # a recipe exists only where one launched
+            out, lse, _ = forward_buffers(q, v, layout or _dense_layout(q, k))  # only where one launched
             with _device_ctx(q):
-                recipe[0]((q, k, v, out, lse, alibi_slopes, softmax_scale, softcap, *dropout_seed))
+                recipe[0]((q, k, v, out, lse, alibi_slopes, *(cu or (None, None)), softmax_scale, softcap,
+                           *dropout_seed))
             return out, lse
     call_tensors = (q, k, v, alibi_slopes)
     dv_asked = v.shape[-1]
@@ -376,7 +390,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
         ran = _launch(attention_fwd_kernel, cfg, sp.block, lambda bm, bn: (triton.cdiv(Sq, bm) * B * Hq,),
                       lambda bm, bn: sp.order(lse, "query", B, Hq, 1, bm, Sq), args, meta)
     if recipe_key is not None and _RECIPES.get(recipe_key) is MISSING:
-        roles = (*call_tensors[:3], out, lse, call_tensors[3])
+        roles = (*call_tensors[:3], out, lse, call_tensors[3], *(cu or (None, None)))
         _RECIPES.put(recipe_key, ran and [capture(attention_fwd_kernel, *ran, roles, _scalar_roles(_FWD_ROLES))])
     return narrowed(out, dv_asked), lse
 
@@ -428,14 +442,16 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         return wide_backward(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes, config,
                              expand_gqa, layout, block_mask, attn_mask, dropout_p, dropout_seed, dbias)
     recipe_key = None
-    if config is None and expand_gqa is None and layout is None and block_mask is None and attn_mask is None \
-            and dbias is None:
-        recipe_key = _call_key((dout, q, k, v, out, lse), left, right, softmax_scale, softcap, alibi_slopes,
-                               dropout_p, dropout_seed)
+    if config is None and expand_gqa is None and block_mask is None and attn_mask is None and dbias is None \
+            and (layout is None or layout.varlen):
+        cu, lengths = _recipe_layout(layout)
+        recipe_key = _call_key((dout, q, k, v, out, lse, *cu), left, right, softmax_scale, softcap, alibi_slopes,
+                               dropout_p, dropout_seed, lengths)
         recipe = _RECIPES.get(recipe_key)
         if recipe is not MISSING and recipe is not None:  # see launch_recipe.py
             dq, dk, dv, delta = backward_buffers(q, k, v, lse)
-            values = (dout, q, k, v, out, lse, alibi_slopes, delta, dq, dk, dv, softmax_scale, softcap, *dropout_seed)
+            values = (dout, q, k, v, out, lse, alibi_slopes, *(cu or (None, None)), delta, dq, dk, dv, softmax_scale,
+                      softcap, *dropout_seed)
             with _device_ctx(q):
                 for launch in recipe:
                     launch(values)
@@ -501,7 +517,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             dv.copy_(dv_buf.unflatten(-2, (Hkv, group)).sum(-2))
     if recipe_key is not None and _RECIPES.get(recipe_key) is MISSING:
         # the expanded GQA path sums partial buffers after the launches: not a recipe (capture finds them)
-        roles = (*call_tensors, delta, dq, dk, dv)
+        roles = (*call_tensors, *(cu or (None, None)), delta, dq, dk, dv)
         _RECIPES.put(recipe_key, ran_dq and ran_dkdv and [
             capture(kernel, *ran, roles, _scalar_roles(_BWD_ROLES))
             for kernel, ran in ((attention_bwd_dq_kernel, ran_dq), (attention_bwd_dkdv_kernel, ran_dkdv))])

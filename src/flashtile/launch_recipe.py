@@ -10,9 +10,10 @@ this call's tensors and scalars.
 
 The launcher keys a recipe on everything its decisions read: shapes, strides, dtypes, device, the
 16-byte alignment of each input pointer, the mask edges, which features are on, dropout's p, and the
-tf32 setting. It builds a recipe only from a launch that ran on the call's own tensors (no alignment
-or layout copy in between) and where no tensor plays two roles, so that replaying it with new tensors
-in the same roles is the launch the launcher would have made.
+tf32 setting, and which roles share one tensor (cu_seqlens_q is cu_seqlens_k in self-attention). It
+builds a recipe only from a launch that ran on the call's own tensors (no alignment or layout copy in
+between), so that replaying it with new tensors in the same roles is the launch the launcher would
+have made.
 """
 
 from __future__ import annotations
@@ -48,10 +49,9 @@ def capture(kernel, plan: KernelPlan, runtime_args: Sequence[Any], roles: Sequen
     runtime_args: the values passed to plan.launch (one per plan slot); roles: the call's tensors by
     role index (None for an absent optional tensor); scalar_roles: kernel parameter name -> role index
     of the per-call scalars (softmax scale, softcap, dropout seeds). Any other non-tensor value is fixed
-    by the recipe's key and kept in the template; a tensor must be one of the roles."""
-    present = [t for t in roles if isinstance(t, torch.Tensor)]
-    if len({id(t) for t in present}) != len(present):  # e.g. q is k: a later call may pass two tensors
-        return None
+    by the recipe's key and kept in the template; a tensor must be one of the roles. A tensor in several
+    roles maps to the first: the key pins which roles share a tensor (aliases), so every call that
+    replays the recipe passes one tensor in those roles too."""
     template = list(plan.args)
     subs = []
     for (pos, wrap), value in zip(plan.slots, runtime_args):
@@ -93,3 +93,10 @@ class RecipeCache:
     def clear(self) -> None:
         self.recipes.clear()
 
+
+def aliases(tensors) -> object:
+    """Which of the call's tensors are one object, for a recipe's key: None when all are distinct (the
+    usual case, one set build), else each position's first position holding the same object."""
+    if len({id(t) for t in tensors}) == len(tensors):
+        return None
+    return tuple(next(j for j, u in enumerate(tensors) if u is t) for t in tensors)
