@@ -231,9 +231,10 @@ def test_deterministic(tiles):
 
 _MEMORY_SCRIPT = textwrap.dedent(
     """
-    import resource, torch
+    import os, resource, torch
     from flashtile import cpu
-    S, D = 32768, 64
+    torch.set_num_threads(min(4, os.cpu_count() or 1))  # beside parallel test workers: no oversubscription
+    S, D = 16384, 64
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, S, 1, D, generator=gen) for _ in range(3))
     cpu.attention_forward(q[:, :64], k[:, :64], v[:, :64], D ** -0.5)  # warm up allocator and kernels
@@ -248,7 +249,8 @@ _MEMORY_SCRIPT = textwrap.dedent(
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss units are Linux's")
 def test_memory_linear_in_seqlen():
-    """S = 32768: an S x S fp32 score matrix would need 4 GiB; the tiled forward must stay far below."""
+    """S = 16384: an S x S fp32 score matrix would need 1 GiB; the tiled forward must stay 4x below. (At
+    S = 32768 the run took over 300 s beside 13 other test workers on a 16-core machine.)"""
     src = str(Path(cpu.__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run(
@@ -256,4 +258,4 @@ def test_memory_linear_in_seqlen():
     )
     assert res.returncode == 0, res.stderr
     growth = int(res.stdout.strip().splitlines()[-1])
-    assert growth < 1.5 * 2**30, f"peak RSS grew by {growth / 2**30:.2f} GiB"
+    assert growth < 2**28, f"peak RSS grew by {growth / 2**20:.0f} MiB"
