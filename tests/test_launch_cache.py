@@ -182,7 +182,22 @@ _RECIPE_CASES = {
     "dropout": dict(dropout_p=0.2),
     "gqa": dict(heads_kv=1, causal=True),  # few kv heads: per-query-head partials summed after the launch
     "q-is-k": dict(q_is_k=True),
+    # a new mask each call, with a different number of partial blocks (the key holds their tile shape only)
+    "block-mask": dict(block_mask="element"),
+    "block-mask-causal": dict(block_mask="element", causal=True),
+    "block-mask-full-blocks": dict(block_mask="blocks", heads_kv=2),  # GQA summed in registers
 }
+
+
+def _random_block_mask(kind: str, g: torch.Generator, B: int, H: int, S: int, step: int):
+    """A mask of 32 x 32 blocks over S x S keeping the diagonal (no fully masked row): element-wise
+    random with density 0.3 + 0.2 * step, or whole blocks at random ("blocks", no partial blocks)."""
+    n = -(-S // 32)
+    if kind == "blocks":
+        blocks = (torch.rand(B, H, n, n, generator=g) < 0.5) | torch.eye(n, dtype=torch.bool)
+        return ft.BlockMask.from_blocks(blocks.to(DEVICE), block_size=32, seqlen_q=S, seqlen_k=S)
+    dense = (torch.rand(1, H, S, S, generator=g) < 0.3 + 0.2 * step) | torch.eye(S, dtype=torch.bool)
+    return ft.BlockMask.from_dense(dense.to(DEVICE), block_size=32)
 
 
 def _check_replays(call, steps: int, recipes: int):
@@ -211,7 +226,7 @@ def _check_replays(call, steps: int, recipes: int):
 @pytest.mark.parametrize("case", list(_RECIPE_CASES), ids=list(_RECIPE_CASES))
 def test_recipe_replays_are_the_full_launch(case):
     """Three forward + backward calls of one signature with new tensors and new per-call scalars
-    (softmax scale, softcap, slopes' values, dropout seed); see _check_replays."""
+    (softmax scale, softcap, slopes' values, dropout seed) and new block masks; see _check_replays."""
     opts = dict(_RECIPE_CASES[case])
     B, S, H, D = 2, 67, 4, 64
     dtype = torch.bfloat16 if HAS_GPU else torch.float32
@@ -229,6 +244,8 @@ def test_recipe_replays_are_the_full_launch(case):
             kw["softcap"] = 2.0 + step
         if kw.get("alibi_slopes") == "varies":
             kw["alibi_slopes"] = (torch.rand(H, generator=g) * (step + 1)).to(DEVICE)
+        if "block_mask" in kw:
+            kw["block_mask"] = _random_block_mask(kw["block_mask"], g, B, H, S, step)
         dout = torch.randn(B, S, H, D, generator=g).to(device=DEVICE, dtype=dtype)
         torch.manual_seed(step)  # dropout's seed
         out, lse, _ = ft.flash_attn_func(q, k, v, return_attn_probs=True, **kw)

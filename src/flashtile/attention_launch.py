@@ -214,8 +214,8 @@ def _launch(kernel, cfg: KernelConfig, sparse_block: Tuple[int, int], grid_of, o
     (launch_cache.py): Triton's binder costs 0.1-0.2 ms of host time per launch, and a short causal
     step (S = 512) launches three kernels in about 0.65 ms of GPU time.
 
-    Returns the plan that ran and its runtime arguments (launch_recipe.capture's input), or None where
-    Triton made no plan (the interpreter).
+    Returns the plan that ran, its runtime arguments and its (block_m, block_n) (launch_recipe.capture's
+    input), or None where Triton made no plan (the interpreter).
     """
     key = (id(kernel), cfg, sparse_block, meta["BLOCK_D"], meta["BLOCK_DV"], args[0].dtype, args[0].device)
     constexprs = tuple(meta.items())
@@ -227,7 +227,7 @@ def _launch(kernel, cfg: KernelConfig, sparse_block: Tuple[int, int], grid_of, o
         plan_key = (key, c, grid, constexprs, specialization_key(full))
         plans = _PLANS.get(kernel) or _PLANS.setdefault(kernel, PlanCache(kernel))
         plan = plans.get(plan_key)
-        ran[:] = plans, plan_key, full
+        ran[:] = plans, plan_key, full, (block_m, block_n)
         if plan is not None:
             plan.launch(*full)
             return True
@@ -241,19 +241,24 @@ def _launch(kernel, cfg: KernelConfig, sparse_block: Tuple[int, int], grid_of, o
     fitted = _SHRUNK.get(key, cfg)
     if not attempt(fitted, plan_only=True):
         _SHRUNK[key] = launch_fitting(attempt, fitted, _shrink)
-    plans, plan_key, full = ran
+    plans, plan_key, full, tile = ran
     plan = plans.get(plan_key)
-    return None if plan is None else (plan, full)
+    return None if plan is None else (plan, full, tile)
 
 
 _PLANS: dict = {}  # kernel -> its launch_cache.PlanCache
 
 
-_RECIPES = RecipeCache()  # call signature -> launch_recipe launches (dense and varlen calls without masks)
+_RECIPES = RecipeCache()  # call signature -> launch_recipe launches (calls without attn_mask or config)
 # the per-call scalars of a recipe, after its tensor roles (_FWD_ROLES / _BWD_ROLES tensors)
 _SCALAR_NAMES = ("softmax_scale", "softcap", "seed_lo", "seed_hi")
-_FWD_ROLES = 8  # q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k
-_BWD_ROLES = 13  # dout, q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, delta, dq, dk, dv
+# a block mask's roles, last among the tensors: its ten index lists (_mask_lists), partial_tiles, and the
+# ProgramOrder of the query-tile and the key-tile launches
+_MASK_ROLES = 13
+_FWD_ROLES = 8 + _MASK_ROLES  # q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, mask roles
+# dout, q, k, v, out, lse, alibi_slopes, cu_seqlens_q, cu_seqlens_k, delta, dq, dk, dv, mask roles
+_BWD_ROLES = 13 + _MASK_ROLES
+_NO_MASK = (None,) * _MASK_ROLES
 
 
 def _recipe_layout(layout: Optional[_Layout]) -> Tuple[Tuple[torch.Tensor, ...], Optional[Tuple[int, int]]]:
@@ -263,23 +268,56 @@ def _recipe_layout(layout: Optional[_Layout]) -> Tuple[Tuple[torch.Tensor, ...],
     return (layout.cu_seqlens_q, layout.cu_seqlens_k), (layout.seqlen_q, layout.seqlen_k)
 
 
+def _mask_lists(bm) -> Tuple[torch.Tensor, ...]:
+    """A block mask's index lists in the recipe roles' order (per query block, then per key block)."""
+    return (bm.full_kv_num, bm.full_kv_idx, bm.partial_kv_num, bm.partial_kv_idx, bm.partial_kv_tile,
+            bm.full_q_num, bm.full_q_idx, bm.partial_q_num, bm.partial_q_idx, bm.partial_q_tile)
+
+
+def _recipe_mask(block_mask, left: Optional[int], right: Optional[int]):
+    """(the mask under the kernels' rule, its index lists, what else of it a recipe's key needs), or
+    (None, (), None) without one. The lists' shapes hold the block counts; the partial tiles' count is
+    data (a replay passes the new mask's tiles), so the key holds their tile shape and layout only, plus
+    the block size and whether there are element masks at all (the backward's tiles: tuning.py)."""
+    if block_mask is None:
+        return None, (), None
+    bm = block_mask.under_rule(left, right)
+    t = bm.partial_tiles
+    return bm, _mask_lists(bm), (bm.block_size, bm.element_mask is not None, t.shape[1:], t.stride(), t.dtype,
+                                 t.data_ptr() % 16)
+
+
+def _mask_values(bm, lists: Tuple[torch.Tensor, ...], q: torch.Tensor, k: torch.Tensor, query_tile: Optional[int],
+                 key_tile: Optional[int]) -> tuple:
+    """A replay's mask roles: the lists, partial tiles and program orders of this call's mask, for the
+    tiles that the recipe's launches ran (RecipeLaunch.tile); nothing without a mask."""
+    if bm is None:
+        return _NO_MASK
+    B, Sq, Hq = q.shape[:3]
+    Sk, Hkv = k.shape[1], k.shape[2]
+    order_q = query_tile and bm.program_order("query", B, Hq, 1, query_tile, triton.cdiv(Sq, query_tile))
+    order_k = key_tile and bm.program_order("key", B, Hq, Hq // Hkv, key_tile, triton.cdiv(Sk, key_tile))
+    return (*lists, bm.partial_tiles, order_q, order_k)
+
+
 def _scalar_roles(first: int) -> dict:
     return {name: first + i for i, name in enumerate(_SCALAR_NAMES)}
 
 
 def _call_key(tensors: Tuple[torch.Tensor, ...], left: Optional[int], right: Optional[int], softmax_scale: float,
               softcap: float, alibi_slopes: Optional[torch.Tensor], dropout_p: float,
-              dropout_seed: Tuple[int, int], lengths: Optional[Tuple[int, int]] = None) -> tuple:
+              dropout_seed: Tuple[int, int], lengths: Optional[Tuple[int, int]] = None, mask_sig=None) -> tuple:
     """What the launcher's decisions read, for launch_recipe: every tensor's shape, strides, dtype and
     16-byte alignment (row_align, key_layout, the configs, Triton's specialisation), the device, the mask
     edges, which features are on, dropout's p (its threshold and scale are fixed arguments), the
     scalars' types, the tf32 setting (fp32's dot precision), which tensors are one object (a recipe maps
-    each by role: launch_recipe.capture) and a packed call's max lengths. A packed
-    call's cu_seqlens are tensors like the others: their values are read by the kernels only."""
+    each by role: launch_recipe.capture), a packed call's max lengths and a block mask's _recipe_mask
+    facts. A packed call's cu_seqlens and a block mask's lists are tensors like the others: their values
+    are read by the kernels only."""
     if alibi_slopes is not None:
         tensors = (*tensors, alibi_slopes)
     sig = [left, right, softcap > 0, type(softmax_scale), type(softcap), dropout_p,
-           torch.backends.cuda.matmul.allow_tf32, tensors[0].device, lengths, aliases(tensors)]
+           torch.backends.cuda.matmul.allow_tf32, tensors[0].device, lengths, aliases(tensors), mask_sig]
     for t in tensors:
         sig += (t.shape, t.stride(), t.dtype, t.data_ptr() % 16)
     if dropout_p > 0:
@@ -345,16 +383,18 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
         return wide_forward(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, config, layout, block_mask,
                             attn_mask, dropout_p, dropout_seed)
     recipe_key = None
-    if config is None and block_mask is None and attn_mask is None and (layout is None or layout.varlen):
+    if config is None and attn_mask is None and (layout is None or layout.varlen):
         cu, lengths = _recipe_layout(layout)
-        recipe_key = _call_key((q, k, v, *cu), left, right, softmax_scale, softcap, alibi_slopes, dropout_p,
-                               dropout_seed, lengths)
+        bm, mask_lists, mask_sig = _recipe_mask(block_mask, left, right)
+        recipe_key = _call_key((q, k, v, *cu, *mask_lists), left, right, softmax_scale, softcap, alibi_slopes,
+                               dropout_p, dropout_seed, lengths, mask_sig)
         recipe = _RECIPES.get(recipe_key)
         if recipe is not MISSING and recipe is not None:  # see launch_recipe.py
             out, lse, _ = forward_buffers(q, v, layout or _dense_layout(q, k))  # only where one launched
+            mask_values = _mask_values(bm, mask_lists, q, k, recipe[0].tile[0], None)
             with _device_ctx(q):
-                recipe[0]((q, k, v, out, lse, alibi_slopes, *(cu or (None, None)), softmax_scale, softcap,
-                           *dropout_seed))
+                recipe[0]((q, k, v, out, lse, alibi_slopes, *(cu or (None, None)), *mask_values, softmax_scale,
+                           softcap, *dropout_seed))
             return out, lse
     call_tensors = (q, k, v, alibi_slopes)
     dv_asked = v.shape[-1]
@@ -390,8 +430,10 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
         ran = _launch(attention_fwd_kernel, cfg, sp.block, lambda bm, bn: (triton.cdiv(Sq, bm) * B * Hq,),
                       lambda bm, bn: sp.order(lse, "query", B, Hq, 1, bm, Sq), args, meta)
     if recipe_key is not None and _RECIPES.get(recipe_key) is MISSING:
-        roles = (*call_tensors[:3], out, lse, call_tensors[3], *(cu or (None, None)))
-        _RECIPES.put(recipe_key, ran and [capture(attention_fwd_kernel, *ran, roles, _scalar_roles(_FWD_ROLES))])
+        mask_roles = (*mask_lists, sp.tiles, ran[1][-1], None) if ran and sp.enabled else _NO_MASK
+        roles = (*call_tensors[:3], out, lse, call_tensors[3], *(cu or (None, None)), *mask_roles)
+        _RECIPES.put(recipe_key, ran and [capture(attention_fwd_kernel, ran[0], ran[1], roles,
+                                                  _scalar_roles(_FWD_ROLES), tile=ran[2])])
     return narrowed(out, dv_asked), lse
 
 
@@ -442,16 +484,18 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         return wide_backward(dout, q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes, config,
                              expand_gqa, layout, block_mask, attn_mask, dropout_p, dropout_seed, dbias)
     recipe_key = None
-    if config is None and expand_gqa is None and block_mask is None and attn_mask is None and dbias is None \
+    if config is None and expand_gqa is None and attn_mask is None and dbias is None \
             and (layout is None or layout.varlen):
         cu, lengths = _recipe_layout(layout)
-        recipe_key = _call_key((dout, q, k, v, out, lse, *cu), left, right, softmax_scale, softcap, alibi_slopes,
-                               dropout_p, dropout_seed, lengths)
+        bm, mask_lists, mask_sig = _recipe_mask(block_mask, left, right)
+        recipe_key = _call_key((dout, q, k, v, out, lse, *cu, *mask_lists), left, right, softmax_scale, softcap,
+                               alibi_slopes, dropout_p, dropout_seed, lengths, mask_sig)
         recipe = _RECIPES.get(recipe_key)
         if recipe is not MISSING and recipe is not None:  # see launch_recipe.py
             dq, dk, dv, delta = backward_buffers(q, k, v, lse)
-            values = (dout, q, k, v, out, lse, alibi_slopes, *(cu or (None, None)), delta, dq, dk, dv, softmax_scale,
-                      softcap, *dropout_seed)
+            mask_values = _mask_values(bm, mask_lists, q, k, recipe[0].tile[0], recipe[1].tile[1])
+            values = (dout, q, k, v, out, lse, alibi_slopes, *(cu or (None, None)), delta, dq, dk, dv, *mask_values,
+                      softmax_scale, softcap, *dropout_seed)
             with _device_ctx(q):
                 for launch in recipe:
                     launch(values)
@@ -517,9 +561,12 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             dv.copy_(dv_buf.unflatten(-2, (Hkv, group)).sum(-2))
     if recipe_key is not None and _RECIPES.get(recipe_key) is MISSING:
         # the expanded GQA path sums partial buffers after the launches: not a recipe (capture finds them)
-        roles = (*call_tensors, *(cu or (None, None)), delta, dq, dk, dv)
+        mask_roles = _NO_MASK
+        if ran_dq and ran_dkdv and sp.enabled:
+            mask_roles = (*mask_lists, sp.tiles, ran_dq[1][-1], ran_dkdv[1][-1])
+        roles = (*call_tensors, *(cu or (None, None)), delta, dq, dk, dv, *mask_roles)
         _RECIPES.put(recipe_key, ran_dq and ran_dkdv and [
-            capture(kernel, *ran, roles, _scalar_roles(_BWD_ROLES))
+            capture(kernel, ran[0], ran[1], roles, _scalar_roles(_BWD_ROLES), tile=ran[2])
             for kernel, ran in ((attention_bwd_dq_kernel, ran_dq), (attention_bwd_dkdv_kernel, ran_dkdv))])
     return narrowed(dq, d_asked), narrowed(dk, d_asked), narrowed(dv, dv_asked)
 

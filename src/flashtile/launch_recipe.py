@@ -28,12 +28,13 @@ from flashtile.launch_cache import MAX_PLANS, KernelPlan
 class RecipeLaunch:
     """One kernel launch of a recipe: runner(*args) with args[pos] = values[role] for each (pos, role)."""
 
-    __slots__ = ("runner", "template", "subs")
+    __slots__ = ("runner", "template", "subs", "tile")
 
-    def __init__(self, runner, template: List[Any], subs: Sequence[Tuple[int, int]]):
+    def __init__(self, runner, template: List[Any], subs: Sequence[Tuple[int, int]], tile: Any = None):
         self.runner = runner
         self.template = template
         self.subs = tuple(subs)
+        self.tile = tile  # what the launcher needs to rebuild a role's value (attention: the tiles that ran)
 
     def __call__(self, values: Sequence[Any]) -> None:
         args = self.template.copy()
@@ -43,7 +44,7 @@ class RecipeLaunch:
 
 
 def capture(kernel, plan: KernelPlan, runtime_args: Sequence[Any], roles: Sequence[Any],
-            scalar_roles: Dict[str, int]) -> Optional[RecipeLaunch]:
+            scalar_roles: Dict[str, int], tile: Any = None) -> Optional[RecipeLaunch]:
     """The recipe launch of one planned launch, or None when it cannot be replayed by role.
 
     runtime_args: the values passed to plan.launch (one per plan slot); roles: the call's tensors by
@@ -51,7 +52,8 @@ def capture(kernel, plan: KernelPlan, runtime_args: Sequence[Any], roles: Sequen
     of the per-call scalars (softmax scale, softcap, dropout seeds). Any other non-tensor value is fixed
     by the recipe's key and kept in the template; a tensor must be one of the roles. A tensor in several
     roles maps to the first: the key pins which roles share a tensor (aliases), so every call that
-    replays the recipe passes one tensor in those roles too."""
+    replays the recipe passes one tensor in those roles too. tile: kept on the launch for the caller
+    (RecipeLaunch.tile)."""
     template = list(plan.args)
     subs = []
     for (pos, wrap), value in zip(plan.slots, runtime_args):
@@ -67,7 +69,7 @@ def capture(kernel, plan: KernelPlan, runtime_args: Sequence[Any], roles: Sequen
             subs.append((pos, role))
         else:
             template[pos] = value
-    return RecipeLaunch(plan.runner, template, subs)
+    return RecipeLaunch(plan.runner, template, subs, tile)
 
 
 MISSING = object()  # RecipeCache.get of a key never seen
