@@ -295,8 +295,11 @@ def _mask_values(bm, lists: Tuple[torch.Tensor, ...], q: torch.Tensor, k: torch.
         return _NO_MASK
     B, Sq, Hq = q.shape[:3]
     Sk, Hkv = k.shape[1], k.shape[2]
-    order_q = query_tile and bm.program_order("query", B, Hq, 1, query_tile, triton.cdiv(Sq, query_tile))
-    order_k = key_tile and bm.program_order("key", B, Hq, Hq // Hkv, key_tile, triton.cdiv(Sk, key_tile))
+    order_q = None if query_tile is None else bm.program_order("query", B, Hq, 1, query_tile,
+                                                                triton.cdiv(Sq, query_tile))
+    # a recipe's dK/dV launch sums the GQA group in registers (the expanded path makes no recipe)
+    order_k = None if key_tile is None else bm.program_order("key", B, Hq, Hq // Hkv, key_tile,
+                                                              triton.cdiv(Sk, key_tile))
     return (*lists, bm.partial_tiles, order_q, order_k)
 
 
