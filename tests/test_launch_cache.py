@@ -258,6 +258,29 @@ def test_recipe_replays_are_the_full_launch(case):
     _check_replays(call, 3, 1 if hkv < H else 4 if q_is_k else 2)
 
 
+@pytest.mark.skipif(not HAS_GPU, reason="the replayed GQA backward needs enough kv-head programs for a GPU")
+def test_block_mask_recipe_replays_with_gqa_summed_in_registers():
+    """GQA with a block mask at a size where dK/dV sums each kv head's group in registers: the
+    backward's recipe rebuilds the key-tile program order over the group (heads_per_program > 1) for
+    each call's new mask. Two recipes (forward and backward) must exist, so the test fails if this
+    size ever takes the expanded path, which makes no backward recipe."""
+    B, S, H, Hkv, D = 4, 4096, 8, 4, 64
+
+    def call(step):
+        g = torch.Generator().manual_seed(300 + step)
+        make = lambda h: torch.randn(B, S, h, D, generator=g).to(device=DEVICE, dtype=torch.bfloat16).requires_grad_()
+        q, k, v = make(H), make(Hkv), make(Hkv)
+        n = S // 128
+        blocks = (torch.rand(B, H, n, n, generator=g) < 0.3) | torch.eye(n, dtype=torch.bool)
+        mask = ft.BlockMask.from_blocks(blocks.to(DEVICE), block_size=128, seqlen_q=S, seqlen_k=S)
+        dout = torch.randn(B, S, H, D, generator=g).to(device=DEVICE, dtype=torch.bfloat16)
+        out, lse, _ = ft.flash_attn_func(q, k, v, causal=True, block_mask=mask, softmax_scale=0.1 + 0.02 * step,
+                                         return_attn_probs=True)
+        return (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
+
+    _check_replays(call, 3, 2)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_recipe_replays_take_each_calls_cu_seqlens(causal):
     """Packed calls with the same total, batch and max lengths share a signature, but their sequence
