@@ -201,7 +201,7 @@ def _order_flags(order: Tuple[bool, int]) -> dict:
 
 
 def _launch(kernel, cfg: KernelConfig, sparse_block: Tuple[int, int], grid_of, order_of, args,
-            meta) -> Optional[Tuple[KernelPlan, tuple]]:
+            meta) -> Optional[Tuple[KernelPlan, tuple, Tuple[int, int]]]:
     """Launch with cfg; if this GPU lacks the shared memory or registers for it, retry smaller.
 
     grid_of(block_m, block_n) -> grid; order_of(block_m, block_n) -> the kernel's last run-time
@@ -287,6 +287,12 @@ def _recipe_mask(block_mask, left: Optional[int], right: Optional[int]):
                                  t.data_ptr() % 16)
 
 
+def _mask_roles(lists: Tuple[torch.Tensor, ...], tiles: torch.Tensor, order_q: Optional[torch.Tensor],
+                order_k: Optional[torch.Tensor]) -> tuple:
+    """A block mask's recipe roles in their order (_MASK_ROLES), for capture and for replay alike."""
+    return (*lists, tiles, order_q, order_k)
+
+
 def _mask_values(bm, lists: Tuple[torch.Tensor, ...], q: torch.Tensor, k: torch.Tensor, query_tile: Optional[int],
                  key_tile: Optional[int]) -> tuple:
     """A replay's mask roles: the lists, partial tiles and program orders of this call's mask, for the
@@ -300,7 +306,7 @@ def _mask_values(bm, lists: Tuple[torch.Tensor, ...], q: torch.Tensor, k: torch.
     # a recipe's dK/dV launch sums the GQA group in registers (the expanded path makes no recipe)
     order_k = None if key_tile is None else bm.program_order("key", B, Hq, Hq // Hkv, key_tile,
                                                               triton.cdiv(Sk, key_tile))
-    return (*lists, bm.partial_tiles, order_q, order_k)
+    return _mask_roles(lists, bm.partial_tiles, order_q, order_k)
 
 
 def _scalar_roles(first: int) -> dict:
@@ -433,7 +439,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
         ran = _launch(attention_fwd_kernel, cfg, sp.block, lambda bm, bn: (triton.cdiv(Sq, bm) * B * Hq,),
                       lambda bm, bn: sp.order(lse, "query", B, Hq, 1, bm, Sq), args, meta)
     if recipe_key is not None and _RECIPES.get(recipe_key) is MISSING:
-        mask_roles = (*mask_lists, sp.tiles, ran[1][-1], None) if ran and sp.enabled else _NO_MASK
+        mask_roles = _mask_roles(mask_lists, sp.tiles, ran[1][-1], None) if ran and sp.enabled else _NO_MASK
         roles = (*call_tensors[:3], out, lse, call_tensors[3], *(cu or (None, None)), *mask_roles)
         _RECIPES.put(recipe_key, ran and [capture(attention_fwd_kernel, ran[0], ran[1], roles,
                                                   _scalar_roles(_FWD_ROLES), tile=ran[2])])
@@ -566,7 +572,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         # the expanded GQA path sums partial buffers after the launches: not a recipe (capture finds them)
         mask_roles = _NO_MASK
         if ran_dq and ran_dkdv and sp.enabled:
-            mask_roles = (*mask_lists, sp.tiles, ran_dq[1][-1], ran_dkdv[1][-1])
+            mask_roles = _mask_roles(mask_lists, sp.tiles, ran_dq[1][-1], ran_dkdv[1][-1])
         roles = (*call_tensors, *(cu or (None, None)), delta, dq, dk, dv, *mask_roles)
         _RECIPES.put(recipe_key, ran_dq and ran_dkdv and [
             capture(kernel, ran[0], ran[1], roles, _scalar_roles(_BWD_ROLES), tile=ran[2])
