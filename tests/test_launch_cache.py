@@ -258,6 +258,62 @@ def test_recipe_replays_are_the_full_launch(case):
     _check_replays(call, 3, 1 if hkv < H else 4 if q_is_k else 2)
 
 
+_CONSTANT_CASES = {
+    "plain": dict(),
+    "causal-gqa": dict(causal=True, heads_kv=2),
+    "window-softcap": dict(window_size=(9, 3), softcap=4.0),
+    "block-mask": dict(block_mask="element"),
+}
+
+
+@pytest.mark.parametrize("case", list(_CONSTANT_CASES), ids=list(_CONSTANT_CASES))
+def test_backward_lengths_become_constants_on_repeat(case, monkeypatch):
+    """From a dense signature's second call the backward kernels get the sequence lengths as
+    compile-time constants (attention_launch.constant_lengths). Odd lengths, so the masked tail tiles
+    run with them too. Every call's gradients must equal, bit for bit, the same calls with the constants
+    never turned on; on a GPU the third call replays the rebuilt (constant) recipe."""
+    opts = dict(_CONSTANT_CASES[case])
+    B, Sq, Sk, H, D = 2, 67, 45, 4, 64
+    hkv = opts.pop("heads_kv", H)
+    dtype = torch.bfloat16 if HAS_GPU else torch.float32
+
+    def run():
+        attention_launch._RECIPES.clear()
+        attention_launch._CALLS.clear()
+        attention_launch._CONSTANT_KEYS.clear()
+        grads = []
+        for step in range(3):
+            g = torch.Generator().manual_seed(400 + step)
+            make = lambda s, h: torch.randn(B, s, h, D, generator=g).to(device=DEVICE, dtype=dtype).requires_grad_()
+            q, k, v = make(Sq, H), make(Sk, hkv), make(Sk, hkv)
+            kw = dict(opts)
+            if "block_mask" in kw:
+                n_q, n_k = -(-Sq // 32), -(-Sk // 32)
+                dense = (torch.rand(1, H, Sq, Sk, generator=g) < 0.6) | (torch.arange(Sk) < 3)
+                kw["block_mask"] = ft.BlockMask.from_dense(dense.to(DEVICE), block_size=32)
+                assert kw["block_mask"].num_blocks == (n_q, n_k)
+            out = ft.flash_attn_func(q, k, v, **kw)
+            grads.append(torch.autograd.grad(out, (q, k, v), torch.randn(out.shape, generator=g).to(DEVICE, dtype)))
+            if step == 0:
+                assert not attention_launch._CONSTANT_KEYS
+        return grads, set(attention_launch._CONSTANT_KEYS), len([r for r in attention_launch._RECIPES.recipes.values() if r])
+
+    with ft.use_backend("triton"):
+        with_constants, keys, recipes = run()
+        assert len(keys) == 1  # the backward's signature, from its second call
+        if HAS_GPU:  # the dK/dV launch compiled with the lengths (its plans' constexprs hold them)
+            plans = attention_launch._PLANS[attention_launch.attention_bwd_dkdv_kernel].plans
+            assert any(("SEQLEN_Q", Sq) in key[3] and ("SEQLEN_K", Sk) in key[3] for key in plans)
+            if hkv == H:  # (GQA at this size writes per-query-head partials: no backward recipe)
+                assert recipes == 2
+        monkeypatch.setattr(attention_launch, "CONSTANT_LENGTHS_FROM_CALL", 10**9)
+        without, no_keys, _ = run()
+        assert not no_keys
+    for step, (a, b) in enumerate(zip(with_constants, without)):
+        for name, x, y in zip(("dq", "dk", "dv"), a, b):
+            assert torch.equal(x, y), f"call {step}: {name} differs with the lengths as constants"
+
+
 @pytest.mark.skipif(not HAS_GPU, reason="the replayed GQA backward needs enough kv-head programs for a GPU")
 def test_block_mask_recipe_replays_with_gqa_summed_in_registers():
     """GQA with a block mask at a size where dK/dV sums each kv head's group in registers: the

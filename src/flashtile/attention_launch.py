@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Tuple
+from typing import Dict, Hashable, Optional, Tuple
 
 import torch
 import triton
@@ -21,7 +21,7 @@ from flashtile.errors import UnsupportedError
 from flashtile.key_layout import keys_in_range
 from flashtile.kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
 from flashtile.kernels.attention_fwd import attention_fwd_kernel
-from flashtile.launch_cache import KernelPlan, PlanCache, specialization_key
+from flashtile.launch_cache import MAX_PLANS, KernelPlan, PlanCache, specialization_key
 from flashtile.launch_fit import launch_fitting
 from flashtile.launch_recipe import MISSING, RecipeCache, aliases, capture
 from flashtile.row_align import aligned_rows, narrowed
@@ -268,6 +268,26 @@ def _recipe_layout(layout: Optional[_Layout]) -> Tuple[Tuple[torch.Tensor, ...],
     return (layout.cu_seqlens_q, layout.cu_seqlens_k), (layout.seqlen_q, layout.seqlen_k)
 
 
+_CALLS: Dict[Hashable, int] = {}  # backward recipe key -> calls seen (constant_lengths)
+_CONSTANT_KEYS: set = set()  # backward recipe keys whose recipe fixes the lengths at compile time
+# a dense backward signature's second call compiles the length-constant kernels (one-off shapes never do)
+CONSTANT_LENGTHS_FROM_CALL = 2
+
+
+def constant_lengths(recipe_key: Optional[Hashable], layout: Optional[_Layout]) -> bool:
+    """Whether this backward call fixes seqlen_q / seqlen_k at compile time (the kernels' SEQLEN_Q /
+    SEQLEN_K; kernels/attention_bwd.py): dense and block-sparse signatures that repeat, counted per
+    recipe key. Packed calls never do (max_seqlen changes with every batch), nor calls that make no
+    recipe key (attn_mask, an explicit config): a compile per length is only worth it for a training
+    loop's fixed shapes."""
+    if recipe_key is None or layout is not None:
+        return False
+    if len(_CALLS) >= MAX_PLANS:
+        _CALLS.clear()
+    seen = _CALLS[recipe_key] = _CALLS.get(recipe_key, 0) + 1
+    return seen >= CONSTANT_LENGTHS_FROM_CALL
+
+
 def _mask_lists(bm) -> Tuple[torch.Tensor, ...]:
     """A block mask's index lists in the recipe roles' order (per query block, then per key block)."""
     return (bm.full_kv_num, bm.full_kv_idx, bm.partial_kv_num, bm.partial_kv_idx, bm.partial_kv_tile,
@@ -499,8 +519,11 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         bm, mask_lists, mask_sig = _recipe_mask(block_mask, left, right)
         recipe_key = _call_key((dout, q, k, v, out, lse, *cu, *mask_lists), left, right, softmax_scale, softcap,
                                alibi_slopes, dropout_p, dropout_seed, lengths, mask_sig)
+    constants = constant_lengths(recipe_key, layout)
+    if recipe_key is not None:
         recipe = _RECIPES.get(recipe_key)
-        if recipe is not MISSING and recipe is not None:  # see launch_recipe.py
+        # a recipe made before the lengths became constants is rebuilt once by the full path below
+        if recipe is not MISSING and recipe is not None and (not constants or recipe_key in _CONSTANT_KEYS):
             dq, dk, dv, delta = backward_buffers(q, k, v, lse)
             mask_values = _mask_values(bm, mask_lists, q, k, recipe[0].tile[0], recipe[1].tile[1])
             values = (dout, q, k, v, out, lse, alibi_slopes, *(cu or (None, None)), delta, dq, dk, dv, *mask_values,
@@ -534,6 +557,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                  VARLEN=layout.varlen, BLOCK_SPARSE=sp.enabled, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
                  ATTN_MASK=am_kind, DROPOUT=dropout_p > 0,
                  EVEN_D=block_d == D, EVEN_DV=block_dv == Dv, DOT_PRECISION=_dot_precision(q.dtype),
+                 SEQLEN_Q=Sq if constants else 0, SEQLEN_K=Sk if constants else 0,
                  **_order_flags(program_order(layout, causal, has_left, group, sp.enabled)))
     slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
     cu_q, cu_k = layout.cu(lse)
@@ -568,8 +592,13 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         if expand:
             dk.copy_(dk_buf.unflatten(-2, (Hkv, group)).sum(-2))
             dv.copy_(dv_buf.unflatten(-2, (Hkv, group)).sum(-2))
-    if recipe_key is not None and _RECIPES.get(recipe_key) is MISSING:
+    rebuild = constants and recipe_key not in _CONSTANT_KEYS  # the generic recipe gives way to a constant one
+    if recipe_key is not None and (_RECIPES.get(recipe_key) is MISSING or rebuild):
         # the expanded GQA path sums partial buffers after the launches: not a recipe (capture finds them)
+        if constants:
+            if len(_CONSTANT_KEYS) >= MAX_PLANS:
+                _CONSTANT_KEYS.clear()
+            _CONSTANT_KEYS.add(recipe_key)
         mask_roles = _NO_MASK
         if ran_dq and ran_dkdv and sp.enabled:
             mask_roles = _mask_roles(mask_lists, sp.tiles, ran_dq[1][-1], ran_dkdv[1][-1])
