@@ -6,11 +6,13 @@ of each signature builds it); under the interpreter every call takes Triton's fr
 fakes check the plan logic itself.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
 import flashtile as ft
-from flashtile import attention_launch, gemm_launch
+from flashtile import attention_launch, gemm_launch, tuning
 from flashtile.gemm import gemm_torch
 from flashtile.launch_cache import KernelPlan, full_arguments, runtime_slots, specialization_key
 from flashtile.launch_recipe import MISSING, RecipeCache, aliases, capture
@@ -268,19 +270,23 @@ _CONSTANT_CASES = {
 
 @pytest.mark.parametrize("case", list(_CONSTANT_CASES), ids=list(_CONSTANT_CASES))
 def test_backward_lengths_become_constants_on_repeat(case, monkeypatch):
-    """From a dense signature's second call the backward kernels get the sequence lengths as
-    compile-time constants (attention_launch.constant_lengths). Odd lengths, so the masked tail tiles
-    run with them too. Every call's gradients must equal, bit for bit, the same calls with the constants
-    never turned on; on a GPU the third call replays the rebuilt (constant) recipe."""
+    """From a signature's second call the dK/dV kernel gets the sequence lengths as compile-time
+    constants (attention_launch.constant_lengths), here for every case's config (the tuning table turns
+    them on only where measured faster). Odd lengths, so the masked tail tiles run with them too. Every
+    call's gradients must equal, bit for bit, the same calls with the constants never turned on; on a
+    GPU the third call replays the rebuilt (constant) recipe."""
     opts = dict(_CONSTANT_CASES[case])
     B, Sq, Sk, H, D = 2, 67, 45, 4, 64
     hkv = opts.pop("heads_kv", H)
     dtype = torch.bfloat16 if HAS_GPU else torch.float32
+    tuned = attention_launch.backward_config
+    monkeypatch.setattr(attention_launch, "backward_config",
+                        lambda *a, **kw: dataclasses.replace(tuned(*a, **kw), constant_lengths=True))
 
     def run():
+        for state in (attention_launch._CALLS, attention_launch._SETTLED_KEYS, attention_launch._CONSTANT_SHAPES):
+            state.clear()
         attention_launch._RECIPES.clear()
-        attention_launch._CALLS.clear()
-        attention_launch._CONSTANT_KEYS.clear()
         grads = []
         for step in range(3):
             g = torch.Generator().manual_seed(400 + step)
@@ -295,23 +301,58 @@ def test_backward_lengths_become_constants_on_repeat(case, monkeypatch):
             out = ft.flash_attn_func(q, k, v, **kw)
             grads.append(torch.autograd.grad(out, (q, k, v), torch.randn(out.shape, generator=g).to(DEVICE, dtype)))
             if step == 0:
-                assert not attention_launch._CONSTANT_KEYS
-        return grads, set(attention_launch._CONSTANT_KEYS), len([r for r in attention_launch._RECIPES.recipes.values() if r])
+                assert not attention_launch._CONSTANT_SHAPES
+        return grads, set(attention_launch._CONSTANT_SHAPES), len([r for r in attention_launch._RECIPES.recipes.values() if r])
 
     with ft.use_backend("triton"):
-        with_constants, keys, recipes = run()
-        assert len(keys) == 1  # the backward's signature, from its second call
+        with_constants, shapes, recipes = run()
+        assert shapes == {(Sq, Sk)}  # the backward's lengths, from its second call
         if HAS_GPU:  # the dK/dV launch compiled with the lengths (its plans' constexprs hold them)
             plans = attention_launch._PLANS[attention_launch.attention_bwd_dkdv_kernel].plans
             assert any(("SEQLEN_Q", Sq) in key[3] and ("SEQLEN_K", Sk) in key[3] for key in plans)
             if hkv == H:  # (GQA at this size writes per-query-head partials: no backward recipe)
                 assert recipes == 2
         monkeypatch.setattr(attention_launch, "CONSTANT_LENGTHS_FROM_CALL", 10**9)
-        without, no_keys, _ = run()
-        assert not no_keys
+        without, no_shapes, _ = run()
+        assert not no_shapes
     for step, (a, b) in enumerate(zip(with_constants, without)):
         for name, x, y in zip(("dq", "dk", "dv"), a, b):
             assert torch.equal(x, y), f"call {step}: {name} differs with the lengths as constants"
+
+
+def test_constant_lengths_follow_the_config_and_the_shape_budget(monkeypatch):
+    """Constants need a repeated signature and a config that asks for them; after MAX_CONSTANT_SHAPES
+    length pairs, new pairs keep the run-time lengths (a loop with changing lengths stops compiling) while
+    the pairs already compiled keep theirs."""
+    monkeypatch.setattr(attention_launch, "_CONSTANT_SHAPES", set())
+    monkeypatch.setattr(attention_launch, "MAX_CONSTANT_SHAPES", 3)
+    tile = tuning.KernelConfig(64, 64, 4, 2)
+    asks = tuning.BackwardConfig(tile, tile, constant_lengths=True)
+    plain = tuning.BackwardConfig(tile, tile)
+    assert not attention_launch.constant_lengths(True, plain, 100, 100)
+    assert not attention_launch.constant_lengths(False, asks, 100, 100)
+    assert [attention_launch.constant_lengths(True, asks, s, 7) for s in (1, 2, 3, 4)] == [True, True, True, False]
+    assert attention_launch.constant_lengths(True, asks, 2, 7)
+    assert attention_launch._CONSTANT_SHAPES == {(1, 7), (2, 7), (3, 7)}
+
+
+def test_constant_lengths_only_where_the_tuning_table_measured_them(monkeypatch):
+    """tuning.dkdv_constant_lengths on an H200 (sm_90): the configs measured faster take the lengths
+    as constants, the ones measured slower and the unmeasured ones (fp32, D=256, no GPU) do not."""
+    from flashtile.tuning import backward_config
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr("flashtile.tuning._arch", lambda device: (9, 0))
+    bf16 = lambda *a, **kw: backward_config(gpu, 128, 128, torch.bfloat16, *a, **kw).constant_lengths
+    assert bf16(False) and bf16(False, softcap=True) and bf16(True, short_walk=True)
+    assert bf16(True, softcap=True) and bf16(True, long_causal=True, grouped=True)
+    assert bf16(False, block_sparse=True) and bf16(True, block_sparse=True, partial_blocks=True)
+    assert not bf16(True)  # 64x128 w8: causal beyond 1024 keys, windows
+    assert not bf16(True, long_causal=True) and not bf16(False, dropout=True) and not bf16(True, dropout=True)
+    assert not bf16(False, dropout=True, block_sparse=True)
+    assert not backward_config(gpu, 128, 128, torch.float32, False).constant_lengths
+    assert not backward_config(gpu, 256, 256, torch.bfloat16, False).constant_lengths
+    monkeypatch.setattr("flashtile.tuning._arch", lambda device: None)
+    assert not backward_config(torch.device("cpu"), 128, 128, torch.bfloat16, False).constant_lengths
 
 
 @pytest.mark.skipif(not HAS_GPU, reason="the replayed GQA backward needs enough kv-head programs for a GPU")

@@ -268,24 +268,41 @@ def _recipe_layout(layout: Optional[_Layout]) -> Tuple[Tuple[torch.Tensor, ...],
     return (layout.cu_seqlens_q, layout.cu_seqlens_k), (layout.seqlen_q, layout.seqlen_k)
 
 
-_CALLS: Dict[Hashable, int] = {}  # backward recipe key -> calls seen (constant_lengths)
-_CONSTANT_KEYS: set = set()  # backward recipe keys whose recipe fixes the lengths at compile time
-# a dense backward signature's second call compiles the length-constant kernels (one-off shapes never do)
+_CALLS: Dict[Hashable, int] = {}  # backward recipe key -> calls seen (repeated_signature)
+_SETTLED_KEYS: set = set()  # repeated backward keys whose recipe has been rebuilt (with constants if the config asks)
+_CONSTANT_SHAPES: set = set()  # (seqlen_q, seqlen_k) pairs compiled as constants so far
+# a backward signature's second call may compile the length-constant dK/dV kernel (one-off shapes never do)
 CONSTANT_LENGTHS_FROM_CALL = 2
+# at most this many length pairs get constant kernels: a loop whose lengths keep changing (dynamic
+# padding) stops compiling new ones and runs the run-time-length kernel (torch.compile's "automatic
+# dynamic" idea)
+MAX_CONSTANT_SHAPES = 8
 
 
-def constant_lengths(recipe_key: Optional[Hashable], layout: Optional[_Layout]) -> bool:
-    """Whether this backward call fixes seqlen_q / seqlen_k at compile time (the kernels' SEQLEN_Q /
-    SEQLEN_K; kernels/attention_bwd.py): dense and block-sparse signatures that repeat, counted per
-    recipe key. Packed calls never do (max_seqlen changes with every batch), nor calls that make no
-    recipe key (attn_mask, an explicit config): a compile per length is only worth it for a training
-    loop's fixed shapes."""
+def repeated_signature(recipe_key: Optional[Hashable], layout: Optional[_Layout]) -> bool:
+    """Whether this backward call repeats a signature often enough for the dK/dV kernel to take
+    seqlen_q / seqlen_k as compile-time constants (SEQLEN_Q / SEQLEN_K in kernels/attention_bwd.py),
+    counted per recipe key: dense and block-sparse calls. Packed calls never do (max_seqlen changes
+    with every batch), nor calls that make no recipe key (attn_mask, an explicit config)."""
     if recipe_key is None or layout is not None:
         return False
     if len(_CALLS) >= MAX_PLANS:
         _CALLS.clear()
     seen = _CALLS[recipe_key] = _CALLS.get(recipe_key, 0) + 1
     return seen >= CONSTANT_LENGTHS_FROM_CALL
+
+
+def constant_lengths(repeated: bool, cfg: BackwardConfig, seqlen_q: int, seqlen_k: int) -> bool:
+    """Whether this call's dK/dV launch fixes the lengths at compile time: a repeated signature, a
+    config measured faster with them (BackwardConfig.constant_lengths), and a length pair within the
+    MAX_CONSTANT_SHAPES budget."""
+    if not (repeated and cfg.constant_lengths):
+        return False
+    if (seqlen_q, seqlen_k) not in _CONSTANT_SHAPES:
+        if len(_CONSTANT_SHAPES) >= MAX_CONSTANT_SHAPES:
+            return False
+        _CONSTANT_SHAPES.add((seqlen_q, seqlen_k))
+    return True
 
 
 def _mask_lists(bm) -> Tuple[torch.Tensor, ...]:
@@ -519,11 +536,11 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         bm, mask_lists, mask_sig = _recipe_mask(block_mask, left, right)
         recipe_key = _call_key((dout, q, k, v, out, lse, *cu, *mask_lists), left, right, softmax_scale, softcap,
                                alibi_slopes, dropout_p, dropout_seed, lengths, mask_sig)
-    constants = constant_lengths(recipe_key, layout)
+    repeated = repeated_signature(recipe_key, layout)
     if recipe_key is not None:
         recipe = _RECIPES.get(recipe_key)
-        # a recipe made before the lengths became constants is rebuilt once by the full path below
-        if recipe is not MISSING and recipe is not None and (not constants or recipe_key in _CONSTANT_KEYS):
+        # a repeated signature's recipe is rebuilt once by the full path below (constant lengths)
+        if recipe is not MISSING and recipe is not None and (not repeated or recipe_key in _SETTLED_KEYS):
             dq, dk, dv, delta = backward_buffers(q, k, v, lse)
             mask_values = _mask_values(bm, mask_lists, q, k, recipe[0].tile[0], recipe[1].tile[1])
             values = (dout, q, k, v, out, lse, alibi_slopes, *(cu or (None, None)), delta, dq, dk, dv, *mask_values,
@@ -550,14 +567,15 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     long_causal, short_walk = walk_lengths(Sk, causal, has_left, left, right, sp.enabled, layout.varlen)
     cfg = config or backward_config(q.device, D, Dv, q.dtype, causal, block_sparse=sp.enabled,
                                     softcap=softcap > 0, partial_blocks=sp.enabled and sp.mask.element_mask is not None,
-                                    long_causal=long_causal, short_walk=short_walk)
+                                    long_causal=long_causal, short_walk=short_walk, dropout=dropout_p > 0,
+                                    grouped=group > 1)
+    constants = constant_lengths(repeated, cfg, Sq, Sk)
     block_d, block_dv = padded_head_dim(D), padded_head_dim(Dv)
     am_kind, am, am_strides = _attn_mask_args(attn_mask, (B, Hq, Sq, Sk), lse)
     flags = dict(HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=_softcap_flag(softcap, q.dtype), HAS_ALIBI=alibi_slopes is not None,
                  VARLEN=layout.varlen, BLOCK_SPARSE=sp.enabled, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
                  ATTN_MASK=am_kind, DROPOUT=dropout_p > 0,
                  EVEN_D=block_d == D, EVEN_DV=block_dv == Dv, DOT_PRECISION=_dot_precision(q.dtype),
-                 SEQLEN_Q=Sq if constants else 0, SEQLEN_K=Sk if constants else 0,
                  **_order_flags(program_order(layout, causal, has_left, group, sp.enabled)))
     slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
     cu_q, cu_k = layout.cu(lse)
@@ -588,17 +606,18 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         ran_dkdv = _launch(attention_bwd_dkdv_kernel, cfg.dkdv, sp.block,
                            lambda bm, bn: (triton.cdiv(Sk, bn) * B * n_head_programs,),
                            lambda bm, bn: sp.order(lse, "key", B, Hq, heads_per_program, bn, Sk), args,
-                           dict(flags, BLOCK_D=block_d, BLOCK_DV=block_dv, SPLIT_PHASES=cfg.split_phases))
+                           dict(flags, BLOCK_D=block_d, BLOCK_DV=block_dv, SPLIT_PHASES=cfg.split_phases,
+                                SEQLEN_Q=Sq if constants else 0, SEQLEN_K=Sk if constants else 0))
         if expand:
             dk.copy_(dk_buf.unflatten(-2, (Hkv, group)).sum(-2))
             dv.copy_(dv_buf.unflatten(-2, (Hkv, group)).sum(-2))
-    rebuild = constants and recipe_key not in _CONSTANT_KEYS  # the generic recipe gives way to a constant one
-    if recipe_key is not None and (_RECIPES.get(recipe_key) is MISSING or rebuild):
+    rebuild = repeated and recipe_key not in _SETTLED_KEYS
+    if rebuild:
+        if len(_SETTLED_KEYS) >= MAX_PLANS:
+            _SETTLED_KEYS.clear()
+        _SETTLED_KEYS.add(recipe_key)
+    if recipe_key is not None and (_RECIPES.get(recipe_key) is MISSING or (rebuild and constants)):
         # the expanded GQA path sums partial buffers after the launches: not a recipe (capture finds them)
-        if constants:
-            if len(_CONSTANT_KEYS) >= MAX_PLANS:
-                _CONSTANT_KEYS.clear()
-            _CONSTANT_KEYS.add(recipe_key)
         mask_roles = _NO_MASK
         if ran_dq and ran_dkdv and sp.enabled:
             mask_roles = _mask_roles(mask_lists, sp.tiles, ran_dq[1][-1], ran_dkdv[1][-1])

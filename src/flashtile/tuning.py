@@ -32,6 +32,9 @@ class BackwardConfig:
     # dK/dV walks a causal key tile's masked and unmasked query tiles in separate loops (the kernel's
     # SPLIT_PHASES) instead of one loop with a per-tile mask branch
     split_phases: bool = False
+    # dK/dV may take the sequence lengths as compile-time constants once a signature repeats
+    # (attention_launch.constant_lengths; where, see dkdv_constant_lengths)
+    constant_lengths: bool = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,12 +106,52 @@ SHORT_WINDOW = 512
 def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
                     causal: bool, block_sparse: bool = False, softcap: bool = False,
                     partial_blocks: bool = False, long_causal: bool = False,
-                    short_walk: bool = False) -> BackwardConfig:
+                    short_walk: bool = False, dropout: bool = False, grouped: bool = False) -> BackwardConfig:
     """Configs of attention_bwd_dkdv_kernel and attention_bwd_dq_kernel (block_sparse: a block_mask is
     set, partial_blocks: it has partial blocks; softcap: softcap > 0; long_causal: causal without a
     window, block mask or varlen, with a key count in LONG_CAUSAL_KEYS; short_walk: causal with at most
-    SHORT_CAUSAL_KEYS keys or a window at most SHORT_WINDOW wide, without a block mask). Dropout runs
-    the default tiles (see below)."""
+    SHORT_CAUSAL_KEYS keys or a window at most SHORT_WINDOW wide, without a block mask; dropout: p > 0;
+    grouped: GQA / MQA). Dropout runs the default tiles (see below)."""
+    tiles = _backward_tiles(device, head_dim, head_dim_v, dtype, causal, block_sparse, softcap, partial_blocks,
+                            long_causal, short_walk)
+    if dkdv_constant_lengths(device, head_dim, head_dim_v, dtype, tiles, block_sparse, dropout, grouped):
+        return dataclasses.replace(tiles, constant_lengths=True)
+    return tiles
+
+
+def dkdv_constant_lengths(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
+                          tiles: BackwardConfig, block_sparse: bool, dropout: bool, grouped: bool) -> bool:
+    """Whether the dK/dV launch takes the lengths as compile-time constants on a repeated signature.
+
+    The constants fold the loops' bounds, but they also change the register allocation of a kernel
+    that sits at 255 registers with spills, so this is a measured table, not a rule of thumb. H200,
+    bf16, D=128, dK/dV launch alone, run-time -> constant lengths (us):
+      faster: non-causal 64x64 w4 S=2048 1170 -> 1069, softcap 5352 -> 5154, ALiBi 4183 -> 3954;
+              32x64 w4: causal S=1024 (short walk) 464 -> 429, softcap causal S=8192 2947 -> 2785;
+              split-phase GQA 4:1 causal S=8192 2438 -> 2090; block masks (random 50 / 25 / 10%,
+              8 documents): -11.6 / -11.3 / -9.9 / -7.1%.
+      slower: 64x128 w8: causal S=2048 806 -> 1086, window (1024, 0) 784 -> 1058, (1024, 1024)
+              1351 -> 1785; split-phase causal S=4096 / 8192 +6.5 / +4.7%, with ALiBi +10.7%;
+              dropout non-causal +6.6%, causal +7.8%.
+    The dQ launch never gained (+1 to +6%): it keeps the run-time lengths. fp32, head dims outside
+    (64, 128] and other GPUs are unmeasured and keep them too.
+    """
+    d = max(padded_head_dim(head_dim), padded_head_dim(head_dim_v))
+    if _arch(device) is None or dtype == torch.float32 or not 64 < d <= 128:
+        return False
+    if dropout:
+        return False
+    if block_sparse:
+        return True
+    if tiles.split_phases:
+        return grouped
+    return tiles.dkdv.block_n == 64  # not the 64x128 w8 tiles of medium causal lengths and windows
+
+
+def _backward_tiles(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype, causal: bool,
+                    block_sparse: bool, softcap: bool, partial_blocks: bool, long_causal: bool,
+                    short_walk: bool) -> BackwardConfig:
+    """backward_config's tiles (the measured table below)."""
     arch = _arch(device)
     d = max(padded_head_dim(head_dim), padded_head_dim(head_dim_v))
     if arch is None:

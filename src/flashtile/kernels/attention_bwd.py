@@ -9,12 +9,12 @@ Two launches, in this order:
      registers; it reads the delta written by launch 1. Each dK/dV element is written by one program.
 P is recomputed from the saved log-sum-exp: p = exp2(s * scale * log2(e) - lse * log2(e)).
 
-SEQLEN_Q / SEQLEN_K (constexpr, 0 = read the run-time seqlen_q / seqlen_k): a launch may fix the
-sequence lengths at compile time. The loops' trip counts and the masked phases are then constants,
-which drops the software pipeline's run-time guards; the programs of a short walk spend a large share
-of their time there (H200, D=128, B*S = 16384: whole backward 0.85x the time at S=512, 0.93x at 2048,
-0.985x at 8192; docs/perf_notes.md, session 14). It costs a compile per length, so the launcher
-fixes them only for repeated dense signatures (attention_launch.constant_lengths).
+SEQLEN_Q / SEQLEN_K (dK/dV launch, constexpr, 0 = read the run-time seqlen_q / seqlen_k): the
+launch may fix the sequence lengths at compile time. The loops' trip counts and the masked tail are
+then constants, which drops run-time guards of the software pipeline, but the register allocation
+changes with them too: only configs measured faster take them (tuning.BackwardConfig.constant_lengths;
+H200, D=128 non-causal: dK/dV 0.91x the time at S=2048), and only for repeated signatures, since each
+length pair costs a compile (attention_launch.constant_lengths).
 """
 
 import triton
@@ -419,14 +419,9 @@ def attention_bwd_dq_kernel(
     VARLEN: tl.constexpr, BLOCK_SPARSE: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr,
     ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    TILE_MAJOR: tl.constexpr, HEAD_GROUP: tl.constexpr, SEQLEN_Q: tl.constexpr, SEQLEN_K: tl.constexpr,
+    TILE_MAJOR: tl.constexpr, HEAD_GROUP: tl.constexpr,
 ):
-    """dQ [B, Sq, Hq, D] and Delta fp32 [B, Hq, Sq] for BLOCK_M query rows of one (batch, query head).
-    SEQLEN_Q / SEQLEN_K: the lengths as compile-time constants, or 0 (see the module docstring)."""
-    if SEQLEN_Q != 0:
-        seqlen_q = SEQLEN_Q
-    if SEQLEN_K != 0:
-        seqlen_k = SEQLEN_K
+    """dQ [B, Sq, Hq, D] and Delta fp32 [B, Hq, Sq] for BLOCK_M query rows of one (batch, query head)."""
     n_m_tiles = tl.cdiv(seqlen_q, BLOCK_M)
     tile, bh = program_tile(ProgramOrder, n_m_tiles, BLOCK_SPARSE, TILE_MAJOR, HEAD_GROUP, HAS_RIGHT, True)
     b = bh // heads_q
