@@ -410,14 +410,18 @@ def test_program_order_rule():
 def test_backward_walk_rule():
     """Which masked backwards take tuning's long-causal and short-walk dK/dV tiles (measured rules)."""
     walk = attention_launch.walk_lengths  # (Sk, causal, has_left, left, right, block_sparse, varlen)
-    assert walk(1024, True, False, 0, 0, False, False) == (False, True)  # short causal
-    assert walk(1025, True, False, 0, 0, False, False) == (False, False)
-    assert walk(4096, True, False, 0, 0, False, False) == (True, False)
-    assert walk(8192, True, False, 0, 0, False, True) == (False, False)  # varlen keeps the one loop
-    assert walk(16384, True, True, 256, 0, False, False) == (False, True)  # narrow window, any length
-    assert walk(16384, True, True, 1024, 0, False, False) == (False, False)
-    assert walk(512, True, False, 0, 0, True, False) == (False, False)  # block masks have their tiles
-    assert walk(512, False, False, 0, 0, False, False) == (False, False)
+    assert walk(1024, True, False, 0, 0, False, False) == (False, True, True)  # short causal
+    assert walk(1025, True, False, 0, 0, False, False) == (False, False, True)
+    assert walk(4096, True, False, 0, 0, False, False) == (True, False, True)
+    assert walk(4097, True, False, 0, 0, False, False) == (True, False, False)
+    assert walk(8192, True, False, 0, 0, False, True) == (False, False, False)  # varlen keeps the one loop
+    assert walk(2048, True, False, 0, 0, False, True) == (False, False, False)  # and no constants: no medium walk
+    assert walk(16384, True, True, 256, 0, False, False) == (False, True, True)  # narrow window, any length
+    assert walk(16384, True, True, 1024, 0, False, False) == (False, False, True)
+    assert walk(16384, True, True, 1024, 1024, False, False) == (False, False, True)
+    assert walk(16384, True, True, 2048, 1, False, False) == (False, False, False)
+    assert walk(512, True, False, 0, 0, True, False) == (False, False, False)  # block masks have their tiles
+    assert walk(512, False, False, 0, 0, False, False) == (False, False, False)
     from flashtile.tuning import backward_config
     gpu = torch.device("cuda", 0)
     with pytest.MonkeyPatch.context() as mp:
@@ -429,6 +433,12 @@ def test_backward_walk_rule():
                          ((128, 128, torch.float32), {})):
             assert (backward_config(gpu, *args, True, short_walk=True, **kw)
                     == backward_config(gpu, *args, True, short_walk=False, **kw))
+        # a medium walk takes the short walk's tiles (with constant lengths), unless dropout or GQA
+        medium = backward_config(gpu, 128, 128, torch.bfloat16, True, long_causal=True, medium_walk=True)
+        assert medium.dkdv == short.dkdv and not medium.split_phases and medium.constant_lengths
+        for kw in (dict(dropout=True), dict(grouped=True)):
+            assert (backward_config(gpu, 128, 128, torch.bfloat16, True, long_causal=True, medium_walk=True, **kw)
+                    == backward_config(gpu, 128, 128, torch.bfloat16, True, long_causal=True, **kw))
 
 
 def _spy_dkdv_meta(monkeypatch):

@@ -25,8 +25,8 @@ from flashtile.launch_cache import MAX_PLANS, KernelPlan, PlanCache, specializat
 from flashtile.launch_fit import launch_fitting
 from flashtile.launch_recipe import MISSING, RecipeCache, aliases, capture
 from flashtile.row_align import aligned_rows, narrowed
-from flashtile.tuning import (LONG_CAUSAL_KEYS, SHORT_CAUSAL_KEYS, SHORT_WINDOW, BackwardConfig, KernelConfig,
-                              backward_config, forward_config, padded_head_dim)
+from flashtile.tuning import (LONG_CAUSAL_KEYS, MEDIUM_CAUSAL_KEYS, MEDIUM_WINDOW, SHORT_CAUSAL_KEYS, SHORT_WINDOW,
+                              BackwardConfig, KernelConfig, backward_config, forward_config, padded_head_dim)
 
 
 def _empty(*shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -499,16 +499,19 @@ def _expand_gqa(q: torch.Tensor, k: torch.Tensor, block_n: int, layout: _Layout)
 
 
 def walk_lengths(seqlen_k: int, causal: bool, has_left: bool, left: int, right: int, block_sparse: bool,
-                 varlen: bool) -> Tuple[bool, bool]:
-    """(long_causal, short_walk) of tuning.backward_config: how far a masked backward's dK/dV programs
-    walk. long_causal: causal without a window, block mask or varlen, with LONG_CAUSAL_KEYS keys;
-    short_walk: no block mask, and causal with at most SHORT_CAUSAL_KEYS keys or a window of at most
-    SHORT_WINDOW keys (left + right, the kernels' edges)."""
+                 varlen: bool) -> Tuple[bool, bool, bool]:
+    """(long_causal, short_walk, medium_walk) of tuning.backward_config: how far a masked backward's
+    dK/dV programs walk. long_causal: causal without a window, block mask or varlen, with
+    LONG_CAUSAL_KEYS keys; short_walk: no block mask, and causal with at most SHORT_CAUSAL_KEYS keys or
+    a window of at most SHORT_WINDOW keys (left + right, the kernels' edges); medium_walk: the same
+    with MEDIUM_CAUSAL_KEYS and MEDIUM_WINDOW, and not varlen (its lengths never become constants)."""
     long_causal = (causal and not has_left and not block_sparse and not varlen
                    and LONG_CAUSAL_KEYS[0] <= seqlen_k <= LONG_CAUSAL_KEYS[1])
     short_walk = causal and not block_sparse and (left + right <= SHORT_WINDOW if has_left
                                                   else seqlen_k <= SHORT_CAUSAL_KEYS)
-    return long_causal, short_walk
+    medium_walk = causal and not block_sparse and not varlen and (left + right <= MEDIUM_WINDOW if has_left
+                                                                  else seqlen_k <= MEDIUM_CAUSAL_KEYS)
+    return long_causal, short_walk, medium_walk
 
 
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -564,11 +567,11 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     causal = right is not None
     sp = _sparse_args(block_mask, lse, left, right)
     has_left, has_right, left, right = _mask_flags(left, right)
-    long_causal, short_walk = walk_lengths(Sk, causal, has_left, left, right, sp.enabled, layout.varlen)
+    long_causal, short_walk, medium_walk = walk_lengths(Sk, causal, has_left, left, right, sp.enabled, layout.varlen)
     cfg = config or backward_config(q.device, D, Dv, q.dtype, causal, block_sparse=sp.enabled,
                                     softcap=softcap > 0, partial_blocks=sp.enabled and sp.mask.element_mask is not None,
                                     long_causal=long_causal, short_walk=short_walk, dropout=dropout_p > 0,
-                                    grouped=group > 1)
+                                    grouped=group > 1, medium_walk=medium_walk)
     constants = constant_lengths(repeated, cfg, Sq, Sk)
     block_d, block_dv = padded_head_dim(D), padded_head_dim(Dv)
     am_kind, am, am_strides = _attn_mask_args(attn_mask, (B, Hq, Sq, Sk), lse)

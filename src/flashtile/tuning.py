@@ -101,17 +101,31 @@ LONG_CAUSAL_KEYS = (4096, 8192)
 # or a window at most SHORT_WINDOW wide) runs 32x64 dK/dV tiles (BackwardConfig, short_walk)
 SHORT_CAUSAL_KEYS = 1024
 SHORT_WINDOW = 512
+# Up to these lengths (medium_walk) the 32x64 tiles also win once the dK/dV launch takes the lengths as
+# compile-time constants (dkdv_constant_lengths). H200, bf16, D=128, dK/dV launch alone, the tiles
+# then in use -> 32x64 w4 with constants (us): causal S=2048 808 -> 710, S=4096 (split phases) 1347 ->
+# 1255, S=8192 2438 -> 2511 (so it stops at 4096); window (1024, 0) 785 -> 722, (1024, 1024) 1354 ->
+# 1305. Not for dropout (no constants) or GQA (unmeasured; its split phases gain from the constants).
+# A call that runs these tiles with run-time lengths (a signature's first call, or past
+# MAX_CONSTANT_SHAPES) ran 1.5% faster than the 64x128 tiles at 2048 keys, 2.6-5.8% slower at 4096
+MEDIUM_CAUSAL_KEYS = 4096
+MEDIUM_WINDOW = 2048
 
 
 def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
                     causal: bool, block_sparse: bool = False, softcap: bool = False,
                     partial_blocks: bool = False, long_causal: bool = False,
-                    short_walk: bool = False, dropout: bool = False, grouped: bool = False) -> BackwardConfig:
+                    short_walk: bool = False, dropout: bool = False, grouped: bool = False,
+                    medium_walk: bool = False) -> BackwardConfig:
     """Configs of attention_bwd_dkdv_kernel and attention_bwd_dq_kernel (block_sparse: a block_mask is
     set, partial_blocks: it has partial blocks; softcap: softcap > 0; long_causal: causal without a
     window, block mask or varlen, with a key count in LONG_CAUSAL_KEYS; short_walk: causal with at most
     SHORT_CAUSAL_KEYS keys or a window at most SHORT_WINDOW wide, without a block mask; dropout: p > 0;
-    grouped: GQA / MQA). Dropout runs the default tiles (see below)."""
+    grouped: GQA / MQA; medium_walk: causal, neither block mask nor varlen, with at most
+    MEDIUM_CAUSAL_KEYS keys or a window at most MEDIUM_WINDOW wide). Dropout runs the default tiles
+    (see below)."""
+    if medium_walk and not dropout and not grouped:  # the short walk's tiles, with constant lengths
+        short_walk, long_causal = True, False
     tiles = _backward_tiles(device, head_dim, head_dim_v, dtype, causal, block_sparse, softcap, partial_blocks,
                             long_causal, short_walk)
     if dkdv_constant_lengths(device, head_dim, head_dim_v, dtype, tiles, block_sparse, dropout, grouped):
