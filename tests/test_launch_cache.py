@@ -284,7 +284,7 @@ def test_backward_lengths_become_constants_on_repeat(case, monkeypatch):
                         lambda *a, **kw: dataclasses.replace(tuned(*a, **kw), constant_lengths=True))
 
     def run():
-        for state in (attention_launch._CALLS, attention_launch._SETTLED_KEYS, attention_launch._CONSTANT_SHAPES):
+        for state in (attention_launch._CALLS, attention_launch._CONSTANT_SHAPES):
             state.clear()
         attention_launch._RECIPES.clear()
         grads = []

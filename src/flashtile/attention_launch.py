@@ -268,10 +268,10 @@ def _recipe_layout(layout: Optional[_Layout]) -> Tuple[Tuple[torch.Tensor, ...],
     return (layout.cu_seqlens_q, layout.cu_seqlens_k), (layout.seqlen_q, layout.seqlen_k)
 
 
-_CALLS: Dict[Hashable, int] = {}  # backward recipe key -> calls seen (repeated_signature)
-_SETTLED_KEYS: set = set()  # repeated backward keys whose recipe has been rebuilt (with constants if the config asks)
+_CALLS: Dict[Hashable, int] = {}  # backward recipe key -> calls seen (signature_calls)
 _CONSTANT_SHAPES: set = set()  # (seqlen_q, seqlen_k) pairs compiled as constants so far
-# a backward signature's second call may compile the length-constant dK/dV kernel (one-off shapes never do)
+# a backward signature's second call may compile the length-constant dK/dV kernel (one-off shapes never
+# do); that call also rebuilds the signature's recipe
 CONSTANT_LENGTHS_FROM_CALL = 2
 # at most this many length pairs get constant kernels: a loop whose lengths keep changing (dynamic
 # padding) stops compiling new ones and runs the run-time-length kernel (torch.compile's "automatic
@@ -279,17 +279,18 @@ CONSTANT_LENGTHS_FROM_CALL = 2
 MAX_CONSTANT_SHAPES = 8
 
 
-def repeated_signature(recipe_key: Optional[Hashable], layout: Optional[_Layout]) -> bool:
-    """Whether this backward call repeats a signature often enough for the dK/dV kernel to take
-    seqlen_q / seqlen_k as compile-time constants (SEQLEN_Q / SEQLEN_K in kernels/attention_bwd.py),
-    counted per recipe key: dense and block-sparse calls. Packed calls never do (max_seqlen changes
-    with every batch), nor calls that make no recipe key (attn_mask, an explicit config)."""
+def signature_calls(recipe_key: Optional[Hashable], layout: Optional[_Layout]) -> int:
+    """How many times this backward signature (recipe key) has been called, this call included; 0 for
+    calls that never take constant lengths: packed calls (max_seqlen changes with every batch) and
+    calls without a recipe key (attn_mask, an explicit config). From CONSTANT_LENGTHS_FROM_CALL on, the
+    dK/dV kernel may take seqlen_q / seqlen_k as compile-time constants (SEQLEN_Q / SEQLEN_K in
+    kernels/attention_bwd.py)."""
     if recipe_key is None or layout is not None:
-        return False
+        return 0
     if len(_CALLS) >= MAX_PLANS:
-        _CALLS.clear()
+        _CALLS.clear()  # (a cleared key counts again: one more recipe rebuild, no wrong result)
     seen = _CALLS[recipe_key] = _CALLS.get(recipe_key, 0) + 1
-    return seen >= CONSTANT_LENGTHS_FROM_CALL
+    return seen
 
 
 def constant_lengths(repeated: bool, cfg: BackwardConfig, seqlen_q: int, seqlen_k: int) -> bool:
@@ -539,11 +540,12 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         bm, mask_lists, mask_sig = _recipe_mask(block_mask, left, right)
         recipe_key = _call_key((dout, q, k, v, out, lse, *cu, *mask_lists), left, right, softmax_scale, softcap,
                                alibi_slopes, dropout_p, dropout_seed, lengths, mask_sig)
-    repeated = repeated_signature(recipe_key, layout)
+    calls = signature_calls(recipe_key, layout)
+    repeated, rebuild = calls >= CONSTANT_LENGTHS_FROM_CALL, calls == CONSTANT_LENGTHS_FROM_CALL
     if recipe_key is not None:
         recipe = _RECIPES.get(recipe_key)
-        # a repeated signature's recipe is rebuilt once by the full path below (constant lengths)
-        if recipe is not MISSING and recipe is not None and (not repeated or recipe_key in _SETTLED_KEYS):
+        # the first repeat runs the full path below, which rebuilds the recipe if it fixes the lengths
+        if recipe is not MISSING and recipe is not None and not rebuild:
             dq, dk, dv, delta = backward_buffers(q, k, v, lse)
             mask_values = _mask_values(bm, mask_lists, q, k, recipe[0].tile[0], recipe[1].tile[1])
             values = (dout, q, k, v, out, lse, alibi_slopes, *(cu or (None, None)), delta, dq, dk, dv, *mask_values,
@@ -614,11 +616,6 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         if expand:
             dk.copy_(dk_buf.unflatten(-2, (Hkv, group)).sum(-2))
             dv.copy_(dv_buf.unflatten(-2, (Hkv, group)).sum(-2))
-    rebuild = repeated and recipe_key not in _SETTLED_KEYS
-    if rebuild:
-        if len(_SETTLED_KEYS) >= MAX_PLANS:
-            _SETTLED_KEYS.clear()
-        _SETTLED_KEYS.add(recipe_key)
     if recipe_key is not None and (_RECIPES.get(recipe_key) is MISSING or (rebuild and constants)):
         # the expanded GQA path sums partial buffers after the launches: not a recipe (capture finds them)
         mask_roles = _NO_MASK
