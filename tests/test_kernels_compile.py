@@ -210,3 +210,17 @@ def test_kernels_compile_for_sm90():
 
 if __name__ == "__main__":
     compile_all()
+
+
+def test_sass_probe_finds_the_tensor_core_loop():
+    """scripts/sass_probe.py (offline SASS per loop, docs/perf_notes.md session 16) still parses what
+    ptxas / nvdisasm print: the dQ kernel's key-tile loop holds its wgmma and exp2 instructions."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(root, "src"), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, os.path.join(root, "scripts", "sass_probe.py"), "dq"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "registers" in res.stdout
+    loops = [line for line in res.stdout.splitlines() if line.strip().startswith("loop")]
+    assert any("HGMMA" in line and "MUFU.EX2" in line for line in loops), res.stdout

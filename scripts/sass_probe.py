@@ -1,0 +1,148 @@
+"""Offline SASS of the attention kernels for sm_90: registers, spills and each loop's instruction mix.
+
+python scripts/sass_probe.py [CASE ...] [--list] [--loops-only]
+
+No GPU is needed: the kernel is compiled for sm_90a with the divisibility hints the runtime gives
+aligned pointers and strides, then assembled and disassembled with the ptxas / nvdisasm in the triton
+wheel. Per loop (a backward branch) it prints the instruction count and the HGMMA (tensor core), MUFU
+(exp2 / tanh), LDL / STL (spill) counts: a spill that sits in an inner loop costs every tile, one in
+the outer head loop almost nothing. A case is a kernel, its flags and a tile config; see CASES.
+
+Session 16 used it to rule out two leads (docs/perf_notes.md): the dK/dV kernel's 255-register
+spills sit outside its query-tile loops, and a quarter fewer loop instructions left its time unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from flashtile.kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
+from flashtile.kernels.attention_fwd import attention_fwd_kernel
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+FP32_POINTERS = {"Lse", "Delta", "Alibi", "AttnMask", "DBias"}
+INT32_POINTERS = {"CuSeqQ", "CuSeqK", "FullNum", "FullIdx", "PartNum", "PartIdx", "PartTile", "ProgramOrder"}
+UINT8_POINTERS = {"ElemTiles"}
+FLOAT_SCALARS = {"softmax_scale", "softcap", "drop_scale"}
+# flags of a plain D=128 bf16 call; a case overrides some
+PLAIN = dict(HAS_LEFT=False, HAS_RIGHT=False, SOFTCAP=0, HAS_ALIBI=False, VARLEN=False, BLOCK_SPARSE=False,
+             ATTN_MASK=0, DROPOUT=False, EVEN_D=True, EVEN_DV=True, TILE_MAJOR=False, HEAD_GROUP=0,
+             SPLIT_PHASES=False, SEQLEN_Q=0, SEQLEN_K=0, BLOCK_D=128, BLOCK_DV=128, BLOCK_SQ=0, BLOCK_SK=0,
+             DOT_PRECISION="ieee", BIAS_GRAD=False)
+FWD, DQ, DKDV = attention_fwd_kernel, attention_bwd_dq_kernel, attention_bwd_dkdv_kernel
+# name -> (kernel, flags, (block_m, block_n, num_warps, num_stages)): the shipped H200 tiles (tuning.py)
+CASES = {
+    "fwd": (FWD, {}, (128, 128, 8, 3)),
+    "fwd_128x64": (FWD, {}, (128, 64, 8, 3)),
+    "fwd_causal": (FWD, dict(HAS_RIGHT=True), (128, 128, 8, 3)),
+    "dq": (DQ, {}, (128, 64, 8, 3)),
+    "dkdv": (DKDV, {}, (64, 64, 4, 2)),
+    "dkdv_constant": (DKDV, dict(SEQLEN_Q=8192, SEQLEN_K=8192), (64, 64, 4, 2)),
+    "dkdv_causal": (DKDV, dict(HAS_RIGHT=True), (64, 128, 8, 2)),
+    "dkdv_causal_split": (DKDV, dict(HAS_RIGHT=True, SPLIT_PHASES=True), (64, 64, 4, 2)),
+    "dkdv_causal_medium": (DKDV, dict(HAS_RIGHT=True, SEQLEN_Q=2048, SEQLEN_K=2048), (32, 64, 4, 2)),
+    "dkdv_window": (DKDV, dict(HAS_LEFT=True, HAS_RIGHT=True, SEQLEN_Q=16384, SEQLEN_K=16384), (32, 64, 4, 2)),
+    "dkdv_softcap": (DKDV, dict(SOFTCAP=2), (64, 64, 4, 2)),
+    "dkdv_alibi": (DKDV, dict(HAS_ALIBI=True), (64, 64, 4, 2)),
+    "dkdv_dropout": (DKDV, dict(DROPOUT=True), (64, 64, 4, 2)),
+    "dkdv_block_sparse": (DKDV, dict(BLOCK_SPARSE=True, BLOCK_SQ=128, BLOCK_SK=128), (64, 128, 8, 3)),
+}
+
+
+def compile_case(kernel, flags: dict, tiles) -> str:
+    """PTX of kernel for sm_90a with flags and tiles; pointers and specialised strides divisible by 16."""
+    block_m, block_n, num_warps, num_stages = tiles
+    constexprs = dict(PLAIN)
+    constexprs.update(flags, BLOCK_M=block_m, BLOCK_N=block_n)
+    not_specialised = set(getattr(kernel, "do_not_specialize", ()))
+    signature, constants, attrs = {}, {}, {}
+    for i, p in enumerate(kernel.params):
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constants[(i,)] = constexprs[p.name]
+        elif p.name[0].isupper():
+            signature[p.name] = ("*fp32" if p.name in FP32_POINTERS else "*i32" if p.name in INT32_POINTERS
+                                 else "*u8" if p.name in UINT8_POINTERS else "*bf16")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif p.name in FLOAT_SCALARS:
+            signature[p.name] = "fp32"
+        else:
+            signature[p.name] = "i32"
+            if p.name.startswith("stride") and p.name not in not_specialised:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 128),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    return compiled.asm["ptx"]
+
+
+def assemble(ptx: str) -> tuple:
+    """(ptxas -v report, SASS text) of ptx for sm_90a."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(src, "w") as f:
+            f.write(ptx)
+        report = subprocess.run([os.path.join(BIN, "ptxas"), "-v", "--gpu-name=sm_90a", src, "-o", cubin],
+                                capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", cubin], capture_output=True, text=True,
+                              check=True).stdout
+    return report, sass
+
+
+def loops(sass: str) -> list:
+    """[(first, last, opcode counter)] of each loop: a branch back to an earlier label."""
+    opcodes, targets, labels, pending = [], [], {}, []
+    for line in sass.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        instr = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        if instr:
+            labels.update((p, len(opcodes)) for p in pending)
+            pending = []
+            text = instr.group(1).strip()
+            opcodes.append(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0])
+            branch = re.search(r"BRA\s+`\((\.L_x_\d+)\)", text)
+            targets.append(branch.group(1) if branch else None)
+    return [(labels[t], i, collections.Counter(opcodes[labels[t]:i + 1]))
+            for i, t in enumerate(targets) if t is not None and labels.get(t, 1 << 30) < i]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cases", nargs="*")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--top", type=int, default=0, help="also print each loop's N most frequent opcodes")
+    a = ap.parse_args()
+    if a.list:
+        print("\n".join(CASES))
+        return
+    for name in a.cases or list(CASES):
+        kernel, flags, tiles = CASES[name]
+        report, sass = assemble(compile_case(kernel, flags, tiles))
+        regs = re.search(r"Used (\d+) registers", report).group(1)
+        spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+        print(f"{name}: {kernel.fn.__name__} {tiles[0]}x{tiles[1]} w{tiles[2]} s{tiles[3]}: {regs} registers, "
+              f"spills {spill.group(1)} / {spill.group(2)} bytes (stores / loads)")
+        for first, last, ops in loops(sass):
+            if last - first < 2:
+                continue
+            count = sum(ops.values())
+            mix = ", ".join(f"{k} {ops[k]}" for k in ("HGMMA.64x64x16.F32.BF16", "HGMMA.64x128x16.F32.BF16",
+                                                     "MUFU.EX2", "MUFU.TANH", "LDL", "STL") if ops[k])
+            print(f"  loop {first}-{last}: {count} instructions; {mix}")
+            if a.top:
+                print("    " + ", ".join(f"{k} {v}" for k, v in ops.most_common(a.top)))
+
+
+if __name__ == "__main__":
+    main()
