@@ -79,7 +79,7 @@ def compile_case(kernel, flags: dict, tiles) -> str:
             signature[p.name] = "i32"
             if p.name.startswith("stride") and p.name not in not_specialised:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 128),
+    compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
     return compiled.asm["ptx"]
 
