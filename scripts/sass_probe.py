@@ -22,17 +22,12 @@ import subprocess
 import tempfile
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
 from flashtile.kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
 from flashtile.kernels.attention_fwd import attention_fwd_kernel
+from flashtile.offline_compile import compile_for_sm90
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-FP32_POINTERS = {"Lse", "Delta", "Alibi", "AttnMask", "DBias"}
-INT32_POINTERS = {"CuSeqQ", "CuSeqK", "FullNum", "FullIdx", "PartNum", "PartIdx", "PartTile", "ProgramOrder"}
-UINT8_POINTERS = {"ElemTiles"}
-FLOAT_SCALARS = {"softmax_scale", "softcap", "drop_scale"}
 # flags of a plain D=128 bf16 call; a case overrides some
 PLAIN = dict(HAS_LEFT=False, HAS_RIGHT=False, SOFTCAP=0, HAS_ALIBI=False, VARLEN=False, BLOCK_SPARSE=False,
              ATTN_MASK=0, DROPOUT=False, EVEN_D=True, EVEN_DV=True, TILE_MAJOR=False, HEAD_GROUP=0,
@@ -59,29 +54,10 @@ CASES = {
 
 
 def compile_case(kernel, flags: dict, tiles) -> str:
-    """PTX of kernel for sm_90a with flags and tiles; pointers and specialised strides divisible by 16."""
+    """PTX of kernel for sm_90 with flags over PLAIN and tiles, as an aligned bf16 call compiles it."""
     block_m, block_n, num_warps, num_stages = tiles
-    constexprs = dict(PLAIN)
-    constexprs.update(flags, BLOCK_M=block_m, BLOCK_N=block_n)
-    not_specialised = set(getattr(kernel, "do_not_specialize", ()))
-    signature, constants, attrs = {}, {}, {}
-    for i, p in enumerate(kernel.params):
-        if p.is_constexpr:
-            signature[p.name] = "constexpr"
-            constants[(i,)] = constexprs[p.name]
-        elif p.name[0].isupper():
-            signature[p.name] = ("*fp32" if p.name in FP32_POINTERS else "*i32" if p.name in INT32_POINTERS
-                                 else "*u8" if p.name in UINT8_POINTERS else "*bf16")
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif p.name in FLOAT_SCALARS:
-            signature[p.name] = "fp32"
-        else:
-            signature[p.name] = "i32"
-            if p.name.startswith("stride") and p.name not in not_specialised:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps, num_stages=num_stages))
-    return compiled.asm["ptx"]
+    constexprs = dict(PLAIN, **flags, BLOCK_M=block_m, BLOCK_N=block_n)
+    return compile_for_sm90(kernel, "bf16", constexprs, num_warps, num_stages, aligned=True).asm["ptx"]
 
 
 def assemble(ptx: str) -> tuple:

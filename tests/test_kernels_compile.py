@@ -18,30 +18,7 @@ if __name__ == "__main__" or os.environ.get("FLASHTILE_COMPILE_CHECK") == "1":
     from flashtile.kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
     from flashtile.kernels.attention_fwd import attention_fwd_kernel
     from flashtile.kernels.gemm import gemm_kernel
-
-FP32_POINTERS = {"Lse", "Delta", "Alibi", "AttnMask", "DBias"}
-INT32_POINTERS = {"CuSeqQ", "CuSeqK", "FullNum", "FullIdx", "PartNum", "PartIdx", "PartTile", "ProgramOrder"}
-UINT8_POINTERS = {"ElemTiles"}
-FLOAT_SCALARS = {"softmax_scale", "softcap", "drop_scale"}
-
-
-def _compile(kernel, elem: str, constexprs: dict, num_warps: int = 8, num_stages: int = 2):
-    params = kernel.params
-    signature, constants = {}, {}
-    for i, p in enumerate(params):
-        if p.is_constexpr:
-            signature[p.name] = "constexpr"
-            constants[(i,)] = constexprs[p.name]
-        elif p.name[0].isupper():
-            signature[p.name] = ("*fp32" if p.name in FP32_POINTERS else "*i32" if p.name in INT32_POINTERS
-                                 else "*u8" if p.name in UINT8_POINTERS else f"*{elem}")
-        elif p.name in FLOAT_SCALARS:
-            signature[p.name] = "fp32"
-        else:
-            signature[p.name] = "i32"
-    src = ASTSource(kernel, signature, constants)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
-
+    from flashtile.offline_compile import compile_for_sm90 as _compile
 
 FLAG_SETS = [
     dict(HAS_LEFT=False, HAS_RIGHT=False, SOFTCAP=False, HAS_ALIBI=False, VARLEN=False, BLOCK_SPARSE=False,
