@@ -108,6 +108,8 @@ def test_bench_dry_run_subprocess_lists_72_cases():
         (["--suite", "standard", "--seqlens", "512,1024", "--causal", "yes"], 12),
         (["--suite", "standard", "--quick"], 24),
         (["--suite", "wide"], 48),
+        (["--suite", "headdims"], 32),
+        (["--suite", "headdims", "--quick", "--headdims", "96"], 4),
         (["--suite", "wide", "--causal", "no", "--modes", "fwd"], 12),
         (["--suite", "variants"], 28),
         (["--suite", "variants", "--quick"], 14),
@@ -195,6 +197,19 @@ def test_standard_suite_shapes():
         # math is skipped exactly when its float32 scores would exceed the limit
         assert ("sdpa_math" in c.skip) == (4 * s["B"] * s["H"] * s["Sq"] * s["Sk"] >= suites.MATH_SCORES_LIMIT_BYTES)
     assert len({c.key for c in cases}) == 72
+
+
+def test_head_dim_suite_shapes():
+    from flashtile.tuning import head_dim_chunks
+
+    cases = suites.head_dim_suite()
+    assert {c.shape["D"] for c in cases} == {80, 96, 160, 192}
+    for c in cases:
+        s = c.shape
+        assert s["B"] * s["Sq"] == 16384 and s["H"] == 2048 // s["D"]
+        assert head_dim_chunks(s["D"])[1] > 0  # each runs the two-chunk kernels
+        assert c.providers[0] == "flashtile" and "sdpa_cudnn" in c.references
+    assert len({c.key for c in cases}) == len(cases) == 32
 
 
 def test_wide_suite_shapes():

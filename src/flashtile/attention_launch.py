@@ -26,7 +26,7 @@ from flashtile.launch_fit import launch_fitting
 from flashtile.launch_recipe import MISSING, RecipeCache, aliases, capture
 from flashtile.row_align import aligned_rows, narrowed
 from flashtile.tuning import (LONG_CAUSAL_KEYS, MEDIUM_CAUSAL_KEYS, MEDIUM_WINDOW, SHORT_CAUSAL_KEYS, SHORT_WINDOW,
-                              BackwardConfig, KernelConfig, backward_config, forward_config, padded_head_dim)
+                              BackwardConfig, KernelConfig, backward_config, forward_config, head_dim_chunks)
 
 
 def _empty(*shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -196,6 +196,17 @@ def program_order(layout: _Layout, causal: bool, window: bool, group: int, block
     return (False, 0) if window or not rows else (True, rows)
 
 
+def _head_dim_flags(D: int, Dv: int) -> dict:
+    """The kernels' head-dim constexprs: each head dim as one or two power-of-two column chunks
+    (tuning.head_dim_chunks) and whether each chunk lies wholly inside the head dim."""
+    flags = {}
+    for name, dim in (("D", D), ("DV", Dv)):
+        first, tail = head_dim_chunks(dim)
+        flags.update({f"BLOCK_{name}": first, f"BLOCK_{name}2": tail, f"EVEN_{name}": first <= dim,
+                      f"EVEN_{name}2": first + tail == dim or tail == 0})
+    return flags
+
+
 def _order_flags(order: Tuple[bool, int]) -> dict:
     return dict(TILE_MAJOR=order[0], HEAD_GROUP=order[1])
 
@@ -217,7 +228,8 @@ def _launch(kernel, cfg: KernelConfig, sparse_block: Tuple[int, int], grid_of, o
     Returns the plan that ran, its runtime arguments and its (block_m, block_n) (launch_recipe.capture's
     input), or None where Triton made no plan (the interpreter).
     """
-    key = (id(kernel), cfg, sparse_block, meta["BLOCK_D"], meta["BLOCK_DV"], args[0].dtype, args[0].device)
+    key = (id(kernel), cfg, sparse_block, meta["BLOCK_D"], meta["BLOCK_DV"], meta["BLOCK_D2"], meta["BLOCK_DV2"],
+           args[0].dtype, args[0].device)
     constexprs = tuple(meta.items())
 
     def attempt(c: KernelConfig, plan_only: bool = False) -> bool:
@@ -460,7 +472,6 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     long_rest = Sk >= 2048 and not has_left and softcap <= 0 and dropout_p == 0 and not sp.enabled and not layout.varlen
     cfg = config or forward_config(q.device, D, Dv, q.dtype, causal, long_rest and attn_mask is None,
                                    long_rest and attn_mask is not None and attn_mask.dtype == torch.bool)
-    block_d, block_dv = padded_head_dim(D), padded_head_dim(Dv)
     am_kind, am, am_strides = _attn_mask_args(attn_mask, (B, Hq, Sq, Sk), lse)
     slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
     cu_q, cu_k = layout.cu(lse)
@@ -468,10 +479,10 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
             *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(out), *layout.lse_bh(lse), stride_alibi_b,
             Sq, Sk, Hq, Hq // Hkv, D, Dv,
             softmax_scale, softcap, left, right, *sp.scalars, *am_strides, *_dropout_args(dropout_p, dropout_seed))
-    meta = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, DROPOUT=dropout_p > 0,
+    meta = dict(**_head_dim_flags(D, Dv), DROPOUT=dropout_p > 0,
                 HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=_softcap_flag(softcap, q.dtype), HAS_ALIBI=alibi_slopes is not None,
                 VARLEN=layout.varlen, BLOCK_SPARSE=sp.enabled, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
-                ATTN_MASK=am_kind, EVEN_D=block_d == D, EVEN_DV=block_dv == Dv, DOT_PRECISION=_dot_precision(q.dtype),
+                ATTN_MASK=am_kind, DOT_PRECISION=_dot_precision(q.dtype),
                 **_order_flags(program_order(layout, causal, has_left, Hq // Hkv, sp.enabled)))
     with _device_ctx(q):
         ran = _launch(attention_fwd_kernel, cfg, sp.block, lambda bm, bn: (triton.cdiv(Sq, bm) * B * Hq,),
@@ -575,12 +586,11 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                                     long_causal=long_causal, short_walk=short_walk, dropout=dropout_p > 0,
                                     grouped=group > 1, medium_walk=medium_walk)
     constants = constant_lengths(repeated, cfg, Sq, Sk)
-    block_d, block_dv = padded_head_dim(D), padded_head_dim(Dv)
     am_kind, am, am_strides = _attn_mask_args(attn_mask, (B, Hq, Sq, Sk), lse)
-    flags = dict(HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=_softcap_flag(softcap, q.dtype), HAS_ALIBI=alibi_slopes is not None,
+    flags = dict(**_head_dim_flags(D, Dv), HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=_softcap_flag(softcap, q.dtype), HAS_ALIBI=alibi_slopes is not None,
                  VARLEN=layout.varlen, BLOCK_SPARSE=sp.enabled, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
                  ATTN_MASK=am_kind, DROPOUT=dropout_p > 0,
-                 EVEN_D=block_d == D, EVEN_DV=block_dv == Dv, DOT_PRECISION=_dot_precision(q.dtype),
+                 DOT_PRECISION=_dot_precision(q.dtype),
                  **_order_flags(program_order(layout, causal, has_left, group, sp.enabled)))
     slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
     cu_q, cu_k = layout.cu(lse)
@@ -593,7 +603,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                 *_dropout_args(dropout_p, dropout_seed))
         ran_dq = _launch(attention_bwd_dq_kernel, cfg.dq, sp.block, lambda bm, bn: (triton.cdiv(Sq, bm) * B * Hq,),
                          lambda bm, bn: sp.order(lse, "query", B, Hq, 1, bm, Sq), args,
-                         dict(flags, BLOCK_D=block_d, BLOCK_DV=block_dv, BIAS_GRAD=dbias is not None))
+                         dict(flags, BIAS_GRAD=dbias is not None))
         expand = _expand_gqa(q, k, cfg.dkdv.block_n, layout) if expand_gqa is None else (expand_gqa and group > 1)
         if expand:  # per-query-head fp32 partials, summed over the group below
             dk_buf = _empty((*k.shape[:-2], Hq, D), dtype=torch.float32, device=q.device)
@@ -611,7 +621,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         ran_dkdv = _launch(attention_bwd_dkdv_kernel, cfg.dkdv, sp.block,
                            lambda bm, bn: (triton.cdiv(Sk, bn) * B * n_head_programs,),
                            lambda bm, bn: sp.order(lse, "key", B, Hq, heads_per_program, bn, Sk), args,
-                           dict(flags, BLOCK_D=block_d, BLOCK_DV=block_dv, SPLIT_PHASES=cfg.split_phases,
+                           dict(flags, SPLIT_PHASES=cfg.split_phases,
                                 SEQLEN_Q=Sq if constants else 0, SEQLEN_K=Sk if constants else 0))
         if expand:
             dk.copy_(dk_buf.unflatten(-2, (Hkv, group)).sum(-2))

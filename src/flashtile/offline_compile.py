@@ -21,7 +21,8 @@ FLOAT_SCALARS = {"softmax_scale", "softcap", "drop_scale"}
 
 def compile_for_sm90(kernel, elem: str, constexprs: dict, num_warps: int = 8, num_stages: int = 2,
                      aligned: bool = False):
-    """triton.compile of kernel for sm_90 with its constexprs; elem: the inputs' type ("bf16", "fp32").
+    """triton.compile of kernel for sm_90 with its constexprs (those with a default may be left out);
+    elem: the inputs' type ("bf16", "fp32").
 
     aligned: give every pointer, and every stride the kernel lets Triton specialise, the divisibility
     by 16 that the runtime finds on contiguous tensors with aligned rows, so the code is what a
@@ -32,7 +33,7 @@ def compile_for_sm90(kernel, elem: str, constexprs: dict, num_warps: int = 8, nu
     for i, p in enumerate(kernel.params):
         if p.is_constexpr:
             signature[p.name] = "constexpr"
-            constants[(i,)] = constexprs[p.name]
+            constants[(i,)] = constexprs[p.name] if p.name in constexprs or not p.has_default else p.default
         elif p.name[0].isupper():
             signature[p.name] = ("*fp32" if p.name in FP32_POINTERS else "*i32" if p.name in INT32_POINTERS
                                  else "*u8" if p.name in UINT8_POINTERS else f"*{elem}")

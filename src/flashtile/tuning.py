@@ -44,6 +44,30 @@ def padded_head_dim(d: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
+def head_dim_chunks(d: int) -> Tuple[int, int]:
+    """(first, tail): a head dim as one or two power-of-two column chunks of the dense kernels.
+
+    A register tile needs a power of two, so a head dim between two (96, 80, 160, 192) padded to the
+    next one wastes up to half the tensor-core work. Two chunks, the largest power of two below d and
+    the padded rest, cover it with less (96 = 64 + 32, 80 = 64 + 16, 192 = 128 + 64); tail = 0 where
+    that saves nothing (d a power of two, 199 -> 128 + 128). H200, bf16, B=2, H=16, S=8192 forward
+    (a prototype of the split against the padded kernel, TFLOP/s): D=80 304 -> 404, 96 367 -> 407,
+    160 339 -> 470, 192 394 -> 507; D=128 as 64 + 64 503 against 493 unsplit.
+    """
+    padded = padded_head_dim(d)
+    first = 1 << (max(d, 1).bit_length() - 1)
+    if first < 16 or first == d:
+        return padded, 0
+    tail = padded_head_dim(d - first)
+    return (first, tail) if first + tail < padded else (padded, 0)
+
+
+def tile_width(d: int) -> int:
+    """Columns of d's register tiles (head_dim_chunks' two chunks together)."""
+    return sum(head_dim_chunks(d))
+
+
+@functools.lru_cache(maxsize=None)
 def device_capability(index: int) -> Tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
@@ -60,7 +84,7 @@ def forward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: 
     causal and ALiBi (no window, softcap, dropout, attn_mask, block mask; not varlen). long_bool_mask:
     the same, except for a bool attn_mask."""
     arch = _arch(device)
-    d = max(padded_head_dim(head_dim), padded_head_dim(head_dim_v))
+    d = max(tile_width(head_dim), tile_width(head_dim_v))
     if arch is None:  # interpreter: every op is a numpy call, so fewer larger tiles run faster
         return KernelConfig(32, 32, 4, 1)
     fp32 = dtype == torch.float32
@@ -69,12 +93,14 @@ def forward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: 
         # non-causal D=64 / 128); D=256 needs 2 stages to fit shared memory (479).
         if fp32:
             return KernelConfig(64, 32, 4, 2) if d > 128 else KernelConfig(128, 32, 8, 2)
-        if long_plain and d == 128 and max(head_dim, head_dim_v) > 64:
+        if long_plain and 64 < d <= 128:
             # 128-key tiles (224 KB of shared memory): H200 A/B, 3 interleaved rounds, D=128 against
             # 128x64: S=8192 non-causal / causal / ALiBi / ALiBi causal / GQA causal +3.6 / +5.0 /
             # +3.8 / +4.2 / +2.0%, S=2048 +1.9 / +0.4%; but S=512 -2.2%, windows -6 / -7%, softcap
             # -3 / -12%, dropout -13%, varlen -4%, random block masks -6% and D=64 -17%, which keep
-            # 128x64 (a bool attn_mask: below)
+            # 128x64 (a bool attn_mask: below). Head dims in two chunks (head_dim_chunks) gain too,
+            # forward, S = 2048 / 8192 (B*S = 16384, H = 2048 // D): D=96 +3.5 / +4.3%, causal +5.5 /
+            # +9.7%; D=80 +0.7 / +1.5%, causal +2.5 / +4.4%
             return KernelConfig(128, 128, 8, 3)
         if long_bool_mask and d == 128 and max(head_dim, head_dim_v) > 64:
             # scripts/tune_forward.py attn_mask (B=4, H=16, S=4096, bool [B, 1, S, S] mask): 128x128 w8
@@ -82,6 +108,8 @@ def forward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: 
             # 64x64 w4 0.96x. An additive bias prefers 128x64 s3 (128x128 s2: 0.92x)
             return KernelConfig(128, 128, 8, 2)
         if d <= 128:
+            return KernelConfig(128, 64, 8, 3)
+        if d <= 192:  # head dims split in two chunks (head_dim_chunks): the 3-stage prototype's tiles
             return KernelConfig(128, 64, 8, 3)
         return KernelConfig(128, 64, 8, 2)
     # Ampere and older: smaller shared memory
@@ -150,7 +178,7 @@ def dkdv_constant_lengths(device: torch.device, head_dim: int, head_dim_v: int, 
     The dQ launch never gained (+1 to +6%): it keeps the run-time lengths. fp32, head dims outside
     (64, 128] and other GPUs are unmeasured and keep them too.
     """
-    d = max(padded_head_dim(head_dim), padded_head_dim(head_dim_v))
+    d = max(tile_width(head_dim), tile_width(head_dim_v))
     if _arch(device) is None or dtype == torch.float32 or not 64 < d <= 128:
         return False
     if dropout:
@@ -167,7 +195,7 @@ def _backward_tiles(device: torch.device, head_dim: int, head_dim_v: int, dtype:
                     short_walk: bool) -> BackwardConfig:
     """backward_config's tiles (the measured table below)."""
     arch = _arch(device)
-    d = max(padded_head_dim(head_dim), padded_head_dim(head_dim_v))
+    d = max(tile_width(head_dim), tile_width(head_dim_v))
     if arch is None:
         return BackwardConfig(KernelConfig(32, 32, 4, 1), KernelConfig(32, 32, 4, 1))
     fp32 = dtype == torch.float32
@@ -217,6 +245,16 @@ def _backward_tiles(device: torch.device, head_dim: int, head_dim_v: int, dtype:
     # 10.67 for the 32x128 w8 tiles that the per-key hash's spills had called for)
     if d <= 128:
         return BackwardConfig(KernelConfig(64, 64, 4, 2), KernelConfig(128, 64, 8, 3))
+    # head dims in two chunks (head_dim_chunks) between 128 and 192 columns: H200, B*S = 16384,
+    # H = 2048 // D, S=8192, forward+backward TFLOP/s non-causal / causal, against the D=256 tiles
+    # below (dK/dV 64x64 w8 s2, dQ 128x32 w8 s3): D=160 dK/dV 32x64 w4 s2 with dQ 128x64 w8 s3 346 /
+    # 338 against 244 / 225 (32x128 w8 s2 316 / 312); D=192 dK/dV 32x128 w8 s3 with dQ 128x32 392 /
+    # 355 against 280 / 265 (s2 352 / 360; 32x64 w4 260 / 324; dQ 128x64 340 / 353). At D=256 the
+    # 32-query tiles run at half speed (141 / 135 against 307 / 294)
+    if d <= 160:
+        return BackwardConfig(KernelConfig(32, 64, 4, 2), KernelConfig(128, 64, 8, 3))
+    if d <= 192:
+        return BackwardConfig(KernelConfig(32, 128, 8, 3), KernelConfig(128, 32, 8, 3))
     return BackwardConfig(KernelConfig(64, 64, 8, 2), KernelConfig(128, 32, 8, 3))
 
 

@@ -271,6 +271,26 @@ def standard_suite(quick: bool = False) -> list[Case]:
     return cases
 
 
+HEAD_DIM_PROVIDERS = ("flashtile", "sdpa_flash", "sdpa_cudnn", "flex")
+HEAD_DIM_REFERENCES = ("sdpa_flash", "sdpa_cudnn")
+
+
+def head_dim_suite(quick: bool = False) -> list[Case]:
+    """Head dims that are not powers of two (80, 96, 160, 192), the standard suite's token counts
+    (B = 16384 // S, H = 2048 // D): the dense kernels run them as two column chunks
+    (tuning.head_dim_chunks) instead of a padded power-of-two tile."""
+    seqlens = (8192,) if quick else (2048, 8192)
+    cases = []
+    for mode in MODES:
+        for d in (80, 96, 160, 192):
+            for causal in (False, True):
+                for s in seqlens:
+                    cases.append(attention_case("headdims", b=16384 // s, h=2048 // d, s=s, d=d, causal=causal,
+                                                mode=mode, providers=HEAD_DIM_PROVIDERS,
+                                                references=HEAD_DIM_REFERENCES))
+    return cases
+
+
 WIDE_PROVIDERS = ("flashtile", "sdpa_efficient", "sdpa_math")
 WIDE_REFERENCES = ("sdpa_efficient", "sdpa_math")
 # The wide suite compares against math explicitly, and B*H*S*S*4 = 12.9 GB at B=1, H=48, S=8192:
@@ -637,6 +657,15 @@ SUITES: dict[str, Suite] = {
         name="standard",
         description="FlashAttention's suite: 16k tokens (B = 16384/S), hidden 2048 (H = 2048/D), bf16",
         build=standard_suite,
+        x="S",
+        group=("D", "causal"),
+        ratio_peers=("sdpa_flash", "sdpa_cudnn", "flex"),
+    ),
+    "headdims": Suite(
+        name="headdims",
+        description="Head dims between powers of two (80, 96, 160, 192): 16k tokens (B = 16384/S), "
+        "hidden ~2048 (H = 2048 // D), bf16",
+        build=head_dim_suite,
         x="S",
         group=("D", "causal"),
         ratio_peers=("sdpa_flash", "sdpa_cudnn", "flex"),

@@ -20,7 +20,7 @@ length pair costs a compile (attention_launch.constant_lengths).
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import (attn_mask_ptrs, block_list, dropout_keep, dropout_rows, key_phases, list_tile,
+from flashtile.kernels.common import (attn_mask_ptrs, load_tail, store_rows, block_list, dropout_keep, dropout_rows, key_phases, list_tile,
                                       partial_tile_ptrs, program_tile, query_phases, score_log2, score_params,
                                       sequence_bounds, visible)
 
@@ -35,16 +35,19 @@ def _load_lse2(Lse, rows, seqlen_q):
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+def _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                start_m, need_vis, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                MASKED: tl.constexpr, ELEM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-               EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr):
+               EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+               BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr):
     """Accumulate dK, dV for one key tile over the query tile starting at start_m of one query head.
 
     MASKED as in the forward's _fwd_tile (0 none, 1 always, 2 when the run-time need_vis is set);
     ELEM ANDs the element-mask tile at em_ptrs ([BLOCK_M, BLOCK_N] uint8, queries by keys).
+    BLOCK_D2 / BLOCK_DV2 > 0: the head dims' tail chunks (k2, dk2 at columns offs_d2; v2, dv2 at
+    offs_dv2; see the forward kernel's docstring).
     """
     rows = start_m + offs_m
     q_ptrs = q_base + rows[:, None].to(tl.int64) * stride_qs + offs_d[None, :]
@@ -70,10 +73,19 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am_
         do = tl.load(do_ptrs)
     if ELEM:
         em = tl.load(em_ptrs)
+    if BLOCK_D2 > 0:
+        q2 = load_tail(q_base + rows[:, None].to(tl.int64) * stride_qs + offs_d2[None, :], rows[:, None] < seqlen_q,
+                       offs_d2[None, :] < head_dim, MASKED != 0, EVEN_D2)
+    if BLOCK_DV2 > 0:
+        do2 = load_tail(do_base + rows[:, None].to(tl.int64) * stride_dos + offs_dv2[None, :], rows[:, None] < seqlen_q,
+                        offs_dv2[None, :] < head_dim_v, MASKED != 0, EVEN_DV2)
     lse2 = _load_lse2(lse_base, rows, seqlen_q)
     delta = tl.load(delta_base + rows, mask=rows < seqlen_q, other=0.0)
     # -- P^T = exp2(K Q^T * scale - lse), recomputed from the forward's statistics --
-    st, tt = score_log2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), offs_n, rows, seqlen_k, seqlen_q,
+    kqt = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+    if BLOCK_D2 > 0:
+        kqt = tl.dot(k2, tl.trans(q2), kqt, input_precision=DOT_PRECISION)
+    st, tt = score_log2(kqt, offs_n, rows, seqlen_k, seqlen_q,
                         qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI,
                         am_ptrs + tl.cast(start_m, tl.int64) * stride_amm, ATTN_MASK)
     pt = tl.math.exp2(st - lse2[None, :])
@@ -90,43 +102,51 @@ def _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am_
     if DROPOUT:  # drop_rows: this head's first counter, drop_stride: counters per row; transposed
         keep = dropout_keep(drop_rows + rows[None, :].to(tl.int64) * drop_stride, offs_n, seed_lo, seed_hi,
                             drop_thr, True)
-        dv = tl.dot(tl.where(keep, pt * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        pt_kept = tl.where(keep, pt * drop_scale, 0.0).to(do.dtype)
     else:
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        pt_kept = pt.to(do.dtype)
+    dv = tl.dot(pt_kept, do, dv, input_precision=DOT_PRECISION)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    if BLOCK_DV2 > 0:
+        dv2 = tl.dot(pt_kept, do2, dv2, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v2, tl.trans(do2), dpt, input_precision=DOT_PRECISION)
     if DROPOUT:
         dpt = tl.where(keep, dpt * drop_scale, 0.0)
     dst = pt * (dpt - delta[None, :])
     if SOFTCAP:
         dst = dst * (1.0 - tt * tt)  # d/dx c*tanh(x/c) = 1 - tanh^2
     dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
-    return dk, dv
+    if BLOCK_D2 > 0:
+        dk2 = tl.dot(dst.to(q2.dtype), q2, dk2, input_precision=DOT_PRECISION)
+    return dk, dk2, dv, dv2
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                 start, stop, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                 seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                 BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr):
+                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr):
     """Accumulate dK, dV for one key tile over query tiles [start, stop) of one query head (MASKED 0 or 1)."""
     for start_m in range(start, stop, BLOCK_M):
-        dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+        dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                             start_m, False, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                             seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
-                            MASKED, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
-    return dk, dv
+                            MASKED, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+    return dk, dk2, dv, dv2
 
 
 @triton.jit
-def _dkdv_block_list(dk, dv, k, v, q_base, do_base, lse_base, delta_base, Tiles, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+def _dkdv_block_list(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, Tiles, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                      Num, Idx, TileIdx, row, k_block, n_k_blocks, n_q_blocks, full_lo, full_hi,
                      stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                      seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr, ELEM: tl.constexpr,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr):
+                     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+                BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr):
     """Visit the query blocks of one block-sparse list (full or partial) of this key block: one flat,
     pipelined loop over their query tiles (see the forward's _fwd_block_list). A full block inside
     [full_lo, full_hi) (query_phases) runs without per-element work."""
@@ -137,17 +157,17 @@ def _dkdv_block_list(dk, dv, k, v, q_base, do_base, lse_base, delta_base, Tiles,
         entry, part, start_m = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_M, BLOCK_SQ)
         if ELEM:
             em_ptrs = partial_tile_ptrs(Tiles, TileIdx, entry, part * BLOCK_SK, em_local, BLOCK_SQ, BLOCK_SK)
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+            dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                 start_m, True, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                 seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
-                                1, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+                                1, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
         else:
             need_vis = (start_m < full_lo) | (start_m + BLOCK_M > full_hi)
-            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+            dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                 start_m, need_vis, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                 seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
-                                2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
-    return dk, dv
+                                2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+    return dk, dk2, dv, dv2
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "heads_per_program", "n_head_programs",
@@ -173,11 +193,13 @@ def attention_bwd_dkdv_kernel(
     ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, TILE_MAJOR: tl.constexpr, HEAD_GROUP: tl.constexpr,
     SPLIT_PHASES: tl.constexpr, SEQLEN_Q: tl.constexpr, SEQLEN_K: tl.constexpr,
+    BLOCK_D2: tl.constexpr = 0, BLOCK_DV2: tl.constexpr = 0, EVEN_D2: tl.constexpr = True, EVEN_DV2: tl.constexpr = True,
 ):
     """dK, dV for BLOCK_N keys. Program p covers query heads [p*hpp, (p+1)*hpp) of one kv head and
     writes head p of DK/DV: hpp = group_size sums the GQA group in registers (DK is [B, Sk, Hkv, D]);
     hpp = 1 writes per-query-head partials (DK is [B, Sk, Hq, D]) that the launcher sums.
-    SEQLEN_Q / SEQLEN_K: the lengths as compile-time constants, or 0 (see the module docstring)."""
+    SEQLEN_Q / SEQLEN_K: the lengths as compile-time constants, or 0 (see the module docstring).
+    Head dims in one or two column chunks (BLOCK_D2 / BLOCK_DV2, as in the forward kernel)."""
     if SEQLEN_Q != 0:
         seqlen_q = SEQLEN_Q
     if SEQLEN_K != 0:
@@ -214,6 +236,20 @@ def attention_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    # the head dims' tail chunks stay in registers too; without one, placeholders that no tile reads
+    k2, v2, offs_d2, offs_dv2 = k, v, offs_d, offs_dv
+    dk2 = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+    dv2 = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        k2 = load_tail(K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh + k_rows[:, None] * stride_ks
+                       + offs_d2[None, :], offs_n[:, None] < seqlen_k, offs_d2[None, :] < head_dim, True, EVEN_D2)
+        dk2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
+    if BLOCK_DV2 > 0:
+        offs_dv2 = BLOCK_DV + tl.arange(0, BLOCK_DV2)
+        v2 = load_tail(V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh + k_rows[:, None] * stride_vs
+                       + offs_dv2[None, :], offs_n[:, None] < seqlen_k, offs_dv2[None, :] < head_dim_v, True, EVEN_DV2)
+        dv2 = tl.zeros([BLOCK_N, BLOCK_DV2], dtype=tl.float32)
 
     n_lo = tile * BLOCK_N
     n_hi = tl.minimum(n_lo + BLOCK_N, seqlen_k)
@@ -236,64 +272,63 @@ def attention_bwd_dkdv_kernel(
             # -- block-sparse: the query blocks listed for this key block (lists of the transposed mask) --
             row = b * sparse_mb + h * sparse_mh
             k_block = n_lo // BLOCK_SK
-            dk, dv = _dkdv_block_list(dk, dv, k, v, q_base, do_base, lse_base, delta_base, ElemTiles, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+            dk, dk2, dv, dv2 = _dkdv_block_list(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, ElemTiles, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                       FullNum, FullIdx, PartTile, row, k_block, sparse_nk, sparse_nq, bb, c,
                                       stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                       BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
-                                      EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
-            dk, dv = _dkdv_block_list(dk, dv, k, v, q_base, do_base, lse_base, delta_base, ElemTiles, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                                      EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+            dk, dk2, dv, dv2 = _dkdv_block_list(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, ElemTiles, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                       PartNum, PartIdx, PartTile, row, k_block, sparse_nk, sparse_nq, bb, c,
                                       stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                       BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
-                                      EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+                                      EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
         elif (HAS_LEFT or HAS_RIGHT) and not SPLIT_PHASES:
             # -- causal / window: one pipelined loop over the query tiles [a, d) that see this key tile;
             # only tiles outside the band [bb, c) pay for the mask. Per-phase loops each drain the
             # software pipeline (H200, D=128 causal fwd+bwd: S=1024 205 -> 245 TFLOP/s, window +7%) --
             for start_m in range(a, d, BLOCK_M):
-                dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                     start_m, (start_m < bb) | (start_m >= c), stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                     seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
-                                    2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+                                    2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
         else:
             # -- the query tiles in phases, each its own loop: masked [a, bb) (only with a mask edge),
             # the unmasked band [bb, c), masked [c, d). With a right edge (SPLIT_PHASES: long causal
             # sequences) the band's loop then carries no mask code (H200, B=2, H=16, S=8192, D=128
             # causal: dK/dV 2704 -> 2507 us on 64x64 tiles; GQA 2659 -> 2401) --
             if HAS_LEFT or HAS_RIGHT:
-                dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                      a, bb, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                     window_left, window_right, BLOCK_M, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                                     window_left, window_right, BLOCK_M, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+            dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                  bb, c, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                 window_left, window_right, BLOCK_M, 0, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                                 window_left, window_right, BLOCK_M, 0, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+            dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                  c, d, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                 window_left, window_right, BLOCK_M, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+                                 window_left, window_right, BLOCK_M, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
 
-    dk = dk * softmax_scale
-    dk_mask = offs_n[:, None] < seqlen_k
-    if not EVEN_D:
-        dk_mask = dk_mask & (offs_d[None, :] < head_dim)
-    dv_mask = offs_n[:, None] < seqlen_k
-    if not EVEN_DV:
-        dv_mask = dv_mask & (offs_dv[None, :] < head_dim_v)
-    tl.store(DK + b.to(tl.int64) * stride_dkb + hp.to(tl.int64) * stride_dkh + k_rows[:, None] * stride_dks + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=dk_mask)
-    tl.store(DV + b.to(tl.int64) * stride_dvb + hp.to(tl.int64) * stride_dvh + k_rows[:, None] * stride_dvs + offs_dv[None, :],
-             dv.to(DV.dtype.element_ty), mask=dv_mask)
+    dk_base = DK + b.to(tl.int64) * stride_dkb + hp.to(tl.int64) * stride_dkh
+    dv_base = DV + b.to(tl.int64) * stride_dvb + hp.to(tl.int64) * stride_dvh
+    in_seq = offs_n < seqlen_k
+    store_rows(dk_base, k_rows, stride_dks, offs_d, dk * softmax_scale, in_seq, head_dim, EVEN_D)
+    store_rows(dv_base, k_rows, stride_dvs, offs_dv, dv, in_seq, head_dim_v, EVEN_DV)
+    if BLOCK_D2 > 0:
+        store_rows(dk_base, k_rows, stride_dks, offs_d2, dk2 * softmax_scale, in_seq, head_dim, EVEN_D2)
+    if BLOCK_DV2 > 0:
+        store_rows(dv_base, k_rows, stride_dvs, offs_dv2, dv2, in_seq, head_dim_v, EVEN_DV2)
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+def _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
              start_n, need_vis, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
              seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
              MASKED: tl.constexpr, ELEM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
              SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
              EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-             BIAS_GRAD: tl.constexpr):
+             BIAS_GRAD: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr,
+             EVEN_DV2: tl.constexpr):
     """Accumulate dQ with the key tile starting at start_n (MASKED / need_vis / ELEM as in the forward's
     _fwd_tile); BIAS_GRAD also writes dS (the gradient of the additive attn_mask bias) to this head's
     fp32 [Sq, Sk] slice at db_base (a scalar pointer)."""
@@ -316,10 +351,19 @@ def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_am
         v = tl.load(v_ptrs + start_n * stride_vs, mask=v_mask, other=0.0)
     else:
         v = tl.load(v_ptrs + start_n * stride_vs)
+    if BLOCK_D2 > 0:
+        k2 = load_tail(k2_ptrs + start_n * stride_ks, cols[:, None] < seqlen_k, offs_d2[None, :] < head_dim,
+                       MASKED != 0, EVEN_D2)
+    if BLOCK_DV2 > 0:
+        v2 = load_tail(v2_ptrs + start_n * stride_vs, cols[:, None] < seqlen_k, offs_dv2[None, :] < head_dim_v,
+                       MASKED != 0, EVEN_DV2)
     if ELEM:
         em = tl.load(em_ptrs)
     # -- P = exp2(Q K^T * scale - lse); dP = dO V^T; dS = P * (dP - delta); dQ += dS K --
-    s, t = score_log2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), offs_m, cols, seqlen_q, seqlen_k,
+    qkt = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if BLOCK_D2 > 0:
+        qkt = tl.dot(q2, tl.trans(k2), qkt, input_precision=DOT_PRECISION)
+    s, t = score_log2(qkt, offs_m, cols, seqlen_q, seqlen_k,
                       qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI,
                       am_ptrs + tl.cast(start_n, tl.int64) * stride_amn, ATTN_MASK)
     p = tl.math.exp2(s - lse2[:, None])
@@ -333,6 +377,8 @@ def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_am
             p = tl.where(visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT),
                          p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if BLOCK_DV2 > 0:
+        dp = tl.dot(do2, tl.trans(v2), dp, input_precision=DOT_PRECISION)
     if DROPOUT:
         keep = dropout_keep(drop_rows[:, None], cols, seed_lo, seed_hi, drop_thr, False)
         dp = tl.where(keep, dp * drop_scale, 0.0)
@@ -343,36 +389,40 @@ def _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_am
     if SOFTCAP:
         ds = ds * (1.0 - t * t)
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-    return dq
+    if BLOCK_D2 > 0:
+        dq2 = tl.dot(ds.to(k2.dtype), k2, dq2, input_precision=DOT_PRECISION)
+    return dq, dq2
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
               start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
               seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
               EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-              BIAS_GRAD: tl.constexpr):
+              BIAS_GRAD: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr,
+             EVEN_DV2: tl.constexpr):
     """Accumulate dQ over key tiles [start, stop) (MASKED 0 or 1)."""
     for start_n in range(start, stop, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+        dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                       start_n, False, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
                       MASKED, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT,
-                      BIAS_GRAD)
-    return dq
+                      BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+    return dq, dq2
 
 
 @triton.jit
-def _dq_block_list(dq, q, do, lse2, delta, k_ptrs, v_ptrs, Tiles, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+def _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, Tiles, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                    Num, Idx, TileIdx, row, q_block, n_q_blocks, n_k_blocks, full_lo, full_hi,
                    stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                    seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
                    BLOCK_N: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr, ELEM: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                   BIAS_GRAD: tl.constexpr):
+                   BIAS_GRAD: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr,
+             EVEN_DV2: tl.constexpr):
     """Visit the key blocks of one block-sparse list of this query block: one flat, pipelined loop over
     their key tiles (see the forward's _fwd_block_list)."""
     TILES_PER_BLOCK: tl.constexpr = BLOCK_SK // BLOCK_N
@@ -382,19 +432,19 @@ def _dq_block_list(dq, q, do, lse2, delta, k_ptrs, v_ptrs, Tiles, am_ptrs, strid
         entry, part, start_n = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_N, BLOCK_SK)
         if ELEM:
             em_ptrs = partial_tile_ptrs(Tiles, TileIdx, entry, part, em_local, BLOCK_SQ, BLOCK_SK)
-            dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+            dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                           start_n, True, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                           seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
                           1, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT,
-                          BIAS_GRAD)
+                          BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
         else:
             need_vis = (start_n < full_lo) | (start_n + BLOCK_N > full_hi)
-            dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+            dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                           start_n, need_vis, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                           seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
                           2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT,
-                          BIAS_GRAD)
-    return dq
+                          BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+    return dq, dq2
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "window_left", "window_right",
@@ -420,8 +470,10 @@ def attention_bwd_dq_kernel(
     ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, BIAS_GRAD: tl.constexpr,
     TILE_MAJOR: tl.constexpr, HEAD_GROUP: tl.constexpr,
+    BLOCK_D2: tl.constexpr = 0, BLOCK_DV2: tl.constexpr = 0, EVEN_D2: tl.constexpr = True, EVEN_DV2: tl.constexpr = True,
 ):
-    """dQ [B, Sq, Hq, D] and Delta fp32 [B, Hq, Sq] for BLOCK_M query rows of one (batch, query head)."""
+    """dQ [B, Sq, Hq, D] and Delta fp32 [B, Hq, Sq] for BLOCK_M query rows of one (batch, query head).
+    Head dims in one or two column chunks (BLOCK_D2 / BLOCK_DV2, as in the forward kernel)."""
     n_m_tiles = tl.cdiv(seqlen_q, BLOCK_M)
     tile, bh = program_tile(ProgramOrder, n_m_tiles, BLOCK_SPARSE, TILE_MAJOR, HEAD_GROUP, HAS_RIGHT, True)
     b = bh // heads_q
@@ -456,10 +508,28 @@ def attention_bwd_dq_kernel(
     o = tl.load(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + q_rows[:, None] * stride_os + offs_dv[None, :],
                 mask=do_mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + lse_offset + offs_m, delta, mask=offs_m < seqlen_q)
 
     k_ptrs = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh + k_rows[:, None] * stride_ks + offs_d[None, :]
     v_ptrs = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh + k_rows[:, None] * stride_vs + offs_dv[None, :]
+    # the head dims' tail chunks; without one, placeholders that no tile reads
+    q2, do2, k2_ptrs, v2_ptrs, offs_d2, offs_dv2 = q, do, k_ptrs, v_ptrs, offs_d, offs_dv
+    dq2 = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        q2 = load_tail(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_rows[:, None] * stride_qs
+                       + offs_d2[None, :], offs_m[:, None] < seqlen_q, offs_d2[None, :] < head_dim, True, EVEN_D2)
+        k2_ptrs = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh + k_rows[:, None] * stride_ks + offs_d2[None, :]
+        dq2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
+    if BLOCK_DV2 > 0:
+        offs_dv2 = BLOCK_DV + tl.arange(0, BLOCK_DV2)
+        do2_ptrs = q_rows[:, None] * stride_dos + offs_dv2[None, :]
+        do2 = load_tail(DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + do2_ptrs,
+                        offs_m[:, None] < seqlen_q, offs_dv2[None, :] < head_dim_v, True, EVEN_DV2)
+        o2 = load_tail(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + q_rows[:, None] * stride_os
+                       + offs_dv2[None, :], offs_m[:, None] < seqlen_q, offs_dv2[None, :] < head_dim_v, True, EVEN_DV2)
+        delta += tl.sum(o2.to(tl.float32) * do2.to(tl.float32), 1)
+        v2_ptrs = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh + k_rows[:, None] * stride_vs + offs_dv2[None, :]
+    tl.store(Delta + lse_offset + offs_m, delta, mask=offs_m < seqlen_q)
     am_ptrs = attn_mask_ptrs(AttnMask, b, h, offs_m[:, None], offs_n[None, :], stride_amb, stride_amh, stride_amm,
                              stride_amn)
     drop_rows = dropout_rows(b, h, heads_q, count_q, count_k, offs_m)
@@ -476,37 +546,35 @@ def attention_bwd_dq_kernel(
         # -- block-sparse: the key blocks listed for this query block, full then partial --
         row = b * sparse_mb + h * sparse_mh
         q_block = m_lo // BLOCK_SQ
-        dq = _dq_block_list(dq, q, do, lse2, delta, k_ptrs, v_ptrs, ElemTiles, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+        dq, dq2 = _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                             FullNum, FullIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
                             stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                             seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
                             BLOCK_N, BLOCK_SQ, BLOCK_SK, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                            DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD)
-        dq = _dq_block_list(dq, q, do, lse2, delta, k_ptrs, v_ptrs, ElemTiles, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                            DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+        dq, dq2 = _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                             PartNum, PartIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
                             stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                             seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
                             BLOCK_N, BLOCK_SQ, BLOCK_SK, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                            DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD)
+                            DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
     elif HAS_LEFT or HAS_RIGHT:
         # -- causal / window: one pipelined loop over the visible key tiles (see the dK/dV kernel) --
         for start_n in range(a, d, BLOCK_N):
-            dq = _dq_tile(dq, q, do, lse2, delta, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+            dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                           start_n, (start_n < bb) | (start_n >= c), stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                           seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
                           2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT,
-                          BIAS_GRAD)
+                          BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
     else:
-        dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                        bb, c, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                       window_left, window_right, db_base, BLOCK_N, 0, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD)
-        dq = _dq_tiles(dq, q, do, lse2, delta, k_ptrs, v_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                       window_left, window_right, db_base, BLOCK_N, 0, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                        c, d, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                       window_left, window_right, db_base, BLOCK_N, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD)
+                       window_left, window_right, db_base, BLOCK_N, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
 
-    dq = dq * softmax_scale
-    dq_mask = offs_m[:, None] < seqlen_q
-    if not EVEN_D:
-        dq_mask = dq_mask & (offs_d[None, :] < head_dim)
-    tl.store(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + q_rows[:, None] * stride_dqs + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=dq_mask)
+    dq_base = DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+    store_rows(dq_base, q_rows, stride_dqs, offs_d, dq * softmax_scale, offs_m < seqlen_q, head_dim, EVEN_D)
+    if BLOCK_D2 > 0:
+        store_rows(dq_base, q_rows, stride_dqs, offs_d2, dq2 * softmax_scale, offs_m < seqlen_q, head_dim, EVEN_D2)

@@ -9,7 +9,7 @@ as EVEN_D), so an unused feature costs nothing: Triton compiles one specialisati
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import (attn_mask_ptrs, block_list, dropout_keep, dropout_rows, key_phases, list_tile,
+from flashtile.kernels.common import (attn_mask_ptrs, load_tail, store_rows, block_list, dropout_keep, dropout_rows, key_phases, list_tile,
                                       online_softmax, partial_tile_ptrs, program_tile, score_log2, score_params,
                                       sequence_bounds, visible)
 
@@ -18,12 +18,13 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
               start_n, need_vis, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
               seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
               MASKED: tl.constexpr, ELEM: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-              EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr):
+              EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+              BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr):
     """Online-softmax update with the key tile starting at start_n.
 
     MASKED: 0 = every key visible and in range (no per-element work); 1 = apply the visibility rule
@@ -31,6 +32,8 @@ def _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, dr
     run-time need_vis is set (block-sparse lists mix both kinds of tile in one pipelined loop).
     ELEM also ANDs a partial block's element mask: em_ptrs points at this tile's [BLOCK_M, BLOCK_N]
     window of a uint8 partial-block tile (masks.BlockMask.partial_tiles).
+    BLOCK_D2 / BLOCK_DV2 > 0: the head dims' tail chunks (q2, k2_ptrs at columns offs_d2; v2_ptrs and
+    acc2 at offs_dv2), see the kernel's docstring.
     """
     cols = start_n + offs_n
     # -- load K tile (as K^T) and V tile; only masked tiles can cross the sequence end --
@@ -45,8 +48,13 @@ def _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, dr
         kt = tl.load(k_ptrs + start_n * stride_ks, mask=offs_d[:, None] < head_dim, other=0.0)
     if ELEM:
         em = tl.load(em_ptrs)
+    qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
+    if BLOCK_D2 > 0:  # the head dim's tail chunk adds its part of q.k
+        kt2 = load_tail(k2_ptrs + start_n * stride_ks, cols[None, :] < seqlen_k, offs_d2[:, None] < head_dim,
+                         MASKED != 0, EVEN_D2)
+        qk = tl.dot(q2, kt2, qk, input_precision=DOT_PRECISION)
     # -- scores in the log2 domain: qk_scale = softmax_scale * log2(e) --
-    qk, _ = score_log2(tl.dot(q, kt, input_precision=DOT_PRECISION), offs_m, cols, seqlen_q, seqlen_k,
+    qk, _ = score_log2(qk, offs_m, cols, seqlen_q, seqlen_k,
                        qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI,
                        am_ptrs + tl.cast(start_n, tl.int64) * stride_amn, ATTN_MASK)
     if MASKED == 1:
@@ -61,6 +69,8 @@ def _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, dr
     # -- online softmax: new running max, rescale what was accumulated --
     p, alpha, l_i, m_new = online_softmax(qk, m_i, l_i, MASKED != 0 or ATTN_MASK != 0)
     acc = acc * alpha[:, None]
+    if BLOCK_DV2 > 0:
+        acc2 = acc2 * alpha[:, None]
     if MASKED != 0:
         v_mask = cols[:, None] < seqlen_k
         if not EVEN_DV:
@@ -74,35 +84,41 @@ def _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, dr
         keep = dropout_keep(drop_rows[:, None], cols, seed_lo, seed_hi, drop_thr, False)
         p = tl.where(keep, p, 0.0)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
+    if BLOCK_DV2 > 0:
+        v2 = load_tail(v2_ptrs + start_n * stride_vs, cols[:, None] < seqlen_k, offs_dv2[None, :] < head_dim_v,
+                        MASKED != 0, EVEN_DV2)
+        acc2 = tl.dot(p.to(v2.dtype), v2, acc2, input_precision=DOT_PRECISION)
+    return acc, acc2, l_i, m_new
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+def _fwd_tiles(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-               EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr):
+               EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+               BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr):
     """Online-softmax update over key tiles [start, stop) in steps of BLOCK_N (MASKED 0 or 1)."""
     for start_n in range(start, stop, BLOCK_N):
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+        acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                   start_n, False, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                   seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                   MASKED, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                                  DOT_PRECISION, ATTN_MASK, DROPOUT)
-    return acc, l_i, m_i
+                                  DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+    return acc, acc2, l_i, m_i
 
 
 @triton.jit
-def _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, Tiles, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+def _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, Tiles, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                     Num, Idx, TileIdx, row, q_block, n_q_blocks, n_k_blocks, full_lo, full_hi,
                     stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                     seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr,
                     ELEM: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-                    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr):
+                    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+               BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr):
     """Visit the key blocks of one block-sparse list (full or partial) of this query block.
 
     One flat loop over the list's key tiles (BLOCK_SK / BLOCK_N per block), so the software pipeline
@@ -119,19 +135,19 @@ def _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, Tiles, am_ptrs, stride_amn
         entry, part, start_n = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_N, BLOCK_SK)
         if ELEM:
             em_ptrs = partial_tile_ptrs(Tiles, TileIdx, entry, part, em_local, BLOCK_SQ, BLOCK_SK)
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+            acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                       start_n, True, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                       1, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                                      DOT_PRECISION, ATTN_MASK, DROPOUT)
+                                      DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
         else:
             need_vis = (start_n < full_lo) | (start_n + BLOCK_N > full_hi)  # crosses an edge or the end
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+            acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                       start_n, need_vis, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                       2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                                      DOT_PRECISION, ATTN_MASK, DROPOUT)
-    return acc, l_i, m_i
+                                      DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+    return acc, acc2, l_i, m_i
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "heads_q", "group_size", "window_left", "window_right",
@@ -154,8 +170,14 @@ def attention_fwd_kernel(
     VARLEN: tl.constexpr, BLOCK_SPARSE: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr,
     ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, TILE_MAJOR: tl.constexpr, HEAD_GROUP: tl.constexpr,
+    BLOCK_D2: tl.constexpr = 0, BLOCK_DV2: tl.constexpr = 0, EVEN_D2: tl.constexpr = True, EVEN_DV2: tl.constexpr = True,
 ):
     """Q [B, Sq, Hq, D], K [B, Sk, Hkv, D], V [B, Sk, Hkv, Dv] -> Out [B, Sq, Hq, Dv], Lse fp32 [B, Hq, Sq].
+
+    Head dims as one or two power-of-two chunks (tuning.head_dim_chunks): columns [0, BLOCK_D), and
+    with BLOCK_D2 > 0 a tail [BLOCK_D, BLOCK_D + BLOCK_D2), so that D = 96 runs 64 + 32 columns instead
+    of a 128-wide tile with a quarter of padding (V / Out: BLOCK_DV, BLOCK_DV2). EVEN_D: the first chunk
+    lies inside D (no column mask); EVEN_D2: so does the tail.
 
     Grid: one program per (query tile, batch x query head), query tiles fastest so that programs
     sharing K/V run together (L2 reuse); with a right mask edge the heavy tiles go first.
@@ -195,6 +217,18 @@ def attention_fwd_kernel(
     if not EVEN_D:
         q_mask = q_mask & (offs_d[None, :] < head_dim)
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    # the head dims' tail chunks; without one, placeholders that no tile reads
+    acc2 = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+    q2, k2_ptrs, v2_ptrs, offs_d2, offs_dv2 = q, k_ptrs, v_ptrs, offs_d, offs_dv
+    if BLOCK_D2 > 0:
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        q2 = load_tail(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_rows[:, None] * stride_qs
+                        + offs_d2[None, :], offs_m[:, None] < seqlen_q, offs_d2[None, :] < head_dim, True, EVEN_D2)
+        k2_ptrs = K + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh + k_rows[None, :] * stride_ks + offs_d2[:, None]
+    if BLOCK_DV2 > 0:
+        offs_dv2 = BLOCK_DV + tl.arange(0, BLOCK_DV2)
+        v2_ptrs = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh + k_rows[:, None] * stride_vs + offs_dv2[None, :]
+        acc2 = tl.zeros([BLOCK_M, BLOCK_DV2], dtype=tl.float32)
 
     # torch SDPA's attn_mask (bool or additive), broadcast through 0 strides; read tile by tile
     am_ptrs = attn_mask_ptrs(AttnMask, b, h, offs_m[:, None], offs_n[None, :], stride_amb, stride_amh, stride_amm,
@@ -219,39 +253,39 @@ def attention_fwd_kernel(
         # -- block-sparse: full blocks, then partial blocks with their element-mask tiles --
         row = b * sparse_mb + h * sparse_mh
         q_block = m_lo // BLOCK_SQ
-        acc, l_i, m_i = _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, ElemTiles, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+        acc, acc2, l_i, m_i = _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                         FullNum, FullIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
                                         stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                         BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
-                                        EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
-        acc, l_i, m_i = _fwd_block_list(acc, l_i, m_i, q, k_ptrs, v_ptrs, ElemTiles, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+                                        EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+        acc, acc2, l_i, m_i = _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                         PartNum, PartIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
                                         stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                         BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
-                                        EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+                                        EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
     elif HAS_LEFT:
         # -- sliding window: one pipelined loop over the visible tiles [a, d); only tiles outside the
         # fully visible band [bb, c) pay for the mask. Per-phase loops would each drain the software
         # pipeline, which for a window's ~16 tiles per row costs more than a uniform branch per tile
         # (H200, S=16k, window 1024: 322 -> 353 TFLOP/s); for plain causal the split below is as fast. --
         for start_n in range(a, d, BLOCK_N):
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, k_ptrs, v_ptrs, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+            acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                       start_n, (start_n < bb) | (start_n >= c), stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                       2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                                      DOT_PRECISION, ATTN_MASK, DROPOUT)
+                                      DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
     else:
         # -- an unmasked body, then the masked tail (causal diagonal, sequence end) --
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+        acc, acc2, l_i, m_i = _fwd_tiles(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                    bb, c, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
                                    head_dim, head_dim_v, window_left, window_right,
-                                   BLOCK_N, 0, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
-        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+                                   BLOCK_N, 0, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+        acc, acc2, l_i, m_i = _fwd_tiles(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                    c, d, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
                                    head_dim, head_dim_v, window_left, window_right,
-                                   BLOCK_N, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT)
+                                   BLOCK_N, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
 
     # -- epilogue: normalise; a row that saw no key gives out 0 and lse -inf --
     empty = l_i == 0.0
@@ -263,8 +297,10 @@ def attention_fwd_kernel(
 
     lse_ptrs = Lse + b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_rows
     tl.store(lse_ptrs, lse, mask=offs_m < seqlen_q)
-    o_ptrs = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + q_rows[:, None] * stride_os + offs_dv[None, :]
-    o_mask = offs_m[:, None] < seqlen_q
-    if not EVEN_DV:
-        o_mask = o_mask & (offs_dv[None, :] < head_dim_v)
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=o_mask)
+    o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    store_rows(o_base, q_rows, stride_os, offs_dv, acc, offs_m < seqlen_q, head_dim_v, EVEN_DV)
+    if BLOCK_DV2 > 0:
+        acc2 = acc2 / l_safe[:, None]
+        if DROPOUT:
+            acc2 = acc2 * drop_scale
+        store_rows(o_base, q_rows, stride_os, offs_dv2, acc2, offs_m < seqlen_q, head_dim_v, EVEN_DV2)

@@ -104,6 +104,29 @@ def tanh_approx(x):
 
 
 @triton.jit
+def store_rows(base, rows, stride, cols, value, row_ok, col_limit, EVEN: tl.constexpr):
+    """Store value [R, C] at base + rows * stride + cols (rows int64 [R], cols [C]) in base's element
+    type, rows where row_ok; not EVEN also masks columns at col_limit (a padded head-dim chunk)."""
+    mask = row_ok[:, None]
+    if not EVEN:
+        mask = mask & (cols[None, :] < col_limit)
+    tl.store(base + rows[:, None] * stride + cols[None, :], value.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def load_tail(ptrs, row_mask, col_mask, ROWS: tl.constexpr, EVEN: tl.constexpr):
+    """Load a head-dim tail chunk (the kernels' BLOCK_D2 / BLOCK_DV2 columns): ROWS masks the tile's
+    rows (or keys) with row_mask, not EVEN its columns with col_mask; masked elements read 0."""
+    if ROWS:
+        if EVEN:
+            return tl.load(ptrs, mask=row_mask, other=0.0)
+        return tl.load(ptrs, mask=row_mask & col_mask, other=0.0)
+    if EVEN:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=col_mask, other=0.0)
+
+
+@triton.jit
 def score_log2(qk, offs_m, cols, seqlen_q, seqlen_k, qk_scale, softcap_pre, softcap_post, alibi_log2,
                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, am_ptrs, ATTN_MASK: tl.constexpr):
     """Raw q.k -> the score in the log2 domain, FlashAttention's order: scale, softcap, ALiBi.
