@@ -242,33 +242,26 @@ STANDARD_PROVIDERS = ("flashtile", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient",
 STANDARD_REFERENCES = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_math")
 
 
-def standard_suite(quick: bool = False) -> list[Case]:
-    """FlashAttention's benchmark: 16k tokens per batch, hidden size 2048, bf16.
-
-    B = 16384 // S and H = 2048 // D keep the work per S proportional to S, so TFLOP/s across S
-    compares kernels at equal token counts. 6 S x 3 D x 2 causal x 2 modes = 72 cases.
-    """
-    seqlens = (1024, 4096, 16384) if quick else (512, 1024, 2048, 4096, 8192, 16384)
-    headdims = (64, 128) if quick else (64, 128, 256)
+def _token_suite(suite: str, seqlens: Sequence[int], headdims: Sequence[int], providers: Sequence[str],
+                 references: Sequence[str]) -> list[Case]:
+    """FlashAttention's shapes: B = 16384 // S and H = 2048 // D keep the tokens and the hidden size
+    fixed, so TFLOP/s across S compares kernels at equal token counts."""
     cases = []
     for mode in MODES:
         for d in headdims:
             for causal in (False, True):
                 for s in seqlens:
-                    cases.append(
-                        attention_case(
-                            "standard",
-                            b=16384 // s,
-                            h=2048 // d,
-                            s=s,
-                            d=d,
-                            causal=causal,
-                            mode=mode,
-                            providers=STANDARD_PROVIDERS,
-                            references=STANDARD_REFERENCES,
-                        )
-                    )
+                    cases.append(attention_case(suite, b=16384 // s, h=2048 // d, s=s, d=d, causal=causal, mode=mode,
+                                                providers=providers, references=references))
     return cases
+
+
+def standard_suite(quick: bool = False) -> list[Case]:
+    """FlashAttention's benchmark: 16k tokens per batch, hidden size 2048, bf16 (_token_suite).
+    6 S x 3 D x 2 causal x 2 modes = 72 cases."""
+    seqlens = (1024, 4096, 16384) if quick else (512, 1024, 2048, 4096, 8192, 16384)
+    headdims = (64, 128) if quick else (64, 128, 256)
+    return _token_suite("standard", seqlens, headdims, STANDARD_PROVIDERS, STANDARD_REFERENCES)
 
 
 HEAD_DIM_PROVIDERS = ("flashtile", "sdpa_flash", "sdpa_cudnn", "flex")
@@ -276,19 +269,11 @@ HEAD_DIM_REFERENCES = ("sdpa_flash", "sdpa_cudnn")
 
 
 def head_dim_suite(quick: bool = False) -> list[Case]:
-    """Head dims that are not powers of two (80, 96, 160, 192), the standard suite's token counts
-    (B = 16384 // S, H = 2048 // D): the dense kernels run them as two column chunks
-    (tuning.head_dim_chunks) instead of a padded power-of-two tile."""
-    seqlens = (8192,) if quick else (2048, 8192)
-    cases = []
-    for mode in MODES:
-        for d in (80, 96, 160, 192):
-            for causal in (False, True):
-                for s in seqlens:
-                    cases.append(attention_case("headdims", b=16384 // s, h=2048 // d, s=s, d=d, causal=causal,
-                                                mode=mode, providers=HEAD_DIM_PROVIDERS,
-                                                references=HEAD_DIM_REFERENCES))
-    return cases
+    """Head dims that are not powers of two (80, 96, 160, 192) on the standard suite's shapes
+    (_token_suite): the dense kernels run them as two column chunks (tuning.head_dim_chunks) instead
+    of a padded power-of-two tile."""
+    return _token_suite("headdims", (8192,) if quick else (2048, 8192), (80, 96, 160, 192), HEAD_DIM_PROVIDERS,
+                        HEAD_DIM_REFERENCES)
 
 
 WIDE_PROVIDERS = ("flashtile", "sdpa_efficient", "sdpa_math")
