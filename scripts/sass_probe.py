@@ -49,6 +49,8 @@ CASES = {
     "dkdv_softcap": (DKDV, dict(SOFTCAP=2), (64, 64, 4, 2)),
     "dkdv_alibi": (DKDV, dict(HAS_ALIBI=True), (64, 64, 4, 2)),
     "dkdv_dropout": (DKDV, dict(DROPOUT=True), (64, 64, 4, 2)),
+    "fwd_dropout": (FWD, dict(DROPOUT=True), (128, 64, 8, 3)),
+    "dq_dropout": (DQ, dict(DROPOUT=True), (128, 64, 8, 3)),
     "dkdv_block_sparse": (DKDV, dict(BLOCK_SPARSE=True, BLOCK_SQ=128, BLOCK_SK=128), (64, 128, 8, 3)),
 }
 

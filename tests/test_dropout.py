@@ -90,31 +90,41 @@ def test_dropout_errors():
     for bad in (1.0, -0.1, "0.1"):
         with pytest.raises(ValueError, match="dropout_p"):
             ft.flash_attn_func(q, k, v, dropout_p=bad)
+    # past dropout.MAX_KEYS keys a tile's counters no longer fit the kernels' 32-bit offsets
+    long_k = k[:, :1].expand(1, dropout.MAX_KEYS + 1, 1, 16)
+    with pytest.raises(NotImplementedError, match="dropout_p > 0 with 16777217 keys"):
+        ft.flash_attn_func(q, long_k, long_k, dropout_p=0.1)
+    with pytest.raises(NotImplementedError, match="dropout_p > 0"):
+        ft.scaled_dot_product_attention(q.transpose(1, 2), long_k.transpose(1, 2), long_k.transpose(1, 2),
+                                        dropout_p=0.1)
 
 
 @triton.jit
-def _keep_kernel(RowBase, Out, OutT, seed_lo, seed_hi, thr, N: tl.constexpr, M: tl.constexpr):
-    rows = tl.load(RowBase + tl.arange(0, M))
+def _keep_kernel(TileBase, seqlen_k, Out, OutT, seed_lo, seed_hi, thr, N: tl.constexpr, M: tl.constexpr):
+    tile_base = tl.load(TileBase)  # int64, as the kernels' (a Python int argument may be typed uint32)
+    row_offs = tl.arange(0, M) * seqlen_k
     cols = tl.arange(0, N)
-    keep = dropout_keep(rows[:, None], cols, seed_lo, seed_hi, thr, False)  # [queries, keys]
+    keep = dropout_keep(tile_base, row_offs, cols, seed_lo, seed_hi, thr, False)  # [queries, keys]
     tl.store(Out + tl.arange(0, M)[:, None] * N + cols[None, :], keep.to(tl.int8))
-    keep_t = dropout_keep(rows[None, :], cols, seed_lo, seed_hi, thr, True)  # [keys, queries], as dK/dV
+    keep_t = dropout_keep(tile_base, row_offs, cols, seed_lo, seed_hi, thr, True)  # [keys, queries], as dK/dV
     tl.store(OutT + cols[:, None] * M + tl.arange(0, M)[None, :], keep_t.to(tl.int8))
 
 
-def test_kernel_hash_matches_torch_across_the_32_bit_boundary():
-    """kernels/common.py:dropout_keep splits each row's 64-bit counter once and adds the key index in
-    32 bits with a carry; rows whose counters cross 2^32 (long sequences, many heads) must still give
-    dropout.keep_bits' bits, in both tile orientations. Counters this large need B * H * Sq * Sk > 2^32,
-    too big for a full attention test, so the helper runs alone in a small kernel."""
-    M, N, p, seed = 8, 64, 0.3, (123457, 2**31 - 5)
-    # row bases just below 2^32 and 2^33 (so some keys carry into the high half), odd ones (the carry
-    # can fall between the two keys of a pair's counters), and far above
-    row_base = torch.tensor([0, 2**32 - 40, 2**32 - 1, 2**32, 2 * 2**32 - 17, 3 * 2**32 + 5, 2**40 - 3, 12345],
-                            dtype=torch.int64, device=DEVICE)
+# tile bases just below 2^32 and 2^33 (so some rows, or some keys of a row, carry into the high half),
+# odd ones (the carry can fall between the two keys of a pair's counters), and far above
+@pytest.mark.parametrize("tile_base", [0, 2**32 - 40, 2**32 - 1, 2**32, 2**32 - 3 * 77 - 5, 2 * 2**32 - 17,
+                                       3 * 2**32 + 5, 2**40 - 300, 12345])
+def test_kernel_hash_matches_torch_across_the_32_bit_boundary(tile_base):
+    """kernels/common.py:dropout_keep splits the tile's 64-bit first counter once and adds each element's
+    offset in 32 bits with a carry; tiles whose counters cross 2^32 (long sequences, many heads) must
+    still give dropout.keep_bits' bits, in both tile orientations. Counters this large need
+    B * H * Sq * Sk > 2^32, too big for a full attention test, so the helper runs alone in a small kernel."""
+    M, N, seqlen_k, p, seed = 8, 64, 77, 0.3, (123457, 2**31 - 5)
     out = torch.empty(M, N, dtype=torch.int8, device=DEVICE)
     out_t = torch.empty(N, M, dtype=torch.int8, device=DEVICE)
-    _keep_kernel[(1,)](row_base, out, out_t, seed[0], seed[1], dropout.threshold(p), N=N, M=M)
-    want = dropout.keep_bits(row_base[:, None], torch.arange(N, device=DEVICE)[None, :], seed, p)
+    base = torch.tensor([tile_base], dtype=torch.int64, device=DEVICE)
+    _keep_kernel[(1,)](base, seqlen_k, out, out_t, seed[0], seed[1], dropout.threshold(p), N=N, M=M)
+    rows = tile_base + torch.arange(M, device=DEVICE, dtype=torch.int64)[:, None] * seqlen_k
+    want = dropout.keep_bits(rows, torch.arange(N, device=DEVICE)[None, :], seed, p)
     assert torch.equal(out.bool(), want)
     assert torch.equal(out_t.bool(), want.T)

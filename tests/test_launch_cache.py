@@ -347,8 +347,14 @@ def test_constant_lengths_only_where_the_tuning_table_measured_them(monkeypatch)
     assert bf16(True, softcap=True) and bf16(True, long_causal=True, grouped=True)
     assert bf16(False, block_sparse=True) and bf16(True, block_sparse=True, partial_blocks=True)
     assert not bf16(True)  # 64x128 w8: causal beyond 1024 keys, windows
-    assert not bf16(True, long_causal=True) and not bf16(False, dropout=True) and not bf16(True, dropout=True)
-    assert not bf16(False, dropout=True, block_sparse=True)
+    assert not bf16(True, long_causal=True)
+    # dropout (since its keep mask needs no layout conversion in the dK/dV loop): every config, causal
+    # on 32x64 w4 tiles
+    assert bf16(False, dropout=True) and bf16(True, dropout=True) and bf16(True, long_causal=True, dropout=True)
+    assert bf16(False, dropout=True, block_sparse=True)
+    causal_dropout = backward_config(gpu, 128, 128, torch.bfloat16, True, long_causal=True, dropout=True)
+    assert (causal_dropout.dkdv.block_m, causal_dropout.dkdv.block_n, causal_dropout.dkdv.num_warps) == (32, 64, 4)
+    assert not backward_config(gpu, 64, 64, torch.bfloat16, False, dropout=True).constant_lengths
     assert not backward_config(gpu, 128, 128, torch.float32, False).constant_lengths
     assert not backward_config(gpu, 256, 256, torch.bfloat16, False).constant_lengths
     monkeypatch.setattr("flashtile.tuning._arch", lambda device: None)

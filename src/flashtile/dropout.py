@@ -1,9 +1,9 @@
 """Dropout's random keep mask, defined once and evaluated identically by the kernels and by torch.
 
-Element (i, j) of head (b, h) has the counter n = ((b * Hq + h) * Sq + i) * Sk + j. Keys j and j + 1
-(j even) share one 32-bit counter-based hash of n - (j % 2) and a 64-bit seed (two 31-bit halves
-drawn from torch's default generator, so torch.manual_seed makes runs reproducible): the even key
-reads its low 16 bits, the odd key its high 16 bits, and a key is kept iff its 16 bits are >=
+Element (i, j) of head (b, h) has the counter n = ((b * Hq + h) * Sq + i) * Sk + j. Keys j and j + 8
+(bit 3 of j clear) share one 32-bit counter-based hash of n - (j & 8) and a 64-bit seed (two 31-bit
+halves drawn from torch's default generator, so torch.manual_seed makes runs reproducible): key j
+reads its low 16 bits, key j + 8 its high 16 bits, and a key is kept iff its 16 bits are >=
 threshold(p). The drop probability is therefore p rounded down to a multiple of 2^-16 (off by less
 than 1.6e-5); outputs are still scaled by 1 / (1 - p). Nothing S x S is stored: the backward
 regenerates the bits. kernels/common.py:dropout_keep is the Triton form of keep_bits below: it works
@@ -18,6 +18,9 @@ from typing import Tuple
 import torch
 
 _M32 = 0xFFFFFFFF
+# The kernels count a tile's counters from its first one in 32 bits: rows * Sk < 2^31 for tiles of up
+# to 128 rows
+MAX_KEYS = 2**24
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -40,7 +43,7 @@ def threshold(dropout_p: float) -> int:
 
 
 def pair_hash(counters: torch.Tensor, seed: Tuple[int, int]) -> torch.Tensor:
-    """The 32-bit hash of int64 counters (each the counter of an even key): lowbias32 of the low half,
+    """The 32-bit hash of int64 counters (each the counter of a key with bit 3 clear): lowbias32 of the low half,
     keyed by the seed and by lowbias32 of the high half."""
     key = _mix32((counters >> 32) ^ seed[1]) ^ seed[0]
     return _mix32((counters & _M32) ^ key)
@@ -49,8 +52,8 @@ def pair_hash(counters: torch.Tensor, seed: Tuple[int, int]) -> torch.Tensor:
 def keep_bits(row_base: torch.Tensor, cols: torch.Tensor, seed: Tuple[int, int], dropout_p: float) -> torch.Tensor:
     """Bool keep mask of keys ``cols`` (int64) of rows whose first counter is ``row_base`` (int64,
     broadcast against cols: ((b * Hq + h) * Sq + i) * Sk)."""
-    x = pair_hash(row_base + (cols & ~1), seed)
-    return ((x >> (16 * (cols & 1))) & 0xFFFF) >= threshold(dropout_p)
+    x = pair_hash(row_base + (cols & ~8), seed)
+    return ((x >> (16 * ((cols >> 3) & 1))) & 0xFFFF) >= threshold(dropout_p)
 
 
 def keep_tile(b0: int, b1: int, heads_q: int, heads_kv: int, q_lo: int, q_hi: int, k_lo: int, k_hi: int,

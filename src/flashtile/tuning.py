@@ -133,7 +133,8 @@ SHORT_WINDOW = 512
 # compile-time constants (dkdv_constant_lengths). H200, bf16, D=128, dK/dV launch alone, the tiles
 # then in use -> 32x64 w4 with constants (us): causal S=2048 808 -> 710, S=4096 (split phases) 1347 ->
 # 1255, S=8192 2438 -> 2511 (so it stops at 4096); window (1024, 0) 785 -> 722, (1024, 1024) 1354 ->
-# 1305. Not for dropout (no constants) or GQA (unmeasured; its split phases gain from the constants).
+# 1305. Not for dropout (its own tiles, backward_config) or GQA (unmeasured; its split phases gain from
+# the constants).
 # A call that runs these tiles with run-time lengths (a signature's first call, or past
 # MAX_CONSTANT_SHAPES) ran 1.5% faster than the 64x128 tiles at 2048 keys, 2.6-5.8% slower at 4096
 MEDIUM_CAUSAL_KEYS = 4096
@@ -150,12 +151,19 @@ def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype:
     window, block mask or varlen, with a key count in LONG_CAUSAL_KEYS; short_walk: causal with at most
     SHORT_CAUSAL_KEYS keys or a window at most SHORT_WINDOW wide, without a block mask; dropout: p > 0;
     grouped: GQA / MQA; medium_walk: causal, neither block mask nor varlen, with at most
-    MEDIUM_CAUSAL_KEYS keys or a window at most MEDIUM_WINDOW wide). Dropout runs the default tiles
-    (see below)."""
+    MEDIUM_CAUSAL_KEYS keys or a window at most MEDIUM_WINDOW wide). Causal dropout runs 32x64 dK/dV
+    tiles, non-causal dropout the default ones; both with constant lengths."""
     if medium_walk and not dropout and not grouped:  # the short walk's tiles, with constant lengths
         short_walk, long_causal = True, False
     tiles = _backward_tiles(device, head_dim, head_dim_v, dtype, causal, block_sparse, softcap, partial_blocks,
                             long_causal, short_walk)
+    if dropout and causal and not block_sparse and _arch(device) is not None and dtype != torch.float32 \
+            and 64 < max(tile_width(head_dim), tile_width(head_dim_v)) <= 128:
+        # H200, B*S = 16384, H=16, p=0.1, forward+backward TFLOP/s, the tiles before -> 32x64 w4 with
+        # constant lengths (a keep mask whose pairs sit in one thread since session 18): D=128 S=2048
+        # 239 -> 255, S=4096 265 -> 295, S=8192 287 -> 307 (64x64 w4 with constants: 233 / 264 / 275);
+        # D=96 S=8192 211 -> 238. Split phases or one loop: within 1%
+        tiles = dataclasses.replace(tiles, dkdv=KernelConfig(32, 64, 4, 2))
     if dkdv_constant_lengths(device, head_dim, head_dim_v, dtype, tiles, block_sparse, dropout, grouped):
         return dataclasses.replace(tiles, constant_lengths=True)
     return tiles
@@ -174,7 +182,7 @@ def dkdv_constant_lengths(device: torch.device, head_dim: int, head_dim_v: int, 
               8 documents): -11.6 / -11.3 / -9.9 / -7.1%.
       slower: 64x128 w8: causal S=2048 806 -> 1086, window (1024, 0) 784 -> 1058, (1024, 1024)
               1351 -> 1785; split-phase causal S=4096 / 8192 +6.5 / +4.7%, with ALiBi +10.7%;
-              dropout non-causal +6.6%, causal +7.8%.
+              dropout non-causal +6.6%, causal +7.8% (before session 18's keep mask; now faster, below).
     The dQ launch never gained (+1 to +6%): it keeps the run-time lengths. fp32, head dims outside
     (64, 128] and other GPUs are unmeasured and keep them too.
     """
@@ -182,7 +190,11 @@ def dkdv_constant_lengths(device: torch.device, head_dim: int, head_dim_v: int, 
     if _arch(device) is None or dtype == torch.float32 or not 64 < d <= 128:
         return False
     if dropout:
-        return False
+        # session 18's keep mask (no layout conversion in the dK/dV loop), run-time -> constant lengths,
+        # forward+backward TFLOP/s: non-causal 64x64 w4 D=128 S=2048 / 4096 / 8192 256 -> 331, 272 ->
+        # 343, 279 -> 351, D=96 207 -> 281; causal 32x64 w4 (backward_config) with and without split
+        # phases gains too (above). With the old mask the constants had cost 6.6-7.8%
+        return True
     if block_sparse:
         return True
     if tiles.split_phases:

@@ -80,6 +80,8 @@ def _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_bas
         do2 = load_tail(do_base + rows[:, None].to(tl.int64) * stride_dos + offs_dv2[None, :], rows[:, None] < seqlen_q,
                         offs_dv2[None, :] < head_dim_v, MASKED != 0, EVEN_DV2)
     lse2 = _load_lse2(lse_base, rows, seqlen_q)
+    if DROPOUT:  # P^T / (1 - p) from the exponent; delta was stored scaled (attention_bwd_dq_kernel)
+        lse2 = lse2 - tl.log2(drop_scale)
     delta = tl.load(delta_base + rows, mask=rows < seqlen_q, other=0.0)
     # -- P^T = exp2(K Q^T * scale - lse), recomputed from the forward's statistics --
     kqt = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
@@ -100,9 +102,9 @@ def _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_bas
             pt = tl.where(tl.trans(vis) & (rows[None, :] < seqlen_q), pt, 0.0)
     # -- dV += P^T dO ; dP^T = V dO^T ; dS^T = P^T * (dP^T - delta) ; dK += dS^T Q --
     if DROPOUT:  # drop_rows: this head's first counter, drop_stride: counters per row; transposed
-        keep = dropout_keep(drop_rows + rows[None, :].to(tl.int64) * drop_stride, offs_n, seed_lo, seed_hi,
-                            drop_thr, True)
-        pt_kept = tl.where(keep, pt * drop_scale, 0.0).to(do.dtype)
+        keep = dropout_keep(drop_rows + tl.cast(start_m, tl.int64) * drop_stride, offs_m * drop_stride, offs_n,
+                            seed_lo, seed_hi, drop_thr, True)
+        pt_kept = tl.where(keep, pt, 0.0).to(do.dtype)
     else:
         pt_kept = pt.to(do.dtype)
     dv = tl.dot(pt_kept, do, dv, input_precision=DOT_PRECISION)
@@ -111,7 +113,7 @@ def _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_bas
         dv2 = tl.dot(pt_kept, do2, dv2, input_precision=DOT_PRECISION)
         dpt = tl.dot(v2, tl.trans(do2), dpt, input_precision=DOT_PRECISION)
     if DROPOUT:
-        dpt = tl.where(keep, dpt * drop_scale, 0.0)
+        dpt = tl.where(keep, dpt, 0.0)
     dst = pt * (dpt - delta[None, :])
     if SOFTCAP:
         dst = dst * (1.0 - tt * tt)  # d/dx c*tanh(x/c) = 1 - tanh^2
@@ -321,7 +323,7 @@ def attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+def _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
              start_n, need_vis, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
              seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
              MASKED: tl.constexpr, ELEM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -379,9 +381,9 @@ def _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_p
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if BLOCK_DV2 > 0:
         dp = tl.dot(do2, tl.trans(v2), dp, input_precision=DOT_PRECISION)
-    if DROPOUT:
-        keep = dropout_keep(drop_rows[:, None], cols, seed_lo, seed_hi, drop_thr, False)
-        dp = tl.where(keep, dp * drop_scale, 0.0)
+    if DROPOUT:  # p and delta carry the scale (attention_bwd_dq_kernel)
+        keep = dropout_keep(drop_base, drop_offs, cols, seed_lo, seed_hi, drop_thr, False)
+        dp = tl.where(keep, dp, 0.0)
     ds = p * (dp - delta[:, None])
     if BIAS_GRAD:  # the bias is added after softcap: its gradient is dS before the tanh factor
         tl.store(db_base + offs_m[:, None].to(tl.int64) * seqlen_k + cols[None, :], ds,
@@ -395,7 +397,7 @@ def _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_p
 
 
 @triton.jit
-def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
               start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
               seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -405,7 +407,7 @@ def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_
              EVEN_DV2: tl.constexpr):
     """Accumulate dQ over key tiles [start, stop) (MASKED 0 or 1)."""
     for start_n in range(start, stop, BLOCK_N):
-        dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+        dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                       start_n, False, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
                       MASKED, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT,
@@ -414,7 +416,7 @@ def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_
 
 
 @triton.jit
-def _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, Tiles, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+def _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, Tiles, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                    Num, Idx, TileIdx, row, q_block, n_q_blocks, n_k_blocks, full_lo, full_hi,
                    stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                    seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
@@ -432,14 +434,14 @@ def _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs
         entry, part, start_n = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_N, BLOCK_SK)
         if ELEM:
             em_ptrs = partial_tile_ptrs(Tiles, TileIdx, entry, part, em_local, BLOCK_SQ, BLOCK_SK)
-            dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+            dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                           start_n, True, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                           seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
                           1, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT,
                           BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
         else:
             need_vis = (start_n < full_lo) | (start_n + BLOCK_N > full_hi)
-            dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+            dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                           start_n, need_vis, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                           seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
                           2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT,
@@ -529,10 +531,17 @@ def attention_bwd_dq_kernel(
                        + offs_dv2[None, :], offs_m[:, None] < seqlen_q, offs_dv2[None, :] < head_dim_v, True, EVEN_DV2)
         delta += tl.sum(o2.to(tl.float32) * do2.to(tl.float32), 1)
         v2_ptrs = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh + k_rows[:, None] * stride_vs + offs_dv2[None, :]
+    if DROPOUT:
+        # dS = P * (keep * dP / (1 - p) - delta) = (P / (1 - p)) * (keep * dP - delta * (1 - p)): the
+        # scale moves into P's exponent (lse - log2 scale) and into delta, which the dK/dV launch reads
+        # scaled too; no per-element multiply is left
+        delta = delta / drop_scale
+        lse2 = lse2 - tl.log2(drop_scale)
     tl.store(Delta + lse_offset + offs_m, delta, mask=offs_m < seqlen_q)
     am_ptrs = attn_mask_ptrs(AttnMask, b, h, offs_m[:, None], offs_n[None, :], stride_amb, stride_amh, stride_amm,
                              stride_amn)
-    drop_rows = dropout_rows(b, h, heads_q, count_q, count_k, offs_m)
+    drop_base = dropout_rows(b, h, heads_q, count_q, count_k, tile * BLOCK_M)  # the tile's first counter
+    drop_offs = tl.arange(0, BLOCK_M) * count_k  # each row's counter offset (< 2^31: dispatch's bound)
     db_base = DBias + (b * heads_q + h).to(tl.int64) * seqlen_q * seqlen_k  # dS of this head, [Sq, Sk]
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale, softcap,
@@ -546,13 +555,13 @@ def attention_bwd_dq_kernel(
         # -- block-sparse: the key blocks listed for this query block, full then partial --
         row = b * sparse_mb + h * sparse_mh
         q_block = m_lo // BLOCK_SQ
-        dq, dq2 = _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+        dq, dq2 = _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                             FullNum, FullIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
                             stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                             seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
                             BLOCK_N, BLOCK_SQ, BLOCK_SK, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
                             DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
-        dq, dq2 = _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+        dq, dq2 = _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                             PartNum, PartIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
                             stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                             seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
@@ -561,16 +570,16 @@ def attention_bwd_dq_kernel(
     elif HAS_LEFT or HAS_RIGHT:
         # -- causal / window: one pipelined loop over the visible key tiles (see the dK/dV kernel) --
         for start_n in range(a, d, BLOCK_N):
-            dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+            dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                           start_n, (start_n < bb) | (start_n >= c), stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                           seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
                           2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT,
                           BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
     else:
-        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                        bb, c, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
                        window_left, window_right, db_base, BLOCK_N, 0, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
-        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                        c, d, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
                        window_left, window_right, db_base, BLOCK_N, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
 

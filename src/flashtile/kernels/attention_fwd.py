@@ -18,7 +18,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
               start_n, need_vis, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
               seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
               MASKED: tl.constexpr, ELEM: tl.constexpr,
@@ -81,7 +81,7 @@ def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs
     else:
         v = tl.load(v_ptrs + start_n * stride_vs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
     if DROPOUT:  # l_i keeps the undropped sum (softmax normaliser); only P @ V sees the mask
-        keep = dropout_keep(drop_rows[:, None], cols, seed_lo, seed_hi, drop_thr, False)
+        keep = dropout_keep(drop_base, drop_offs, cols, seed_lo, seed_hi, drop_thr, False)
         p = tl.where(keep, p, 0.0)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     if BLOCK_DV2 > 0:
@@ -92,7 +92,7 @@ def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs
 
 
 @triton.jit
-def _fwd_tiles(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+def _fwd_tiles(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
@@ -101,7 +101,7 @@ def _fwd_tiles(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, off
                BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr):
     """Online-softmax update over key tiles [start, stop) in steps of BLOCK_N (MASKED 0 or 1)."""
     for start_n in range(start, stop, BLOCK_N):
-        acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+        acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                   start_n, False, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                   seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                   MASKED, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
@@ -110,7 +110,7 @@ def _fwd_tiles(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, off
 
 
 @triton.jit
-def _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, Tiles, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+def _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, Tiles, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                     Num, Idx, TileIdx, row, q_block, n_q_blocks, n_k_blocks, full_lo, full_hi,
                     stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                     seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
@@ -135,14 +135,14 @@ def _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs
         entry, part, start_n = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_N, BLOCK_SK)
         if ELEM:
             em_ptrs = partial_tile_ptrs(Tiles, TileIdx, entry, part, em_local, BLOCK_SQ, BLOCK_SK)
-            acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+            acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                       start_n, True, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                       1, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
                                       DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
         else:
             need_vis = (start_n < full_lo) | (start_n + BLOCK_N > full_hi)  # crosses an edge or the end
-            acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+            acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                       start_n, need_vis, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                       2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
@@ -236,7 +236,8 @@ def attention_fwd_kernel(
 
     # dropout counters: element (i, j) of head (b, h) is ((b * Hq + h) * Sq + i) * Sk + j (varlen: i, j
     # within sequence b, Sq / Sk the maxima, so the keep pattern is FlashAttention's padded one)
-    drop_rows = dropout_rows(b, h, heads_q, count_q, count_k, offs_m)
+    drop_base = dropout_rows(b, h, heads_q, count_q, count_k, tile * BLOCK_M)  # the tile's first counter
+    drop_offs = tl.arange(0, BLOCK_M) * count_k  # each row's counter offset (< 2^31: dispatch's bound)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -253,13 +254,13 @@ def attention_fwd_kernel(
         # -- block-sparse: full blocks, then partial blocks with their element-mask tiles --
         row = b * sparse_mb + h * sparse_mh
         q_block = m_lo // BLOCK_SQ
-        acc, acc2, l_i, m_i = _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+        acc, acc2, l_i, m_i = _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                         FullNum, FullIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
                                         stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                         BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
                                         EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
-        acc, acc2, l_i, m_i = _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+        acc, acc2, l_i, m_i = _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                         PartNum, PartIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
                                         stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
@@ -271,18 +272,18 @@ def attention_fwd_kernel(
         # pipeline, which for a window's ~16 tiles per row costs more than a uniform branch per tile
         # (H200, S=16k, window 1024: 322 -> 353 TFLOP/s); for plain causal the split below is as fast. --
         for start_n in range(a, d, BLOCK_N):
-            acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+            acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                       start_n, (start_n < bb) | (start_n >= c), stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                       2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
                                       DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
     else:
         # -- an unmasked body, then the masked tail (causal diagonal, sequence end) --
-        acc, acc2, l_i, m_i = _fwd_tiles(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+        acc, acc2, l_i, m_i = _fwd_tiles(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                    bb, c, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
                                    head_dim, head_dim_v, window_left, window_right,
                                    BLOCK_N, 0, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
-        acc, acc2, l_i, m_i = _fwd_tiles(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+        acc, acc2, l_i, m_i = _fwd_tiles(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                    c, d, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
                                    head_dim, head_dim_v, window_left, window_right,
                                    BLOCK_N, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)

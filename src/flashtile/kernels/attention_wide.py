@@ -89,7 +89,7 @@ def _query_program(n_split, seqlen_q, seqlen_k, heads_q, group_size, CuSeqQ, CuS
 
 @triton.jit
 def _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, am_ptrs, stride_amn,
-               drop_rows, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_k, cols_a, cols_b, start, stop,
+               drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_k, cols_a, cols_b, start, stop,
                stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
                head_dim, head_dim_v, window_left, window_right,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PART_B: tl.constexpr,
@@ -98,7 +98,8 @@ def _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, a
                ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr):
     """Online-softmax update over key tiles [start, stop): S chunked over Dqk, O slice in registers.
     am_ptrs: torch SDPA's attn_mask at this tile's rows and key 0 (ATTN_MASK as in common.score_log2).
-    DROPOUT: drop_rows are the rows' first dropout counters (attention_fwd_kernel's); l_i keeps the
+    DROPOUT: drop_base / drop_offs are the tile's first dropout counter and its rows' offsets from it
+    (common.dropout_keep); l_i keeps the
     undropped sum, only P V sees the keep pattern."""
     for start_n in tl.range(start, stop, BLOCK_N):
         cols = start_n + offs_n
@@ -119,7 +120,7 @@ def _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, a
         # a mask can hide every key a row has seen so far in any tile: guard the running max there too
         p, alpha, l_i, m_new = online_softmax(qk, m_i, l_i, MASKED or ATTN_MASK != 0)
         if DROPOUT:
-            p = tl.where(dropout_keep(drop_rows[:, None], cols, seed_lo, seed_hi, drop_thr, False), p, 0.0)
+            p = tl.where(dropout_keep(drop_base, drop_offs, cols, seed_lo, seed_hi, drop_thr, False), p, 0.0)
         acc_a = tl.dot(p.to(va.dtype), va, acc_a * alpha[:, None], input_precision=DOT_PRECISION)
         if PART_B > 0:
             acc_b = tl.dot(p.to(vb.dtype), vb, acc_b * alpha[:, None], input_precision=DOT_PRECISION)
@@ -183,14 +184,15 @@ def wide_fwd_kernel(
     vb_ptrs = v_base + cols_b[None, :]
     am_ptrs = attn_mask_ptrs(AttnMask, b, h, offs_m[:, None], offs_n[None, :], stride_amb, stride_amh, stride_amm,
                              stride_amn)
-    drop_rows = dropout_rows(b, h, heads_q, count_q, count_k, offs_m)
+    drop_base = dropout_rows(b, h, heads_q, count_q, count_k, tile * BLOCK_M)  # the tile's first counter
+    drop_offs = tl.arange(0, BLOCK_M) * count_k  # each row's counter offset (< 2^31: dispatch's bound)
     # key tiles [a, bb) and [c, d) need the visibility rule, [bb, c) is visible to every row; a left edge
     # (window) makes [a, bb) non-empty. One call site, unrolled per phase (MASKED is a constexpr)
     for phase in tl.static_range(0 if HAS_LEFT else 1, 3):
         lo = a if phase == 0 else (bb if phase == 1 else c)
         hi = bb if phase == 0 else (c if phase == 1 else d)
         acc_a, acc_b, l_i, m_i = _fwd_tiles(
-            acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, am_ptrs, stride_amn, drop_rows, seed_lo,
+            acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo,
             seed_hi, drop_thr, offs_m, offs_n, offs_k, cols_a, cols_b, lo, hi, stride_ks, stride_vs, qk_scale,
             softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left,
             window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, phase != 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
@@ -245,7 +247,7 @@ def wide_delta_kernel(Out, DOut, Delta, CuSeqQ, stride_ob, stride_os, stride_oh,
 
 @triton.jit
 def _dq_tiles(dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, ka_ptrs, kb_ptrs, am_ptrs, stride_amn,
-              drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, db_base, db_write,
+              drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, db_base, db_write,
               offs_m, offs_n, offs_k, cols_a, cols_b, start, stop, stride_ks, stride_vs,
               qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
               window_left, window_right,
@@ -278,7 +280,7 @@ def _dq_tiles(dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, 
         dp = _dot_over_k(dp, do_ptrs, vt_ptrs + start_n * stride_vs, q_ok, k_ok, offs_k, head_dim_v,
                          BLOCK_K, EVEN_KV, DOT_PRECISION)
         if DROPOUT:
-            keep = dropout_keep(drop_rows[:, None], cols, seed_lo, seed_hi, drop_thr, False)
+            keep = dropout_keep(drop_base, drop_offs, cols, seed_lo, seed_hi, drop_thr, False)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if BIAS_GRAD:  # the bias is added after softcap: its gradient is dS before the tanh factor
@@ -346,14 +348,15 @@ def wide_dq_kernel(
     a, bb, c, d = key_phases(m_lo, m_hi, seqlen_q, seqlen_k, window_left, window_right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     am_ptrs = attn_mask_ptrs(AttnMask, b, h, offs_m[:, None], offs_n[None, :], stride_amb, stride_amh, stride_amm,
                              stride_amn)
-    drop_rows = dropout_rows(b, h, heads_q, count_q, count_k, offs_m)
+    drop_base = dropout_rows(b, h, heads_q, count_q, count_k, tile * BLOCK_M)  # the tile's first counter
+    drop_offs = tl.arange(0, BLOCK_M) * count_k  # each row's counter offset (< 2^31: dispatch's bound)
     db_base = DBias + (b * heads_q + h).to(tl.int64) * count_q * count_k
     for phase in tl.static_range(0 if HAS_LEFT else 1, 3):  # the forward's phases: [a, bb), [bb, c), [c, d)
         lo = a if phase == 0 else (bb if phase == 1 else c)
         hi = bb if phase == 0 else (c if phase == 1 else d)
         dq_a, dq_b = _dq_tiles(
             dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, ka_ptrs, kb_ptrs, am_ptrs, stride_amn,
-            drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, db_base, split == 0, offs_m, offs_n, offs_k, cols_a,
+            drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, db_base, split == 0, offs_m, offs_n, offs_k, cols_a,
             cols_b, lo, hi, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
             head_dim, head_dim_v, window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, phase != 1, HAS_LEFT,
             HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD)
@@ -396,8 +399,8 @@ def _dkdv_tiles(acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, 
             vis = visible(rows, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             pt = tl.where(tl.trans(vis) & q_ok, pt, 0.0)
         if DROPOUT:
-            keep = dropout_keep(drop_base + rows[None, :].to(tl.int64) * drop_stride, offs_n, seed_lo, seed_hi,
-                                drop_thr, True)
+            keep = dropout_keep(drop_base + tl.cast(start_m, tl.int64) * drop_stride, offs_m * drop_stride, offs_n,
+                                seed_lo, seed_hi, drop_thr, True)
         if DKDV == 1:
             dpt = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             dpt = _dot_over_k(dpt, v_ptrs, dot_base + rows[None, :].to(tl.int64) * stride_dos + offs_k[:, None], k_ok,

@@ -214,16 +214,23 @@ def _mix32(x):
 
 
 @triton.jit
-def _pair_hash(row_base, even, seed_lo, seed_hi):
-    """lowbias32 of the counter row_base + even (an even key index), keyed by the seed and the counter's
-    high half: dropout.py's pair_hash. The 64-bit split is done once per row; per element the low half
-    comes from a 32-bit add, whose carry picks between the two row keys (64-bit integer ops cost
-    several instructions each)."""
-    base_lo = (row_base & 0xFFFFFFFF).to(tl.uint32)
-    base_hi = (row_base >> 32).to(tl.uint32)
+def _tile_keys(tile_base, seed_lo, seed_hi):
+    """(base_lo, key0, key1) of a tile whose first counter is tile_base (int64 scalar): the hash keys of
+    the counter's high half (dropout.py's pair_hash) for the tile's own high half and the next one.
+    Scalars, computed once per tile: a tile spans less than 2^32 counters, so its elements' high halves
+    are base_hi or base_hi + 1 (64-bit integer ops cost several instructions each)."""
+    base_lo = (tile_base & 0xFFFFFFFF).to(tl.uint32)
+    base_hi = (tile_base >> 32).to(tl.uint32)
     key0 = _mix32(base_hi ^ seed_hi.to(tl.uint32)) ^ seed_lo.to(tl.uint32)
     key1 = _mix32((base_hi + 1) ^ seed_hi.to(tl.uint32)) ^ seed_lo.to(tl.uint32)
-    lo = base_lo + even.to(tl.uint32)  # wraps mod 2^32 (0 <= even < 2^31)
+    return base_lo, key0, key1
+
+
+@triton.jit
+def _pair_hash(base_lo, key0, key1, offs):
+    """lowbias32 of the counters tile_base + offs (offs uint32 < 2^32, each the offset of the first key
+    of a pair), keyed as dropout.py's pair_hash: the low half is a 32-bit add whose carry picks the key."""
+    lo = base_lo + offs  # wraps mod 2^32
     return _mix32(lo ^ tl.where(lo < base_lo, key1, key0))
 
 
@@ -245,23 +252,35 @@ def attn_mask_ptrs(AttnMask, b, h, queries, keys, stride_amb, stride_amh, stride
 
 
 @triton.jit
-def dropout_keep(row_base, cols, seed_lo, seed_hi, threshold, KEYS_FIRST: tl.constexpr):
-    """Keep bits of one score tile (dropout.py: keep_bits); cols: the tile's key indices, 1-d, from an
-    even index on (tiles are multiples of 16 wide).
+def dropout_keep(tile_base, row_offs, cols, seed_lo, seed_hi, threshold, KEYS_FIRST: tl.constexpr):
+    """Keep bits of one score tile (dropout.py: keep_bits).
 
-    KEYS_FIRST = False: tile [queries, keys], row_base int64 [M, 1] (((b * Hq + h) * Sq + i) * Sk);
-    True: tile [keys, queries] (the dK/dV kernel's orientation), row_base [1, M].
-    One 32-bit hash serves two neighbouring keys (16 bits each): half the integer work per element of
-    one hash per key, which cost the forward about as much time as its two matrix products.
+    tile_base: int64 scalar, the counter of the tile's first query row at key 0
+    (((b * Hq + h) * Sq + i0) * Sk); row_offs: int32 [M], (i - i0) * Sk of each query row; cols: the
+    tile's key indices, 1-d, in runs of 16 from a multiple of 16. Every counter of the tile is then
+    tile_base plus a 32-bit offset (the launcher keeps M * Sk < 2^31).
+    KEYS_FIRST = False: tile [queries, keys]; True: tile [keys, queries] (the dK/dV kernels').
+
+    One 32-bit hash serves keys j and j + 8 (bit 3 of j clear; 16 bits each): half the integer work
+    of one hash per key. The pair is j, j + 8 rather than j, j + 1 because the tensor cores' result
+    layout gives a thread the elements (row, col) and (row + 8, col) as well as (row, col + 8): so both
+    orientations find a pair in one thread's registers, while a pair of neighbouring rows of the
+    transposed tile sits in two threads and cost the dK/dV loop a conversion through shared memory.
     """
     N: tl.constexpr = cols.shape[0]
-    even, _ = tl.split(tl.reshape(cols, (N // 2, 2)))
+    low, _ = tl.split(tl.permute(tl.reshape(cols, (N // 16, 2, 8)), (0, 2, 1)))  # keys with bit 3 clear
+    low = tl.reshape(low, (N // 2,))
+    base_lo, key0, key1 = _tile_keys(tile_base, seed_lo, seed_hi)
     if KEYS_FIRST:
-        x = _pair_hash(row_base, even[:, None], seed_lo, seed_hi)  # [N / 2, M]
-        halves = tl.reshape(tl.permute(tl.join(x & 0xFFFF, x >> 16), (0, 2, 1)), (N, x.shape[1]))
+        M: tl.constexpr = row_offs.shape[0]
+        x = _pair_hash(base_lo, key0, key1, (row_offs[None, :] + low[:, None]).to(tl.uint32))  # [N / 2, M]
+        x = tl.reshape(x, (N // 16, 8, M))
+        halves = tl.reshape(tl.permute(tl.join(x & 0xFFFF, x >> 16), (0, 3, 1, 2)), (N, M))
     else:
-        x = _pair_hash(row_base, even[None, :], seed_lo, seed_hi)  # [M, N / 2]
-        halves = tl.reshape(tl.join(x & 0xFFFF, x >> 16), (x.shape[0], N))
+        M: tl.constexpr = row_offs.shape[0]
+        x = _pair_hash(base_lo, key0, key1, (row_offs[:, None] + low[None, :]).to(tl.uint32))  # [M, N / 2]
+        x = tl.reshape(x, (M, N // 16, 8))
+        halves = tl.reshape(tl.permute(tl.join(x & 0xFFFF, x >> 16), (0, 1, 3, 2)), (M, N))
     return halves >= threshold.to(tl.uint32)
 
 
