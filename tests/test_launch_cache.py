@@ -338,7 +338,8 @@ def test_constant_lengths_follow_the_config_and_the_shape_budget(monkeypatch):
 
 def test_constant_lengths_only_where_the_tuning_table_measured_them(monkeypatch):
     """tuning.dkdv_constant_lengths on an H200 (sm_90): the configs measured faster take the lengths
-    as constants, the ones measured slower and the unmeasured ones (fp32, D=256, no GPU) do not."""
+    as constants, the ones measured slower and the unmeasured ones (fp32, D=256, block masks at D=64,
+    no GPU) do not."""
     from flashtile.tuning import backward_config
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr("flashtile.tuning._arch", lambda device: (9, 0))
@@ -354,7 +355,13 @@ def test_constant_lengths_only_where_the_tuning_table_measured_them(monkeypatch)
     assert bf16(False, dropout=True, block_sparse=True)
     causal_dropout = backward_config(gpu, 128, 128, torch.bfloat16, True, long_causal=True, dropout=True)
     assert (causal_dropout.dkdv.block_m, causal_dropout.dkdv.block_n, causal_dropout.dkdv.num_warps) == (32, 64, 4)
-    assert not backward_config(gpu, 64, 64, torch.bfloat16, False, dropout=True).constant_lengths
+    # D <= 64: non-causal calls on the plain 32x128 w4 tiles and dropout (on 64x64 w4 tiles); causal
+    # calls and block masks do not
+    d64 = lambda *a, **kw: backward_config(gpu, 64, 64, torch.bfloat16, *a, **kw)
+    assert d64(False).constant_lengths and d64(False, softcap=True).constant_lengths
+    assert d64(True, dropout=True).constant_lengths and not d64(True).constant_lengths
+    assert (d64(False, dropout=True).dkdv.block_m, d64(False, dropout=True).dkdv.block_n) == (64, 64)
+    assert not d64(False, block_sparse=True).constant_lengths
     assert not backward_config(gpu, 128, 128, torch.float32, False).constant_lengths
     assert not backward_config(gpu, 256, 256, torch.bfloat16, False).constant_lengths
     monkeypatch.setattr("flashtile.tuning._arch", lambda device: None)

@@ -151,26 +151,32 @@ def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype:
     window, block mask or varlen, with a key count in LONG_CAUSAL_KEYS; short_walk: causal with at most
     SHORT_CAUSAL_KEYS keys or a window at most SHORT_WINDOW wide, without a block mask; dropout: p > 0;
     grouped: GQA / MQA; medium_walk: causal, neither block mask nor varlen, with at most
-    MEDIUM_CAUSAL_KEYS keys or a window at most MEDIUM_WINDOW wide). Causal dropout runs 32x64 dK/dV
-    tiles, non-causal dropout the default ones; both with constant lengths."""
+    MEDIUM_CAUSAL_KEYS keys or a window at most MEDIUM_WINDOW wide). Dropout runs 64x64 w4 dK/dV tiles
+    at head dims <= 64 and causal 32x64 w4 ones up to 128, with constant lengths."""
     if medium_walk and not dropout and not grouped:  # the short walk's tiles, with constant lengths
         short_walk, long_causal = True, False
     tiles = _backward_tiles(device, head_dim, head_dim_v, dtype, causal, block_sparse, softcap, partial_blocks,
                             long_causal, short_walk)
-    if dropout and causal and not block_sparse and _arch(device) is not None and dtype != torch.float32 \
-            and 64 < max(tile_width(head_dim), tile_width(head_dim_v)) <= 128:
-        # H200, B*S = 16384, H=16, p=0.1, forward+backward TFLOP/s, the tiles before -> 32x64 w4 with
-        # constant lengths (a keep mask whose pairs sit in one thread since session 18): D=128 S=2048
-        # 239 -> 255, S=4096 265 -> 295, S=8192 287 -> 307 (64x64 w4 with constants: 233 / 264 / 275);
-        # D=96 S=8192 211 -> 238. Split phases or one loop: within 1%
-        tiles = dataclasses.replace(tiles, dkdv=KernelConfig(32, 64, 4, 2))
-    if dkdv_constant_lengths(device, head_dim, head_dim_v, dtype, tiles, block_sparse, dropout, grouped):
+    d = max(tile_width(head_dim), tile_width(head_dim_v))
+    if dropout and not block_sparse and _arch(device) is not None and dtype != torch.float32:
+        # H200, p=0.1, forward+backward TFLOP/s, the tiles before -> these, with constant lengths (a
+        # keep mask whose pairs sit in one thread since session 18). B*S = 16384, H=16, causal, 32x64
+        # w4: D=128 S=2048 239 -> 255, S=4096 265 -> 295, S=8192 287 -> 307 (64x64 w4 with constants:
+        # 233 / 264 / 275); D=96 S=8192 211 -> 238; split phases or one loop within 1%. D=64 (B=2,
+        # H=32, S=8192), 64x64 w4 against 32x128 w4 s3: non-causal 214 -> 249, causal 188 -> 210
+        # (32x64 w4 209, 64x128 w8 205)
+        if d <= 64:
+            tiles = dataclasses.replace(tiles, dkdv=KernelConfig(64, 64, 4, 2))
+        elif d <= 128 and causal:
+            tiles = dataclasses.replace(tiles, dkdv=KernelConfig(32, 64, 4, 2))
+    if dkdv_constant_lengths(device, head_dim, head_dim_v, dtype, tiles, block_sparse, dropout, grouped, causal):
         return dataclasses.replace(tiles, constant_lengths=True)
     return tiles
 
 
 def dkdv_constant_lengths(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
-                          tiles: BackwardConfig, block_sparse: bool, dropout: bool, grouped: bool) -> bool:
+                          tiles: BackwardConfig, block_sparse: bool, dropout: bool, grouped: bool,
+                          causal: bool = False) -> bool:
     """Whether the dK/dV launch takes the lengths as compile-time constants on a repeated signature.
 
     The constants fold the loops' bounds, but they also change the register allocation of a kernel
@@ -183,12 +189,20 @@ def dkdv_constant_lengths(device: torch.device, head_dim: int, head_dim_v: int, 
       slower: 64x128 w8: causal S=2048 806 -> 1086, window (1024, 0) 784 -> 1058, (1024, 1024)
               1351 -> 1785; split-phase causal S=4096 / 8192 +6.5 / +4.7%, with ALiBi +10.7%;
               dropout non-causal +6.6%, causal +7.8% (before session 18's keep mask; now faster, below).
-    The dQ launch never gained (+1 to +6%): it keeps the run-time lengths. fp32, head dims outside
-    (64, 128] and other GPUs are unmeasured and keep them too.
+    The dQ launch never gained (+1 to +6%): it keeps the run-time lengths. fp32, head dims above 128
+    and other GPUs are unmeasured and keep them too.
     """
     d = max(tile_width(head_dim), tile_width(head_dim_v))
-    if _arch(device) is None or dtype == torch.float32 or not 64 < d <= 128:
+    if _arch(device) is None or dtype == torch.float32 or d > 128:
         return False
+    if d <= 64:
+        # D=64 (session 18; B*S = 16384, H=32, forward+backward TFLOP/s, run-time -> constant lengths,
+        # the 32x128 w4 s3 tiles, A/B in one session): non-causal S=512 / 1024 / 2048 / 4096 / 8192 265
+        # -> 286, 313 -> 338, 345 -> 366, 355 -> 379, 367 -> 386; ALiBi +3%, softcap within 0.5%;
+        # dropout (64x64 w4, backward_config) 214 -> 249. Causal (a window (1024, 0) within 0.5%) lost:
+        # S=512 / 1024 -2.2 / -1.1%, ALiBi -4.3% (4096 / 8192 +1-2%), so causal keeps run-time lengths.
+        # Block masks' tiles are unmeasured
+        return not block_sparse and (dropout or (not causal and tiles.dkdv == KernelConfig(32, 128, 4, 3)))
     if dropout:
         # session 18's keep mask (no layout conversion in the dK/dV loop), run-time -> constant lengths,
         # forward+backward TFLOP/s: non-causal 64x64 w4 D=128 S=2048 / 4096 / 8192 256 -> 331, 272 ->
