@@ -541,7 +541,7 @@ def attention_bwd_dq_kernel(
     am_ptrs = attn_mask_ptrs(AttnMask, b, h, offs_m[:, None], offs_n[None, :], stride_amb, stride_amh, stride_amm,
                              stride_amn)
     drop_base = dropout_rows(b, h, heads_q, count_q, count_k, tile * BLOCK_M)  # the tile's first counter
-    drop_offs = tl.arange(0, BLOCK_M) * count_k  # each row's counter offset (< 2^31: dispatch's bound)
+    drop_offs = tl.arange(0, BLOCK_M) * count_k  # each row's counter offset (< 2^31: api's dropout.MAX_KEYS)
     db_base = DBias + (b * heads_q + h).to(tl.int64) * seqlen_q * seqlen_k  # dS of this head, [Sq, Sk]
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale, softcap,

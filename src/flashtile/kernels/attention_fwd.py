@@ -237,7 +237,7 @@ def attention_fwd_kernel(
     # dropout counters: element (i, j) of head (b, h) is ((b * Hq + h) * Sq + i) * Sk + j (varlen: i, j
     # within sequence b, Sq / Sk the maxima, so the keep pattern is FlashAttention's padded one)
     drop_base = dropout_rows(b, h, heads_q, count_q, count_k, tile * BLOCK_M)  # the tile's first counter
-    drop_offs = tl.arange(0, BLOCK_M) * count_k  # each row's counter offset (< 2^31: dispatch's bound)
+    drop_offs = tl.arange(0, BLOCK_M) * count_k  # each row's counter offset (< 2^31: api's dropout.MAX_KEYS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

@@ -99,8 +99,7 @@ def _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, a
     """Online-softmax update over key tiles [start, stop): S chunked over Dqk, O slice in registers.
     am_ptrs: torch SDPA's attn_mask at this tile's rows and key 0 (ATTN_MASK as in common.score_log2).
     DROPOUT: drop_base / drop_offs are the tile's first dropout counter and its rows' offsets from it
-    (common.dropout_keep); l_i keeps the
-    undropped sum, only P V sees the keep pattern."""
+    (common.dropout_keep); l_i keeps the undropped sum, only P V sees the keep pattern."""
     for start_n in tl.range(start, stop, BLOCK_N):
         cols = start_n + offs_n
         # -- V's slice first: its loads are in flight during the S loop below (loaded after the
@@ -185,7 +184,7 @@ def wide_fwd_kernel(
     am_ptrs = attn_mask_ptrs(AttnMask, b, h, offs_m[:, None], offs_n[None, :], stride_amb, stride_amh, stride_amm,
                              stride_amn)
     drop_base = dropout_rows(b, h, heads_q, count_q, count_k, tile * BLOCK_M)  # the tile's first counter
-    drop_offs = tl.arange(0, BLOCK_M) * count_k  # each row's counter offset (< 2^31: dispatch's bound)
+    drop_offs = tl.arange(0, BLOCK_M) * count_k  # each row's counter offset (< 2^31: api's dropout.MAX_KEYS)
     # key tiles [a, bb) and [c, d) need the visibility rule, [bb, c) is visible to every row; a left edge
     # (window) makes [a, bb) non-empty. One call site, unrolled per phase (MASKED is a constexpr)
     for phase in tl.static_range(0 if HAS_LEFT else 1, 3):
@@ -349,7 +348,7 @@ def wide_dq_kernel(
     am_ptrs = attn_mask_ptrs(AttnMask, b, h, offs_m[:, None], offs_n[None, :], stride_amb, stride_amh, stride_amm,
                              stride_amn)
     drop_base = dropout_rows(b, h, heads_q, count_q, count_k, tile * BLOCK_M)  # the tile's first counter
-    drop_offs = tl.arange(0, BLOCK_M) * count_k  # each row's counter offset (< 2^31: dispatch's bound)
+    drop_offs = tl.arange(0, BLOCK_M) * count_k  # each row's counter offset (< 2^31: api's dropout.MAX_KEYS)
     db_base = DBias + (b * heads_q + h).to(tl.int64) * count_q * count_k
     for phase in tl.static_range(0 if HAS_LEFT else 1, 3):  # the forward's phases: [a, bb), [bb, c), [c, d)
         lo = a if phase == 0 else (bb if phase == 1 else c)
