@@ -176,7 +176,7 @@ def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype:
 
 def dkdv_constant_lengths(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
                           tiles: BackwardConfig, block_sparse: bool, dropout: bool, grouped: bool,
-                          causal: bool = False) -> bool:
+                          causal: bool) -> bool:
     """Whether the dK/dV launch takes the lengths as compile-time constants on a repeated signature.
 
     The constants fold the loops' bounds, but they also change the register allocation of a kernel

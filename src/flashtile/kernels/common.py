@@ -258,7 +258,7 @@ def dropout_keep(tile_base, row_offs, cols, seed_lo, seed_hi, threshold, KEYS_FI
     tile_base: int64 scalar, the counter of the tile's first query row at key 0
     (((b * Hq + h) * Sq + i0) * Sk); row_offs: int32 [M], (i - i0) * Sk of each query row; cols: the
     tile's key indices, 1-d, in runs of 16 from a multiple of 16. Every counter of the tile is then
-    tile_base plus a 32-bit offset (the launcher keeps M * Sk < 2^31).
+    tile_base plus a 32-bit offset (api.py keeps Sk <= dropout.MAX_KEYS, so M * Sk < 2^31).
     KEYS_FIRST = False: tile [queries, keys]; True: tile [keys, queries] (the dK/dV kernels').
 
     One 32-bit hash serves keys j and j + 8 (bit 3 of j clear; 16 bits each): half the integer work
@@ -270,14 +270,13 @@ def dropout_keep(tile_base, row_offs, cols, seed_lo, seed_hi, threshold, KEYS_FI
     N: tl.constexpr = cols.shape[0]
     low, _ = tl.split(tl.permute(tl.reshape(cols, (N // 16, 2, 8)), (0, 2, 1)))  # keys with bit 3 clear
     low = tl.reshape(low, (N // 2,))
+    M: tl.constexpr = row_offs.shape[0]
     base_lo, key0, key1 = _tile_keys(tile_base, seed_lo, seed_hi)
     if KEYS_FIRST:
-        M: tl.constexpr = row_offs.shape[0]
         x = _pair_hash(base_lo, key0, key1, (row_offs[None, :] + low[:, None]).to(tl.uint32))  # [N / 2, M]
         x = tl.reshape(x, (N // 16, 8, M))
         halves = tl.reshape(tl.permute(tl.join(x & 0xFFFF, x >> 16), (0, 3, 1, 2)), (N, M))
     else:
-        M: tl.constexpr = row_offs.shape[0]
         x = _pair_hash(base_lo, key0, key1, (row_offs[:, None] + low[None, :]).to(tl.uint32))  # [M, N / 2]
         x = tl.reshape(x, (M, N // 16, 8))
         halves = tl.reshape(tl.permute(tl.join(x & 0xFFFF, x >> 16), (0, 1, 3, 2)), (M, N))
