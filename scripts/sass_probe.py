@@ -47,6 +47,8 @@ CASES = {
     "dkdv_causal_medium": (DKDV, dict(HAS_RIGHT=True, SEQLEN_Q=2048, SEQLEN_K=2048), (32, 64, 4, 2)),
     "dkdv_window": (DKDV, dict(HAS_LEFT=True, HAS_RIGHT=True, SEQLEN_Q=16384, SEQLEN_K=16384), (32, 64, 4, 2)),
     "dkdv_softcap": (DKDV, dict(SOFTCAP=2), (64, 64, 4, 2)),
+    "dkdv_softcap_causal": (DKDV, dict(SOFTCAP=2, HAS_RIGHT=True, SEQLEN_Q=8192, SEQLEN_K=8192), (32, 64, 4, 2)),
+    "dq_softcap": (DQ, dict(SOFTCAP=2), (128, 64, 8, 3)),
     "dkdv_alibi": (DKDV, dict(HAS_ALIBI=True), (64, 64, 4, 2)),
     "dkdv_dropout": (DKDV, dict(DROPOUT=True), (64, 64, 4, 2)),
     "fwd_dropout": (FWD, dict(DROPOUT=True), (128, 64, 8, 3)),

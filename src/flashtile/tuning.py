@@ -245,7 +245,10 @@ def _backward_tiles(device: torch.device, head_dim: int, head_dim_v: int, dtype:
     if softcap and causal and d <= 128:
         # scripts/tune_dkdv.py softcap_causal (B=2, H=16, S=8192, D=128, cap 30): the tanh factor kept
         # for dS adds live values; 32x64 w4 takes the backward from 6.13 to 4.77 ms (non-causal
-        # keeps the default: 8.81 against 8.93 ms)
+        # keeps the default: 8.81 against 8.93 ms). Re-swept once the factor was folded into P^T early
+        # (session 19, forward+backward TFLOP/s): S=8192 32x64 w4 326-331, 64x64 w4 one loop with
+        # constant lengths 303-308, split phases 286-293, 64x128 w8 278-281; S=2048 (B=8) 270-279
+        # against 250-252 / 232-234 / 225
         return BackwardConfig(KernelConfig(32, 64, 4, 2), KernelConfig(128, 64, 8, 3))
     if short_walk and 64 < d <= 128:
         # H200 (B*S = 16384, H=16, D=128, backward alone, 3 rounds), 32x64 w4 s2 against 64x128 w8 s2:

@@ -107,6 +107,8 @@ def _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_bas
         pt_kept = tl.where(keep, pt, 0.0).to(do.dtype)
     else:
         pt_kept = pt.to(do.dtype)
+    if SOFTCAP:  # d/dx c*tanh(x/c) = 1 - tanh^2, folded in now: tt then dies before the two dots (no spills)
+        pt = pt * (1.0 - tt * tt)
     dv = tl.dot(pt_kept, do, dv, input_precision=DOT_PRECISION)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if BLOCK_DV2 > 0:
@@ -115,8 +117,6 @@ def _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_bas
     if DROPOUT:
         dpt = tl.where(keep, dpt, 0.0)
     dst = pt * (dpt - delta[None, :])
-    if SOFTCAP:
-        dst = dst * (1.0 - tt * tt)  # d/dx c*tanh(x/c) = 1 - tanh^2
     dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     if BLOCK_D2 > 0:
         dk2 = tl.dot(dst.to(q2.dtype), q2, dk2, input_precision=DOT_PRECISION)
@@ -378,6 +378,8 @@ def _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_p
         if need_vis:
             p = tl.where(visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT),
                          p, 0.0)
+    if SOFTCAP and not BIAS_GRAD:  # the tanh factor folded in before the dot: t dies early (no spills)
+        p = p * (1.0 - t * t)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if BLOCK_DV2 > 0:
         dp = tl.dot(do2, tl.trans(v2), dp, input_precision=DOT_PRECISION)
@@ -388,8 +390,8 @@ def _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_p
     if BIAS_GRAD:  # the bias is added after softcap: its gradient is dS before the tanh factor
         tl.store(db_base + offs_m[:, None].to(tl.int64) * seqlen_k + cols[None, :], ds,
                  mask=(offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))
-    if SOFTCAP:
-        ds = ds * (1.0 - t * t)
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     if BLOCK_D2 > 0:
         dq2 = tl.dot(ds.to(k2.dtype), k2, dq2, input_precision=DOT_PRECISION)
