@@ -39,6 +39,8 @@ CASES = {
     "fwd": (FWD, {}, (128, 128, 8, 3)),
     "fwd_128x64": (FWD, {}, (128, 64, 8, 3)),
     "fwd_causal": (FWD, dict(HAS_RIGHT=True), (128, 128, 8, 3)),
+    "fwd_softcap": (FWD, dict(SOFTCAP=2), (128, 64, 8, 3)),
+    "fwd_softcap_fixed_max": (FWD, dict(SOFTCAP=2, FIXED_MAX=True), (128, 64, 8, 3)),
     "dq": (DQ, {}, (128, 64, 8, 3)),
     "dkdv": (DKDV, {}, (64, 64, 4, 2)),
     "dkdv_constant": (DKDV, dict(SEQLEN_Q=8192, SEQLEN_K=8192), (64, 64, 4, 2)),

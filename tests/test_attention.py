@@ -101,6 +101,38 @@ def test_softcap_and_alibi(features, dtype, backend):
         check_against_oracle(q, k, v, **kw)
 
 
+def test_fixed_max_only_where_the_softcap_bounds_the_scores():
+    """attention_launch.fixed_max: the forward drops its running max only for a softcap whose bound
+    softcap * log2(e) is at most 60 (p >= 2^-120), in bf16 / fp32, with nothing added to the score."""
+    fixed_max = attention_launch.fixed_max
+    assert fixed_max(41.5, torch.bfloat16, False, 0) and fixed_max(0.01, torch.float32, False, 0)
+    assert fixed_max(30.0, torch.bfloat16, False, 1)  # a bool mask only hides scores
+    assert not fixed_max(41.6, torch.bfloat16, False, 0) and not fixed_max(0.0, torch.bfloat16, False, 0)
+    assert not fixed_max(30.0, torch.float16, False, 0)  # P in fp16 would underflow
+    assert not fixed_max(30.0, torch.bfloat16, True, 0) and not fixed_max(30.0, torch.bfloat16, False, 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_softcap_rows_far_below_the_bound(dtype, backend):
+    """Rows whose every score sits near -softcap: with the bound as the softmax max (cap 40: bound
+    57.7) their p fall to about 2^-115 and must stay exact; cap 60 (bound 86.6, p near 2^-173 would
+    flush to 0) must take the running max. Both caps on one shape in turn, so a launch recipe made for
+    the first cannot serve the second (attention_launch._call_key)."""
+    B, Sq, Sk, H, D = 2, 37, 45, 3, 40
+    g = torch.Generator().manual_seed(7)
+    u = torch.randn(D, generator=g)
+    u = u / u.norm()
+    for cap in (40.0, 60.0):
+        k = 2 * math.sqrt(D) * u + 0.5 * torch.randn(B, Sk, H, D, generator=g)
+        q = torch.randn(B, Sq, H, D, generator=g)
+        q[:, ::2] = -1.5 * cap * u + 0.1 * torch.randn(B, (Sq + 1) // 2, H, D, generator=g)  # x near -3
+        v = torch.randn(B, Sk, H, D, generator=g)
+        q, k, v = (t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v))
+        with ft.use_backend(backend):
+            check_against_oracle(q, k, v, softcap=cap, causal=cap > 50)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_softmax_scale_and_strides(backend):
     """[B, H, S, D] storage seen through a transpose, a slice of a packed qkv, and a custom scale."""

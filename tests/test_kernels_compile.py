@@ -72,9 +72,15 @@ def compile_forward_configs() -> None:
         assert (cfg.block_m, cfg.block_n) == (128, 64), (args, cfg)
     mask_cfg = forward_config(gpu, 128, 128, torch.bfloat16, False, long_bool_mask=True)
     assert (mask_cfg.block_m, mask_cfg.block_n) == (128, 128), mask_cfg
+    # a softcap that bounds the scores (FIXED_MAX): 128 x 32 from D = 65 to 128, D = 64 keeps 128 x 64
+    capped_cfg = forward_config(gpu, 96, 96, torch.bfloat16, False, fixed_max=True)
+    assert (capped_cfg.block_m, capped_cfg.block_n, capped_cfg.num_stages) == (128, 32, 3), capped_cfg
+    d64 = forward_config(gpu, 64, 64, torch.bfloat16, False, fixed_max=True)
+    assert (d64.block_m, d64.block_n) == (128, 64), d64
     plain = dict(FLAG_SETS[0], DOT_PRECISION="ieee", BLOCK_D=128, BLOCK_DV=128, BLOCK_SQ=0, BLOCK_SK=0)
     for flags, c in ((plain, long_cfg), (dict(plain, HAS_RIGHT=True, HAS_ALIBI=True, TILE_MAJOR=True, HEAD_GROUP=4), long_cfg),
-                     (dict(plain, ATTN_MASK=1), mask_cfg)):
+                     (dict(plain, ATTN_MASK=1), mask_cfg),
+                     (dict(plain, SOFTCAP=2, FIXED_MAX=True, HAS_RIGHT=True, DROPOUT=True, ATTN_MASK=1), capped_cfg)):
         k = _compile(attention_fwd_kernel, "bf16", dict(flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
                      num_warps=c.num_warps, num_stages=c.num_stages)
         assert k.metadata.shared <= 232448, k.metadata.shared  # H100/H200: 227 KiB per block

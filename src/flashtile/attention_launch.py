@@ -44,6 +44,21 @@ def _softcap_flag(softcap: float, dtype: torch.dtype) -> int:
     return 2 if dtype == torch.bfloat16 and not triton_interpreting() else 1
 
 
+LOG2E = 1.4426950408889634
+# softcap * log2(e) up to this: the forward may take the scores' bound as its softmax max (fixed_max)
+FIXED_MAX_LOG2 = 60.0
+
+
+def fixed_max(softcap: float, dtype: torch.dtype, has_alibi: bool, attn_mask_kind: int) -> bool:
+    """FIXED_MAX of the forward kernel: softcap bounds every log2-domain score s by c = softcap * log2(e),
+    so exp2(s - c) can stand in for the online softmax's exp2(s - running max), with no max to track
+    and no accumulator to rescale. Only where nothing else adds to the score (ALiBi, an additive
+    attn_mask) and where p >= 2^(-2c) stays a normal number in P's dtype: c <= FIXED_MAX_LOG2 = 60
+    keeps p >= 2^-120 for fp32 and bf16 (2^-126); fp16's P would underflow below 2^-24."""
+    return (0 < softcap * LOG2E <= FIXED_MAX_LOG2 and dtype in (torch.bfloat16, torch.float32)
+            and not has_alibi and attn_mask_kind != 2)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs are fp32-exact unless torch allows tf32 for matmuls (design.md)."""
     if dtype == torch.float32 and not triton_interpreting() and torch.backends.cuda.matmul.allow_tf32:
@@ -375,7 +390,7 @@ def _call_key(tensors: Tuple[torch.Tensor, ...], left: Optional[int], right: Opt
     are read by the kernels only."""
     if alibi_slopes is not None:
         tensors = (*tensors, alibi_slopes)
-    sig = [left, right, softcap > 0, type(softmax_scale), type(softcap), dropout_p,
+    sig = [left, right, softcap > 0, softcap * LOG2E <= FIXED_MAX_LOG2, type(softmax_scale), type(softcap), dropout_p,
            torch.backends.cuda.matmul.allow_tf32, tensors[0].device, lengths, aliases(tensors), mask_sig]
     for t in tensors:
         sig += (t.shape, t.stride(), t.dtype, t.data_ptr() % 16)
@@ -470,9 +485,10 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     sp = _sparse_args(block_mask, lse, left, right)
     has_left, has_right, left, right = _mask_flags(left, right)
     long_rest = Sk >= 2048 and not has_left and softcap <= 0 and dropout_p == 0 and not sp.enabled and not layout.varlen
-    cfg = config or forward_config(q.device, D, Dv, q.dtype, causal, long_rest and attn_mask is None,
-                                   long_rest and attn_mask is not None and attn_mask.dtype == torch.bool)
     am_kind, am, am_strides = _attn_mask_args(attn_mask, (B, Hq, Sq, Sk), lse)
+    bounded = fixed_max(softcap, q.dtype, alibi_slopes is not None, am_kind)
+    cfg = config or forward_config(q.device, D, Dv, q.dtype, causal, long_rest and attn_mask is None,
+                                   long_rest and attn_mask is not None and attn_mask.dtype == torch.bool, bounded)
     slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
     cu_q, cu_k = layout.cu(lse)
     args = (q, k, v, out, lse, slopes, cu_q, cu_k, *sp.kv_lists, sp.tiles, am,
@@ -483,6 +499,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
                 HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=_softcap_flag(softcap, q.dtype), HAS_ALIBI=alibi_slopes is not None,
                 VARLEN=layout.varlen, BLOCK_SPARSE=sp.enabled, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
                 ATTN_MASK=am_kind, DOT_PRECISION=_dot_precision(q.dtype),
+                FIXED_MAX=bounded,
                 **_order_flags(program_order(layout, causal, has_left, Hq // Hkv, sp.enabled)))
     with _device_ctx(q):
         ran = _launch(attention_fwd_kernel, cfg, sp.block, lambda bm, bn: (triton.cdiv(Sq, bm) * B * Hq,),

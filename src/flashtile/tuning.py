@@ -79,10 +79,12 @@ def _arch(device: torch.device) -> Optional[Tuple[int, int]]:
 
 
 def forward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
-                   causal: bool, long_plain: bool = False, long_bool_mask: bool = False) -> KernelConfig:
+                   causal: bool, long_plain: bool = False, long_bool_mask: bool = False,
+                   fixed_max: bool = False) -> KernelConfig:
     """Config of attention_fwd_kernel. long_plain: at least 2048 keys and no per-score work beyond
     causal and ALiBi (no window, softcap, dropout, attn_mask, block mask; not varlen). long_bool_mask:
-    the same, except for a bool attn_mask."""
+    the same, except for a bool attn_mask. fixed_max: the kernel's FIXED_MAX (a softcap bounds the
+    scores, attention_launch.fixed_max)."""
     arch = _arch(device)
     d = max(tile_width(head_dim), tile_width(head_dim_v))
     if arch is None:  # interpreter: every op is a numpy call, so fewer larger tiles run faster
@@ -93,6 +95,13 @@ def forward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: 
         # non-causal D=64 / 128); D=256 needs 2 stages to fit shared memory (479).
         if fp32:
             return KernelConfig(64, 32, 4, 2) if d > 128 else KernelConfig(128, 32, 8, 2)
+        if fixed_max and 64 < d <= 128:
+            # softcap without a running max (H200, cap 30, forward TFLOP/s, 128x64 s3 -> 128x32 s3):
+            # B=2, H=16, S=8192 non-causal 412 -> 472-493, causal 408 -> 463-475; B=8, S=2048 377 ->
+            # 459-466, causal 326 -> 369; D=96 322 -> 398-401. s4 / s5 within 2%, 64x64 w4 s3 and 128x32
+            # w4 below; D=64 keeps 128x64 (128x32: 303 against 346), and so do caps above the bound
+            # (cap 50: 413 -> 411: the per-tile max and rescale are what the narrow tiles shed)
+            return KernelConfig(128, 32, 8, 3)
         if long_plain and 64 < d <= 128:
             # 128-key tiles (224 KB of shared memory): H200 A/B, 3 interleaved rounds, D=128 against
             # 128x64: S=8192 non-causal / causal / ALiBi / ALiBi causal / GQA causal +3.6 / +5.0 /

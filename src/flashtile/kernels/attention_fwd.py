@@ -24,7 +24,7 @@ def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs
               MASKED: tl.constexpr, ELEM: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
               EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-              BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr):
+              BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr, FIXED_MAX: tl.constexpr):
     """Online-softmax update with the key tile starting at start_n.
 
     MASKED: 0 = every key visible and in range (no per-element work); 1 = apply the visibility rule
@@ -66,11 +66,17 @@ def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs
         if need_vis:
             qk = tl.where(visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT),
                           qk, float("-inf"))
-    # -- online softmax: new running max, rescale what was accumulated --
-    p, alpha, l_i, m_new = online_softmax(qk, m_i, l_i, MASKED != 0 or ATTN_MASK != 0)
-    acc = acc * alpha[:, None]
-    if BLOCK_DV2 > 0:
-        acc2 = acc2 * alpha[:, None]
+    if FIXED_MAX:
+        # -- the scores' upper bound m_i (softcap) stands in for the running max: nothing to rescale --
+        p = tl.math.exp2(qk - m_i[:, None])
+        l_i = l_i + tl.sum(p, 1)
+        m_new = m_i
+    else:
+        # -- online softmax: new running max, rescale what was accumulated --
+        p, alpha, l_i, m_new = online_softmax(qk, m_i, l_i, MASKED != 0 or ATTN_MASK != 0)
+        acc = acc * alpha[:, None]
+        if BLOCK_DV2 > 0:
+            acc2 = acc2 * alpha[:, None]
     if MASKED != 0:
         v_mask = cols[:, None] < seqlen_k
         if not EVEN_DV:
@@ -98,14 +104,14 @@ def _fwd_tiles(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, off
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-               BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr):
+               BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr, FIXED_MAX: tl.constexpr):
     """Online-softmax update over key tiles [start, stop) in steps of BLOCK_N (MASKED 0 or 1)."""
     for start_n in range(start, stop, BLOCK_N):
         acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                   start_n, False, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                   seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                   MASKED, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                                  DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+                                  DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, FIXED_MAX)
     return acc, acc2, l_i, m_i
 
 
@@ -118,7 +124,7 @@ def _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs
                     ELEM: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-               BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr):
+               BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr, FIXED_MAX: tl.constexpr):
     """Visit the key blocks of one block-sparse list (full or partial) of this query block.
 
     One flat loop over the list's key tiles (BLOCK_SK / BLOCK_N per block), so the software pipeline
@@ -139,14 +145,14 @@ def _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs
                                       start_n, True, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                       1, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                                      DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+                                      DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, FIXED_MAX)
         else:
             need_vis = (start_n < full_lo) | (start_n + BLOCK_N > full_hi)  # crosses an edge or the end
             acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                       start_n, need_vis, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                       2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                                      DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+                                      DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, FIXED_MAX)
     return acc, acc2, l_i, m_i
 
 
@@ -171,6 +177,7 @@ def attention_fwd_kernel(
     ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, TILE_MAJOR: tl.constexpr, HEAD_GROUP: tl.constexpr,
     BLOCK_D2: tl.constexpr = 0, BLOCK_DV2: tl.constexpr = 0, EVEN_D2: tl.constexpr = True, EVEN_DV2: tl.constexpr = True,
+    FIXED_MAX: tl.constexpr = False,
 ):
     """Q [B, Sq, Hq, D], K [B, Sk, Hkv, D], V [B, Sk, Hkv, Dv] -> Out [B, Sq, Hq, Dv], Lse fp32 [B, Hq, Sq].
 
@@ -189,6 +196,9 @@ def attention_fwd_kernel(
     BLOCK_SPARSE: only the key blocks listed for this query block are visited (masks.BlockMask's
     full / partial lists, blocks of BLOCK_SQ x BLOCK_SK); partial blocks AND their uint8 element-mask
     tile (ElemTiles [P, BLOCK_SQ, BLOCK_SK], PartTile: the tile of each partial-list entry).
+    FIXED_MAX: a softcap bounds every log2-domain score by softcap * log2(e), which then stands in for
+    the running max (attention_launch.fixed_max says where that is exact): no per-tile row max, no
+    rescaling of the accumulator.
     """
     # -- which tile of which head --
     n_m_tiles = tl.cdiv(seqlen_q, BLOCK_M)
@@ -239,11 +249,14 @@ def attention_fwd_kernel(
     drop_base = dropout_rows(b, h, heads_q, count_q, count_k, tile * BLOCK_M)  # the tile's first counter
     drop_offs = tl.arange(0, BLOCK_M) * count_k  # each row's counter offset (< 2^31: api's dropout.MAX_KEYS)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale, softcap,
                                                                    SOFTCAP, HAS_ALIBI)
+    if FIXED_MAX:  # softcap bounds every score by softcap * log2(e) (attention_launch.fixed_max)
+        m_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32) + softcap_post
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
 
     m_lo = tile * BLOCK_M
     m_hi = tl.minimum(m_lo + BLOCK_M, seqlen_q)
@@ -259,13 +272,13 @@ def attention_fwd_kernel(
                                         stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                         BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
-                                        EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+                                        EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, FIXED_MAX)
         acc, acc2, l_i, m_i = _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                         PartNum, PartIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
                                         stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                         BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
-                                        EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+                                        EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, FIXED_MAX)
     elif HAS_LEFT:
         # -- sliding window: one pipelined loop over the visible tiles [a, d); only tiles outside the
         # fully visible band [bb, c) pay for the mask. Per-phase loops would each drain the software
@@ -276,17 +289,17 @@ def attention_fwd_kernel(
                                       start_n, (start_n < bb) | (start_n >= c), stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                       2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                                      DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+                                      DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, FIXED_MAX)
     else:
         # -- an unmasked body, then the masked tail (causal diagonal, sequence end) --
         acc, acc2, l_i, m_i = _fwd_tiles(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                    bb, c, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
                                    head_dim, head_dim_v, window_left, window_right,
-                                   BLOCK_N, 0, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+                                   BLOCK_N, 0, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, FIXED_MAX)
         acc, acc2, l_i, m_i = _fwd_tiles(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                    c, d, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
                                    head_dim, head_dim_v, window_left, window_right,
-                                   BLOCK_N, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+                                   BLOCK_N, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, FIXED_MAX)
 
     # -- epilogue: normalise; a row that saw no key gives out 0 and lse -inf --
     empty = l_i == 0.0
