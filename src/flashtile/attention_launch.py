@@ -383,7 +383,7 @@ def _call_key(tensors: Tuple[torch.Tensor, ...], left: Optional[int], right: Opt
               dropout_seed: Tuple[int, int], lengths: Optional[Tuple[int, int]] = None, mask_sig=None) -> tuple:
     """What the launcher's decisions read, for launch_recipe: every tensor's shape, strides, dtype and
     16-byte alignment (row_align, key_layout, the configs, Triton's specialisation), the device, the mask
-    edges, which features are on, dropout's p (its threshold and scale are fixed arguments), the
+    edges, which features are on (and whether a softcap lies within fixed_max's bound), dropout's p (its threshold and scale are fixed arguments), the
     scalars' types, the tf32 setting (fp32's dot precision), which tensors are one object (a recipe maps
     each by role: launch_recipe.capture), a packed call's max lengths and a block mask's _recipe_mask
     facts. A packed call's cu_seqlens and a block mask's lists are tensors like the others: their values

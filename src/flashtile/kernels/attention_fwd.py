@@ -34,6 +34,7 @@ def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs
     window of a uint8 partial-block tile (masks.BlockMask.partial_tiles).
     BLOCK_D2 / BLOCK_DV2 > 0: the head dims' tail chunks (q2, k2_ptrs at columns offs_d2; v2_ptrs and
     acc2 at offs_dv2), see the kernel's docstring.
+    FIXED_MAX: m_i holds the softcap's bound and never changes (no row max, no rescale).
     """
     cols = start_n + offs_n
     # -- load K tile (as K^T) and V tile; only masked tiles can cross the sequence end --
