@@ -100,7 +100,9 @@ def forward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: 
             # B=2, H=16, S=8192 non-causal 412 -> 472-493, causal 408 -> 463-475; B=8, S=2048 377 ->
             # 459-466, causal 326 -> 369; D=96 322 -> 398-401. s4 / s5 within 2%, 64x64 w4 s3 and 128x32
             # w4 below; D=64 keeps 128x64 (128x32: 303 against 346), and so do caps above the bound
-            # (cap 50: 413 -> 411: the per-tile max and rescale are what the narrow tiles shed)
+            # (cap 50: 413 -> 411: the per-tile max and rescale are what the narrow tiles shed). Wider
+            # heads keep theirs too: D=192 474-501 against 428 (128x32 s3), D=256 (H=8) 467-470 / causal
+            # 491 against 473-474 / 458-462
             return KernelConfig(128, 32, 8, 3)
         if long_plain and 64 < d <= 128:
             # 128-key tiles (224 KB of shared memory): H200 A/B, 3 interleaved rounds, D=128 against
