@@ -383,14 +383,16 @@ def _call_key(tensors: Tuple[torch.Tensor, ...], left: Optional[int], right: Opt
               dropout_seed: Tuple[int, int], lengths: Optional[Tuple[int, int]] = None, mask_sig=None) -> tuple:
     """What the launcher's decisions read, for launch_recipe: every tensor's shape, strides, dtype and
     16-byte alignment (row_align, key_layout, the configs, Triton's specialisation), the device, the mask
-    edges, which features are on (and whether a softcap lies within fixed_max's bound), dropout's p (its threshold and scale are fixed arguments), the
-    scalars' types, the tf32 setting (fp32's dot precision), which tensors are one object (a recipe maps
-    each by role: launch_recipe.capture), a packed call's max lengths and a block mask's _recipe_mask
-    facts. A packed call's cu_seqlens and a block mask's lists are tensors like the others: their values
+    edges, which features are on (and whether a softcap lies within fixed_max's bound), dropout's p (its
+    threshold and scale are fixed arguments), the scalars' types, the tf32 setting (fp32's dot
+    precision), which tensors are one object (a recipe maps each by role: launch_recipe.capture), a
+    packed call's max lengths and a block mask's _recipe_mask facts. A packed call's cu_seqlens and a block mask's lists are tensors like the others: their values
     are read by the kernels only."""
     if alibi_slopes is not None:
         tensors = (*tensors, alibi_slopes)
-    sig = [left, right, softcap > 0, softcap * LOG2E <= FIXED_MAX_LOG2, type(softmax_scale), type(softcap), dropout_p,
+    # FIXED_MAX from fixed_max itself (recipes exist only without attn_mask), so the key follows its rule
+    bounded = fixed_max(softcap, tensors[0].dtype, alibi_slopes is not None, 0)
+    sig = [left, right, softcap > 0, bounded, type(softmax_scale), type(softcap), dropout_p,
            torch.backends.cuda.matmul.allow_tf32, tensors[0].device, lengths, aliases(tensors), mask_sig]
     for t in tensors:
         sig += (t.shape, t.stride(), t.dtype, t.data_ptr() % 16)
