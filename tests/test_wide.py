@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import flashtile as ft
-from flashtile import attention_launch, wide_launch
+from flashtile import attention_launch, dispatch, wide_launch
 from conftest import DEVICE, HAS_GPU
 from flashtile.reference import attention_ref, attention_varlen_ref
 from oracle import assert_matches_oracle, assert_results_match_oracle
@@ -19,6 +19,7 @@ from test_varlen import _make as make_packed
 from test_varlen import check_against_oracle as check_varlen_against_oracle
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32] if HAS_GPU else [torch.float16, torch.float32]
+HALF = torch.bfloat16 if HAS_GPU else torch.float16  # the interpreter has no bf16 dot
 BACKENDS = ["triton"] if HAS_GPU else ["triton", "cpu"]
 
 # (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v): the issue's head dims,
@@ -75,12 +76,16 @@ def test_matches_oracle(shape, causal, dtype, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=str)
 @pytest.mark.parametrize("kw", [dict(window_size=(8, 0)), dict(window_size=(5, 11)), dict(window_size=(-1, 3)),
                                 dict(softcap=1.5), dict(alibi_slopes="batched", causal=True),
                                 dict(softcap=2.0, window_size=(20, -1))], ids=str)
-def test_variants(kw, backend):
-    """Sliding window, softcap and ALiBi run in the wide kernels with the dense kernels' semantics."""
-    q, k, v = _make((2, 50, 57, 2, 1, 300, 280), torch.float32)
+def test_variants(kw, dtype, backend):
+    """Sliding window, softcap and ALiBi run in the wide kernels with the dense kernels' semantics; in
+    16 bits the forward runs the dense kernel (dispatch.wide_forward_heads), the backward the wide ones."""
+    if backend == "cpu" and dtype != torch.float32:
+        pytest.skip("the CPU path does not choose kernels; fp32 covers it")
+    q, k, v = _make((2, 50, 57, 2, 1, 300, 280), dtype)
     if kw.get("alibi_slopes") == "batched":
         kw = dict(kw, alibi_slopes=torch.rand(2, 2, device=DEVICE, dtype=torch.float32) * 0.5)
     with ft.use_backend(backend):
@@ -233,6 +238,36 @@ def test_attn_mask_fully_masked_rows():
         dq, = torch.autograd.grad(out.sum(), (q,))
     assert torch.all(out[:, :, 5] == 0) and torch.isfinite(out).all() and torch.isfinite(dq).all()
     assert torch.all(dq[:, 5] == 0)
+
+
+@pytest.mark.parametrize("dims, dtype, wide", [
+    ((320, 320), torch.bfloat16, False), ((257, 1), torch.float16, False), ((384, 384), torch.float16, False),
+    ((29, 300), torch.bfloat16, False), ((320, 100), torch.bfloat16, False), ((192, 128), torch.bfloat16, False),
+    ((385, 385), torch.bfloat16, True), ((448, 448), torch.bfloat16, True), ((576, 512), torch.bfloat16, True),
+    ((64, 640), torch.float16, True), ((320, 320), torch.float32, True), ((257, 257), torch.float32, True),
+], ids=str)
+def test_forward_kernel_choice(dims, dtype, wide):
+    """Head dims 257..384 (register tiles of at most 384 columns) in 16 bits run the dense forward
+    kernel on Hopper and in the interpreter; wider tiles, fp32 and a block_mask keep the split-D one."""
+    device = torch.device(DEVICE)
+    if HAS_GPU and torch.cuda.get_device_capability()[0] < 9 and not wide and max(dims) > 256:
+        wide = True  # unmeasured on Ampere: the split-D kernel stays
+    assert dispatch.wide_forward_heads(*dims, dtype, device) == wide
+    assert dispatch.wide_forward_heads(*dims, dtype, device, block_mask=object()) == (max(dims) > 256)
+    assert dispatch.wide_heads(*dims) == (max(dims) > 256)  # the backward's choice does not move
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=str)
+def test_forward_runs_the_chosen_kernel(dtype, monkeypatch):
+    """The launch follows wide_forward_heads: a 16-bit D=320 forward never enters the split-D launcher,
+    fp32 does, and both match the oracle through the wide backward."""
+    calls = []
+    real = wide_launch.wide_forward
+    monkeypatch.setattr(wide_launch, "wide_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = _make((1, 45, 39, 2, 1, 320, 320), dtype)
+    with ft.use_backend("triton"):
+        check_against_oracle(q, k, v, causal=True)
+    assert bool(calls) == dispatch.wide_forward_heads(320, 320, dtype, q.device)
 
 
 @pytest.mark.parametrize("dim, max_part, want", [

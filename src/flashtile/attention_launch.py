@@ -16,7 +16,7 @@ import torch
 import triton
 
 from flashtile import dropout
-from flashtile.dispatch import triton_interpreting, wide_heads
+from flashtile.dispatch import triton_interpreting, wide_forward_heads, wide_heads
 from flashtile.errors import UnsupportedError
 from flashtile.key_layout import keys_in_range
 from flashtile.kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
@@ -454,7 +454,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
 
     left/right: visibility edges around the bottom-right diagonal (spec.mask_edges), None = unbounded.
     """
-    if wide_heads(q.shape[-1], v.shape[-1]):
+    if wide_forward_heads(q.shape[-1], v.shape[-1], q.dtype, q.device, block_mask):
         from flashtile.wide_launch import wide_forward
         return wide_forward(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, config, layout, block_mask,
                             attn_mask, dropout_p, dropout_seed)

@@ -62,9 +62,39 @@ def use_backend(name: str) -> Iterator[None]:
 DENSE_MAX_HEAD_DIM = 256  # the dense Triton kernels' limit; wider heads run the split-D kernels
 
 
+# ... except the forward of fp16 / bf16 heads whose register tiles (tuning.tile_width: head dims 257..384,
+# as 256 + 64 or 256 + 128 columns) are at most this wide, on Hopper and in the interpreter
+DENSE_FORWARD_MAX_TILE = 384
+
+
 def wide_heads(head_dim: int, head_dim_v: int) -> bool:
     """True when the Triton backend runs the wide-head (split-D) kernels instead of the dense ones."""
     return max(head_dim, head_dim_v) > DENSE_MAX_HEAD_DIM
+
+
+def wide_forward_heads(head_dim: int, head_dim_v: int, dtype: torch.dtype, device: torch.device,
+                       block_mask: object = None) -> bool:
+    """wide_heads for the forward launch, which takes the dense kernel a little further.
+
+    The dense forward keeps the whole [128, D] Q tile in shared memory; the split-D one re-reads Q's
+    chunks from L2 for every key tile and restarts its pipelined chunk loop there. Where the dense
+    kernel's tiles fit (16-bit Q / K / V tiles of at most DENSE_FORWARD_MAX_TILE columns, the [128,
+    Dv] fp32 accumulator in registers), it is the faster one. H200, bf16, B=1, H=48, S=8192, forward
+    TFLOP/s, wide -> dense: D=320 284 -> 461 (causal 285 -> 445), D=384 280 -> 358 (causal 284 -> 375).
+    fp32 tiles do not fit; Ampere (less shared memory) is unmeasured; a block_mask keeps the wide
+    launcher, which raises for it in both directions. The backward stays wide: the dense dK / dV and
+    dQ kernels measured no faster at D=320 / 384 (159-170 against 164-176 TFLOP/s).
+    """
+    if not wide_heads(head_dim, head_dim_v):
+        return False
+    from flashtile.tuning import _arch, tile_width  # tuning imports this module
+
+    if block_mask is not None or dtype not in (torch.float16, torch.bfloat16):
+        return True
+    if max(tile_width(head_dim), tile_width(head_dim_v)) > DENSE_FORWARD_MAX_TILE:
+        return True
+    arch = _arch(device)
+    return arch is not None and arch[0] < 9
 
 
 def triton_interpreting() -> bool:

@@ -122,6 +122,12 @@ def forward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: 
             return KernelConfig(128, 64, 8, 3)
         if d <= 192:  # head dims split in two chunks (head_dim_chunks): the 3-stage prototype's tiles
             return KernelConfig(128, 64, 8, 3)
+        if d > 256:
+            # 16-bit heads of 257..384 (dispatch.wide_forward_heads). H200, bf16, B=1, H=48, S=8192,
+            # TFLOP/s at D = 320 / 384: 128x32 w8 s3 461 / 356 (384's 3 stages do not fit: the launch
+            # falls back to 2), s2 327 / 358; 64x32 w4 s3 340 / 313; 128x64 s1 310 / 253; 64x64 w8 s2
+            # 242 / 176; 64x64 w4 s2 185 / 102
+            return KernelConfig(128, 32, 8, 3 if d <= 320 else 2)
         return KernelConfig(128, 64, 8, 2)
     # Ampere and older: smaller shared memory
     if d <= 64:
