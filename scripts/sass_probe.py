@@ -40,7 +40,10 @@ CASES = {
     "fwd_128x64": (FWD, {}, (128, 64, 8, 3)),
     "fwd_causal": (FWD, dict(HAS_RIGHT=True), (128, 128, 8, 3)),
     "fwd_softcap": (FWD, dict(SOFTCAP=2), (128, 64, 8, 3)),
-    "fwd_softcap_fixed_max": (FWD, dict(SOFTCAP=2, FIXED_MAX=True), (128, 64, 8, 3)),
+    "fwd_softcap_fixed_max": (FWD, dict(SOFTCAP=2, MAX_MODE=1), (128, 64, 8, 3)),
+    # head dims 257..384 in the dense forward (dispatch.wide_forward_heads): 256 + 64 and 256 + 128 columns
+    "fwd_d320": (FWD, dict(BLOCK_D=256, BLOCK_D2=64, BLOCK_DV=256, BLOCK_DV2=64), (128, 32, 8, 3)),
+    "fwd_d384": (FWD, dict(BLOCK_D=256, BLOCK_D2=128, BLOCK_DV=256, BLOCK_DV2=128), (128, 32, 8, 2)),
     "dq": (DQ, {}, (128, 64, 8, 3)),
     "dkdv": (DKDV, {}, (64, 64, 4, 2)),
     "dkdv_constant": (DKDV, dict(SEQLEN_Q=8192, SEQLEN_K=8192), (64, 64, 4, 2)),

@@ -72,7 +72,7 @@ def compile_forward_configs() -> None:
         assert (cfg.block_m, cfg.block_n) == (128, 64), (args, cfg)
     mask_cfg = forward_config(gpu, 128, 128, torch.bfloat16, False, long_bool_mask=True)
     assert (mask_cfg.block_m, mask_cfg.block_n) == (128, 128), mask_cfg
-    # a softcap that bounds the scores (FIXED_MAX): 128 x 32 from D = 65 to 128, D = 64 keeps 128 x 64
+    # a softcap that bounds the scores (MAX_MODE = MAX_FIXED): 128 x 32 from D = 65 to 128, D = 64 keeps 128 x 64
     capped_cfg = forward_config(gpu, 96, 96, torch.bfloat16, False, fixed_max=True)
     assert (capped_cfg.block_m, capped_cfg.block_n, capped_cfg.num_stages) == (128, 32, 3), capped_cfg
     d64 = forward_config(gpu, 64, 64, torch.bfloat16, False, fixed_max=True)
@@ -80,10 +80,23 @@ def compile_forward_configs() -> None:
     plain = dict(FLAG_SETS[0], DOT_PRECISION="ieee", BLOCK_D=128, BLOCK_DV=128, BLOCK_SQ=0, BLOCK_SK=0)
     for flags, c in ((plain, long_cfg), (dict(plain, HAS_RIGHT=True, HAS_ALIBI=True, TILE_MAJOR=True, HEAD_GROUP=4), long_cfg),
                      (dict(plain, ATTN_MASK=1), mask_cfg),
-                     (dict(plain, SOFTCAP=2, FIXED_MAX=True, HAS_RIGHT=True, DROPOUT=True, ATTN_MASK=1), capped_cfg)):
+                     (dict(plain, SOFTCAP=2, MAX_MODE=1, HAS_RIGHT=True, DROPOUT=True, ATTN_MASK=1), capped_cfg)):
         k = _compile(attention_fwd_kernel, "bf16", dict(flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
                      num_warps=c.num_warps, num_stages=c.num_stages)
         assert k.metadata.shared <= 232448, k.metadata.shared  # H100/H200: 227 KiB per block
+    # head dims 257..384 on the dense forward (dispatch.wide_forward_heads): 256 + 64 columns on 3
+    # stages, 256 + 128 on 2 with the lazy rescale (attention_launch.max_mode)
+    from flashtile.attention_launch import max_mode
+    from flashtile.tuning import head_dim_chunks
+    for d, stages in ((320, 3), (384, 2)):
+        c = forward_config(gpu, d, d, torch.bfloat16, False)
+        assert (c.block_m, c.block_n, c.num_stages) == (128, 32, stages), (d, c)
+        first, tail = head_dim_chunks(d)
+        k = _compile(attention_fwd_kernel, "bf16",
+                     dict(plain, BLOCK_D=first, BLOCK_D2=tail, BLOCK_DV=first, BLOCK_DV2=tail,
+                          MAX_MODE=max_mode(0.0, torch.bfloat16, False, 0, d), BLOCK_M=c.block_m, BLOCK_N=c.block_n),
+                     num_warps=c.num_warps, num_stages=c.num_stages)
+        assert k.metadata.shared <= 232448, (d, k.metadata.shared)
     # the long causal backward: split-phase dK/dV, heads in tile-major groups
     bwd = backward_config(gpu, 128, 128, torch.bfloat16, True, long_causal=True)
     assert bwd.split_phases, bwd

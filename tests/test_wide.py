@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import flashtile as ft
-from flashtile import attention_launch, dispatch, wide_launch
+from flashtile import attention_launch, dispatch, row_align, wide_launch
 from conftest import DEVICE, HAS_GPU
 from flashtile.reference import attention_ref, attention_varlen_ref
 from oracle import assert_matches_oracle, assert_results_match_oracle
@@ -268,6 +268,52 @@ def test_forward_runs_the_chosen_kernel(dtype, monkeypatch):
     with ft.use_backend("triton"):
         check_against_oracle(q, k, v, causal=True)
     assert bool(calls) == dispatch.wide_forward_heads(320, 320, dtype, q.device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=str)
+def test_split_d_kernels_get_aligned_rows(dtype, monkeypatch):
+    """Head dims that are not multiples of 16 (and rows that start off a 16-byte boundary) reach the
+    split-D kernels as zero-padded copies (row_align.py, as in the dense launchers): every [.., H, D]
+    tensor a wide launch gets is rows_aligned, and the results, narrowed back, match the oracle."""
+    seen = []
+    real = wide_launch._run
+
+    def spy(kernel, grid, cfg, args, meta):
+        seen.extend(t for t in args if isinstance(t, torch.Tensor) and t.dim() == 4)  # [B, S, H, D]
+        return real(kernel, grid, cfg, args, meta)
+
+    monkeypatch.setattr(wide_launch, "_run", spy)
+    q, k, v = _make((1, 33, 41, 2, 1, 333, 257), dtype)
+    with torch.no_grad():
+        q = torch.randn(1, 33, 2, 334, device=DEVICE, dtype=dtype)[..., 1:].requires_grad_()  # off 16 bytes
+    with ft.use_backend("triton"):
+        check_against_oracle(q, k, v, causal=True)
+    assert seen and all(row_align.rows_aligned(t) for t in seen)
+
+
+def test_max_mode_choice():
+    """attention_launch.max_mode: the lazy rescale only where the accumulator is 384 columns wide."""
+    mm, L = attention_launch.max_mode, attention_launch
+    assert mm(0.0, torch.bfloat16, False, 0, 384) == mm(0.0, torch.float16, True, 2, 321) == L.MAX_LAZY
+    assert mm(0.0, torch.bfloat16, False, 0, 320) == mm(0.0, torch.bfloat16, False, 0, 128) == L.MAX_RUNNING
+    assert mm(30.0, torch.bfloat16, False, 0, 384) == L.MAX_FIXED  # a bounding softcap wins
+    assert mm(30.0, torch.float16, False, 0, 384) == L.MAX_LAZY
+    assert mm(0.0, torch.bfloat16, False, 0, 384, has_left=True) == L.MAX_RUNNING  # a window's short walk
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lazy_rescale_when_row_maxima_grow(causal):
+    """Dv = 384 runs the lazy rescale (MAX_LAZY): from key 40 on, the keys are 10x larger, so most rows'
+    maxima jump by far more than the slack (a skipped rescale would overflow p), while one head's
+    queries are 50x smaller and their maxima stay within it; causal with Sq > Sk adds rows that see
+    no key. Out, lse and gradients against the oracle."""
+    q, k, v = _make((1, 75, 60, 2, 1, 384, 384), HALF)
+    with torch.no_grad():
+        k[:, 40:] *= 10.0
+        q[:, :, 1] *= 0.02
+    assert attention_launch.max_mode(0.0, q.dtype, False, 0, v.shape[-1]) == attention_launch.MAX_LAZY
+    with ft.use_backend("triton"):
+        check_against_oracle(q, k, v, causal=causal)
 
 
 @pytest.mark.parametrize("dim, max_part, want", [

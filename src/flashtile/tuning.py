@@ -83,8 +83,8 @@ def forward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: 
                    fixed_max: bool = False) -> KernelConfig:
     """Config of attention_fwd_kernel. long_plain: at least 2048 keys and no per-score work beyond
     causal and ALiBi (no window, softcap, dropout, attn_mask, block mask; not varlen). long_bool_mask:
-    the same, except for a bool attn_mask. fixed_max: the kernel's FIXED_MAX (a softcap bounds the
-    scores, attention_launch.fixed_max)."""
+    the same, except for a bool attn_mask. fixed_max: the kernel's MAX_MODE = MAX_FIXED (a softcap
+    bounds the scores, attention_launch.fixed_max)."""
     arch = _arch(device)
     d = max(tile_width(head_dim), tile_width(head_dim_v))
     if arch is None:  # interpreter: every op is a numpy call, so fewer larger tiles run faster

@@ -1,7 +1,10 @@
 """Launchers for the wide-head kernels (kernels/attention_wide.py): head dims > 256 (dispatch.wide_heads).
 
 Same contract as attention_launch.attention_forward / attention_backward (which route here), so the
-ops, varlen and autograd layers do not know which tiling runs. Features the wide kernels do not have
+ops, varlen and autograd layers do not know which tiling runs. Rows that cannot be loaded in
+16-element vectors are first copied into zero-padded ones (row_align.py), as for the dense kernels:
+unaligned rows (D = 257, 300, 333, 350) ran the split-D forward at 12-15 TFLOP/s on the H200,
+against 280-290 at D = 320 / 384. Features the wide kernels do not have
 yet (dropout, block_mask, attn_mask) raise UnsupportedError.
 """
 
@@ -19,6 +22,7 @@ from flashtile.errors import UnsupportedError
 from flashtile.kernels.attention_wide import wide_delta_kernel, wide_dkdv_kernel, wide_dq_kernel, wide_fwd_kernel
 from flashtile.key_layout import keys_in_range
 from flashtile.launch_fit import launch_fitting
+from flashtile.row_align import aligned_rows, narrowed
 from flashtile.tuning import WideBackwardConfig, WideConfig, wide_backward_config, wide_forward_config, wide_parts
 
 DELTA_BLOCK = (64, 64)  # rows x columns per step of wide_delta_kernel
@@ -51,6 +55,8 @@ def wide_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
                  dropout_p: float = 0.0, dropout_seed: Tuple[int, int] = (0, 0)) -> Tuple[torch.Tensor, torch.Tensor]:
     """out [.., Hq, Dv] (q's dtype) and lse fp32, as attention_launch.attention_forward."""
     _check_features(block_mask)
+    dv_asked = v.shape[-1]
+    q, k, v = aligned_rows(q), aligned_rows(k), aligned_rows(v)  # see row_align.py
     layout = layout or _dense_layout(q, k)
     k, v = (keys_in_range(t, layout.seqlen_k, layout.varlen) for t in (k, v))  # see key_layout.py
     Hq, D = q.shape[-2], q.shape[-1]
@@ -58,7 +64,7 @@ def wide_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
     B, Sq, Sk = layout.batch, layout.seqlen_q, layout.seqlen_k
     out, lse, done = forward_buffers(q, v, layout)
     if done:
-        return out, lse
+        return narrowed(out, dv_asked), lse
     cfg = config or wide_forward_config(q.device, D, Dv, q.dtype, right is not None)
     part_a, part_b, n_split = wide_parts(Dv, cfg.max_part)
     meta, left, right = _flags(layout, left, right, softcap, alibi_slopes, q.dtype)
@@ -72,7 +78,7 @@ def wide_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
     with _device_ctx(q):
         _run(wide_fwd_kernel, grid, cfg, args, dict(meta, PART_A=part_a, PART_B=part_b, EVEN_K=D % cfg.block_k == 0,
                                                     ATTN_MASK=am_kind, DROPOUT=dropout_p > 0))
-    return out, lse
+    return narrowed(out, dv_asked), lse
 
 
 def wide_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -85,6 +91,8 @@ def wide_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     """dq, dk, dv (contiguous, dtypes of q, k, v); the GQA group is always summed in registers.
     dbias: as attention_launch.attention_backward (the dQ launch writes the attn_mask's gradient)."""
     _check_features(block_mask)
+    d_asked, dv_asked = q.shape[-1], v.shape[-1]
+    dout, q, k, v, out = (aligned_rows(t) for t in (dout, q, k, v, out))  # see row_align.py
     layout = layout or _dense_layout(q, k)
     k, v = (keys_in_range(t, layout.seqlen_k, layout.varlen) for t in (k, v))  # see key_layout.py
     Hq, D = q.shape[-2], q.shape[-1]
@@ -92,7 +100,7 @@ def wide_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     B, Sq, Sk = layout.batch, layout.seqlen_q, layout.seqlen_k
     dq, dk, dv, delta = backward_buffers(q, k, v, lse)
     if Sq == 0 or Sk == 0 or B == 0 or Hq == 0 or q.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return narrowed(dq.zero_(), d_asked), narrowed(dk.zero_(), d_asked), narrowed(dv.zero_(), dv_asked)
     cfg = config or wide_backward_config(q.device, D, Dv, q.dtype, right is not None)
     meta, left, right = _flags(layout, left, right, softcap, alibi_slopes, q.dtype)
     slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
@@ -117,5 +125,5 @@ def wide_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
             _run(kernel, (n_split * triton.cdiv(rows, tile) * B * heads,), c, args,
                  dict(meta, **extra, PART_A=part_a, PART_B=part_b, EVEN_K=D % c.block_k == 0,
                       EVEN_KV=Dv % c.block_k == 0, ATTN_MASK=am_kind, DROPOUT=dropout_p > 0))
-    return dq, dk, dv
+    return narrowed(dq, d_asked), narrowed(dk, d_asked), narrowed(dv, dv_asked)
 

@@ -15,6 +15,11 @@ from flashtile.kernels.common import (attn_mask_ptrs, load_tail, store_rows, blo
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+# MAX_MODE: what the online softmax subtracts before exp2 (attention_launch.max_mode chooses)
+MAX_RUNNING = tl.constexpr(0)  # the running row max, the accumulator rescaled at every key tile
+MAX_FIXED = tl.constexpr(1)  # a softcap's bound on every score: no max, no rescale
+MAX_LAZY = tl.constexpr(2)  # a stale row max, rescaled only when some row's max grows past it + RESCALE_SLACK
+RESCALE_SLACK = tl.constexpr(8.0)  # log2 domain: p <= 2^8, far inside P's and the fp32 sums' range
 
 
 @triton.jit
@@ -24,7 +29,7 @@ def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs
               MASKED: tl.constexpr, ELEM: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
               EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-              BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr, FIXED_MAX: tl.constexpr):
+              BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr, MAX_MODE: tl.constexpr):
     """Online-softmax update with the key tile starting at start_n.
 
     MASKED: 0 = every key visible and in range (no per-element work); 1 = apply the visibility rule
@@ -34,7 +39,10 @@ def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs
     window of a uint8 partial-block tile (masks.BlockMask.partial_tiles).
     BLOCK_D2 / BLOCK_DV2 > 0: the head dims' tail chunks (q2, k2_ptrs at columns offs_d2; v2_ptrs and
     acc2 at offs_dv2), see the kernel's docstring.
-    FIXED_MAX: m_i holds the softcap's bound and never changes (no row max, no rescale).
+    MAX_MODE: MAX_FIXED: m_i holds the softcap's bound and never changes (no row max, no rescale).
+    MAX_LAZY: m_i stays until a tile raises some row's max by more than RESCALE_SLACK; only then are
+    acc and l_i rescaled (all rows, in one branch the whole program takes or skips). Exact: acc, l_i
+    and lse all refer to the same m_i, and p <= 2^RESCALE_SLACK meanwhile.
     """
     cols = start_n + offs_n
     # -- load K tile (as K^T) and V tile; only masked tiles can cross the sequence end --
@@ -67,11 +75,31 @@ def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs
         if need_vis:
             qk = tl.where(visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT),
                           qk, float("-inf"))
-    if FIXED_MAX:
+    if MAX_MODE == MAX_FIXED:
         # -- the scores' upper bound m_i (softcap) stands in for the running max: nothing to rescale --
         p = tl.math.exp2(qk - m_i[:, None])
         l_i = l_i + tl.sum(p, 1)
         m_new = m_i
+    elif MAX_MODE == MAX_LAZY:
+        # -- rescale only when some row's max outgrew m_i by more than the slack: the program-wide max
+        # of the growth costs a shared-memory reduction and a barrier per tile, which pays only where
+        # the accumulator is wide (attention_launch.max_mode). A -inf row (nothing seen yet) that
+        # sees a score grows by +inf, so the first visible tile always sets m_i; NaN scores never
+        # compare greater and reach the output through p --
+        m_tile = tl.max(qk, 1)
+        grow = tl.max(tl.where(m_tile > m_i, m_tile - m_i, 0.0), 0)
+        m_new = m_i
+        if grow > RESCALE_SLACK:
+            m_new = tl.maximum(m_i, m_tile)
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_sub)
+            acc = acc * alpha[:, None]
+            if BLOCK_DV2 > 0:
+                acc2 = acc2 * alpha[:, None]
+            l_i = l_i * alpha
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_sub[:, None])
+        l_i = l_i + tl.sum(p, 1)
     else:
         # -- online softmax: new running max, rescale what was accumulated --
         p, alpha, l_i, m_new = online_softmax(qk, m_i, l_i, MASKED != 0 or ATTN_MASK != 0)
@@ -105,14 +133,14 @@ def _fwd_tiles(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, off
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-               BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr, FIXED_MAX: tl.constexpr):
+               BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr, MAX_MODE: tl.constexpr):
     """Online-softmax update over key tiles [start, stop) in steps of BLOCK_N (MASKED 0 or 1)."""
     for start_n in range(start, stop, BLOCK_N):
         acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                   start_n, False, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                   seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                   MASKED, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                                  DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, FIXED_MAX)
+                                  DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, MAX_MODE)
     return acc, acc2, l_i, m_i
 
 
@@ -125,7 +153,7 @@ def _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs
                     ELEM: tl.constexpr,
                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-               BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr, FIXED_MAX: tl.constexpr):
+               BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr, MAX_MODE: tl.constexpr):
     """Visit the key blocks of one block-sparse list (full or partial) of this query block.
 
     One flat loop over the list's key tiles (BLOCK_SK / BLOCK_N per block), so the software pipeline
@@ -146,14 +174,14 @@ def _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs
                                       start_n, True, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                       1, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                                      DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, FIXED_MAX)
+                                      DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, MAX_MODE)
         else:
             need_vis = (start_n < full_lo) | (start_n + BLOCK_N > full_hi)  # crosses an edge or the end
             acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                       start_n, need_vis, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                       2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                                      DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, FIXED_MAX)
+                                      DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, MAX_MODE)
     return acc, acc2, l_i, m_i
 
 
@@ -178,7 +206,7 @@ def attention_fwd_kernel(
     ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, TILE_MAJOR: tl.constexpr, HEAD_GROUP: tl.constexpr,
     BLOCK_D2: tl.constexpr = 0, BLOCK_DV2: tl.constexpr = 0, EVEN_D2: tl.constexpr = True, EVEN_DV2: tl.constexpr = True,
-    FIXED_MAX: tl.constexpr = False,
+    MAX_MODE: tl.constexpr = 0,
 ):
     """Q [B, Sq, Hq, D], K [B, Sk, Hkv, D], V [B, Sk, Hkv, Dv] -> Out [B, Sq, Hq, Dv], Lse fp32 [B, Hq, Sq].
 
@@ -197,9 +225,11 @@ def attention_fwd_kernel(
     BLOCK_SPARSE: only the key blocks listed for this query block are visited (masks.BlockMask's
     full / partial lists, blocks of BLOCK_SQ x BLOCK_SK); partial blocks AND their uint8 element-mask
     tile (ElemTiles [P, BLOCK_SQ, BLOCK_SK], PartTile: the tile of each partial-list entry).
-    FIXED_MAX: a softcap bounds every log2-domain score by softcap * log2(e), which then stands in for
-    the running max (attention_launch.fixed_max says where that is exact): no per-tile row max, no
-    rescaling of the accumulator.
+    MAX_MODE (attention_launch.max_mode): MAX_RUNNING, FlashAttention-2's running row max; MAX_FIXED,
+    a softcap bounds every log2-domain score by softcap * log2(e), which then stands in for the
+    running max (attention_launch.fixed_max says where that is exact): no per-tile row max, no
+    rescaling of the accumulator; MAX_LAZY, a stale row max rescaled only when a tile outgrows it by
+    RESCALE_SLACK (_fwd_tile).
     """
     # -- which tile of which head --
     n_m_tiles = tl.cdiv(seqlen_q, BLOCK_M)
@@ -254,7 +284,7 @@ def attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale, softcap,
                                                                    SOFTCAP, HAS_ALIBI)
-    if FIXED_MAX:  # softcap bounds every score by softcap * log2(e) (attention_launch.fixed_max)
+    if MAX_MODE == MAX_FIXED:  # softcap bounds every score by softcap * log2(e) (attention_launch.fixed_max)
         m_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32) + softcap_post
     else:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -273,13 +303,13 @@ def attention_fwd_kernel(
                                         stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                         BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
-                                        EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, FIXED_MAX)
+                                        EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, MAX_MODE)
         acc, acc2, l_i, m_i = _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                         PartNum, PartIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
                                         stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                         BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
-                                        EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, FIXED_MAX)
+                                        EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, MAX_MODE)
     elif HAS_LEFT:
         # -- sliding window: one pipelined loop over the visible tiles [a, d); only tiles outside the
         # fully visible band [bb, c) pay for the mask. Per-phase loops would each drain the software
@@ -290,17 +320,17 @@ def attention_fwd_kernel(
                                       start_n, (start_n < bb) | (start_n >= c), stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                       2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                                      DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, FIXED_MAX)
+                                      DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, MAX_MODE)
     else:
         # -- an unmasked body, then the masked tail (causal diagonal, sequence end) --
         acc, acc2, l_i, m_i = _fwd_tiles(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                    bb, c, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
                                    head_dim, head_dim_v, window_left, window_right,
-                                   BLOCK_N, 0, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, FIXED_MAX)
+                                   BLOCK_N, 0, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, MAX_MODE)
         acc, acc2, l_i, m_i = _fwd_tiles(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                    c, d, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
                                    head_dim, head_dim_v, window_left, window_right,
-                                   BLOCK_N, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, FIXED_MAX)
+                                   BLOCK_N, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, MAX_MODE)
 
     # -- epilogue: normalise; a row that saw no key gives out 0 and lse -inf --
     empty = l_i == 0.0
