@@ -20,6 +20,7 @@ from flashtile.dispatch import triton_interpreting, wide_forward_heads, wide_hea
 from flashtile.errors import UnsupportedError
 from flashtile.key_layout import keys_in_range
 from flashtile.kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
+from flashtile.kernels import attention_fwd as fwd_kernel
 from flashtile.kernels.attention_fwd import attention_fwd_kernel
 from flashtile.launch_cache import MAX_PLANS, KernelPlan, PlanCache, specialization_key
 from flashtile.launch_fit import launch_fitting
@@ -60,8 +61,9 @@ def fixed_max(softcap: float, dtype: torch.dtype, has_alibi: bool, attn_mask_kin
             and not has_alibi and attn_mask_kind != 2)
 
 
-# The forward kernel's MAX_MODE (kernels/attention_fwd.py)
-MAX_RUNNING, MAX_FIXED, MAX_LAZY = 0, 1, 2
+# The forward kernel's MAX_MODE values, as the kernel defines them
+MAX_RUNNING, MAX_FIXED, MAX_LAZY = (int(m.value) for m in (fwd_kernel.MAX_RUNNING, fwd_kernel.MAX_FIXED,
+                                                            fwd_kernel.MAX_LAZY))
 # accumulators at least this wide (Dv's register tiles, tuning.tile_width) rescale lazily
 LAZY_RESCALE_MIN_WIDTH = 384
 
