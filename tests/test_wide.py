@@ -283,9 +283,8 @@ def test_split_d_kernels_get_aligned_rows(dtype, monkeypatch):
         return real(kernel, grid, cfg, args, meta)
 
     monkeypatch.setattr(wide_launch, "_run", spy)
-    q, k, v = _make((1, 33, 41, 2, 1, 333, 257), dtype)
-    with torch.no_grad():
-        q = torch.randn(1, 33, 2, 334, device=DEVICE, dtype=dtype)[..., 1:].requires_grad_()  # off 16 bytes
+    _, k, v = _make((1, 33, 41, 2, 1, 333, 257), dtype)
+    q = torch.randn(1, 33, 2, 334, device=DEVICE, dtype=dtype)[..., 1:].requires_grad_()  # starts off 16 bytes
     with ft.use_backend("triton"):
         check_against_oracle(q, k, v, causal=True)
     assert seen and all(row_align.rows_aligned(t) for t in seen)
