@@ -254,7 +254,8 @@ def test_forward_kernel_choice(dims, dtype, wide):
         wide = True  # unmeasured on Ampere: the split-D kernel stays
     assert dispatch.wide_forward_heads(*dims, dtype, device) == wide
     assert dispatch.wide_forward_heads(*dims, dtype, device, block_mask=object()) == (max(dims) > 256)
-    assert dispatch.wide_heads(*dims) == (max(dims) > 256)  # the backward's choice does not move
+    assert dispatch.wide_heads(*dims) == (max(dims) > 256)  # the backward stays split-D ...
+    assert dispatch.dense_dq_heads(*dims, dtype, device) == (not wide and max(dims) > 256)  # ... but for dQ
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=str)
@@ -270,11 +271,48 @@ def test_forward_runs_the_chosen_kernel(dtype, monkeypatch):
     assert bool(calls) == dispatch.wide_forward_heads(320, 320, dtype, q.device)
 
 
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(window_size=(9, 4), softcap=3.0, alibi_slopes=True)],
+                         ids=["causal", "window-softcap-alibi"])
+@pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=str)
+def test_backward_runs_the_chosen_dq_kernel(dtype, kw, monkeypatch):
+    """The split-D backward takes its dQ (and delta) from the dense dQ kernel where
+    dispatch.dense_dq_heads says so (16-bit D=320 here), else from the split-D dQ kernel; either way
+    dK / dV stay split-D and every gradient matches the oracle (GQA, Sq != Sk)."""
+    ran = []
+    real = wide_launch._run
+    monkeypatch.setattr(wide_launch, "_run", lambda kernel, *a: ran.append(kernel) or real(kernel, *a))
+    q, k, v = _make((1, 45, 39, 4, 2, 320, 320), dtype)
+    if kw.get("alibi_slopes"):
+        kw = dict(kw, alibi_slopes=torch.rand(4, device=DEVICE, dtype=torch.float32) * 0.5)
+    with ft.use_backend("triton"):
+        check_against_oracle(q, k, v, **kw)
+    dense = dispatch.dense_dq_heads(320, 320, dtype, q.device)
+    assert ran.count(wide_launch.wide_dkdv_kernel) == 2
+    assert (wide_launch.wide_dq_kernel in ran) == (not dense)
+
+
+def test_explicit_wide_config_keeps_the_split_d_dq():
+    """A WideBackwardConfig passed in runs all three split-D kernels (as tuning's sweeps need), also
+    where the dense dQ would be chosen; the gradients agree with the default route's."""
+    from flashtile.tuning import wide_backward_config
+
+    q, k, v = _make((1, 37, 37, 2, 1, 320, 320), HALF)
+    dout = torch.randn_like(q)
+    scale = 320 ** -0.5
+    with torch.no_grad():
+        out, lse = attention_launch.attention_forward(q, k, v, scale, None, 0)
+        cfg = wide_backward_config(q.device, 320, 320, HALF, True)
+        split = attention_launch.attention_backward(dout, q, k, v, out, lse, scale, None, 0, config=cfg)
+        default = attention_launch.attention_backward(dout, q, k, v, out, lse, scale, None, 0)
+    assert_results_match_oracle(q, k, v, dout, (out, lse), split, softmax_scale=scale, causal=True)
+    assert_results_match_oracle(q, k, v, dout, (out, lse), default, softmax_scale=scale, causal=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=str)
 def test_split_d_kernels_get_aligned_rows(dtype, monkeypatch):
-    """Head dims that are not multiples of 16 (and rows that start off a 16-byte boundary) reach the
-    split-D kernels as zero-padded copies (row_align.py, as in the dense launchers): every [.., H, D]
-    tensor a wide launch gets is rows_aligned, and the results, narrowed back, match the oracle."""
+    """Head dims that are not multiples of 64 (and rows that start off a 16-byte boundary) reach the
+    split-D kernels as zero-padded copies (row_align.SPLIT_D_COLUMNS): every [.., H, D] tensor a wide
+    launch gets has 64-column rows, and the results, narrowed back, match the oracle."""
     seen = []
     real = wide_launch._run
 
@@ -287,7 +325,7 @@ def test_split_d_kernels_get_aligned_rows(dtype, monkeypatch):
     q = torch.randn(1, 33, 2, 334, device=DEVICE, dtype=dtype)[..., 1:].requires_grad_()  # starts off 16 bytes
     with ft.use_backend("triton"):
         check_against_oracle(q, k, v, causal=True)
-    assert seen and all(row_align.rows_aligned(t) for t in seen)
+    assert seen and all(row_align.rows_aligned(t, row_align.SPLIT_D_COLUMNS) for t in seen)
 
 
 def test_max_mode_choice():

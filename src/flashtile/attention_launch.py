@@ -574,6 +574,63 @@ def walk_lengths(seqlen_k: int, causal: bool, has_left: bool, left: int, right: 
     return long_causal, short_walk, medium_walk
 
 
+def _backward_flags(q: torch.Tensor, v: torch.Tensor, layout: _Layout, sp: _Sparse, has_left: bool, has_right: bool,
+                    softcap: float, alibi_slopes: Optional[torch.Tensor], am_kind: int, dropout_p: float,
+                    order: Tuple[bool, int]) -> dict:
+    """The constexprs that the dQ and the dK/dV launches share (q, v: the row-aligned tensors)."""
+    return dict(**_head_dim_flags(q.shape[-1], v.shape[-1]), HAS_LEFT=has_left, HAS_RIGHT=has_right,
+                SOFTCAP=_softcap_flag(softcap, q.dtype), HAS_ALIBI=alibi_slopes is not None,
+                VARLEN=layout.varlen, BLOCK_SPARSE=sp.enabled, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
+                ATTN_MASK=am_kind, DROPOUT=dropout_p > 0, DOT_PRECISION=_dot_precision(q.dtype), **_order_flags(order))
+
+
+def _launch_dq(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+               lse: torch.Tensor, delta: torch.Tensor, dq: torch.Tensor, layout: _Layout, sp: _Sparse,
+               cfg: KernelConfig, flags: dict, alibi_slopes: Optional[torch.Tensor], attn_mask_args: tuple,
+               dbias: Optional[torch.Tensor], softmax_scale: float, softcap: float, left: int, right: int,
+               dropout_p: float, dropout_seed: Tuple[int, int]):
+    """attention_bwd_dq_kernel: writes dq and delta = rowsum(dO * O) (times 1 - p under dropout), and
+    dbias where given. left / right as _mask_flags returns them; attn_mask_args: (pointer, strides)."""
+    Hq, Hkv, D, Dv = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    B, Sq, Sk = layout.batch, layout.seqlen_q, layout.seqlen_k
+    slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
+    cu_q, cu_k = layout.cu(lse)
+    am, am_strides = attn_mask_args
+    args = (q, k, v, out, dout, lse, delta, dq, slopes, cu_q, cu_k, *sp.kv_lists, sp.tiles, am,
+            dbias if dbias is not None else lse, *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(out),
+            *layout.bsh(dout), *layout.bsh(dq), *layout.lse_bh(lse), stride_alibi_b,
+            Sq, Sk, Hq, Hq // Hkv, D, Dv, softmax_scale, softcap, left, right, *sp.scalars, *am_strides,
+            *_dropout_args(dropout_p, dropout_seed))
+    return _launch(attention_bwd_dq_kernel, cfg, sp.block, lambda bm, bn: (triton.cdiv(Sq, bm) * B * Hq,),
+                   lambda bm, bn: sp.order(lse, "query", B, Hq, 1, bm, Sq), args,
+                   dict(flags, BIAS_GRAD=dbias is not None))
+
+
+def dense_dq(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+             lse: torch.Tensor, delta: torch.Tensor, dq: torch.Tensor, softmax_scale: float, layout: _Layout,
+             left: Optional[int], right: Optional[int], softcap: float, alibi_slopes: Optional[torch.Tensor],
+             attn_mask: Optional[torch.Tensor], dropout_p: float, dropout_seed: Tuple[int, int],
+             dbias: Optional[torch.Tensor]) -> None:
+    """The dense dQ launch alone, for the split-D backward (wide_launch.wide_backward) of head dims
+    whose [BLOCK_M, D] dQ tiles fit the dense kernel (dispatch.dense_dq_heads). Writes dq, dbias
+    (where given) and delta = rowsum(dO * O), unscaled as the split-D dK / dV kernels read it.
+    Tensors: row-aligned, keys in range, non-empty (wide_backward's own)."""
+    B, Sq, Sk = layout.batch, layout.seqlen_q, layout.seqlen_k
+    Hq, Hkv = q.shape[-2], k.shape[-2]
+    causal = right is not None
+    sp = _sparse_args(None, lse, left, right)
+    has_left, has_right, left, right = _mask_flags(left, right)
+    cfg = backward_config(q.device, q.shape[-1], v.shape[-1], q.dtype, causal, softcap=softcap > 0,
+                          dropout=dropout_p > 0, grouped=Hq > Hkv)
+    am_kind, am, am_strides = _attn_mask_args(attn_mask, (B, Hq, Sq, Sk), lse)
+    flags = _backward_flags(q, v, layout, sp, has_left, has_right, softcap, alibi_slopes, am_kind, dropout_p,
+                            program_order(layout, causal, has_left, Hq // Hkv, False))
+    _launch_dq(dout, q, k, v, out, lse, delta, dq, layout, sp, cfg.dq, flags, alibi_slopes, (am, am_strides), dbias,
+               softmax_scale, softcap, left, right, dropout_p, dropout_seed)
+    if dropout_p > 0:  # the dense launch stores delta * (1 - p) for its own dK/dV kernel (attention_bwd)
+        delta.mul_(1.0 / (1.0 - dropout_p))
+
+
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, softmax_scale: float,
                        left: Optional[int] = None, right: Optional[int] = None,
@@ -635,23 +692,14 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                                     grouped=group > 1, medium_walk=medium_walk)
     constants = constant_lengths(repeated, cfg, Sq, Sk)
     am_kind, am, am_strides = _attn_mask_args(attn_mask, (B, Hq, Sq, Sk), lse)
-    flags = dict(**_head_dim_flags(D, Dv), HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=_softcap_flag(softcap, q.dtype), HAS_ALIBI=alibi_slopes is not None,
-                 VARLEN=layout.varlen, BLOCK_SPARSE=sp.enabled, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
-                 ATTN_MASK=am_kind, DROPOUT=dropout_p > 0,
-                 DOT_PRECISION=_dot_precision(q.dtype),
-                 **_order_flags(program_order(layout, causal, has_left, group, sp.enabled)))
+    flags = _backward_flags(q, v, layout, sp, has_left, has_right, softcap, alibi_slopes, am_kind, dropout_p,
+                            program_order(layout, causal, has_left, group, sp.enabled))
     slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
     cu_q, cu_k = layout.cu(lse)
     with _device_ctx(q):
         # dQ first: it also writes delta, which the dK/dV launch reads
-        args = (q, k, v, out, dout, lse, delta, dq, slopes, cu_q, cu_k, *sp.kv_lists, sp.tiles, am,
-                dbias if dbias is not None else lse, *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(out), *layout.bsh(dout), *layout.bsh(dq),
-                *layout.lse_bh(lse), stride_alibi_b,
-                Sq, Sk, Hq, group, D, Dv, softmax_scale, softcap, left, right, *sp.scalars, *am_strides,
-                *_dropout_args(dropout_p, dropout_seed))
-        ran_dq = _launch(attention_bwd_dq_kernel, cfg.dq, sp.block, lambda bm, bn: (triton.cdiv(Sq, bm) * B * Hq,),
-                         lambda bm, bn: sp.order(lse, "query", B, Hq, 1, bm, Sq), args,
-                         dict(flags, BIAS_GRAD=dbias is not None))
+        ran_dq = _launch_dq(dout, q, k, v, out, lse, delta, dq, layout, sp, cfg.dq, flags, alibi_slopes,
+                            (am, am_strides), dbias, softmax_scale, softcap, left, right, dropout_p, dropout_seed)
         expand = _expand_gqa(q, k, cfg.dkdv.block_n, layout) if expand_gqa is None else (expand_gqa and group > 1)
         if expand:  # per-query-head fp32 partials, summed over the group below
             dk_buf = _empty((*k.shape[:-2], Hq, D), dtype=torch.float32, device=q.device)

@@ -1,11 +1,11 @@
 """Launchers for the wide-head kernels (kernels/attention_wide.py): head dims > 256 (dispatch.wide_heads).
 
 Same contract as attention_launch.attention_forward / attention_backward (which route here), so the
-ops, varlen and autograd layers do not know which tiling runs. Rows that cannot be loaded in
-16-element vectors are first copied into zero-padded ones (row_align.py), as for the dense kernels:
-unaligned rows (D = 257, 300, 333, 350) ran the split-D forward at 12-15 TFLOP/s on the H200,
-against 280-290 at D = 320 / 384. Features the wide kernels do not have
-yet (dropout, block_mask, attn_mask) raise UnsupportedError.
+ops, varlen and autograd layers do not know which tiling runs. Head dims that are not multiples of
+64 are first copied into zero-padded rows (row_align.SPLIT_D_COLUMNS): unaligned rows (D = 257,
+300, 333, 350) had run the split-D forward at 12-15 TFLOP/s on the H200, against 280-290 at D = 320 /
+384, and rows aligned to 16 but not 64 columns ran the backward 1.4-1.8x slower than padded ones.
+The one feature the wide kernels do not have yet (block_mask) raises UnsupportedError.
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ import torch
 import triton
 
 from flashtile.attention_launch import (_Layout, _alibi_args, _attn_mask_args, _dense_layout, _device_ctx,
-                                        _dot_precision, _dropout_args, _mask_flags, backward_buffers,
+                                        _dot_precision, _dropout_args, _mask_flags, backward_buffers, dense_dq,
                                         forward_buffers)
+from flashtile.dispatch import dense_dq_heads
 from flashtile.errors import UnsupportedError
 from flashtile.kernels.attention_wide import wide_delta_kernel, wide_dkdv_kernel, wide_dq_kernel, wide_fwd_kernel
 from flashtile.key_layout import keys_in_range
 from flashtile.launch_fit import launch_fitting
-from flashtile.row_align import aligned_rows, narrowed
+from flashtile.row_align import SPLIT_D_COLUMNS, aligned_rows, narrowed
 from flashtile.tuning import WideBackwardConfig, WideConfig, wide_backward_config, wide_forward_config, wide_parts
 
 DELTA_BLOCK = (64, 64)  # rows x columns per step of wide_delta_kernel
@@ -56,7 +57,7 @@ def wide_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
     """out [.., Hq, Dv] (q's dtype) and lse fp32, as attention_launch.attention_forward."""
     _check_features(block_mask)
     dv_asked = v.shape[-1]
-    q, k, v = aligned_rows(q), aligned_rows(k), aligned_rows(v)  # see row_align.py
+    q, k, v = (aligned_rows(t, SPLIT_D_COLUMNS) for t in (q, k, v))  # see row_align.py
     layout = layout or _dense_layout(q, k)
     k, v = (keys_in_range(t, layout.seqlen_k, layout.varlen) for t in (k, v))  # see key_layout.py
     Hq, D = q.shape[-2], q.shape[-1]
@@ -92,7 +93,7 @@ def wide_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     dbias: as attention_launch.attention_backward (the dQ launch writes the attn_mask's gradient)."""
     _check_features(block_mask)
     d_asked, dv_asked = q.shape[-1], v.shape[-1]
-    dout, q, k, v, out = (aligned_rows(t) for t in (dout, q, k, v, out))  # see row_align.py
+    dout, q, k, v, out = (aligned_rows(t, SPLIT_D_COLUMNS) for t in (dout, q, k, v, out))  # see row_align.py
     layout = layout or _dense_layout(q, k)
     k, v = (keys_in_range(t, layout.seqlen_k, layout.varlen) for t in (k, v))  # see key_layout.py
     Hq, D = q.shape[-2], q.shape[-1]
@@ -102,21 +103,27 @@ def wide_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     if Sq == 0 or Sk == 0 or B == 0 or Hq == 0 or q.numel() == 0:
         return narrowed(dq.zero_(), d_asked), narrowed(dk.zero_(), d_asked), narrowed(dv.zero_(), dv_asked)
     cfg = config or wide_backward_config(q.device, D, Dv, q.dtype, right is not None)
+    left_asked, right_asked = left, right
     meta, left, right = _flags(layout, left, right, softcap, alibi_slopes, q.dtype)
     slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
     am_kind, am, am_strides = _attn_mask_args(attn_mask, (B, Hq, Sq, Sk), lse)
     cu_q, cu_k = layout.cu(lse)
     scalars = (*layout.lse_bh(lse), stride_alibi_b, Sq, Sk, Hq, Hq // Hkv, D, Dv, softmax_scale, softcap, left, right)
     inputs = (*layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(dout))
+    launches = [(wide_dkdv_kernel, dk, cfg.dk, Sk, Hkv, D, dict(DKDV=1)),
+                (wide_dkdv_kernel, dv, cfg.dv, Sk, Hkv, Dv, dict(DKDV=0))]
+    dense = config is None and dense_dq_heads(D, Dv, q.dtype, q.device)
     with _device_ctx(q):
-        bm, bk = DELTA_BLOCK
-        wide_delta_kernel[(triton.cdiv(Sq, bm) * B * Hq,)](
-            out, dout, delta, cu_q, *layout.bsh(out), *layout.bsh(dout), *layout.lse_bh(delta), Sq, Hq, Dv,
-            BLOCK_M=bm, BLOCK_K=bk, VARLEN=layout.varlen)
-        for kernel, dx, c, rows, heads, width, extra in (
-                (wide_dq_kernel, dq, cfg.dq, Sq, Hq, D, dict(BIAS_GRAD=dbias is not None)),
-                (wide_dkdv_kernel, dk, cfg.dk, Sk, Hkv, D, dict(DKDV=1)),
-                (wide_dkdv_kernel, dv, cfg.dv, Sk, Hkv, Dv, dict(DKDV=0))):
+        if dense:  # dq and delta from the dense dQ kernel (dispatch.dense_dq_heads)
+            dense_dq(dout, q, k, v, out, lse, delta, dq, softmax_scale, layout, left_asked, right_asked, softcap,
+                     alibi_slopes, attn_mask, dropout_p, dropout_seed, dbias)
+        else:
+            bm, bk = DELTA_BLOCK
+            wide_delta_kernel[(triton.cdiv(Sq, bm) * B * Hq,)](
+                out, dout, delta, cu_q, *layout.bsh(out), *layout.bsh(dout), *layout.lse_bh(delta), Sq, Hq, Dv,
+                BLOCK_M=bm, BLOCK_K=bk, VARLEN=layout.varlen)
+            launches.insert(0, (wide_dq_kernel, dq, cfg.dq, Sq, Hq, D, dict(BIAS_GRAD=dbias is not None)))
+        for kernel, dx, c, rows, heads, width, extra in launches:
             part_a, part_b, n_split = wide_parts(width, c.max_part)
             tile = c.block_m if kernel is wide_dq_kernel else c.block_n
             bias_grad = (dbias if dbias is not None else lse,) if kernel is wide_dq_kernel else ()
