@@ -200,6 +200,36 @@ def test_row_align_pads_only_what_it_must():
     assert not rows_aligned(shifted) and aligned_rows(shifted).data_ptr() % 16 == 0
 
 
+HALF = torch.bfloat16 if HAS_GPU else torch.float16  # the interpreter has no bf16 dot
+
+
+# (D, Dv), dtype, (forward's q / v widths), (backward's)
+@pytest.mark.parametrize("dims, dtype, fwd, bwd", [
+    ((200, 200), HALF, (256, 256), (256, 256)), ((176, 176), HALF, (176, 176), (192, 192)),
+    ((232, 100), HALF, (256, 112), (256, 112)), ((200, 200), torch.float32, (208, 208), (208, 208)),
+], ids=str)
+def test_dense_rows_padded_to_the_tile(dims, dtype, fwd, bwd, monkeypatch):
+    """16-bit head dims whose register tile ends past them reach the dense kernels zero-padded to the
+    tile where tuning.padded_columns says so (256-wide tiles both ways, 192 in the backward only);
+    the rest, and fp32, only to 16 columns. Narrowed back, every result matches the oracle (GQA,
+    Sq != Sk, Dqk != Dv)."""
+    widths = set()
+    real = attention_launch._launch
+
+    def spy(kernel, cfg, block, grid_of, order_of, args, meta):
+        backward = kernel is not attention_launch.attention_fwd_kernel
+        widths.add((backward, args[0].shape[-1], args[2].shape[-1]))  # q's and v's rows
+        return real(kernel, cfg, block, grid_of, order_of, args, meta)
+
+    monkeypatch.setattr(attention_launch, "_launch", spy)
+    D, Dv = dims
+    q, k = _rand(1, 45, 4, D, dtype=dtype), _rand(1, 39, 2, D, dtype=dtype)
+    v = _rand(1, 39, 2, Dv, dtype=dtype)
+    with ft.use_backend("triton"):
+        check_against_oracle(q, k, v, causal=True)
+    assert widths == {(False, *fwd), (True, *bwd)}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fully_masked_rows(backend):
     """Causal with Sq > Sk leaves the first Sq - Sk rows with no key: out 0, lse -inf, zero grads."""

@@ -256,6 +256,8 @@ def test_forward_kernel_choice(dims, dtype, wide):
     assert dispatch.wide_forward_heads(*dims, dtype, device, block_mask=object()) == (max(dims) > 256)
     assert dispatch.wide_heads(*dims) == (max(dims) > 256)  # the backward stays split-D ...
     assert dispatch.dense_dq_heads(*dims, dtype, device) == (not wide and max(dims) > 256)  # ... but for dQ
+    # causal or windowed calls keep the split-D dQ at 384-wide tiles
+    assert dispatch.dense_dq_heads(*dims, dtype, device, masked=True) == (not wide and 256 < max(dims) <= 320)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, HALF], ids=str)

@@ -28,7 +28,7 @@ from flashtile.launch_recipe import MISSING, RecipeCache, aliases, capture
 from flashtile.row_align import aligned_rows, narrowed
 from flashtile.tuning import (LONG_CAUSAL_KEYS, MEDIUM_CAUSAL_KEYS, MEDIUM_WINDOW, SHORT_CAUSAL_KEYS, SHORT_WINDOW,
                               BackwardConfig, KernelConfig, backward_config, forward_config, head_dim_chunks,
-                              tile_width)
+                              padded_columns, tile_width)
 
 
 def _empty(*shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -472,6 +472,11 @@ def backward_buffers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             _empty(v.shape, dtype=v.dtype, device=v.device), _empty(lse.shape, dtype=torch.float32, device=q.device))
 
 
+def _padded(t: torch.Tensor, backward: bool) -> torch.Tensor:
+    """t with rows the dense kernels load unmasked where that pays (tuning.padded_columns)."""
+    return aligned_rows(t, padded_columns(t.shape[-1], t.dtype, backward))
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
                       left: Optional[int] = None, right: Optional[int] = None,
                       softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
@@ -503,7 +508,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
             return out, lse
     call_tensors = (q, k, v, alibi_slopes)
     dv_asked = v.shape[-1]
-    q, k, v = aligned_rows(q), aligned_rows(k), aligned_rows(v)  # see row_align.py
+    q, k, v = _padded(q, False), _padded(k, False), _padded(v, False)  # see row_align.py
     layout = layout or _dense_layout(q, k)
     k, v = (keys_in_range(t, layout.seqlen_k, layout.varlen) for t in (k, v))  # see key_layout.py
     Hq, D = q.shape[-2], q.shape[-1]
@@ -672,7 +677,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
             return dq, dk, dv
     call_tensors = (dout, q, k, v, out, lse, alibi_slopes)
     d_asked, dv_asked = q.shape[-1], v.shape[-1]
-    dout, q, k, v, out = (aligned_rows(t) for t in (dout, q, k, v, out))  # see row_align.py
+    dout, q, k, v, out = (_padded(t, True) for t in (dout, q, k, v, out))  # see row_align.py
     layout = layout or _dense_layout(q, k)
     k, v = (keys_in_range(t, layout.seqlen_k, layout.varlen) for t in (k, v))  # see key_layout.py
     Hq, D = q.shape[-2], q.shape[-1]

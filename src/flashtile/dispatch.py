@@ -97,15 +97,24 @@ def wide_forward_heads(head_dim: int, head_dim_v: int, dtype: torch.dtype, devic
     return arch is not None and arch[0] < 9
 
 
-def dense_dq_heads(head_dim: int, head_dim_v: int, dtype: torch.dtype, device: torch.device) -> bool:
+def dense_dq_heads(head_dim: int, head_dim_v: int, dtype: torch.dtype, device: torch.device,
+                   masked: bool = False) -> bool:
     """True when the split-D backward of a wide head runs its dQ on the dense dQ kernel instead.
 
     The same heads as the dense forward (wide_forward_heads false without a block_mask): the dense
     dQ kernel keeps the [128, D] dQ accumulator in registers and walks the key tiles once, where the
     split-D one re-reads Q / dO chunks per key tile. It also writes delta, so the delta launch goes.
     dK and dV stay split-D (the dense dK/dV kernel measured slower at D = 320 / 384). H200, bf16,
-    B=1, H=48, S=8192, dQ kernel alone (session 20): D=320 18% and D=384 15% less time.
+    B=1, H=48, S=8192, whole backward ms, split-D dQ -> dense dQ: D=320 62.7 -> 59.3, causal 29.1 ->
+    26.3, window (1024, 0) 9.55 -> 7.47, softcap 79.9 -> 64.6, dropout 71.1 -> 66.0, causal GQA (8 kv
+    heads) 29.8 -> 27.4; D=384 81.8 -> 76.7, dropout 92.6 -> 88.0, softcap 87.9 -> 83.8. But at
+    384-wide tiles a causal or windowed call (masked) lost: causal 38.7 -> 39.3, causal ALiBi 41.6 ->
+    42.3, causal GQA 39.3 -> 41.8, window 10.4 -> 10.7; those keep the split-D dQ.
     """
+    from flashtile.tuning import tile_width  # tuning imports this module
+
+    if masked and max(tile_width(head_dim), tile_width(head_dim_v)) > 320:
+        return False
     return wide_heads(head_dim, head_dim_v) and not wide_forward_heads(head_dim, head_dim_v, dtype, device)
 
 

@@ -112,7 +112,7 @@ def wide_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     inputs = (*layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(dout))
     launches = [(wide_dkdv_kernel, dk, cfg.dk, Sk, Hkv, D, dict(DKDV=1)),
                 (wide_dkdv_kernel, dv, cfg.dv, Sk, Hkv, Dv, dict(DKDV=0))]
-    dense = config is None and dense_dq_heads(D, Dv, q.dtype, q.device)
+    dense = config is None and dense_dq_heads(D, Dv, q.dtype, q.device, meta["HAS_LEFT"] or meta["HAS_RIGHT"])
     with _device_ctx(q):
         if dense:  # dq and delta from the dense dQ kernel (dispatch.dense_dq_heads)
             dense_dq(dout, q, k, v, out, lse, delta, dq, softmax_scale, layout, left_asked, right_asked, softcap,
