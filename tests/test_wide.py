@@ -295,7 +295,7 @@ def test_backward_runs_the_chosen_dq_kernel(dtype, kw, monkeypatch):
 
 def test_explicit_wide_config_keeps_the_split_d_dq():
     """A WideBackwardConfig passed in runs all three split-D kernels (as tuning's sweeps need), also
-    where the dense dQ would be chosen; the gradients agree with the default route's."""
+    where the dense dQ would be chosen; both routes match the oracle."""
     from flashtile.tuning import wide_backward_config
 
     q, k, v = _make((1, 37, 37, 2, 1, 320, 320), HALF)

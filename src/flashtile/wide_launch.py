@@ -90,7 +90,9 @@ def wide_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                   dropout_p: float = 0.0, dropout_seed: Tuple[int, int] = (0, 0),
                   dbias: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv (contiguous, dtypes of q, k, v); the GQA group is always summed in registers.
-    dbias: as attention_launch.attention_backward (the dQ launch writes the attn_mask's gradient)."""
+    dbias: as attention_launch.attention_backward (the dQ launch writes the attn_mask's gradient).
+    dQ runs on the dense dQ kernel where dispatch.dense_dq_heads says so, unless a config is given
+    (a WideBackwardConfig configures all three split-D kernels, as tuning sweeps need)."""
     _check_features(block_mask)
     d_asked, dv_asked = q.shape[-1], v.shape[-1]
     dout, q, k, v, out = (aligned_rows(t, SPLIT_D_COLUMNS) for t in (dout, q, k, v, out))  # see row_align.py
