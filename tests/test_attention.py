@@ -17,6 +17,7 @@ from conftest import DEVICE, HAS_GPU
 from oracle import assert_matches_oracle
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32] if HAS_GPU else [torch.float16, torch.float32]
+HALF = torch.bfloat16 if HAS_GPU else torch.float16  # the interpreter has no bf16 dot
 # the tiled CPU path runs only on CPU tensors; the Triton kernels run on the GPU or in the interpreter
 BACKENDS = ["triton"] if HAS_GPU else ["triton", "cpu"]
 
@@ -198,9 +199,6 @@ def test_row_align_pads_only_what_it_must():
     assert not rows_aligned(strided) and torch.equal(aligned_rows(strided), strided)
     shifted = torch.randn(2 * 5 * 3 * 32 + 1)[1:].view(2, 5, 3, 32)  # data 4 bytes past an aligned start
     assert not rows_aligned(shifted) and aligned_rows(shifted).data_ptr() % 16 == 0
-
-
-HALF = torch.bfloat16 if HAS_GPU else torch.float16  # the interpreter has no bf16 dot
 
 
 # (D, Dv), dtype, (forward's q / v widths), (backward's)

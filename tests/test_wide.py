@@ -293,11 +293,14 @@ def test_backward_runs_the_chosen_dq_kernel(dtype, kw, monkeypatch):
     assert (wide_launch.wide_dq_kernel in ran) == (not dense)
 
 
-def test_explicit_wide_config_keeps_the_split_d_dq():
+def test_explicit_wide_config_keeps_the_split_d_dq(monkeypatch):
     """A WideBackwardConfig passed in runs all three split-D kernels (as tuning's sweeps need), also
-    where the dense dQ would be chosen; both routes match the oracle."""
+    where the dense dQ would be chosen (16-bit causal D=320); both routes match the oracle."""
     from flashtile.tuning import wide_backward_config
 
+    ran = []
+    real = wide_launch._run
+    monkeypatch.setattr(wide_launch, "_run", lambda kernel, *a: ran.append(kernel) or real(kernel, *a))
     q, k, v = _make((1, 37, 37, 2, 1, 320, 320), HALF)
     dout = torch.randn_like(q)
     scale = 320 ** -0.5
@@ -305,7 +308,9 @@ def test_explicit_wide_config_keeps_the_split_d_dq():
         out, lse = attention_launch.attention_forward(q, k, v, scale, None, 0)
         cfg = wide_backward_config(q.device, 320, 320, HALF, True)
         split = attention_launch.attention_backward(dout, q, k, v, out, lse, scale, None, 0, config=cfg)
+        split_ran, ran[:] = list(ran), []
         default = attention_launch.attention_backward(dout, q, k, v, out, lse, scale, None, 0)
+    assert wide_launch.wide_dq_kernel in split_ran and wide_launch.wide_dq_kernel not in ran
     assert_results_match_oracle(q, k, v, dout, (out, lse), split, softmax_scale=scale, causal=True)
     assert_results_match_oracle(q, k, v, dout, (out, lse), default, softmax_scale=scale, causal=True)
 
