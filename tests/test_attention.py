@@ -102,6 +102,32 @@ def test_softcap_and_alibi(features, dtype, backend):
         check_against_oracle(q, k, v, **kw)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [40, 96])
+@pytest.mark.parametrize("case", ["causal_sq<sk", "causal_sq>sk", "window_left"])
+def test_one_sided_alibi(case, head_dim, dtype, backend):
+    """ALiBi under a right edge <= 0 splits into a key term and a query term (common.score_log2's
+    HAS_ALIBI 2 / 3). Both head dims: at D <= 64 the forward keeps |distance| and the backward adds
+    the query term per score; above 64 the forward adds it per score and the backward folds it into lse."""
+    Sq, Sk = (37, 83) if "sq<sk" in case else (83, 37) if "sq>sk" in case else (70, 70)
+    q, k, v = _make((2, Sq, Sk, 4, 2, head_dim), dtype)
+    slopes = torch.rand(4, device=DEVICE, dtype=torch.float32) * 0.5 + 0.05
+    kw = dict(window_size=(9, 0)) if case == "window_left" else dict(causal=True)
+    with ft.use_backend(backend):
+        check_against_oracle(q, k, v, alibi_slopes=slopes, **kw)
+
+
+def test_alibi_form_follows_the_right_edge():
+    """attention_launch._alibi_flag: one-sided only when no visible key sits right of the diagonal."""
+    flag, slopes = attention_launch._alibi_flag, torch.ones(2)
+    assert flag(None, True, 0, 2) == 0
+    assert flag(slopes, True, 0, 2) == 2 and flag(slopes, True, -3, 3) == 3
+    assert flag(slopes, True, 1, 2) == 1 and flag(slopes, False, 0, 2) == 1  # keys right of the diagonal
+    assert attention_launch._alibi_one_sided(64, False) == 1 and attention_launch._alibi_one_sided(96, False) == 3
+    assert attention_launch._alibi_one_sided(64, True) == 3 and attention_launch._alibi_one_sided(96, True) == 2
+
+
 def test_fixed_max_only_where_the_softcap_bounds_the_scores():
     """attention_launch.fixed_max: the forward drops its running max only for a softcap whose bound
     softcap * log2(e) is at most 60 (p >= 2^-120), in bf16 / fp32, with nothing added to the score."""

@@ -20,7 +20,7 @@ length pair costs a compile (attention_launch.constant_lengths).
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import (attn_mask_ptrs, load_tail, store_rows, block_list, dropout_keep, dropout_rows, key_phases, list_tile,
+from flashtile.kernels.common import (alibi_query_term, attn_mask_ptrs, load_tail, store_rows, block_list, dropout_keep, dropout_rows, key_phases, list_tile,
                                       partial_tile_ptrs, program_tile, query_phases, score_log2, score_params,
                                       sequence_bounds, visible)
 
@@ -37,7 +37,7 @@ def _load_lse2(Lse, rows, seqlen_q):
 @triton.jit
 def _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                start_m, need_vis, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
-               seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+               seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
                MASKED: tl.constexpr, ELEM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
@@ -89,7 +89,9 @@ def _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_bas
         kqt = tl.dot(k2, tl.trans(q2), kqt, input_precision=DOT_PRECISION)
     st, tt = score_log2(kqt, offs_n, rows, seqlen_k, seqlen_q,
                         qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI,
-                        am_ptrs + tl.cast(start_m, tl.int64) * stride_amm, ATTN_MASK)
+                        am_ptrs + tl.cast(start_m, tl.int64) * stride_amm, ATTN_MASK, key0, True)
+    if HAS_ALIBI == 2:  # one-sided ALiBi: the query term joins lse
+        lse2 = lse2 + alibi_query_term(rows, seqlen_q, seqlen_k, alibi_log2, key0)
     pt = tl.math.exp2(st - lse2[None, :])
     if MASKED == 1:
         vis = visible(rows, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
@@ -126,7 +128,7 @@ def _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_bas
 @triton.jit
 def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                 start, stop, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
-                seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
                 BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
@@ -135,7 +137,7 @@ def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_ba
     for start_m in range(start, stop, BLOCK_M):
         dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                             start_m, False, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
-                            seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                            seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
                             MASKED, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
     return dk, dk2, dv, dv2
 
@@ -144,7 +146,7 @@ def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_ba
 def _dkdv_block_list(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, Tiles, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                      Num, Idx, TileIdx, row, k_block, n_k_blocks, n_q_blocks, full_lo, full_hi,
                      stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
-                     seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                     seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr, ELEM: tl.constexpr,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                      EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
@@ -161,13 +163,13 @@ def _dkdv_block_list(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, 
             em_ptrs = partial_tile_ptrs(Tiles, TileIdx, entry, part * BLOCK_SK, em_local, BLOCK_SQ, BLOCK_SK)
             dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                 start_m, True, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
-                                seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                                seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
                                 1, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
         else:
             need_vis = (start_m < full_lo) | (start_m + BLOCK_M > full_hi)
             dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                 start_m, need_vis, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
-                                seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                                seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
                                 2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
     return dk, dk2, dv, dv2
 
@@ -218,7 +220,8 @@ def attention_bwd_dkdv_kernel(
         if tile * BLOCK_N >= seqlen_k:  # a key tile past this sequence's end
             return
 
-    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    key0 = tile * BLOCK_N  # one-sided ALiBi's reference key (common.score_log2)
+    offs_n = key0 + tl.arange(0, BLOCK_N)
     k_rows = (k_start + offs_n).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -277,13 +280,13 @@ def attention_bwd_dkdv_kernel(
             dk, dk2, dv, dv2 = _dkdv_block_list(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, ElemTiles, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                       FullNum, FullIdx, PartTile, row, k_block, sparse_nk, sparse_nq, bb, c,
                                       stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
-                                      seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                                      seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
                                       BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
                                       EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
             dk, dk2, dv, dv2 = _dkdv_block_list(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, ElemTiles, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                       PartNum, PartIdx, PartTile, row, k_block, sparse_nk, sparse_nq, bb, c,
                                       stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
-                                      seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                                      seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
                                       BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
                                       EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
         elif (HAS_LEFT or HAS_RIGHT) and not SPLIT_PHASES:
@@ -293,7 +296,7 @@ def attention_bwd_dkdv_kernel(
             for start_m in range(a, d, BLOCK_M):
                 dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                     start_m, (start_m < bb) | (start_m >= c), stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
-                                    seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                                    seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
                                     2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
         else:
             # -- the query tiles in phases, each its own loop: masked [a, bb) (only with a mask edge),
@@ -303,13 +306,13 @@ def attention_bwd_dkdv_kernel(
             if HAS_LEFT or HAS_RIGHT:
                 dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                      a, bb, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                     window_left, window_right, BLOCK_M, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+                                     window_left, window_right, key0, BLOCK_M, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
             dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                  bb, c, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                 window_left, window_right, BLOCK_M, 0, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+                                 window_left, window_right, key0, BLOCK_M, 0, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
             dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                  c, d, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                 window_left, window_right, BLOCK_M, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+                                 window_left, window_right, key0, BLOCK_M, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
 
     dk_base = DK + b.to(tl.int64) * stride_dkb + hp.to(tl.int64) * stride_dkh
     dv_base = DV + b.to(tl.int64) * stride_dvb + hp.to(tl.int64) * stride_dvh
@@ -367,8 +370,11 @@ def _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_p
         qkt = tl.dot(q2, tl.trans(k2), qkt, input_precision=DOT_PRECISION)
     s, t = score_log2(qkt, offs_m, cols, seqlen_q, seqlen_k,
                       qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI,
-                      am_ptrs + tl.cast(start_n, tl.int64) * stride_amn, ATTN_MASK)
-    p = tl.math.exp2(s - lse2[:, None])
+                      am_ptrs + tl.cast(start_n, tl.int64) * stride_amn, ATTN_MASK, start_n)
+    if HAS_ALIBI == 2:  # one-sided ALiBi: the query term joins lse
+        p = tl.math.exp2(s - (lse2 + alibi_query_term(offs_m, seqlen_q, seqlen_k, alibi_log2, start_n))[:, None])
+    else:
+        p = tl.math.exp2(s - lse2[:, None])
     if MASKED == 1:
         vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         if ELEM:

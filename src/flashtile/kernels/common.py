@@ -128,12 +128,20 @@ def load_tail(ptrs, row_mask, col_mask, ROWS: tl.constexpr, EVEN: tl.constexpr):
 
 @triton.jit
 def score_log2(qk, offs_m, cols, seqlen_q, seqlen_k, qk_scale, softcap_pre, softcap_post, alibi_log2,
-               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, am_ptrs, ATTN_MASK: tl.constexpr):
+               SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, am_ptrs, ATTN_MASK: tl.constexpr,
+               key0=0, KEYS_FIRST: tl.constexpr = False):
     """Raw q.k -> the score in the log2 domain, FlashAttention's order: scale, softcap, ALiBi.
 
     Without softcap: qk * softmax_scale * log2(e). With softcap c: c * tanh(qk * scale / c) * log2(e)
     (softcap_pre = scale / c, softcap_post = c * log2(e)). ALiBi adds
-    -slope * |i + Sk - Sq - j| * log2(e) (alibi_log2 = slope * log2(e)).
+    -slope * |i + Sk - Sq - j| * log2(e) (alibi_log2 = slope * log2(e)). HAS_ALIBI = 2 or 3 (one-sided):
+    no visible key lies right of the diagonal (a right edge <= 0, as causal), so the bias is
+    slope * (j - key0) - slope * (i + Sk - Sq - key0) for any key0, a key term and a query term
+    (alibi_query_term): one add per score instead of a distance, its absolute value and a
+    conversion. 3 adds both terms here; 2 only the key term, and the caller folds the query term into
+    its row max or lse (no per-score work at all). key0 near the tile's keys keeps both terms small and
+    exact. Hidden scores get a wrong bias there; every caller masks them.
+    KEYS_FIRST: offs_m holds keys and cols queries (dK/dV's S^T orientation).
     ATTN_MASK (torch SDPA's attn_mask, am_ptrs: pointers of this tile, in qk's orientation):
     1 = bool (False hides the key), 2 = additive float bias, added after softcap and ALiBi.
     Returns (score, t) with t = tanh(...) when SOFTCAP (the backward needs 1 - t^2), else score.
@@ -148,9 +156,18 @@ def score_log2(qk, offs_m, cols, seqlen_q, seqlen_k, qk_scale, softcap_pre, soft
     else:
         t = qk
         s = qk * qk_scale
-    if HAS_ALIBI:
+    if HAS_ALIBI == 1:
         dist = (offs_m[:, None] + (seqlen_k - seqlen_q)) - cols[None, :]
         s = s - alibi_log2 * tl.abs(dist).to(tl.float32)
+    elif HAS_ALIBI >= 2:
+        if KEYS_FIRST:  # the arguments' roles are swapped: seqlen_q holds Sk and seqlen_k Sq
+            s = s + (alibi_log2 * (offs_m - key0).to(tl.float32))[:, None]
+            if HAS_ALIBI == 3:
+                s = s - alibi_query_term(cols, seqlen_k, seqlen_q, alibi_log2, key0)[None, :]
+        else:
+            s = s + (alibi_log2 * (cols - key0).to(tl.float32))[None, :]
+            if HAS_ALIBI == 3:
+                s = s - alibi_query_term(offs_m, seqlen_q, seqlen_k, alibi_log2, key0)[:, None]
     if ATTN_MASK != 0:
         in_bounds = (offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
         am = tl.load(am_ptrs, mask=in_bounds, other=0)
@@ -159,6 +176,13 @@ def score_log2(qk, offs_m, cols, seqlen_q, seqlen_k, qk_scale, softcap_pre, soft
         else:
             s = s + am.to(tl.float32) * 1.4426950408889634
     return s, t
+
+
+@triton.jit
+def alibi_query_term(queries, seqlen_q, seqlen_k, alibi_log2, key0):
+    """slope * log2(e) * (i + Sk - Sq - key0) per query i: what the one-sided ALiBi score
+    (score_log2's HAS_ALIBI = 2) leaves out; the true score is that score minus this."""
+    return alibi_log2 * (queries + (seqlen_k - seqlen_q) - key0).to(tl.float32)
 
 
 @triton.jit
@@ -344,17 +368,24 @@ def partial_tile_ptrs(Tiles, TileIdx, entry, offset, em_local, BLOCK_SQ: tl.cons
 
 
 @triton.jit
-def online_softmax(qk, m_i, l_i, GUARD: tl.constexpr):
+def online_softmax(qk, m_i, l_i, GUARD: tl.constexpr, row_off=0.0, OFFSET: tl.constexpr = False):
     """One online-softmax step on log2-domain scores qk [M, N]: returns (p, alpha, l_i, m_new).
 
     alpha rescales what was accumulated under the old running max m_i. GUARD: some rows may have
     seen only -inf so far (masked scores); they keep m = -inf and subtract 0, so p = 0, not NaN.
+    OFFSET: the scores are qk - row_off[:, None] (one-sided ALiBi's query term, folded into the max).
     """
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    if OFFSET:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) - row_off)
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
     if GUARD:
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_sub = m_new
-    p = tl.math.exp2(qk - m_sub[:, None])
+    if OFFSET:
+        p = tl.math.exp2(qk - (m_sub + row_off)[:, None])
+    else:
+        p = tl.math.exp2(qk - m_sub[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
