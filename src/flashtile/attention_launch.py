@@ -103,8 +103,8 @@ def _alibi_args(alibi_slopes: Optional[torch.Tensor], dummy: torch.Tensor) -> Tu
 
 
 def _alibi_flag(alibi_slopes: Optional[torch.Tensor], has_right: bool, right: int, one_sided: int) -> int:
-    """HAS_ALIBI: 0 none, 1 |distance| per score, one_sided (2: the query term folded into the row max or
-    lse, 3: added per score; common.score_log2) where a right edge <= 0 (as causal) puts every visible
+    """HAS_ALIBI: 0 none, 1 |distance| per score, one_sided (2: the query term folded into lse, backward
+    only; 3: added per score; common.score_log2) where a right edge <= 0 (as causal) puts every visible
     key at or left of the diagonal. one_sided = 1 keeps the |distance| form."""
     if alibi_slopes is None:
         return 0

@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from flashtile.kernels.common import (attn_mask_ptrs, load_tail, store_rows, block_list, dropout_keep, dropout_rows, key_phases, list_tile,
-                                      alibi_query_term, online_softmax, partial_tile_ptrs, program_tile, score_log2, score_params,
+                                      online_softmax, partial_tile_ptrs, program_tile, score_log2, score_params,
                                       sequence_bounds, visible)
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -66,8 +66,6 @@ def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs
     qk, _ = score_log2(qk, offs_m, cols, seqlen_q, seqlen_k,
                        qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI,
                        am_ptrs + tl.cast(start_n, tl.int64) * stride_amn, ATTN_MASK, start_n)
-    # one-sided ALiBi: the scores lack -q_term per row, which the row max and p take instead
-    q_term = alibi_query_term(offs_m, seqlen_q, seqlen_k, alibi_log2, start_n) if HAS_ALIBI == 2 else 0.0
     if MASKED == 1:
         vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         if ELEM:
@@ -88,7 +86,7 @@ def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs
         # the accumulator is wide (attention_launch.max_mode). A -inf row (nothing seen yet) that
         # sees a score grows by +inf, so the first visible tile always sets m_i; NaN scores never
         # compare greater and reach the output through p --
-        m_tile = tl.max(qk, 1) - q_term
+        m_tile = tl.max(qk, 1)
         grow = tl.max(tl.where(m_tile > m_i, m_tile - m_i, 0.0), 0)
         m_new = m_i
         if grow > RESCALE_SLACK:
@@ -100,11 +98,11 @@ def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs
                 acc2 = acc2 * alpha[:, None]
             l_i = l_i * alpha
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - (m_sub + q_term)[:, None])
+        p = tl.math.exp2(qk - m_sub[:, None])
         l_i = l_i + tl.sum(p, 1)
     else:
         # -- online softmax: new running max, rescale what was accumulated --
-        p, alpha, l_i, m_new = online_softmax(qk, m_i, l_i, MASKED != 0 or ATTN_MASK != 0, q_term, HAS_ALIBI == 2)
+        p, alpha, l_i, m_new = online_softmax(qk, m_i, l_i, MASKED != 0 or ATTN_MASK != 0)
         acc = acc * alpha[:, None]
         if BLOCK_DV2 > 0:
             acc2 = acc2 * alpha[:, None]

@@ -139,7 +139,7 @@ def score_log2(qk, offs_m, cols, seqlen_q, seqlen_k, qk_scale, softcap_pre, soft
     slope * (j - key0) - slope * (i + Sk - Sq - key0) for any key0, a key term and a query term
     (alibi_query_term): one add per score instead of a distance, its absolute value and a
     conversion. 3 adds both terms here; 2 only the key term, and the caller folds the query term into
-    its row max or lse (no per-score work at all). key0 near the tile's keys keeps both terms small and
+    lse (the backward kernels; the forward takes 1 or 3: folded into its running max it measured slower). key0 near the tile's keys keeps both terms small and
     exact. Hidden scores get a wrong bias there; every caller masks them.
     KEYS_FIRST: offs_m holds keys and cols queries (dK/dV's S^T orientation).
     ATTN_MASK (torch SDPA's attn_mask, am_ptrs: pointers of this tile, in qk's orientation):
@@ -368,24 +368,17 @@ def partial_tile_ptrs(Tiles, TileIdx, entry, offset, em_local, BLOCK_SQ: tl.cons
 
 
 @triton.jit
-def online_softmax(qk, m_i, l_i, GUARD: tl.constexpr, row_off=0.0, OFFSET: tl.constexpr = False):
+def online_softmax(qk, m_i, l_i, GUARD: tl.constexpr):
     """One online-softmax step on log2-domain scores qk [M, N]: returns (p, alpha, l_i, m_new).
 
     alpha rescales what was accumulated under the old running max m_i. GUARD: some rows may have
     seen only -inf so far (masked scores); they keep m = -inf and subtract 0, so p = 0, not NaN.
-    OFFSET: the scores are qk - row_off[:, None] (one-sided ALiBi's query term, folded into the max).
     """
-    if OFFSET:
-        m_new = tl.maximum(m_i, tl.max(qk, 1) - row_off)
-    else:
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
     if GUARD:
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_sub = m_new
-    if OFFSET:
-        p = tl.math.exp2(qk - (m_sub + row_off)[:, None])
-    else:
-        p = tl.math.exp2(qk - m_sub[:, None])
+    p = tl.math.exp2(qk - m_sub[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
