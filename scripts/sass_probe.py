@@ -57,7 +57,8 @@ CASES = {
     "dkdv_alibi": (DKDV, dict(HAS_ALIBI=1), (64, 64, 4, 2)),
     "fwd_alibi": (FWD, dict(HAS_ALIBI=1), (128, 128, 8, 3)),
     "dq_alibi": (DQ, dict(HAS_ALIBI=1), (128, 64, 8, 3)),
-    # causal: the one-sided bias as shipped above D = 64 (forward 3, backward 2); *_abs the |distance| form
+    # causal: the one-sided bias as shipped above D = 64 (kernels/common.py's ALIBI_*: forward 3 =
+    # both terms, backward 2 = key term); *_abs the |distance| form (1)
     "fwd_alibi_causal": (FWD, dict(HAS_ALIBI=3, HAS_RIGHT=True), (128, 128, 8, 3)),
     "fwd_alibi_causal_abs": (FWD, dict(HAS_ALIBI=1, HAS_RIGHT=True), (128, 128, 8, 3)),
     "dq_alibi_causal": (DQ, dict(HAS_ALIBI=2, HAS_RIGHT=True), (128, 64, 8, 3)),

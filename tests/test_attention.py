@@ -120,12 +120,14 @@ def test_one_sided_alibi(case, head_dim, dtype, backend):
 
 def test_alibi_form_follows_the_right_edge():
     """attention_launch._alibi_flag: one-sided only when no visible key sits right of the diagonal."""
-    flag, slopes = attention_launch._alibi_flag, torch.ones(2)
-    assert flag(None, True, 0, 2) == 0
-    assert flag(slopes, True, 0, 2) == 2 and flag(slopes, True, -3, 3) == 3
-    assert flag(slopes, True, 1, 2) == 1 and flag(slopes, False, 0, 2) == 1  # keys right of the diagonal
-    assert attention_launch._alibi_one_sided(64, False) == 1 and attention_launch._alibi_one_sided(96, False) == 3
-    assert attention_launch._alibi_one_sided(64, True) == 3 and attention_launch._alibi_one_sided(96, True) == 2
+    L, slopes = attention_launch, torch.ones(2)
+    key, both, dist = L.ALIBI_KEY_TERM, L.ALIBI_BOTH_TERMS, L.ALIBI_DISTANCE
+    assert L._alibi_flag(None, True, 0, key) == 0
+    assert L._alibi_flag(slopes, True, 0, key) == key and L._alibi_flag(slopes, True, -3, both) == both
+    # keys right of the diagonal (a right edge > 0, or none) need |distance|
+    assert L._alibi_flag(slopes, True, 1, key) == dist and L._alibi_flag(slopes, False, 0, key) == dist
+    assert L._alibi_one_sided(64, False) == dist and L._alibi_one_sided(96, False) == both
+    assert L._alibi_one_sided(64, True) == both and L._alibi_one_sided(96, True) == key
 
 
 def test_fixed_max_only_where_the_softcap_bounds_the_scores():

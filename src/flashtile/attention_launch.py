@@ -21,6 +21,7 @@ from flashtile.errors import UnsupportedError
 from flashtile.key_layout import keys_in_range
 from flashtile.kernels.attention_bwd import attention_bwd_dkdv_kernel, attention_bwd_dq_kernel
 from flashtile.kernels import attention_fwd as fwd_kernel
+from flashtile.kernels import common as kernel_common
 from flashtile.kernels.attention_fwd import attention_fwd_kernel
 from flashtile.launch_cache import MAX_PLANS, KernelPlan, PlanCache, specialization_key
 from flashtile.launch_fit import launch_fitting
@@ -64,6 +65,9 @@ def fixed_max(softcap: float, dtype: torch.dtype, has_alibi: bool, attn_mask_kin
 # The forward kernel's MAX_MODE values, as the kernel defines them
 MAX_RUNNING, MAX_FIXED, MAX_LAZY = (int(m.value) for m in (fwd_kernel.MAX_RUNNING, fwd_kernel.MAX_FIXED,
                                                             fwd_kernel.MAX_LAZY))
+ALIBI_DISTANCE, ALIBI_KEY_TERM, ALIBI_BOTH_TERMS = (int(m.value) for m in (kernel_common.ALIBI_DISTANCE,
+                                                                         kernel_common.ALIBI_KEY_TERM,
+                                                                         kernel_common.ALIBI_BOTH_TERMS))
 # accumulators at least this wide (Dv's register tiles, tuning.tile_width) rescale lazily
 LAZY_RESCALE_MIN_WIDTH = 384
 
@@ -103,12 +107,11 @@ def _alibi_args(alibi_slopes: Optional[torch.Tensor], dummy: torch.Tensor) -> Tu
 
 
 def _alibi_flag(alibi_slopes: Optional[torch.Tensor], has_right: bool, right: int, one_sided: int) -> int:
-    """HAS_ALIBI: 0 none, 1 |distance| per score, one_sided (2: the query term folded into lse, backward
-    only; 3: added per score; common.score_log2) where a right edge <= 0 (as causal) puts every visible
-    key at or left of the diagonal. one_sided = 1 keeps the |distance| form."""
+    """HAS_ALIBI (kernels/common.py's ALIBI_* modes): 0 without slopes; one_sided where a right edge <= 0
+    (as causal) puts every visible key at or left of the diagonal; else ALIBI_DISTANCE."""
     if alibi_slopes is None:
         return 0
-    return one_sided if has_right and right <= 0 else 1
+    return one_sided if has_right and right <= 0 else ALIBI_DISTANCE
 
 
 def _alibi_one_sided(head_dim: int, backward: bool) -> int:
@@ -119,8 +122,8 @@ def _alibi_one_sided(head_dim: int, backward: bool) -> int:
     |distance|. The backward folds the query term into lse above D = 64 (S=8192 backward -3%) and adds
     it per score at D <= 64 (folded: +2%; per score: -5%)."""
     if backward:
-        return 2 if head_dim > 64 else 3
-    return 3 if head_dim > 64 else 1
+        return ALIBI_KEY_TERM if head_dim > 64 else ALIBI_BOTH_TERMS
+    return ALIBI_BOTH_TERMS if head_dim > 64 else ALIBI_DISTANCE
 
 
 def _mask_flags(left: Optional[int], right: Optional[int]) -> Tuple[bool, bool, int, int]:

@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 import triton
 
-from flashtile.attention_launch import (_Layout, _alibi_args, _attn_mask_args, _dense_layout, _device_ctx,
+from flashtile.attention_launch import (ALIBI_DISTANCE, _Layout, _alibi_args, _attn_mask_args, _dense_layout, _device_ctx,
                                         _dot_precision, _dropout_args, _mask_flags, backward_buffers, dense_dq,
                                         forward_buffers)
 from flashtile.dispatch import dense_dq_heads
@@ -44,7 +44,8 @@ def _run(kernel, grid, cfg: WideConfig, args, meta) -> None:
 
 def _flags(layout: _Layout, left, right, softcap: float, alibi_slopes, dtype: torch.dtype):
     has_left, has_right, left, right = _mask_flags(left, right)
-    meta = dict(HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+    meta = dict(HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=softcap > 0,
+                HAS_ALIBI=0 if alibi_slopes is None else ALIBI_DISTANCE,
                 VARLEN=layout.varlen, DOT_PRECISION=_dot_precision(dtype))
     return meta, left, right
 

@@ -20,7 +20,7 @@ length pair costs a compile (attention_launch.constant_lengths).
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import (alibi_query_term, attn_mask_ptrs, load_tail, store_rows, block_list, dropout_keep, dropout_rows, key_phases, list_tile,
+from flashtile.kernels.common import (ALIBI_KEY_TERM, alibi_query_term, attn_mask_ptrs, load_tail, store_rows, block_list, dropout_keep, dropout_rows, key_phases, list_tile,
                                       partial_tile_ptrs, program_tile, query_phases, score_log2, score_params,
                                       sequence_bounds, visible)
 
@@ -90,7 +90,7 @@ def _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_bas
     st, tt = score_log2(kqt, offs_n, rows, seqlen_k, seqlen_q,
                         qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI,
                         am_ptrs + tl.cast(start_m, tl.int64) * stride_amm, ATTN_MASK, key0, True)
-    if HAS_ALIBI == 2:  # one-sided ALiBi: the query term joins lse
+    if HAS_ALIBI == ALIBI_KEY_TERM:  # one-sided ALiBi: the query term joins lse
         lse2 = lse2 + alibi_query_term(rows, seqlen_q, seqlen_k, alibi_log2, key0)
     pt = tl.math.exp2(st - lse2[None, :])
     if MASKED == 1:
@@ -371,7 +371,7 @@ def _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_p
     s, t = score_log2(qkt, offs_m, cols, seqlen_q, seqlen_k,
                       qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI,
                       am_ptrs + tl.cast(start_n, tl.int64) * stride_amn, ATTN_MASK, start_n)
-    if HAS_ALIBI == 2:  # one-sided ALiBi: the query term joins lse
+    if HAS_ALIBI == ALIBI_KEY_TERM:  # one-sided ALiBi: the query term joins lse
         p = tl.math.exp2(s - (lse2 + alibi_query_term(offs_m, seqlen_q, seqlen_k, alibi_log2, start_n))[:, None])
     else:
         p = tl.math.exp2(s - lse2[:, None])

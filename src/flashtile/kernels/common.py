@@ -14,6 +14,11 @@ the software pipeline, which costs more than the branch.
 import triton
 import triton.language as tl
 
+# HAS_ALIBI modes (score_log2; attention_launch._alibi_flag picks one per launch)
+ALIBI_DISTANCE = tl.constexpr(1)  # -slope * |distance| per score
+ALIBI_KEY_TERM = tl.constexpr(2)  # one-sided, the key term only: the caller folds the query term into lse
+ALIBI_BOTH_TERMS = tl.constexpr(3)  # one-sided, key and query terms per score
+
 
 @triton.jit
 def visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right,
@@ -134,13 +139,14 @@ def score_log2(qk, offs_m, cols, seqlen_q, seqlen_k, qk_scale, softcap_pre, soft
 
     Without softcap: qk * softmax_scale * log2(e). With softcap c: c * tanh(qk * scale / c) * log2(e)
     (softcap_pre = scale / c, softcap_post = c * log2(e)). ALiBi adds
-    -slope * |i + Sk - Sq - j| * log2(e) (alibi_log2 = slope * log2(e)). HAS_ALIBI = 2 or 3 (one-sided):
-    no visible key lies right of the diagonal (a right edge <= 0, as causal), so the bias is
-    slope * (j - key0) - slope * (i + Sk - Sq - key0) for any key0, a key term and a query term
-    (alibi_query_term): one add per score instead of a distance, its absolute value and a
-    conversion. 3 adds both terms here; 2 only the key term, and the caller folds the query term into
-    lse (the backward kernels; the forward takes 1 or 3: folded into its running max it measured slower). key0 near the tile's keys keeps both terms small and
-    exact. Hidden scores get a wrong bias there; every caller masks them.
+    -slope * |i + Sk - Sq - j| * log2(e) (alibi_log2 = slope * log2(e)), per score with
+    ALIBI_DISTANCE. One-sided (ALIBI_KEY_TERM / ALIBI_BOTH_TERMS): no visible key lies right of the
+    diagonal (a right edge <= 0, as causal), so the bias is slope * (j - key0) - slope * (i + Sk - Sq -
+    key0) for any key0, a key term and a query term (alibi_query_term): one add per score instead of
+    a distance, its absolute value and a conversion. ALIBI_BOTH_TERMS adds both here; ALIBI_KEY_TERM
+    only the key term, and the caller folds the query term into lse (the backward kernels; folded into
+    the forward's running max it measured slower). key0 near the tile's keys keeps both terms small
+    and exact. Hidden scores get a wrong bias there; every caller masks them.
     KEYS_FIRST: offs_m holds keys and cols queries (dK/dV's S^T orientation).
     ATTN_MASK (torch SDPA's attn_mask, am_ptrs: pointers of this tile, in qk's orientation):
     1 = bool (False hides the key), 2 = additive float bias, added after softcap and ALiBi.
@@ -156,17 +162,17 @@ def score_log2(qk, offs_m, cols, seqlen_q, seqlen_k, qk_scale, softcap_pre, soft
     else:
         t = qk
         s = qk * qk_scale
-    if HAS_ALIBI == 1:
+    if HAS_ALIBI == ALIBI_DISTANCE:
         dist = (offs_m[:, None] + (seqlen_k - seqlen_q)) - cols[None, :]
         s = s - alibi_log2 * tl.abs(dist).to(tl.float32)
-    elif HAS_ALIBI >= 2:
+    elif HAS_ALIBI != 0:
         if KEYS_FIRST:  # the arguments' roles are swapped: seqlen_q holds Sk and seqlen_k Sq
             s = s + (alibi_log2 * (offs_m - key0).to(tl.float32))[:, None]
-            if HAS_ALIBI == 3:
+            if HAS_ALIBI == ALIBI_BOTH_TERMS:
                 s = s - alibi_query_term(cols, seqlen_k, seqlen_q, alibi_log2, key0)[None, :]
         else:
             s = s + (alibi_log2 * (cols - key0).to(tl.float32))[None, :]
-            if HAS_ALIBI == 3:
+            if HAS_ALIBI == ALIBI_BOTH_TERMS:
                 s = s - alibi_query_term(offs_m, seqlen_q, seqlen_k, alibi_log2, key0)[:, None]
     if ATTN_MASK != 0:
         in_bounds = (offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
