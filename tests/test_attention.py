@@ -105,29 +105,34 @@ def test_softcap_and_alibi(features, dtype, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [40, 96])
-@pytest.mark.parametrize("case", ["causal_sq<sk", "causal_sq>sk", "window_left"])
-def test_one_sided_alibi(case, head_dim, dtype, backend):
-    """ALiBi under a right edge <= 0 splits into a key term and a query term (common.score_log2's
-    HAS_ALIBI 2 / 3). Both head dims: at D <= 64 the forward keeps |distance| and the backward adds
-    the query term per score; above 64 the forward adds it per score and the backward folds it into lse."""
+@pytest.mark.parametrize("case", ["causal_sq<sk", "causal_sq>sk", "window_left", "sq<sk", "sq>sk", "window_both"])
+def test_alibi_forms(case, head_dim, dtype, backend):
+    """ALiBi in its key-term / query-term forms (common.score_log2's HAS_ALIBI 2 / 3 / 4). Under a right
+    edge <= 0 (causal, window (9, 0)) the bias is one-sided: at D <= 64 the forward keeps |distance| and
+    the backward adds the query term per score; above 64 the forward adds it per score and the backward
+    folds it into lse. Otherwise (non-causal, window (9, 5)) the backward, and the forward above 64,
+    take |key term - query term| in fp32. Sq != Sk shifts the diagonal both ways."""
     Sq, Sk = (37, 83) if "sq<sk" in case else (83, 37) if "sq>sk" in case else (70, 70)
     q, k, v = _make((2, Sq, Sk, 4, 2, head_dim), dtype)
     slopes = torch.rand(4, device=DEVICE, dtype=torch.float32) * 0.5 + 0.05
-    kw = dict(window_size=(9, 0)) if case == "window_left" else dict(causal=True)
+    kw = dict(window_size=(9, 0)) if case == "window_left" else dict(window_size=(9, 5)) if case == "window_both" \
+        else dict(causal=case.startswith("causal"))
     with ft.use_backend(backend):
         check_against_oracle(q, k, v, alibi_slopes=slopes, **kw)
 
 
 def test_alibi_form_follows_the_right_edge():
-    """attention_launch._alibi_flag: one-sided only when no visible key sits right of the diagonal."""
+    """attention_launch._alibi_flag: one-sided only when no visible key sits right of the diagonal; the
+    two-sided forms per kernel and head dim."""
     L, slopes = attention_launch, torch.ones(2)
-    key, both, dist = L.ALIBI_KEY_TERM, L.ALIBI_BOTH_TERMS, L.ALIBI_DISTANCE
-    assert L._alibi_flag(None, True, 0, key) == 0
-    assert L._alibi_flag(slopes, True, 0, key) == key and L._alibi_flag(slopes, True, -3, both) == both
-    # keys right of the diagonal (a right edge > 0, or none) need |distance|
-    assert L._alibi_flag(slopes, True, 1, key) == dist and L._alibi_flag(slopes, False, 0, key) == dist
-    assert L._alibi_one_sided(64, False) == dist and L._alibi_one_sided(96, False) == both
-    assert L._alibi_one_sided(64, True) == both and L._alibi_one_sided(96, True) == key
+    key, both, dist, terms = L.ALIBI_KEY_TERM, L.ALIBI_BOTH_TERMS, L.ALIBI_DISTANCE, L.ALIBI_TERM_DISTANCE
+    assert L._alibi_flag(None, True, 0, 96, "dq") == 0
+    assert L._alibi_flag(slopes, True, 0, 96, "dkdv") == key and L._alibi_flag(slopes, True, -3, 96, "fwd") == both
+    assert L._alibi_flag(slopes, True, 0, 64, "dq") == both and L._alibi_flag(slopes, True, 0, 64, "fwd") == dist
+    # keys right of the diagonal (a right edge > 0, or none) take the two-sided forms
+    for right_edge in [(True, 1), (False, 0)]:
+        assert [L._alibi_flag(slopes, *right_edge, 96, k) for k in ("fwd", "dq", "dkdv")] == [terms, terms, dist]
+        assert [L._alibi_flag(slopes, *right_edge, 64, k) for k in ("fwd", "dq", "dkdv")] == [dist, terms, terms]
 
 
 def test_fixed_max_only_where_the_softcap_bounds_the_scores():

@@ -65,9 +65,9 @@ def fixed_max(softcap: float, dtype: torch.dtype, has_alibi: bool, attn_mask_kin
 # The forward kernel's MAX_MODE values, as the kernel defines them
 MAX_RUNNING, MAX_FIXED, MAX_LAZY = (int(m.value) for m in (fwd_kernel.MAX_RUNNING, fwd_kernel.MAX_FIXED,
                                                             fwd_kernel.MAX_LAZY))
-ALIBI_DISTANCE, ALIBI_KEY_TERM, ALIBI_BOTH_TERMS = (int(m.value) for m in (kernel_common.ALIBI_DISTANCE,
-                                                                         kernel_common.ALIBI_KEY_TERM,
-                                                                         kernel_common.ALIBI_BOTH_TERMS))
+ALIBI_DISTANCE, ALIBI_KEY_TERM, ALIBI_BOTH_TERMS, ALIBI_TERM_DISTANCE = (
+    int(m.value) for m in (kernel_common.ALIBI_DISTANCE, kernel_common.ALIBI_KEY_TERM, kernel_common.ALIBI_BOTH_TERMS,
+                           kernel_common.ALIBI_TERM_DISTANCE))
 # accumulators at least this wide (Dv's register tiles, tuning.tile_width) rescale lazily
 LAZY_RESCALE_MIN_WIDTH = 384
 
@@ -106,12 +106,28 @@ def _alibi_args(alibi_slopes: Optional[torch.Tensor], dummy: torch.Tensor) -> Tu
     return slopes, (slopes.stride(0) if slopes.dim() == 2 else 0)
 
 
-def _alibi_flag(alibi_slopes: Optional[torch.Tensor], has_right: bool, right: int, one_sided: int) -> int:
-    """HAS_ALIBI (kernels/common.py's ALIBI_* modes): 0 without slopes; one_sided where a right edge <= 0
-    (as causal) puts every visible key at or left of the diagonal; else ALIBI_DISTANCE."""
+def _alibi_flag(alibi_slopes: Optional[torch.Tensor], has_right: bool, right: int, head_dim: int,
+                kernel: str) -> int:
+    """HAS_ALIBI (kernels/common.py's ALIBI_* modes) of one kernel ("fwd", "dq" or "dkdv"): 0 without
+    slopes; _alibi_one_sided's form where a right edge <= 0 (as causal) puts every visible key at or
+    left of the diagonal; else _alibi_two_sided's."""
     if alibi_slopes is None:
         return 0
-    return one_sided if has_right and right <= 0 else ALIBI_DISTANCE
+    if has_right and right <= 0:
+        return _alibi_one_sided(head_dim, kernel != "fwd")
+    return _alibi_two_sided(head_dim, kernel)
+
+
+def _alibi_two_sided(head_dim: int, kernel: str) -> int:
+    """The two-sided ALiBi form per kernel (H200, bf16, ALiBi without a causal edge, kernel us with
+    |distance| -> |key term - query term|): non-causal S=8192 D=128 forward 2401 -> 2335, dQ 2641 ->
+    2581, dK/dV 3940 -> 4815; window (1024, 1024) at S=16384 forward 753 -> 668, dQ 813 -> 748, dK/dV
+    1402 -> 1378; D=64 (H=32) dQ 2888 -> 2746, dK/dV 4999 -> 4846. The 64x64 dK/dV tiles at D=128 lose
+    (a register allocation at 255 with spills, as every dK/dV variant), and the D=64 forward would go
+    from 116 to 200 registers, past two programs per SM: those keep |distance|."""
+    if kernel == "dq":
+        return ALIBI_TERM_DISTANCE
+    return ALIBI_TERM_DISTANCE if (head_dim > 64) == (kernel == "fwd") else ALIBI_DISTANCE
 
 
 def _alibi_one_sided(head_dim: int, backward: bool) -> int:
@@ -557,7 +573,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
             softmax_scale, softcap, left, right, *sp.scalars, *am_strides, *_dropout_args(dropout_p, dropout_seed))
     meta = dict(**_head_dim_flags(D, Dv), DROPOUT=dropout_p > 0,
                 HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=_softcap_flag(softcap, q.dtype),
-                HAS_ALIBI=_alibi_flag(alibi_slopes, has_right, right, _alibi_one_sided(max(D, Dv), False)),
+                HAS_ALIBI=_alibi_flag(alibi_slopes, has_right, right, max(D, Dv), "fwd"),
                 VARLEN=layout.varlen, BLOCK_SPARSE=sp.enabled, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
                 ATTN_MASK=am_kind, DOT_PRECISION=_dot_precision(q.dtype),
                 MAX_MODE=max_mode(softcap, q.dtype, alibi_slopes is not None, am_kind, Dv, has_left),
@@ -607,10 +623,11 @@ def walk_lengths(seqlen_k: int, causal: bool, has_left: bool, left: int, right: 
 def _backward_flags(q: torch.Tensor, v: torch.Tensor, layout: _Layout, sp: _Sparse, has_left: bool, has_right: bool,
                     right: int, softcap: float, alibi_slopes: Optional[torch.Tensor], am_kind: int, dropout_p: float,
                     order: Tuple[bool, int]) -> dict:
-    """The constexprs that the dQ and the dK/dV launches share (q, v: the row-aligned tensors)."""
-    one_sided = _alibi_one_sided(max(q.shape[-1], v.shape[-1]), True)
+    """The constexprs that the dQ and the dK/dV launches share (q, v: the row-aligned tensors); HAS_ALIBI
+    is dQ's, the dK/dV launch sets its own (_alibi_flag)."""
+    head_dim = max(q.shape[-1], v.shape[-1])
     return dict(**_head_dim_flags(q.shape[-1], v.shape[-1]), HAS_LEFT=has_left, HAS_RIGHT=has_right,
-                SOFTCAP=_softcap_flag(softcap, q.dtype), HAS_ALIBI=_alibi_flag(alibi_slopes, has_right, right, one_sided),
+                SOFTCAP=_softcap_flag(softcap, q.dtype), HAS_ALIBI=_alibi_flag(alibi_slopes, has_right, right, head_dim, "dq"),
                 VARLEN=layout.varlen, BLOCK_SPARSE=sp.enabled, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
                 ATTN_MASK=am_kind, DROPOUT=dropout_p > 0, DOT_PRECISION=_dot_precision(q.dtype), **_order_flags(order))
 
@@ -749,6 +766,8 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                            lambda bm, bn: (triton.cdiv(Sk, bn) * B * n_head_programs,),
                            lambda bm, bn: sp.order(lse, "key", B, Hq, heads_per_program, bn, Sk), args,
                            dict(flags, SPLIT_PHASES=cfg.split_phases,
+                                HAS_ALIBI=_alibi_flag(alibi_slopes, has_right, right, max(q.shape[-1], v.shape[-1]),
+                                                      "dkdv"),
                                 SEQLEN_Q=Sq if constants else 0, SEQLEN_K=Sk if constants else 0))
         if expand:
             dk.copy_(dk_buf.unflatten(-2, (Hkv, group)).sum(-2))

@@ -18,6 +18,7 @@ import triton.language as tl
 ALIBI_DISTANCE = tl.constexpr(1)  # -slope * |distance| per score
 ALIBI_KEY_TERM = tl.constexpr(2)  # one-sided, the key term only: the caller folds the query term into lse
 ALIBI_BOTH_TERMS = tl.constexpr(3)  # one-sided, key and query terms per score
+ALIBI_TERM_DISTANCE = tl.constexpr(4)  # two-sided: -|key term - query term| per score, in fp32
 
 
 @triton.jit
@@ -147,6 +148,10 @@ def score_log2(qk, offs_m, cols, seqlen_q, seqlen_k, qk_scale, softcap_pre, soft
     only the key term, and the caller folds the query term into lse (the backward kernels; folded into
     the forward's running max it measured slower). key0 near the tile's keys keeps both terms small
     and exact. Hidden scores get a wrong bias there; every caller masks them.
+    ALIBI_TERM_DISTANCE (any window): -|key term - query term|, two fp32 adds per score where
+    |distance| costs an integer subtract, an absolute value and an int-to-float conversion; key0 near
+    the tile keeps the terms within slope * (|distance| + tile) of each other, so the rounding stays
+    far below the bias wherever exp2 of the score is not negligible.
     KEYS_FIRST: offs_m holds keys and cols queries (dK/dV's S^T orientation).
     ATTN_MASK (torch SDPA's attn_mask, am_ptrs: pointers of this tile, in qk's orientation):
     1 = bool (False hides the key), 2 = additive float bias, added after softcap and ALiBi.
@@ -165,6 +170,13 @@ def score_log2(qk, offs_m, cols, seqlen_q, seqlen_k, qk_scale, softcap_pre, soft
     if HAS_ALIBI == ALIBI_DISTANCE:
         dist = (offs_m[:, None] + (seqlen_k - seqlen_q)) - cols[None, :]
         s = s - alibi_log2 * tl.abs(dist).to(tl.float32)
+    elif HAS_ALIBI == ALIBI_TERM_DISTANCE:
+        if KEYS_FIRST:
+            s = s - tl.abs((alibi_log2 * (offs_m - key0).to(tl.float32))[:, None]
+                           - alibi_query_term(cols, seqlen_k, seqlen_q, alibi_log2, key0)[None, :])
+        else:
+            s = s - tl.abs((alibi_log2 * (cols - key0).to(tl.float32))[None, :]
+                           - alibi_query_term(offs_m, seqlen_q, seqlen_k, alibi_log2, key0)[:, None])
     elif HAS_ALIBI != 0:
         if KEYS_FIRST:  # the arguments' roles are swapped: seqlen_q holds Sk and seqlen_k Sq
             s = s + (alibi_log2 * (offs_m - key0).to(tl.float32))[:, None]
