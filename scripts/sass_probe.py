@@ -65,6 +65,11 @@ CASES = {
     "dq_alibi_causal_abs": (DQ, dict(HAS_ALIBI=1, HAS_RIGHT=True), (128, 64, 8, 3)),
     "dkdv_alibi_causal": (DKDV, dict(HAS_ALIBI=2, HAS_RIGHT=True, SPLIT_PHASES=True), (64, 64, 4, 2)),
     "dkdv_alibi_causal_abs": (DKDV, dict(HAS_ALIBI=1, HAS_RIGHT=True, SPLIT_PHASES=True), (64, 64, 4, 2)),
+    # two-sided (non-causal, windows with a right edge > 0): 4 = |key term - query term| in fp32 (the
+    # forward above D = 64, dQ, dK/dV at D <= 64), against dq_alibi / fwd_alibi / dkdv_alibi (|distance|)
+    "fwd_alibi_terms": (FWD, dict(HAS_ALIBI=4), (128, 128, 8, 3)),
+    "dq_alibi_terms": (DQ, dict(HAS_ALIBI=4), (128, 64, 8, 3)),
+    "dkdv_alibi_terms": (DKDV, dict(HAS_ALIBI=4), (64, 64, 4, 2)),
     "dkdv_dropout": (DKDV, dict(DROPOUT=True), (64, 64, 4, 2)),
     "fwd_dropout": (FWD, dict(DROPOUT=True), (128, 64, 8, 3)),
     "dq_dropout": (DQ, dict(DROPOUT=True), (128, 64, 8, 3)),
