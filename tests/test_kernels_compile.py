@@ -31,8 +31,9 @@ FLAG_SETS = [
          ATTN_MASK=0, DROPOUT=True, EVEN_D=True, EVEN_DV=True, BIAS_GRAD=False, TILE_MAJOR=False,
          HEAD_GROUP=0, SPLIT_PHASES=False, SEQLEN_Q=513, SEQLEN_K=1024),
     # head dims in two chunks (tuning.head_dim_chunks): 64 + 16 columns with a padded tail on Q/K,
-    # 64 + 32 whole on V, with every per-score feature and block masks
-    dict(HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=2, HAS_ALIBI=True, VARLEN=False, BLOCK_SPARSE=True,
+    # 64 + 32 whole on V, with every per-score feature and block masks; ALiBi as |key term - query term|
+    # (kernels/common.py's ALIBI_TERM_DISTANCE)
+    dict(HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=2, HAS_ALIBI=4, VARLEN=False, BLOCK_SPARSE=True,
          ATTN_MASK=1, DROPOUT=True, EVEN_D=True, EVEN_DV=True, BIAS_GRAD=False, TILE_MAJOR=False,
          HEAD_GROUP=0, SPLIT_PHASES=False, SEQLEN_Q=0, SEQLEN_K=0,
          BLOCK_D2=16, BLOCK_DV2=32, EVEN_D2=False, EVEN_DV2=True),
