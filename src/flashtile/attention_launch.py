@@ -127,7 +127,9 @@ def _alibi_two_sided(head_dim: int, kernel: str) -> int:
     from 116 to 200 registers, past two programs per SM: those keep |distance|."""
     if kernel == "dq":
         return ALIBI_TERM_DISTANCE
-    return ALIBI_TERM_DISTANCE if (head_dim > 64) == (kernel == "fwd") else ALIBI_DISTANCE
+    if kernel == "fwd":
+        return ALIBI_TERM_DISTANCE if head_dim > 64 else ALIBI_DISTANCE
+    return ALIBI_TERM_DISTANCE if head_dim <= 64 else ALIBI_DISTANCE  # dK/dV
 
 
 def _alibi_one_sided(head_dim: int, backward: bool) -> int:
@@ -766,8 +768,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                            lambda bm, bn: (triton.cdiv(Sk, bn) * B * n_head_programs,),
                            lambda bm, bn: sp.order(lse, "key", B, Hq, heads_per_program, bn, Sk), args,
                            dict(flags, SPLIT_PHASES=cfg.split_phases,
-                                HAS_ALIBI=_alibi_flag(alibi_slopes, has_right, right, max(q.shape[-1], v.shape[-1]),
-                                                      "dkdv"),
+                                HAS_ALIBI=_alibi_flag(alibi_slopes, has_right, right, max(D, Dv), "dkdv"),
                                 SEQLEN_Q=Sq if constants else 0, SEQLEN_K=Sk if constants else 0))
         if expand:
             dk.copy_(dk_buf.unflatten(-2, (Hkv, group)).sum(-2))
