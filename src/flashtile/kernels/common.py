@@ -170,22 +170,19 @@ def score_log2(qk, offs_m, cols, seqlen_q, seqlen_k, qk_scale, softcap_pre, soft
     if HAS_ALIBI == ALIBI_DISTANCE:
         dist = (offs_m[:, None] + (seqlen_k - seqlen_q)) - cols[None, :]
         s = s - alibi_log2 * tl.abs(dist).to(tl.float32)
-    elif HAS_ALIBI == ALIBI_TERM_DISTANCE:
-        if KEYS_FIRST:
-            s = s - tl.abs((alibi_log2 * (offs_m - key0).to(tl.float32))[:, None]
-                           - alibi_query_term(cols, seqlen_k, seqlen_q, alibi_log2, key0)[None, :])
-        else:
-            s = s - tl.abs((alibi_log2 * (cols - key0).to(tl.float32))[None, :]
-                           - alibi_query_term(offs_m, seqlen_q, seqlen_k, alibi_log2, key0)[:, None])
-    elif HAS_ALIBI != 0:
+    elif HAS_ALIBI != 0:  # a key term and a query term (the other modes)
         if KEYS_FIRST:  # the arguments' roles are swapped: seqlen_q holds Sk and seqlen_k Sq
-            s = s + (alibi_log2 * (offs_m - key0).to(tl.float32))[:, None]
-            if HAS_ALIBI == ALIBI_BOTH_TERMS:
-                s = s - alibi_query_term(cols, seqlen_k, seqlen_q, alibi_log2, key0)[None, :]
+            key_term = (alibi_log2 * (offs_m - key0).to(tl.float32))[:, None]
+            query_term = alibi_query_term(cols, seqlen_k, seqlen_q, alibi_log2, key0)[None, :]
         else:
-            s = s + (alibi_log2 * (cols - key0).to(tl.float32))[None, :]
+            key_term = (alibi_log2 * (cols - key0).to(tl.float32))[None, :]
+            query_term = alibi_query_term(offs_m, seqlen_q, seqlen_k, alibi_log2, key0)[:, None]
+        if HAS_ALIBI == ALIBI_TERM_DISTANCE:
+            s = s - tl.abs(key_term - query_term)
+        else:
+            s = s + key_term
             if HAS_ALIBI == ALIBI_BOTH_TERMS:
-                s = s - alibi_query_term(offs_m, seqlen_q, seqlen_k, alibi_log2, key0)[:, None]
+                s = s - query_term
     if ATTN_MASK != 0:
         in_bounds = (offs_m[:, None] < seqlen_q) & (cols[None, :] < seqlen_k)
         am = tl.load(am_ptrs, mask=in_bounds, other=0)
@@ -198,8 +195,8 @@ def score_log2(qk, offs_m, cols, seqlen_q, seqlen_k, qk_scale, softcap_pre, soft
 
 @triton.jit
 def alibi_query_term(queries, seqlen_q, seqlen_k, alibi_log2, key0):
-    """slope * log2(e) * (i + Sk - Sq - key0) per query i: what the one-sided ALiBi score
-    (score_log2's HAS_ALIBI = 2) leaves out; the true score is that score minus this."""
+    """slope * log2(e) * (i + Sk - Sq - key0) per query i: score_log2's query term. The one-sided
+    score of ALIBI_KEY_TERM leaves it out; the true score is that score minus this."""
     return alibi_log2 * (queries + (seqlen_k - seqlen_q) - key0).to(tl.float32)
 
 
