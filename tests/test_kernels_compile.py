@@ -27,7 +27,7 @@ FLAG_SETS = [
     dict(HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, HAS_ALIBI=True, VARLEN=True, BLOCK_SPARSE=False,
          ATTN_MASK=2, DROPOUT=True, EVEN_D=False, EVEN_DV=False, BIAS_GRAD=True, TILE_MAJOR=True,
          HEAD_GROUP=4, SPLIT_PHASES=True, SEQLEN_Q=0, SEQLEN_K=0),
-    dict(HAS_LEFT=False, HAS_RIGHT=True, SOFTCAP=2, HAS_ALIBI=False, VARLEN=False, BLOCK_SPARSE=True,
+    dict(HAS_LEFT=False, HAS_RIGHT=True, SOFTCAP=2, HAS_ALIBI=False, VARLEN=False, BLOCK_SPARSE=2,
          ATTN_MASK=0, DROPOUT=True, EVEN_D=True, EVEN_DV=True, BIAS_GRAD=False, TILE_MAJOR=False,
          HEAD_GROUP=0, SPLIT_PHASES=False, SEQLEN_Q=513, SEQLEN_K=1024),
     # head dims in two chunks (tuning.head_dim_chunks): 64 + 16 columns with a padded tail on Q/K,

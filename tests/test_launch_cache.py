@@ -189,13 +189,21 @@ _RECIPE_CASES = {
     "block-mask-causal": dict(block_mask="element", causal=True),
     # with GQA: at this size the backward writes per-query-head partials (no recipe); the forward replays
     "block-mask-full-blocks": dict(block_mask="blocks", heads_kv=2),
+    # step 0: an element mask whose partial blocks the causal rule explains, so no block stays partial
+    # and the kernels compile without their partial-list loops (BLOCK_SPARSE 2); steps 1 and 2 keep
+    # partial blocks: another key, or a replay would skip them
+    "block-mask-partials-appear": dict(block_mask="causal-then-element", causal=True),
 }
 
 
 def _random_block_mask(kind: str, g: torch.Generator, B: int, H: int, S: int, step: int):
     """A mask of 32 x 32 blocks over S x S keeping the diagonal (no fully masked row): element-wise
-    random with density 0.3 + 0.2 * step, or whole blocks at random ("blocks", no partial blocks)."""
+    random with density 0.3 + 0.2 * step, or whole blocks at random ("blocks", no partial blocks);
+    "causal-then-element": the causal mask as an element mask at step 0, element-wise random after."""
     n = -(-S // 32)
+    if kind == "causal-then-element" and step == 0:
+        causal = torch.ones(S, S, dtype=torch.bool).tril().expand(1, H, S, S)
+        return ft.BlockMask.from_dense(causal.to(DEVICE), block_size=32)
     if kind == "blocks":
         blocks = (torch.rand(B, H, n, n, generator=g) < 0.5) | torch.eye(n, dtype=torch.bool)
         return ft.BlockMask.from_blocks(blocks.to(DEVICE), block_size=32, seqlen_q=S, seqlen_k=S)
@@ -256,8 +264,10 @@ def test_recipe_replays_are_the_full_launch(case):
         return (out, lse, *torch.autograd.grad(out, inputs, dout))
 
     # one recipe for the forward, one for the backward (not GQA's expanded backward: see _RECIPE_CASES);
-    # q is k from step 1 on: another key (aliases), whose recipes step 2 replays
-    _check_replays(call, 3, 1 if hkv < H else 4 if q_is_k else 2)
+    # q is k from step 1 on: another key (aliases), whose recipes step 2 replays; so do partial blocks
+    # that appear from step 1 on
+    new_key = q_is_k or opts.get("block_mask") == "causal-then-element"
+    _check_replays(call, 3, 1 if hkv < H else 4 if new_key else 2)
 
 
 _CONSTANT_CASES = {

@@ -207,12 +207,26 @@ class _Sparse:
     def enabled(self) -> bool:
         return self.block != (0, 0)
 
+    @property
+    def flag(self) -> int:
+        """The kernels' BLOCK_SPARSE: 0 no block mask, 1 full and partial block lists, 2 full lists only
+        (no partial block, so the partial-list loops are not compiled in)."""
+        if not self.enabled:
+            return 0
+        return 1 if _has_partial(self.mask) else 2
+
     def order(self, dummy: torch.Tensor, by: str, batch: int, heads: int, heads_per_program: int, tile: int,
               seqlen: int) -> torch.Tensor:
         """The ProgramOrder argument: heaviest programs first (BlockMask.program_order), or a placeholder."""
         if not self.enabled:
             return dummy
         return self.mask.program_order(by, batch, heads, heads_per_program, tile, triton.cdiv(seqlen, tile))
+
+
+def _has_partial(bm) -> bool:
+    """Whether a BlockMask has partial blocks (without an element mask it has none; with one, its
+    partial_tiles hold one tile per partial block)."""
+    return bm.element_mask is not None and bm.partial_tiles.shape[0] > 0
 
 
 def _sparse_args(block_mask, dummy: torch.Tensor, left: Optional[int], right: Optional[int]) -> _Sparse:
@@ -413,13 +427,14 @@ def _recipe_mask(block_mask, left: Optional[int], right: Optional[int]):
     """(the mask under the kernels' rule, its index lists, what else of it a recipe's key needs), or
     (None, (), None) without one. The lists' shapes hold the block counts; the partial tiles' count is
     data (a replay passes the new mask's tiles), so the key holds their tile shape and layout only, plus
-    the block size and whether there are element masks at all (the backward's tiles: tuning.py)."""
+    the block size, whether there are element masks at all (the backward's tiles: tuning.py) and whether
+    any block is partial (the kernels' BLOCK_SPARSE: _Sparse.flag)."""
     if block_mask is None:
         return None, (), None
     bm = block_mask.under_rule(left, right)
     t = bm.partial_tiles
-    return bm, _mask_lists(bm), (bm.block_size, bm.element_mask is not None, t.shape[1:], t.stride(), t.dtype,
-                                 t.data_ptr() % 16)
+    return bm, _mask_lists(bm), (bm.block_size, bm.element_mask is not None, _has_partial(bm), t.shape[1:], t.stride(),
+                                 t.dtype, t.data_ptr() % 16)
 
 
 def _mask_roles(lists: Tuple[torch.Tensor, ...], tiles: torch.Tensor, order_q: Optional[torch.Tensor],
@@ -576,7 +591,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     meta = dict(**_head_dim_flags(D, Dv), DROPOUT=dropout_p > 0,
                 HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=_softcap_flag(softcap, q.dtype),
                 HAS_ALIBI=_alibi_flag(alibi_slopes, has_right, right, max(D, Dv), "fwd"),
-                VARLEN=layout.varlen, BLOCK_SPARSE=sp.enabled, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
+                VARLEN=layout.varlen, BLOCK_SPARSE=sp.flag, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
                 ATTN_MASK=am_kind, DOT_PRECISION=_dot_precision(q.dtype),
                 MAX_MODE=max_mode(softcap, q.dtype, alibi_slopes is not None, am_kind, Dv, has_left),
                 **_order_flags(program_order(layout, causal, has_left, Hq // Hkv, sp.enabled)))
@@ -630,7 +645,7 @@ def _backward_flags(q: torch.Tensor, v: torch.Tensor, layout: _Layout, sp: _Spar
     head_dim = max(q.shape[-1], v.shape[-1])
     return dict(**_head_dim_flags(q.shape[-1], v.shape[-1]), HAS_LEFT=has_left, HAS_RIGHT=has_right,
                 SOFTCAP=_softcap_flag(softcap, q.dtype), HAS_ALIBI=_alibi_flag(alibi_slopes, has_right, right, head_dim, "dq"),
-                VARLEN=layout.varlen, BLOCK_SPARSE=sp.enabled, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
+                VARLEN=layout.varlen, BLOCK_SPARSE=sp.flag, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
                 ATTN_MASK=am_kind, DROPOUT=dropout_p > 0, DOT_PRECISION=_dot_precision(q.dtype), **_order_flags(order))
 
 

@@ -15,6 +15,9 @@ then constants, which drops run-time guards of the software pipeline, but the re
 changes with them too: only configs measured faster take them (tuning.BackwardConfig.constant_lengths;
 H200, D=128 non-causal: dK/dV 0.91x the time at S=2048), and only for repeated signatures, since each
 length pair costs a compile (attention_launch.constant_lengths).
+
+BLOCK_SPARSE as in the forward kernel (0 none, 1 full and partial block lists, 2 full lists only: a
+mask without partial blocks compiles no partial-list loop).
 """
 
 import triton
@@ -283,12 +286,13 @@ def attention_bwd_dkdv_kernel(
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
                                       BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
                                       EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
-            dk, dk2, dv, dv2 = _dkdv_block_list(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, ElemTiles, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
-                                      PartNum, PartIdx, PartTile, row, k_block, sparse_nk, sparse_nq, bb, c,
-                                      stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
-                                      seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
-                                      BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
-                                      EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+            if BLOCK_SPARSE == 1:  # 2: the mask has no partial blocks, so no partial-list loop
+                dk, dk2, dv, dv2 = _dkdv_block_list(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, ElemTiles, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                                          PartNum, PartIdx, PartTile, row, k_block, sparse_nk, sparse_nq, bb, c,
+                                          stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                                          seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
+                                          BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
+                                          EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
         elif (HAS_LEFT or HAS_RIGHT) and not SPLIT_PHASES:
             # -- causal / window: one pipelined loop over the query tiles [a, d) that see this key tile;
             # only tiles outside the band [bb, c) pay for the mask. Per-phase loops each drain the
@@ -569,12 +573,13 @@ def attention_bwd_dq_kernel(
                             seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
                             BLOCK_N, BLOCK_SQ, BLOCK_SK, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
                             DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
-        dq, dq2 = _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
-                            PartNum, PartIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
-                            stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
-                            seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
-                            BLOCK_N, BLOCK_SQ, BLOCK_SK, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
-                            DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+        if BLOCK_SPARSE == 1:  # 2: the mask has no partial blocks, so no partial-list loop
+            dq, dq2 = _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                                PartNum, PartIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
+                                stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                                seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
+                                BLOCK_N, BLOCK_SQ, BLOCK_SK, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
+                                DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
     elif HAS_LEFT or HAS_RIGHT:
         # -- causal / window: one pipelined loop over the visible key tiles (see the dK/dV kernel) --
         for start_n in range(a, d, BLOCK_N):
