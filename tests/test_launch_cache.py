@@ -191,7 +191,8 @@ _RECIPE_CASES = {
     "block-mask-full-blocks": dict(block_mask="blocks", heads_kv=2),
     # step 0: an element mask whose partial blocks the causal rule explains, so no block stays partial
     # and the kernels compile without their partial-list loops (BLOCK_SPARSE 2); steps 1 and 2 keep
-    # partial blocks: another key, or a replay would skip them
+    # partial blocks, with the same list shapes: another key (it holds whether the mask has partial
+    # blocks), or a replay of step 0's recipe would skip them
     "block-mask-partials-appear": dict(block_mask="causal-then-element", causal=True),
 }
 
@@ -202,7 +203,11 @@ def _random_block_mask(kind: str, g: torch.Generator, B: int, H: int, S: int, st
     "causal-then-element": the causal mask as an element mask at step 0, element-wise random after."""
     n = -(-S // 32)
     if kind == "causal-then-element" and step == 0:
-        causal = torch.ones(S, S, dtype=torch.bool).tril().expand(1, H, S, S)
+        # causal, with one off-diagonal block hidden in some heads so that the lists keep a row per
+        # head, as the later steps' masks do (the same list shapes: only the partial blocks differ)
+        causal = torch.ones(S, S, dtype=torch.bool).tril().repeat(1, H, 1, 1)
+        causal[0, 1, 64:, :32] = False
+        causal[0, 2, 32:64, :32] = False
         return ft.BlockMask.from_dense(causal.to(DEVICE), block_size=32)
     if kind == "blocks":
         blocks = (torch.rand(B, H, n, n, generator=g) < 0.5) | torch.eye(n, dtype=torch.bool)

@@ -213,7 +213,7 @@ class _Sparse:
         (no partial block, so the partial-list loops are not compiled in)."""
         if not self.enabled:
             return 0
-        return 1 if _has_partial(self.mask) else 2
+        return 1 if self.mask.element_mask is not None else 2  # BlockMask keeps one only with a partial block
 
     def order(self, dummy: torch.Tensor, by: str, batch: int, heads: int, heads_per_program: int, tile: int,
               seqlen: int) -> torch.Tensor:
@@ -221,12 +221,6 @@ class _Sparse:
         if not self.enabled:
             return dummy
         return self.mask.program_order(by, batch, heads, heads_per_program, tile, triton.cdiv(seqlen, tile))
-
-
-def _has_partial(bm) -> bool:
-    """Whether a BlockMask has partial blocks (without an element mask it has none; with one, its
-    partial_tiles hold one tile per partial block)."""
-    return bm.element_mask is not None and bm.partial_tiles.shape[0] > 0
 
 
 def _sparse_args(block_mask, dummy: torch.Tensor, left: Optional[int], right: Optional[int]) -> _Sparse:
@@ -427,14 +421,14 @@ def _recipe_mask(block_mask, left: Optional[int], right: Optional[int]):
     """(the mask under the kernels' rule, its index lists, what else of it a recipe's key needs), or
     (None, (), None) without one. The lists' shapes hold the block counts; the partial tiles' count is
     data (a replay passes the new mask's tiles), so the key holds their tile shape and layout only, plus
-    the block size, whether there are element masks at all (the backward's tiles: tuning.py) and whether
-    any block is partial (the kernels' BLOCK_SPARSE: _Sparse.flag)."""
+    the block size and whether there are element masks at all, i.e. partial blocks (the backward's tiles:
+    tuning.py; the kernels' BLOCK_SPARSE: _Sparse.flag)."""
     if block_mask is None:
         return None, (), None
     bm = block_mask.under_rule(left, right)
     t = bm.partial_tiles
-    return bm, _mask_lists(bm), (bm.block_size, bm.element_mask is not None, _has_partial(bm), t.shape[1:], t.stride(),
-                                 t.dtype, t.data_ptr() % 16)
+    return bm, _mask_lists(bm), (bm.block_size, bm.element_mask is not None, t.shape[1:], t.stride(), t.dtype,
+                                 t.data_ptr() % 16)
 
 
 def _mask_roles(lists: Tuple[torch.Tensor, ...], tiles: torch.Tensor, order_q: Optional[torch.Tensor],
