@@ -74,6 +74,10 @@ CASES = {
     "fwd_dropout": (FWD, dict(DROPOUT=True), (128, 64, 8, 3)),
     "dq_dropout": (DQ, dict(DROPOUT=True), (128, 64, 8, 3)),
     "dkdv_block_sparse": (DKDV, dict(BLOCK_SPARSE=True, BLOCK_SQ=128, BLOCK_SK=128), (64, 128, 8, 3)),
+    # a mask without partial blocks (BLOCK_SPARSE 2: no partial-list loop compiled in; session 24)
+    "fwd_block_sparse_full": (FWD, dict(BLOCK_SPARSE=2, BLOCK_SQ=128, BLOCK_SK=128), (128, 64, 8, 3)),
+    "dq_block_sparse_full": (DQ, dict(BLOCK_SPARSE=2, BLOCK_SQ=128, BLOCK_SK=128), (128, 64, 8, 3)),
+    "dkdv_block_sparse_full": (DKDV, dict(BLOCK_SPARSE=2, BLOCK_SQ=128, BLOCK_SK=128), (64, 128, 8, 3)),
 }
 
 
