@@ -220,6 +220,27 @@ def test_partial_tiles_hold_each_partial_block():
                     assert torch.equal(tile, padded[b, h, qb * bq:(qb + 1) * bq, kb * bk:(kb + 1) * bk])
 
 
+def _assert_row_tiles_consecutive(bm: BlockMask) -> None:
+    num, first = bm.partial_kv_num, bm.partial_kv_tile[..., :1]
+    listed = torch.arange(bm.partial_kv_tile.shape[-1]) < num.unsqueeze(-1)
+    step = torch.arange(bm.partial_kv_tile.shape[-1], dtype=torch.int32)
+    assert torch.equal(torch.where(listed, bm.partial_kv_tile, 0), torch.where(listed, first + step, 0))
+
+
+def test_partial_tiles_of_a_query_row_are_consecutive():
+    """The forward and dQ kernels address a query-block row's element-mask tiles as its first listed
+    tile + list position (kernels/common.py: row_tile_ptrs), never loading the others' numbers: that
+    must hold for every way a mask is built, refined by a rule, or flattened for the custom ops."""
+    gen = _gen("consecutive")
+    mask = _block_pattern_mask(gen, (2, 3, 150, 130), (16, 8)) & (torch.rand(2, 3, 150, 130, generator=gen) < 0.8)
+    bm = BlockMask.from_dense(mask, (16, 8))
+    assert int(bm.partial_kv_num.max()) > 2  # rows with several partial blocks, so a wrong step shows
+    ids = torch.tensor([0] * 100 + [1] * 156 + [2] * 256)
+    doc = BlockMask.document(ids, block_size=(64, 64), causal=True)
+    for m in (bm, bm.under_rule(5, 0), doc, doc.under_rule(None, 0), BlockMask.from_parts(*doc.parts())):
+        _assert_row_tiles_consecutive(m)
+
+
 def _effective(bm: BlockMask) -> torch.Tensor:
     """The element mask the kernels apply: FULL blocks all visible, EMPTY none, PARTIAL the stored one."""
     bq, bk = bm.block_size

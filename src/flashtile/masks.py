@@ -297,7 +297,10 @@ class BlockMask:
       ``partial_q_idx`` ``[B|1, H|1, nk, nq]`` hold the query-block indices per (b, h, key block).
     - ``partial_tiles`` uint8 ``[P, bq, bk]``: the element mask of the P partial blocks, one tile each
       (what the kernels read); ``partial_kv_tile`` / ``partial_q_tile`` int32, aligned with
-      ``partial_kv_idx`` / ``partial_q_idx``, give the tile of each listed partial block.
+      ``partial_kv_idx`` / ``partial_q_idx``, give the tile of each listed partial block. Tiles are
+      numbered in row-major block order, so one query-block row's listed tiles are consecutive
+      (``partial_kv_tile[..., j] == partial_kv_tile[..., 0] + j`` for j < ``partial_kv_num``): the
+      forward and dQ kernels rely on that (kernels/common.py: row_tile_ptrs).
 
     Build with ``from_dense``, ``from_blocks`` or the builders ``causal``, ``sliding_window``,
     ``document``. The constructor ``BlockMask(block_size, seqlen_q, seqlen_k, kind, element_mask)``
