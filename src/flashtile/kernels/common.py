@@ -381,7 +381,8 @@ def row_tile_ptrs(Tiles, first_tile, i, TILES_PER_BLOCK: tl.constexpr, offset, e
     (masks.BlockMask.partial_kv_tile), so the tile follows from first_tile, the row's first entry,
     loaded once before the loop. Loading the number per tile (partial_tile_ptrs) made Triton 3.6's
     pipeliner single-buffer the loop: one stage and a wait for every copy at each tile (sm_90 TTGIR),
-    where this form keeps its three stages (H200, 8-document mask: forward 242 -> 229 us, dQ 306 -> 298)."""
+    where this form keeps its three stages (H200, 8-document mask: forward 243 -> 230 us, dQ 306-308
+    -> 298-301)."""
     tile = first_tile + i // TILES_PER_BLOCK
     return Tiles + tile.to(tl.int64) * (BLOCK_SQ * BLOCK_SK) + offset + em_local
 
@@ -392,7 +393,7 @@ def partial_tile_ptrs(Tiles, TileIdx, entry, offset, em_local, BLOCK_SQ: tl.cons
     (masks.BlockMask.partial_tiles: uint8 [P, BLOCK_SQ, BLOCK_SK]; TileIdx + entry holds its index):
     offset is the kernel tile's first element in it, em_local the tile's [rows, cols] offsets. The
     dK/dV walk uses it: a key-block column's partial tiles are not consecutive, and there the loaded
-    index ran faster than a register load of the tile by a computed address (415 against 427 us on
+    index ran faster than a register load of the tile by a computed address (416 against 427 us on
     the 8-document mask)."""
     tile = tl.load(TileIdx + entry)
     return Tiles + tile.to(tl.int64) * (BLOCK_SQ * BLOCK_SK) + offset + em_local
