@@ -220,6 +220,26 @@ def test_partial_tiles_hold_each_partial_block():
                     assert torch.equal(tile, padded[b, h, qb * bq:(qb + 1) * bq, kb * bk:(kb + 1) * bk])
 
 
+def test_partial_intervals_stand_for_the_tiles():
+    """partial_intervals (the kernels' cheaper form of interval rows) holds exactly each partial tile's
+    rows where every row is one interval of keys, and is None as soon as one row is not; it survives
+    the rule's refinement and the custom ops' flattening."""
+    ids = torch.tensor([0] * 37 + [1] * 50 + [2] * 41)
+    doc = BlockMask.document(ids, block_size=(32, 16), causal=True)
+    for m in (doc, doc.under_rule(None, 0), doc.under_rule(9, 0), BlockMask.from_parts(*doc.parts())):
+        iv = m.partial_intervals
+        assert iv is not None and iv.dtype == torch.int64 and iv.shape == m.partial_tiles.shape[:2]
+        where = (m.kind == BlockMask.PARTIAL).nonzero()
+        keys = (where[:, 3, None, None] * 16 + torch.arange(16)[None, None, :])  # absolute keys of each tile
+        lo, hi = (iv & 0xFFFFFFFF)[..., None], (iv >> 32)[..., None]
+        assert torch.equal((keys >= lo) & (keys < hi), m.partial_tiles.bool())
+    gaps = doc.element_mask.clone()
+    gaps[0, 0, 60, 40] = False  # row 60 of its block now sees two intervals
+    holes = BlockMask.from_dense(gaps, (32, 16))
+    assert holes.partial_intervals is None and BlockMask.from_parts(*holes.parts()).partial_intervals is None
+    assert BlockMask.from_blocks(torch.ones(1, 1, 2, 2, dtype=torch.bool), (16, 16)).partial_intervals is None
+
+
 def _assert_row_tiles_consecutive(bm: BlockMask) -> None:
     num, first = bm.partial_kv_num, bm.partial_kv_tile[..., :1]
     listed = torch.arange(bm.partial_kv_tile.shape[-1]) < num.unsqueeze(-1)

@@ -17,9 +17,17 @@ def _qkv(B, Sq, Sk, Hq, Hkv, D, dtype):
     return mk(Sq, Hq), mk(Sk, Hkv), mk(Sk, Hkv)
 
 
-def _random_mask(Bm, Hm, Sq, Sk, block):
-    """Random element mask with whole empty and whole full blocks, so all three block kinds occur."""
-    mask = torch.rand(Bm, Hm, Sq, Sk, device=DEVICE) > 0.4
+def _random_mask(Bm, Hm, Sq, Sk, block, intervals=False):
+    """Random element mask with whole empty and whole full blocks, so all three block kinds occur.
+    intervals: each row sees one random interval of keys (document / window-like), so every partial
+    block's rows are intervals (the kernels' BLOCK_SPARSE 3 path); else random elements."""
+    if intervals:
+        lo = torch.randint(0, Sk, (Bm, Hm, Sq, 1), device=DEVICE)
+        hi = lo + torch.randint(0, Sk // 2 + 1, (Bm, Hm, Sq, 1), device=DEVICE)
+        keys = torch.arange(Sk, device=DEVICE)
+        mask = (keys >= lo) & (keys < hi)
+    else:
+        mask = torch.rand(Bm, Hm, Sq, Sk, device=DEVICE) > 0.4
     nq, nk = -(-Sq // block[0]), -(-Sk // block[1])
     kinds = torch.randint(0, 3, (Bm, Hm, nq, nk), device=DEVICE)
     expand = kinds.repeat_interleave(block[0], 2).repeat_interleave(block[1], 3)[:, :, :Sq, :Sk]
@@ -33,6 +41,7 @@ def _check(q, k, v, bm, **kw):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("elements", ["elements", "intervals"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", [
     dict(shape=(2, 70, 70, 2, 2, 32), mask=(2, 1), block=(16, 16)),
@@ -42,10 +51,12 @@ def _check(q, k, v, bm, **kw):
     # seqlen_q a multiple of the block and no rule: no query tile crosses the sequence end
     dict(shape=(2, 64, 83, 2, 2, 32), mask=(1, 2), block=(32, 16)),
 ], ids=["batch-bcast", "gqa-causal", "mqa-window", "softcap", "aligned-rows"])
-def test_block_mask_matches_oracle(case, dtype, backend):
+def test_block_mask_matches_oracle(case, dtype, elements, backend):
     q, k, v = _qkv(*case["shape"], dtype)
     B, Sq, Sk = case["shape"][:3]
-    bm = ft.BlockMask.from_dense(_random_mask(*case["mask"], Sq, Sk, case["block"]), block_size=case["block"])
+    mask = _random_mask(*case["mask"], Sq, Sk, case["block"], intervals=elements == "intervals")
+    bm = ft.BlockMask.from_dense(mask, block_size=case["block"])
+    assert (bm.partial_intervals is not None) == (elements == "intervals")  # which kernel path runs
     kw = {key: case[key] for key in ("causal", "window_size", "softcap") if key in case}
     with ft.use_backend(backend):
         _check(q, k, v, bm, **kw)

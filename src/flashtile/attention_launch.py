@@ -198,7 +198,7 @@ class _Sparse:
 
     kv_lists: Tuple[torch.Tensor, ...]  # full num, full idx, partial num, partial idx, partial tile (per query block)
     q_lists: Tuple[torch.Tensor, ...]  # the same per key block (the dK/dV pass)
-    tiles: torch.Tensor  # uint8 [P, bq, bk]: element masks of the partial blocks
+    tiles: torch.Tensor  # element masks of the partial blocks: uint8 [P, bq, bk] tiles or int64 [P, bq] intervals
     scalars: Tuple[int, int, int, int]  # row multipliers of b and h, query and key blocks per row
     block: Tuple[int, int]
     mask: Optional[object] = None  # the BlockMask under the kernels' rule
@@ -210,10 +210,13 @@ class _Sparse:
     @property
     def flag(self) -> int:
         """The kernels' BLOCK_SPARSE: 0 no block mask, 1 full and partial block lists, 2 full lists only
-        (no partial block, so the partial-list loops are not compiled in)."""
+        (no partial block, so the partial-list loops are not compiled in), 3 full and partial lists whose
+        element masks are one key interval per row (BlockMask.partial_intervals)."""
         if not self.enabled:
             return 0
-        return 1 if self.mask.element_mask is not None else 2  # BlockMask keeps one only with a partial block
+        if self.mask.element_mask is None:  # BlockMask keeps one only with a partial block
+            return 2
+        return 3 if self.mask.partial_intervals is not None else 1
 
     def order(self, dummy: torch.Tensor, by: str, batch: int, heads: int, heads_per_program: int, tile: int,
               seqlen: int) -> torch.Tensor:
@@ -221,6 +224,12 @@ class _Sparse:
         if not self.enabled:
             return dummy
         return self.mask.program_order(by, batch, heads, heads_per_program, tile, triton.cdiv(seqlen, tile))
+
+
+def _partial_entries(bm) -> torch.Tensor:
+    """What the kernels read for a mask's partial blocks: its row intervals where it has them (cheaper
+    than the tiles: two numbers per row against a byte per element), else its uint8 tiles."""
+    return bm.partial_tiles if bm.partial_intervals is None else bm.partial_intervals
 
 
 def _sparse_args(block_mask, dummy: torch.Tensor, left: Optional[int], right: Optional[int]) -> _Sparse:
@@ -234,7 +243,7 @@ def _sparse_args(block_mask, dummy: torch.Tensor, left: Optional[int], right: Op
                                "two >= 16")
     Bm, Hm, nq, nk = bm.kind.shape
     return _Sparse((bm.full_kv_num, bm.full_kv_idx, bm.partial_kv_num, bm.partial_kv_idx, bm.partial_kv_tile),
-                   (bm.full_q_num, bm.full_q_idx, bm.partial_q_num, bm.partial_q_idx, bm.partial_q_tile), bm.partial_tiles,
+                   (bm.full_q_num, bm.full_q_idx, bm.partial_q_num, bm.partial_q_idx, bm.partial_q_tile), _partial_entries(bm),
                    (Hm if Bm > 1 else 0, 1 if Hm > 1 else 0, nq, nk), tuple(bm.block_size), bm)
 
 
@@ -426,7 +435,7 @@ def _recipe_mask(block_mask, left: Optional[int], right: Optional[int]):
     if block_mask is None:
         return None, (), None
     bm = block_mask.under_rule(left, right)
-    t = bm.partial_tiles
+    t = _partial_entries(bm)
     return bm, _mask_lists(bm), (bm.block_size, bm.element_mask is not None, t.shape[1:], t.stride(), t.dtype,
                                  t.data_ptr() % 16)
 
@@ -450,7 +459,7 @@ def _mask_values(bm, lists: Tuple[torch.Tensor, ...], q: torch.Tensor, k: torch.
     # a recipe's dK/dV launch sums the GQA group in registers (the expanded path makes no recipe)
     order_k = None if key_tile is None else bm.program_order("key", B, Hq, Hq // Hkv, key_tile,
                                                               triton.cdiv(Sk, key_tile))
-    return _mask_roles(lists, bm.partial_tiles, order_q, order_k)
+    return _mask_roles(lists, _partial_entries(bm), order_q, order_k)
 
 
 def _scalar_roles(first: int) -> dict:

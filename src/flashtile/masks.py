@@ -265,6 +265,29 @@ def _partial_tiles(em: Optional[torch.Tensor], partial: torch.Tensor, block_q: i
     return blocks[partial].view(torch.uint8).contiguous(), tile_id
 
 
+def _row_intervals(tiles: torch.Tensor, partial: torch.Tensor, block_k: int) -> Optional[torch.Tensor]:
+    """The partial tiles as one key interval per query row, or None if some row is not one.
+
+    ``tiles`` uint8 ``[P, bq, bk]`` in row-major block order (``_partial_tiles``), ``partial`` their
+    blocks. Returns int64 ``[P, bq]``: ``lo + (hi << 32)``, the row's visible keys being the absolute
+    key indices ``lo <= j < hi`` (``lo == hi``: none). Document, causal, sliding-window and prefix
+    masks have such rows; the kernels then compare key indices with two numbers per row instead of
+    loading a byte per element (BLOCK_SPARSE 3 in kernels/attention_fwd.py).
+    """
+    if tiles.shape[0] != int(partial.sum()):  # no partial block: the placeholder tile
+        return None
+    seen = tiles.bool()
+    count = seen.sum(-1)
+    first = seen.to(torch.uint8).argmax(-1)  # the first visible key (0 for an empty row)
+    keys = torch.arange(tiles.shape[-1], device=tiles.device)
+    as_interval = (keys >= first[..., None]) & (keys < (first + count)[..., None])
+    if not torch.equal(as_interval, seen):
+        return None
+    key0 = (partial.nonzero()[:, 3] * block_k)[:, None]  # each tile's first key
+    lo = (key0 + first).to(torch.int64)
+    return lo + ((lo + count) << 32)
+
+
 def _expand_blocks(blocks: torch.Tensor, block_q: int, block_k: int, rows: int, cols: int) -> torch.Tensor:
     """Block-level bool ``[B, H, nq, nk]`` -> element-level ``[B, H, rows, cols]`` (cropped)."""
     return blocks.repeat_interleave(block_q, dim=2).repeat_interleave(block_k, dim=3)[:, :, :rows, :cols]
@@ -301,6 +324,10 @@ class BlockMask:
       numbered in row-major block order, so one query-block row's listed tiles are consecutive
       (``partial_kv_tile[..., j] == partial_kv_tile[..., 0] + j`` for j < ``partial_kv_num``): the
       forward and dQ kernels rely on that (kernels/common.py: row_tile_ptrs).
+    - ``partial_intervals`` int64 ``[P, bq]`` or None: when every row of every partial tile sees one
+      interval of keys (document, causal, window masks), tile p's row r sees the keys
+      ``lo <= j < hi`` with ``partial_intervals[p, r] = lo + (hi << 32)``; the kernels then use these
+      instead of the tiles.
 
     Build with ``from_dense``, ``from_blocks`` or the builders ``causal``, ``sliding_window``,
     ``document``. The constructor ``BlockMask(block_size, seqlen_q, seqlen_k, kind, element_mask)``
@@ -326,6 +353,7 @@ class BlockMask:
     partial_tiles: torch.Tensor = dataclasses.field(init=False)
     partial_kv_tile: torch.Tensor = dataclasses.field(init=False)
     partial_q_tile: torch.Tensor = dataclasses.field(init=False)
+    partial_intervals: Optional[torch.Tensor] = dataclasses.field(init=False)
 
     EMPTY = 0
     PARTIAL = 1
@@ -381,6 +409,7 @@ class BlockMask:
             set_(self, f"{name}_q_idx", idx)
         tiles, tile_id = _partial_tiles(em, partial, bq, bk)
         set_(self, "partial_tiles", tiles)
+        set_(self, "partial_intervals", _row_intervals(tiles, partial, bk) if em is not None else None)
         set_(self, "partial_kv_tile", tile_id.gather(-1, self.partial_kv_idx.long()).contiguous())
         set_(self, "partial_q_tile", tile_id.transpose(2, 3).gather(-1, self.partial_q_idx.long()).contiguous())
 
@@ -582,14 +611,15 @@ class BlockMask:
 
     _PART_NAMES = ("kind", "element_mask", "full_kv_num", "full_kv_idx", "partial_kv_num", "partial_kv_idx",
                    "full_q_num", "full_q_idx", "partial_q_num", "partial_q_idx", "partial_tiles", "partial_kv_tile",
-                   "partial_q_tile")
+                   "partial_q_tile", "partial_intervals")
+    _OPTIONAL_PARTS = ("element_mask", "partial_intervals")
 
     def parts(self) -> Tuple[List[torch.Tensor], List[int]]:
         """(tensors, ints) that ``from_parts`` turns back into this mask without recomputing anything.
-        A missing element mask travels as ``kind`` (the ints say it is absent)."""
-        em = self.element_mask
-        tensors = [getattr(self, n) if n != "element_mask" or em is not None else self.kind for n in self._PART_NAMES]
-        return tensors, [self.block_size[0], self.block_size[1], self.seqlen_q, self.seqlen_k, int(em is not None)]
+        A missing element mask or interval list travels as ``kind`` (the ints say it is absent)."""
+        tensors = [self.kind if getattr(self, n) is None else getattr(self, n) for n in self._PART_NAMES]
+        present = [int(getattr(self, n) is not None) for n in self._OPTIONAL_PARTS]
+        return tensors, [self.block_size[0], self.block_size[1], self.seqlen_q, self.seqlen_k, *present]
 
     @classmethod
     def from_parts(cls, tensors: Sequence[torch.Tensor], ints: Sequence[int]) -> "BlockMask":
@@ -598,12 +628,13 @@ class BlockMask:
         obj = object.__new__(cls)
         for name, t in zip(cls._PART_NAMES, tensors):
             object.__setattr__(obj, name, t)
-        bq, bk, sq, sk, has_em = (int(x) for x in ints)
+        bq, bk, sq, sk, *present = (int(x) for x in ints)
         object.__setattr__(obj, "block_size", (bq, bk))
         object.__setattr__(obj, "seqlen_q", sq)
         object.__setattr__(obj, "seqlen_k", sk)
-        if not has_em:
-            object.__setattr__(obj, "element_mask", None)
+        for name, there in zip(cls._OPTIONAL_PARTS, present):
+            if not there:
+                object.__setattr__(obj, name, None)
         obj.__dict__["_no_refine"] = True
         return obj
 

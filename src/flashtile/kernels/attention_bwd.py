@@ -23,8 +23,8 @@ mask without partial blocks compiles no partial-list loop).
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import (ALIBI_KEY_TERM, alibi_query_term, attn_mask_ptrs, load_tail, store_rows, block_list, dropout_keep, dropout_rows, key_phases, list_tile,
-                                      partial_tile_ptrs, program_tile, row_tile_ptrs, query_phases, score_log2, score_params,
+from flashtile.kernels.common import (ALIBI_KEY_TERM, ELEM_TILE, alibi_query_term, and_element_mask, attn_mask_ptrs, load_tail, store_rows, block_list, dropout_keep, dropout_rows, key_phases, list_tile,
+                                      partial_local, partial_tile_ptrs, program_tile, row_tile_ptrs, query_phases, score_log2, score_params,
                                       sequence_bounds, visible)
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -99,7 +99,7 @@ def _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_bas
     if MASKED == 1:
         vis = visible(rows, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         if ELEM:
-            vis = vis & (em != 0)
+            vis = and_element_mask(vis, em, offs_n, ELEM)
         pt = tl.where(tl.trans(vis) & (rows[None, :] < seqlen_q), pt, 0.0)
     elif MASKED == 2:
         if need_vis:
@@ -159,15 +159,16 @@ def _dkdv_block_list(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, 
     [full_lo, full_hi) (query_phases) runs without per-element work."""
     TILES_PER_BLOCK: tl.constexpr = BLOCK_SQ // BLOCK_M
     count, base = block_list(Num, Idx, row, k_block, n_k_blocks, n_q_blocks)
-    em_local = offs_m[:, None] * BLOCK_SK + (offs_n % BLOCK_SK)[None, :]  # queries by keys, in the tile
+    em_local = partial_local(offs_m, offs_n % BLOCK_SK, BLOCK_SK, ELEM)  # queries by keys, in the entry
     for i in range(0, count * TILES_PER_BLOCK):
         entry, part, start_m = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_M, BLOCK_SQ)
         if ELEM:
-            em_ptrs = partial_tile_ptrs(Tiles, TileIdx, entry, part * BLOCK_SK, em_local, BLOCK_SQ, BLOCK_SK)
+            em_ptrs = partial_tile_ptrs(Tiles, TileIdx, entry, part * BLOCK_SK if ELEM == ELEM_TILE else part, em_local,
+                                        BLOCK_SQ, BLOCK_SK, ELEM)
             dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                 start_m, True, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                 seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
-                                1, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+                                1, ELEM, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
         else:
             need_vis = (start_m < full_lo) | (start_m + BLOCK_M > full_hi)
             dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
@@ -286,12 +287,12 @@ def attention_bwd_dkdv_kernel(
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
                                       BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
                                       EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
-            if BLOCK_SPARSE == 1:  # 2: the mask has no partial blocks, so no partial-list loop
+            if BLOCK_SPARSE != 2:  # 2: the mask has no partial blocks, so no partial-list loop
                 dk, dk2, dv, dv2 = _dkdv_block_list(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, ElemTiles, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                           PartNum, PartIdx, PartTile, row, k_block, sparse_nk, sparse_nq, bb, c,
                                           stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                           seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
-                                          BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
+                                          BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, 1 + BLOCK_SPARSE // 3, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
                                           EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
         elif (HAS_LEFT or HAS_RIGHT) and not SPLIT_PHASES:
             # -- causal / window: one pipelined loop over the query tiles [a, d) that see this key tile;
@@ -382,7 +383,7 @@ def _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_p
     if MASKED == 1:
         vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         if ELEM:
-            vis = vis & (em != 0)
+            vis = and_element_mask(vis, em, cols, ELEM)
         p = tl.where(vis, p, 0.0)
     elif MASKED == 2:
         if need_vis:
@@ -441,18 +442,19 @@ def _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs
     their key tiles (see the forward's _fwd_block_list)."""
     TILES_PER_BLOCK: tl.constexpr = BLOCK_SK // BLOCK_N
     count, base = block_list(Num, Idx, row, q_block, n_q_blocks, n_k_blocks)
-    em_local = (offs_m % BLOCK_SQ)[:, None] * BLOCK_SK + offs_n[None, :]
+    em_local = partial_local(offs_m % BLOCK_SQ, offs_n, BLOCK_SK, ELEM)
     first_tile = 0
     if ELEM:  # this row's partial tiles are consecutive (row_tile_ptrs)
         first_tile = tl.load(TileIdx + base)
     for i in range(0, count * TILES_PER_BLOCK):
         entry, part, start_n = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_N, BLOCK_SK)
         if ELEM:
-            em_ptrs = row_tile_ptrs(Tiles, first_tile, i, TILES_PER_BLOCK, part, em_local, BLOCK_SQ, BLOCK_SK)
+            em_ptrs = row_tile_ptrs(Tiles, first_tile, i, TILES_PER_BLOCK, part if ELEM == ELEM_TILE else 0, em_local,
+                                    BLOCK_SQ, BLOCK_SK, ELEM)
             dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                           start_n, True, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                           seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
-                          1, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT,
+                          1, ELEM, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT,
                           BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
         else:
             need_vis = (start_n < full_lo) | (start_n + BLOCK_N > full_hi)
@@ -576,12 +578,12 @@ def attention_bwd_dq_kernel(
                             seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
                             BLOCK_N, BLOCK_SQ, BLOCK_SK, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
                             DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
-        if BLOCK_SPARSE == 1:  # 2: the mask has no partial blocks, so no partial-list loop
+        if BLOCK_SPARSE != 2:  # 2: the mask has no partial blocks, so no partial-list loop
             dq, dq2 = _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                 PartNum, PartIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
                                 stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                 seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
-                                BLOCK_N, BLOCK_SQ, BLOCK_SK, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
+                                BLOCK_N, BLOCK_SQ, BLOCK_SK, 1 + BLOCK_SPARSE // 3, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
                                 DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
     elif HAS_LEFT or HAS_RIGHT:
         # -- causal / window: one pipelined loop over the visible key tiles (see the dK/dV kernel) --

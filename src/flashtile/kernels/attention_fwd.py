@@ -9,8 +9,8 @@ as EVEN_D), so an unused feature costs nothing: Triton compiles one specialisati
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import (attn_mask_ptrs, load_tail, store_rows, block_list, dropout_keep, dropout_rows, key_phases, list_tile,
-                                      online_softmax, program_tile, row_tile_ptrs, score_log2, score_params,
+from flashtile.kernels.common import (ELEM_TILE, attn_mask_ptrs, load_tail, store_rows, block_list, dropout_keep, dropout_rows, key_phases, list_tile,
+                                      and_element_mask, online_softmax, partial_local, program_tile, row_tile_ptrs, score_log2, score_params,
                                       sequence_bounds, visible)
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -69,7 +69,7 @@ def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs
     if MASKED == 1:
         vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         if ELEM:
-            vis = vis & (em != 0)
+            vis = and_element_mask(vis, em, cols, ELEM)
         qk = tl.where(vis, qk, float("-inf"))
     elif MASKED == 2:
         if need_vis:
@@ -165,18 +165,19 @@ def _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs
     TILES_PER_BLOCK: tl.constexpr = BLOCK_SK // BLOCK_N
     count, base = block_list(Num, Idx, row, q_block, n_q_blocks, n_k_blocks)
     # rows of this query tile inside its BLOCK_SQ x BLOCK_SK element-mask tile (int32: tiles are small)
-    em_local = (offs_m % BLOCK_SQ)[:, None] * BLOCK_SK + offs_n[None, :]
+    em_local = partial_local(offs_m % BLOCK_SQ, offs_n, BLOCK_SK, ELEM)
     first_tile = 0
     if ELEM:  # this row's partial tiles are consecutive (row_tile_ptrs)
         first_tile = tl.load(TileIdx + base)
     for i in range(0, count * TILES_PER_BLOCK):
         entry, part, start_n = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_N, BLOCK_SK)
         if ELEM:
-            em_ptrs = row_tile_ptrs(Tiles, first_tile, i, TILES_PER_BLOCK, part, em_local, BLOCK_SQ, BLOCK_SK)
+            em_ptrs = row_tile_ptrs(Tiles, first_tile, i, TILES_PER_BLOCK, part if ELEM == ELEM_TILE else 0, em_local,
+                                    BLOCK_SQ, BLOCK_SK, ELEM)
             acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                       start_n, True, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
-                                      1, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
+                                      1, ELEM, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
                                       DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, MAX_MODE)
         else:
             need_vis = (start_n < full_lo) | (start_n + BLOCK_N > full_hi)  # crosses an edge or the end
@@ -311,12 +312,12 @@ def attention_fwd_kernel(
                                         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                         BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
                                         EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, MAX_MODE)
-        if BLOCK_SPARSE == 1:  # 2: the mask has no partial blocks, so no partial-list loop
+        if BLOCK_SPARSE != 2:  # 2: the mask has no partial blocks, so no partial-list loop
             acc, acc2, l_i, m_i = _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                             PartNum, PartIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
                                             stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                             seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
-                                            BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
+                                            BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, 1 + BLOCK_SPARSE // 3, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
                                             EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, MAX_MODE)
     elif HAS_LEFT:
         # -- sliding window: one pipelined loop over the visible tiles [a, d); only tiles outside the

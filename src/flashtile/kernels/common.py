@@ -373,30 +373,59 @@ def list_tile(Idx, base, i, TILES_PER_BLOCK: tl.constexpr, TILE: tl.constexpr, B
     return entry, part, tl.load(Idx + entry) * BLOCK + part
 
 
+ELEM_TILE = tl.constexpr(1)  # ELEM: a partial block's element mask is a uint8 [BLOCK_SQ, BLOCK_SK] tile
+ELEM_INTERVALS = tl.constexpr(2)  # ... or one key interval per query row, int64 [BLOCK_SQ] (BLOCK_SPARSE 3)
+
+
+@triton.jit
+def partial_local(rows, cols, BLOCK_SK: tl.constexpr, ELEM: tl.constexpr):
+    """Offsets of a kernel tile's element-mask entries inside its partial block's entry, for local
+    query rows `rows` [M] and local key columns `cols` [N]: ELEM_TILE [M, N] bytes of the uint8 tile;
+    ELEM_INTERVALS the [M] rows' intervals (keys are compared, not loaded)."""
+    if ELEM == ELEM_INTERVALS:
+        return rows
+    else:
+        return rows[:, None] * BLOCK_SK + cols[None, :]
+
+
 @triton.jit
 def row_tile_ptrs(Tiles, first_tile, i, TILES_PER_BLOCK: tl.constexpr, offset, em_local, BLOCK_SQ: tl.constexpr,
-                  BLOCK_SK: tl.constexpr):
-    """Pointers of kernel tile i of a query-block row's partial-block list inside its element-mask tile
+                  BLOCK_SK: tl.constexpr, ELEM: tl.constexpr):
+    """Pointers of kernel tile i of a query-block row's partial-block list inside its element-mask entry
     (the forward and dQ walks): that row's partial blocks are numbered consecutively in list order
-    (masks.BlockMask.partial_kv_tile), so the tile follows from first_tile, the row's first entry,
+    (masks.BlockMask.partial_kv_tile), so the entry follows from first_tile, the row's first entry,
     loaded once before the loop. Loading the number per tile (partial_tile_ptrs) made Triton 3.6's
     pipeliner single-buffer the loop: one stage and a wait for every copy at each tile (sm_90 TTGIR),
     where this form keeps its three stages (H200, 8-document mask: forward 243 -> 230 us, dQ 306-308
     -> 298-301)."""
     tile = first_tile + i // TILES_PER_BLOCK
-    return Tiles + tile.to(tl.int64) * (BLOCK_SQ * BLOCK_SK) + offset + em_local
+    return Tiles + tile.to(tl.int64) * (BLOCK_SQ * (BLOCK_SK if ELEM == ELEM_TILE else 1)) + offset + em_local
 
 
 @triton.jit
-def partial_tile_ptrs(Tiles, TileIdx, entry, offset, em_local, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr):
-    """Pointers of a kernel tile inside the element-mask tile of block-list entry `entry`
-    (masks.BlockMask.partial_tiles: uint8 [P, BLOCK_SQ, BLOCK_SK]; TileIdx + entry holds its index):
-    offset is the kernel tile's first element in it, em_local the tile's [rows, cols] offsets. The
-    dK/dV walk uses it: a key-block column's partial tiles are not consecutive, and there the loaded
-    index ran faster than a register load of the tile by a computed address (416 against 427 us on
-    the 8-document mask)."""
+def partial_tile_ptrs(Tiles, TileIdx, entry, offset, em_local, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr,
+                      ELEM: tl.constexpr):
+    """Pointers of a kernel tile inside the element-mask entry of block-list entry `entry`
+    (masks.BlockMask.partial_tiles: uint8 [P, BLOCK_SQ, BLOCK_SK], or partial_intervals: int64
+    [P, BLOCK_SQ]; TileIdx + entry holds its index): offset is the kernel tile's first element in
+    it, em_local the tile's offsets (partial_local). The dK/dV walk uses it: a key-block column's
+    partial tiles are not consecutive, and there the loaded index ran faster than a register load of
+    the tile by a computed address (416 against 427 us on the 8-document mask)."""
     tile = tl.load(TileIdx + entry)
-    return Tiles + tile.to(tl.int64) * (BLOCK_SQ * BLOCK_SK) + offset + em_local
+    return Tiles + tile.to(tl.int64) * (BLOCK_SQ * (BLOCK_SK if ELEM == ELEM_TILE else 1)) + offset + em_local
+
+
+@triton.jit
+def and_element_mask(vis, em, keys, ELEM: tl.constexpr):
+    """vis [M, N] (queries by keys) ANDed with a partial block's element mask, as loaded from its
+    entry: ELEM_TILE em [M, N] bytes; ELEM_INTERVALS em [M] int64 lo + (hi << 32), row i seeing the
+    absolute keys lo <= j < hi (keys [N])."""
+    if ELEM == ELEM_INTERVALS:
+        lo = em.to(tl.int32)
+        hi = (em >> 32).to(tl.int32)
+        return vis & (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None])
+    else:
+        return vis & (em != 0)
 
 
 @triton.jit
