@@ -223,20 +223,28 @@ def test_partial_tiles_hold_each_partial_block():
 def test_partial_intervals_stand_for_the_tiles():
     """partial_intervals (the kernels' cheaper form of interval rows) holds exactly each partial tile's
     rows where every row is one interval of keys, and is None as soon as one row is not; it survives
-    the rule's refinement and the custom ops' flattening."""
+    the rule's refinement and the custom ops' flattening. Its key-major copy, through
+    partial_q_interval, gives each key-block column's listed blocks consecutive entries."""
     ids = torch.tensor([0] * 37 + [1] * 50 + [2] * 41)
     doc = BlockMask.document(ids, block_size=(32, 16), causal=True)
     for m in (doc, doc.under_rule(None, 0), doc.under_rule(9, 0), BlockMask.from_parts(*doc.parts())):
-        iv = m.partial_intervals
-        assert iv is not None and iv.dtype == torch.int64 and iv.shape == m.partial_tiles.shape[:2]
+        iv, P = m.partial_intervals, m.partial_tiles.shape[0]
+        assert iv is not None and iv.dtype == torch.int64 and iv.shape == (2 * P, 32)
         where = (m.kind == BlockMask.PARTIAL).nonzero()
         keys = (where[:, 3, None, None] * 16 + torch.arange(16)[None, None, :])  # absolute keys of each tile
-        lo, hi = (iv & 0xFFFFFFFF)[..., None], (iv >> 32)[..., None]
+        lo, hi = (iv[:P] & 0xFFFFFFFF)[..., None], (iv[:P] >> 32)[..., None]
         assert torch.equal((keys >= lo) & (keys < hi), m.partial_tiles.bool())
+        listed = torch.arange(m.partial_q_idx.shape[-1]) < m.partial_q_num.unsqueeze(-1)
+        # the same block's entry in both copies: the column entry's intervals are its tile's
+        assert torch.equal(iv[m.partial_q_interval[listed].long()], iv[m.partial_q_tile[listed].long()])
+        step = torch.arange(m.partial_q_idx.shape[-1], dtype=torch.int32)
+        first = m.partial_q_interval[..., :1]
+        assert torch.equal(torch.where(listed, m.partial_q_interval, 0), torch.where(listed, first + step, 0))
     gaps = doc.element_mask.clone()
     gaps[0, 0, 60, 40] = False  # row 60 of its block now sees two intervals
     holes = BlockMask.from_dense(gaps, (32, 16))
     assert holes.partial_intervals is None and BlockMask.from_parts(*holes.parts()).partial_intervals is None
+    assert holes.partial_q_interval is None
     assert BlockMask.from_blocks(torch.ones(1, 1, 2, 2, dtype=torch.bool), (16, 16)).partial_intervals is None
 
 

@@ -232,6 +232,12 @@ def _partial_entries(bm) -> torch.Tensor:
     return bm.partial_tiles if bm.partial_intervals is None else bm.partial_intervals
 
 
+def _q_entry_list(bm) -> torch.Tensor:
+    """The dK/dV walk's entry of each listed partial block: with intervals the key-major copy's, whose
+    entries are consecutive along a key-block column (BlockMask.partial_q_interval)."""
+    return bm.partial_q_tile if bm.partial_intervals is None else bm.partial_q_interval
+
+
 def _sparse_args(block_mask, dummy: torch.Tensor, left: Optional[int], right: Optional[int]) -> _Sparse:
     """Kernel arguments of a block mask; left / right: the causal / window rule the kernels also apply
     (partial blocks that the rule explains run as full or empty blocks: BlockMask.under_rule)."""
@@ -243,7 +249,7 @@ def _sparse_args(block_mask, dummy: torch.Tensor, left: Optional[int], right: Op
                                "two >= 16")
     Bm, Hm, nq, nk = bm.kind.shape
     return _Sparse((bm.full_kv_num, bm.full_kv_idx, bm.partial_kv_num, bm.partial_kv_idx, bm.partial_kv_tile),
-                   (bm.full_q_num, bm.full_q_idx, bm.partial_q_num, bm.partial_q_idx, bm.partial_q_tile), _partial_entries(bm),
+                   (bm.full_q_num, bm.full_q_idx, bm.partial_q_num, bm.partial_q_idx, _q_entry_list(bm)), _partial_entries(bm),
                    (Hm if Bm > 1 else 0, 1 if Hm > 1 else 0, nq, nk), tuple(bm.block_size), bm)
 
 
@@ -423,7 +429,7 @@ def constant_lengths(repeated: bool, cfg: BackwardConfig, seqlen_q: int, seqlen_
 def _mask_lists(bm) -> Tuple[torch.Tensor, ...]:
     """A block mask's index lists in the recipe roles' order (per query block, then per key block)."""
     return (bm.full_kv_num, bm.full_kv_idx, bm.partial_kv_num, bm.partial_kv_idx, bm.partial_kv_tile,
-            bm.full_q_num, bm.full_q_idx, bm.partial_q_num, bm.partial_q_idx, bm.partial_q_tile)
+            bm.full_q_num, bm.full_q_idx, bm.partial_q_num, bm.partial_q_idx, _q_entry_list(bm))
 
 
 def _recipe_mask(block_mask, left: Optional[int], right: Optional[int]):

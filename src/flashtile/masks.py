@@ -269,10 +269,11 @@ def _row_intervals(tiles: torch.Tensor, partial: torch.Tensor, block_k: int) -> 
     """The partial tiles as one key interval per query row, or None if some row is not one.
 
     ``tiles`` uint8 ``[P, bq, bk]`` in row-major block order (``_partial_tiles``), ``partial`` their
-    blocks. Returns int64 ``[P, bq]``: ``lo + (hi << 32)``, the row's visible keys being the absolute
-    key indices ``lo <= j < hi`` (``lo == hi``: none). Document, causal, sliding-window and prefix
-    masks have such rows; the kernels then compare key indices with two numbers per row instead of
-    loading a byte per element (BLOCK_SPARSE 3 in kernels/attention_fwd.py).
+    blocks. Returns int64 ``[2P, bq]``: ``lo + (hi << 32)``, the row's visible keys being the absolute
+    key indices ``lo <= j < hi`` (``lo == hi``: none); entries ``[0, P)`` in row-major block order
+    (as the tiles), ``[P, 2P)`` the same in key-major order. Document, causal, sliding-window and
+    prefix masks have such rows; the kernels then compare key indices with two numbers per row
+    instead of loading a byte per element (BLOCK_SPARSE 3 in kernels/attention_fwd.py).
     """
     if tiles.shape[0] != int(partial.sum()):  # no partial block: the placeholder tile
         return None
@@ -285,7 +286,11 @@ def _row_intervals(tiles: torch.Tensor, partial: torch.Tensor, block_k: int) -> 
         return None
     key0 = (partial.nonzero()[:, 3] * block_k)[:, None]  # each tile's first key
     lo = (key0 + first).to(torch.int64)
-    return lo + ((lo + count) << 32)
+    by_row = lo + ((lo + count) << 32)
+    row_id = torch.zeros(partial.shape, dtype=torch.int64, device=partial.device)
+    row_id[partial] = torch.arange(by_row.shape[0], device=partial.device)
+    by_col = by_row[row_id.transpose(2, 3)[partial.transpose(2, 3)]]  # key-major: each column's in turn
+    return torch.cat([by_row, by_col])
 
 
 def _expand_blocks(blocks: torch.Tensor, block_q: int, block_k: int, rows: int, cols: int) -> torch.Tensor:
@@ -324,10 +329,12 @@ class BlockMask:
       numbered in row-major block order, so one query-block row's listed tiles are consecutive
       (``partial_kv_tile[..., j] == partial_kv_tile[..., 0] + j`` for j < ``partial_kv_num``): the
       forward and dQ kernels rely on that (kernels/common.py: row_tile_ptrs).
-    - ``partial_intervals`` int64 ``[P, bq]`` or None: when every row of every partial tile sees one
+    - ``partial_intervals`` int64 ``[2P, bq]`` or None: when every row of every partial tile sees one
       interval of keys (document, causal, window masks), tile p's row r sees the keys
       ``lo <= j < hi`` with ``partial_intervals[p, r] = lo + (hi << 32)``; the kernels then use these
-      instead of the tiles.
+      instead of the tiles. Entries ``[P, 2P)`` repeat them in key-major block order, and
+      ``partial_q_interval`` (aligned with ``partial_q_idx``) points there, so that a key-block
+      column's listed entries are consecutive too (the dK/dV kernel's walk).
 
     Build with ``from_dense``, ``from_blocks`` or the builders ``causal``, ``sliding_window``,
     ``document``. The constructor ``BlockMask(block_size, seqlen_q, seqlen_k, kind, element_mask)``
@@ -354,6 +361,7 @@ class BlockMask:
     partial_kv_tile: torch.Tensor = dataclasses.field(init=False)
     partial_q_tile: torch.Tensor = dataclasses.field(init=False)
     partial_intervals: Optional[torch.Tensor] = dataclasses.field(init=False)
+    partial_q_interval: Optional[torch.Tensor] = dataclasses.field(init=False)
 
     EMPTY = 0
     PARTIAL = 1
@@ -409,7 +417,15 @@ class BlockMask:
             set_(self, f"{name}_q_idx", idx)
         tiles, tile_id = _partial_tiles(em, partial, bq, bk)
         set_(self, "partial_tiles", tiles)
-        set_(self, "partial_intervals", _row_intervals(tiles, partial, bk) if em is not None else None)
+        intervals = _row_intervals(tiles, partial, bk) if em is not None else None
+        set_(self, "partial_intervals", intervals)
+        col_id = None
+        if intervals is not None:  # the key-major copy: P + each partial block's position in it
+            t = partial.transpose(2, 3)
+            col_id = torch.zeros(t.shape, dtype=torch.int32, device=t.device)
+            col_id[t] = torch.arange(tiles.shape[0], 2 * tiles.shape[0], dtype=torch.int32, device=t.device)
+            col_id = col_id.gather(-1, self.partial_q_idx.long()).contiguous()
+        set_(self, "partial_q_interval", col_id)
         set_(self, "partial_kv_tile", tile_id.gather(-1, self.partial_kv_idx.long()).contiguous())
         set_(self, "partial_q_tile", tile_id.transpose(2, 3).gather(-1, self.partial_q_idx.long()).contiguous())
 
@@ -611,8 +627,8 @@ class BlockMask:
 
     _PART_NAMES = ("kind", "element_mask", "full_kv_num", "full_kv_idx", "partial_kv_num", "partial_kv_idx",
                    "full_q_num", "full_q_idx", "partial_q_num", "partial_q_idx", "partial_tiles", "partial_kv_tile",
-                   "partial_q_tile", "partial_intervals")
-    _OPTIONAL_PARTS = ("element_mask", "partial_intervals")
+                   "partial_q_tile", "partial_intervals", "partial_q_interval")
+    _OPTIONAL_PARTS = ("element_mask", "partial_intervals", "partial_q_interval")
 
     def parts(self) -> Tuple[List[torch.Tensor], List[int]]:
         """(tensors, ints) that ``from_parts`` turns back into this mask without recomputing anything.

@@ -17,14 +17,15 @@ H200, D=128 non-causal: dK/dV 0.91x the time at S=2048), and only for repeated s
 length pair costs a compile (attention_launch.constant_lengths).
 
 BLOCK_SPARSE as in the forward kernel (0 none, 1 full and partial block lists, 2 full lists only: a
-mask without partial blocks compiles no partial-list loop).
+mask without partial blocks compiles no partial-list loop, 3 full and partial lists with key-interval
+rows: the dQ kernel walks both in one loop, as the forward does).
 """
 
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import (ALIBI_KEY_TERM, ELEM_TILE, alibi_query_term, and_element_mask, attn_mask_ptrs, load_tail, store_rows, block_list, dropout_keep, dropout_rows, key_phases, list_tile,
-                                      partial_local, partial_tile_ptrs, program_tile, row_tile_ptrs, query_phases, score_log2, score_params,
+from flashtile.kernels.common import (ALIBI_KEY_TERM, ELEM_INTERVALS, ELEM_TILE, alibi_query_term, and_element_mask, attn_mask_ptrs, load_tail, store_rows, block_list, dropout_keep, dropout_rows, key_phases, list_tile,
+                                      merged_intervals, merged_list_tile, partial_local, partial_tile_ptrs, program_tile, row_tile_ptrs, query_phases, score_log2, score_params,
                                       sequence_bounds, visible)
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -74,8 +75,10 @@ def _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_bas
         do = tl.load(do_ptrs, mask=do_mask, other=0.0)
     else:
         do = tl.load(do_ptrs)
-    if ELEM:
+    if ELEM == ELEM_TILE:
         em = tl.load(em_ptrs)
+    elif ELEM == ELEM_INTERVALS:  # loaded by the walk
+        em = em_ptrs
     if BLOCK_D2 > 0:
         q2 = load_tail(q_base + rows[:, None].to(tl.int64) * stride_qs + offs_d2[None, :], rows[:, None] < seqlen_q,
                        offs_d2[None, :] < head_dim, MASKED != 0, EVEN_D2)
@@ -104,6 +107,8 @@ def _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_bas
     elif MASKED == 2:
         if need_vis:
             vis = visible(rows, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            if ELEM:
+                vis = and_element_mask(vis, em, offs_n, ELEM)
             pt = tl.where(tl.trans(vis) & (rows[None, :] < seqlen_q), pt, 0.0)
     # -- dV += P^T dO ; dP^T = V dO^T ; dS^T = P^T * (dP^T - delta) ; dK += dS^T Q --
     if DROPOUT:  # drop_rows: this head's first counter, drop_stride: counters per row; transposed
@@ -156,20 +161,35 @@ def _dkdv_block_list(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, 
                 BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr):
     """Visit the query blocks of one block-sparse list (full or partial) of this key block: one flat,
     pipelined loop over their query tiles (see the forward's _fwd_block_list). A full block inside
-    [full_lo, full_hi) (query_phases) runs without per-element work."""
+    [full_lo, full_hi) (query_phases) runs without per-element work.
+    Interval rows (ELEM_INTERVALS) take their entry from the column's first one plus the list
+    position (BlockMask.partial_q_interval: consecutive along a key-block column), uint8 tiles
+    (ELEM_TILE) load each entry's number. Unlike the forward and dQ walks, the partial list stays a
+    second loop: merged into the full-block loop, dK/dV ran slower (H200, 8-document mask: 420 ->
+    433 us; this form 399, the tiles' form 417)."""
     TILES_PER_BLOCK: tl.constexpr = BLOCK_SQ // BLOCK_M
     count, base = block_list(Num, Idx, row, k_block, n_k_blocks, n_q_blocks)
     em_local = partial_local(offs_m, offs_n % BLOCK_SK, BLOCK_SK, ELEM)  # queries by keys, in the entry
+    first_entry = 0
+    if ELEM == ELEM_INTERVALS:
+        first_entry = tl.load(TileIdx + base)
     for i in range(0, count * TILES_PER_BLOCK):
-        entry, part, start_m = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_M, BLOCK_SQ)
-        if ELEM:
-            em_ptrs = partial_tile_ptrs(Tiles, TileIdx, entry, part * BLOCK_SK if ELEM == ELEM_TILE else part, em_local,
-                                        BLOCK_SQ, BLOCK_SK, ELEM)
-            dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+        if ELEM == ELEM_INTERVALS:
+            entry, part, start_m = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_M, BLOCK_SQ)
+            em = tl.load(row_tile_ptrs(Tiles, first_entry, i, TILES_PER_BLOCK, part, em_local, BLOCK_SQ, BLOCK_SK, ELEM))
+            dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, em, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                                start_m, True, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                                seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
+                                1, ELEM, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+        elif ELEM:
+            entry, part, start_m = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_M, BLOCK_SQ)
+            em = partial_tile_ptrs(Tiles, TileIdx, entry, part * BLOCK_SK, em_local, BLOCK_SQ, BLOCK_SK, ELEM)
+            dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, em, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                 start_m, True, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                 seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
                                 1, ELEM, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
         else:
+            entry, part, start_m = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_M, BLOCK_SQ)
             need_vis = (start_m < full_lo) | (start_m + BLOCK_M > full_hi)
             dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                 start_m, need_vis, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
@@ -367,8 +387,10 @@ def _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_p
     if BLOCK_DV2 > 0:
         v2 = load_tail(v2_ptrs + start_n * stride_vs, cols[:, None] < seqlen_k, offs_dv2[None, :] < head_dim_v,
                        MASKED != 0, EVEN_DV2)
-    if ELEM:
+    if ELEM == ELEM_TILE:
         em = tl.load(em_ptrs)
+    elif ELEM == ELEM_INTERVALS:  # loaded by the merged walk (common.merged_intervals)
+        em = em_ptrs
     # -- P = exp2(Q K^T * scale - lse); dP = dO V^T; dS = P * (dP - delta); dQ += dS K --
     qkt = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if BLOCK_D2 > 0:
@@ -387,8 +409,10 @@ def _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_p
         p = tl.where(vis, p, 0.0)
     elif MASKED == 2:
         if need_vis:
-            p = tl.where(visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT),
-                         p, 0.0)
+            vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            if ELEM:
+                vis = and_element_mask(vis, em, cols, ELEM)
+            p = tl.where(vis, p, 0.0)
     if SOFTCAP and not BIAS_GRAD:  # the tanh factor folded in before the dot: t dies early (no spills)
         p = p * (1.0 - t * t)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
@@ -430,7 +454,7 @@ def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_
 
 @triton.jit
 def _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, Tiles, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
-                   Num, Idx, TileIdx, row, q_block, n_q_blocks, n_k_blocks, full_lo, full_hi,
+                   Num, Idx, PNum, PIdx, TileIdx, row, q_block, n_q_blocks, n_k_blocks, full_lo, full_hi,
                    stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                    seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
                    BLOCK_N: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr, ELEM: tl.constexpr,
@@ -439,24 +463,37 @@ def _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs
                    BIAS_GRAD: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr,
              EVEN_DV2: tl.constexpr):
     """Visit the key blocks of one block-sparse list of this query block: one flat, pipelined loop over
-    their key tiles (see the forward's _fwd_block_list)."""
+    their key tiles (see the forward's _fwd_block_list; ELEM_INTERVALS: one merged walk over both lists)."""
     TILES_PER_BLOCK: tl.constexpr = BLOCK_SK // BLOCK_N
     count, base = block_list(Num, Idx, row, q_block, n_q_blocks, n_k_blocks)
     em_local = partial_local(offs_m % BLOCK_SQ, offs_n, BLOCK_SK, ELEM)
     first_tile = 0
+    n_full, p_base = count, base
+    if ELEM == ELEM_INTERVALS:
+        p_count, p_base = block_list(PNum, PIdx, row, q_block, n_q_blocks, n_k_blocks)
+        count = count + p_count
     if ELEM:  # this row's partial tiles are consecutive (row_tile_ptrs)
-        first_tile = tl.load(TileIdx + base)
+        first_tile = tl.load(TileIdx + p_base)
     for i in range(0, count * TILES_PER_BLOCK):
-        entry, part, start_n = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_N, BLOCK_SK)
-        if ELEM:
-            em_ptrs = row_tile_ptrs(Tiles, first_tile, i, TILES_PER_BLOCK, part if ELEM == ELEM_TILE else 0, em_local,
-                                    BLOCK_SQ, BLOCK_SK, ELEM)
+        if ELEM == ELEM_INTERVALS:
+            is_part, p_pos, start_n = merged_list_tile(Idx, base, PIdx, p_base, n_full, i, TILES_PER_BLOCK, BLOCK_N, BLOCK_SK)
+            em = merged_intervals(Tiles, first_tile + p_pos, is_part, em_local, BLOCK_SQ)
+            need_vis = is_part | (start_n < full_lo) | (start_n + BLOCK_N > full_hi)
+            dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                          start_n, need_vis, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                          seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
+                          2, ELEM, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT,
+                          BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+        elif ELEM:
+            entry, part, start_n = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_N, BLOCK_SK)
+            em_ptrs = row_tile_ptrs(Tiles, first_tile, i, TILES_PER_BLOCK, part, em_local, BLOCK_SQ, BLOCK_SK, ELEM)
             dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                           start_n, True, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                           seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
                           1, ELEM, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT,
                           BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
         else:
+            entry, part, start_n = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_N, BLOCK_SK)
             need_vis = (start_n < full_lo) | (start_n + BLOCK_N > full_hi)
             dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                           start_n, need_vis, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
@@ -569,21 +606,21 @@ def attention_bwd_dq_kernel(
     a, bb, c, d = key_phases(m_lo, m_hi, seqlen_q, seqlen_k, window_left, window_right,
                              BLOCK_N, HAS_LEFT, HAS_RIGHT)
     if BLOCK_SPARSE:
-        # -- block-sparse: the key blocks listed for this query block, full then partial --
+        # -- block-sparse: the key blocks listed for this query block, full then partial (as the forward) --
         row = b * sparse_mb + h * sparse_mh
         q_block = m_lo // BLOCK_SQ
         dq, dq2 = _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
-                            FullNum, FullIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
+                            FullNum, FullIdx, PartNum, PartIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
                             stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                             seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
-                            BLOCK_N, BLOCK_SQ, BLOCK_SK, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
+                            BLOCK_N, BLOCK_SQ, BLOCK_SK, (BLOCK_SPARSE // 3) * ELEM_INTERVALS, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
                             DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
-        if BLOCK_SPARSE != 2:  # 2: the mask has no partial blocks, so no partial-list loop
+        if BLOCK_SPARSE == 1:  # 2: the mask has no partial blocks, so no partial-list loop
             dq, dq2 = _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
-                                PartNum, PartIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
+                                PartNum, PartIdx, PartNum, PartIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
                                 stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                 seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
-                                BLOCK_N, BLOCK_SQ, BLOCK_SK, 1 + BLOCK_SPARSE // 3, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
+                                BLOCK_N, BLOCK_SQ, BLOCK_SK, ELEM_TILE, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
                                 DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
     elif HAS_LEFT or HAS_RIGHT:
         # -- causal / window: one pipelined loop over the visible key tiles (see the dK/dV kernel) --

@@ -9,8 +9,8 @@ as EVEN_D), so an unused feature costs nothing: Triton compiles one specialisati
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import (ELEM_TILE, attn_mask_ptrs, load_tail, store_rows, block_list, dropout_keep, dropout_rows, key_phases, list_tile,
-                                      and_element_mask, online_softmax, partial_local, program_tile, row_tile_ptrs, score_log2, score_params,
+from flashtile.kernels.common import (ELEM_INTERVALS, ELEM_TILE, attn_mask_ptrs, load_tail, store_rows, block_list, dropout_keep, dropout_rows, key_phases, list_tile,
+                                      and_element_mask, merged_intervals, merged_list_tile, online_softmax, partial_local, program_tile, row_tile_ptrs, score_log2, score_params,
                                       sequence_bounds, visible)
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -55,8 +55,10 @@ def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs
         kt = tl.load(k_ptrs + start_n * stride_ks)
     else:
         kt = tl.load(k_ptrs + start_n * stride_ks, mask=offs_d[:, None] < head_dim, other=0.0)
-    if ELEM:
+    if ELEM == ELEM_TILE:
         em = tl.load(em_ptrs)
+    elif ELEM == ELEM_INTERVALS:  # loaded by the merged walk (common.merged_intervals)
+        em = em_ptrs
     qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
     if BLOCK_D2 > 0:  # the head dim's tail chunk adds its part of q.k
         kt2 = load_tail(k2_ptrs + start_n * stride_ks, cols[None, :] < seqlen_k, offs_d2[:, None] < head_dim,
@@ -73,8 +75,10 @@ def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs
         qk = tl.where(vis, qk, float("-inf"))
     elif MASKED == 2:
         if need_vis:
-            qk = tl.where(visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT),
-                          qk, float("-inf"))
+            vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            if ELEM:
+                vis = and_element_mask(vis, em, cols, ELEM)
+            qk = tl.where(vis, qk, float("-inf"))
     if MAX_MODE == MAX_FIXED:
         # -- the scores' upper bound m_i (softcap) stands in for the running max: nothing to rescale --
         p = tl.math.exp2(qk - m_i[:, None])
@@ -146,7 +150,7 @@ def _fwd_tiles(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, off
 
 @triton.jit
 def _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, Tiles, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
-                    Num, Idx, TileIdx, row, q_block, n_q_blocks, n_k_blocks, full_lo, full_hi,
+                    Num, Idx, PNum, PIdx, TileIdx, row, q_block, n_q_blocks, n_k_blocks, full_lo, full_hi,
                     stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                     seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr,
@@ -161,25 +165,40 @@ def _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs
     A full block inside [full_lo, full_hi) (key_phases: keys that every row of the tile sees and that
     lie inside the sequence) runs without per-element work; other full blocks apply the causal /
     window rule and the sequence end; partial blocks (ELEM) also AND their element-mask tile.
+    ELEM_INTERVALS: one merged walk over this list (full blocks) and then PNum / PIdx's (partial ones),
+    full and partial tiles in one pipelined loop (common.merged_list_tile).
     """
     TILES_PER_BLOCK: tl.constexpr = BLOCK_SK // BLOCK_N
     count, base = block_list(Num, Idx, row, q_block, n_q_blocks, n_k_blocks)
     # rows of this query tile inside its BLOCK_SQ x BLOCK_SK element-mask tile (int32: tiles are small)
     em_local = partial_local(offs_m % BLOCK_SQ, offs_n, BLOCK_SK, ELEM)
     first_tile = 0
+    n_full, p_base = count, base
+    if ELEM == ELEM_INTERVALS:
+        p_count, p_base = block_list(PNum, PIdx, row, q_block, n_q_blocks, n_k_blocks)
+        count = count + p_count
     if ELEM:  # this row's partial tiles are consecutive (row_tile_ptrs)
-        first_tile = tl.load(TileIdx + base)
+        first_tile = tl.load(TileIdx + p_base)
     for i in range(0, count * TILES_PER_BLOCK):
-        entry, part, start_n = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_N, BLOCK_SK)
-        if ELEM:
-            em_ptrs = row_tile_ptrs(Tiles, first_tile, i, TILES_PER_BLOCK, part if ELEM == ELEM_TILE else 0, em_local,
-                                    BLOCK_SQ, BLOCK_SK, ELEM)
+        if ELEM == ELEM_INTERVALS:
+            is_part, p_pos, start_n = merged_list_tile(Idx, base, PIdx, p_base, n_full, i, TILES_PER_BLOCK, BLOCK_N, BLOCK_SK)
+            em = merged_intervals(Tiles, first_tile + p_pos, is_part, em_local, BLOCK_SQ)
+            need_vis = is_part | (start_n < full_lo) | (start_n + BLOCK_N > full_hi)
+            acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+                                      start_n, need_vis, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
+                                      seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
+                                      2, ELEM, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
+                                      DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, MAX_MODE)
+        elif ELEM:
+            entry, part, start_n = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_N, BLOCK_SK)
+            em_ptrs = row_tile_ptrs(Tiles, first_tile, i, TILES_PER_BLOCK, part, em_local, BLOCK_SQ, BLOCK_SK, ELEM)
             acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                       start_n, True, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                       1, ELEM, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
                                       DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, MAX_MODE)
         else:
+            entry, part, start_n = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_N, BLOCK_SK)
             need_vis = (start_n < full_lo) | (start_n + BLOCK_N > full_hi)  # crosses an edge or the end
             acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                       start_n, need_vis, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
@@ -232,7 +251,12 @@ def attention_fwd_kernel(
     PartTile: the tile of each partial-list entry). 2, for a mask without partial blocks, leaves the
     partial-list loop out of the kernel (attention_launch._Sparse.flag): its code, run or not, shapes
     the register allocation of the whole kernel (H200, random block masks at 50 / 25 / 10% density:
-    forward 1-3% faster, forward+backward ~3%).
+    forward 1-3% faster, forward+backward ~3%). 3: every partial row is one interval of keys
+    (document, causal, window masks): ElemTiles holds the intervals (BlockMask.partial_intervals, two
+    numbers per row instead of a byte per element), and the full and partial lists are walked in one
+    loop (common.merged_list_tile), so the few partial blocks of a row no longer fill and drain a
+    software pipeline of their own (H200, 8-document mask, us: forward 229 -> 226, dQ 296 -> 255,
+    with the dK/dV kernel's form 417 -> 399: forward+backward step 945 -> 885).
     MAX_MODE (attention_launch.max_mode): MAX_RUNNING, FlashAttention-2's running row max; MAX_FIXED,
     a softcap bounds every log2-domain score by softcap * log2(e), which then stands in for the
     running max (attention_launch.fixed_max says where that is exact): no per-tile row max, no
@@ -303,21 +327,22 @@ def attention_fwd_kernel(
     a, bb, c, d = key_phases(m_lo, m_hi, seqlen_q, seqlen_k, window_left, window_right,
                              BLOCK_N, HAS_LEFT, HAS_RIGHT)
     if BLOCK_SPARSE:
-        # -- block-sparse: full blocks, then partial blocks with their element-mask tiles --
+        # -- block-sparse: full blocks, then partial blocks with their element masks; key intervals
+        # (3) walk both lists in one loop, element-mask tiles (1) in a second one --
         row = b * sparse_mb + h * sparse_mh
         q_block = m_lo // BLOCK_SQ
         acc, acc2, l_i, m_i = _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
-                                        FullNum, FullIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
+                                        FullNum, FullIdx, PartNum, PartIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
                                         stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
-                                        BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
+                                        BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, (BLOCK_SPARSE // 3) * ELEM_INTERVALS, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
                                         EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, MAX_MODE)
-        if BLOCK_SPARSE != 2:  # 2: the mask has no partial blocks, so no partial-list loop
+        if BLOCK_SPARSE == 1:  # 2: the mask has no partial blocks, so no partial-list loop
             acc, acc2, l_i, m_i = _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
-                                            PartNum, PartIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
+                                            PartNum, PartIdx, PartNum, PartIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
                                             stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                             seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
-                                            BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, 1 + BLOCK_SPARSE // 3, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
+                                            BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, ELEM_TILE, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
                                             EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, MAX_MODE)
     elif HAS_LEFT:
         # -- sliding window: one pipelined loop over the visible tiles [a, d); only tiles outside the

@@ -415,11 +415,39 @@ def partial_tile_ptrs(Tiles, TileIdx, entry, offset, em_local, BLOCK_SQ: tl.cons
     return Tiles + tile.to(tl.int64) * (BLOCK_SQ * (BLOCK_SK if ELEM == ELEM_TILE else 1)) + offset + em_local
 
 
+ALL_KEYS = tl.constexpr(0x7FFFFFFF << 32)  # the interval lo = 0, hi = 2^31 - 1: every key
+
+
+@triton.jit
+def merged_list_tile(Idx, base, PIdx, p_base, n_full, i, TILES_PER_BLOCK: tl.constexpr, TILE: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """Tile i of a merged block walk (BLOCK_SPARSE 3): the n_full blocks of the full list (Idx + base),
+    then those of the partial list (PIdx + p_base), one pipelined loop. A partial list walked as a
+    second loop ran a few tiles per row, each loop filling and draining its own software pipeline.
+
+    Returns (is_part, p_pos, first): whether tile i is in a partial block, that block's position in
+    the partial list (0 for full blocks, so that addresses stay valid), and the tile's first row /
+    column in the sequence."""
+    blk = i // TILES_PER_BLOCK
+    is_part = blk >= n_full
+    p_pos = tl.maximum(blk - n_full, 0)
+    block = tl.load(tl.where(is_part, PIdx + p_base + p_pos, Idx + base + blk))
+    return is_part, p_pos, block * BLOCK + (i % TILES_PER_BLOCK) * TILE
+
+
+@triton.jit
+def merged_intervals(Intervals, entry, is_part, em_local, BLOCK_SQ: tl.constexpr):
+    """The key intervals of a merged walk's tile (and_element_mask's em): rows em_local of interval
+    entry `entry` (masks.BlockMask.partial_intervals) in a partial block, every key in a full one."""
+    em = tl.load(Intervals + entry.to(tl.int64) * BLOCK_SQ + em_local)
+    return tl.where(is_part, em, ALL_KEYS)
+
+
 @triton.jit
 def and_element_mask(vis, em, keys, ELEM: tl.constexpr):
     """vis [M, N] (queries by keys) ANDed with a partial block's element mask, as loaded from its
     entry: ELEM_TILE em [M, N] bytes; ELEM_INTERVALS em [M] int64 lo + (hi << 32), row i seeing the
-    absolute keys lo <= j < hi (keys [N])."""
+    absolute keys lo <= j < hi (keys [N]; merged_intervals)."""
     if ELEM == ELEM_INTERVALS:
         lo = em.to(tl.int32)
         hi = (em >> 32).to(tl.int32)
