@@ -30,6 +30,10 @@ FLAG_SETS = [
     dict(HAS_LEFT=False, HAS_RIGHT=True, SOFTCAP=2, HAS_ALIBI=False, VARLEN=False, BLOCK_SPARSE=2,
          ATTN_MASK=0, DROPOUT=True, EVEN_D=True, EVEN_DV=True, BIAS_GRAD=False, TILE_MAJOR=False,
          HEAD_GROUP=0, SPLIT_PHASES=False, SEQLEN_Q=513, SEQLEN_K=1024),
+    # block masks whose partial rows are key intervals: the merged full + partial walk (forward, dQ)
+    dict(HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=False, HAS_ALIBI=1, VARLEN=False, BLOCK_SPARSE=3,
+         ATTN_MASK=0, DROPOUT=True, EVEN_D=False, EVEN_DV=True, BIAS_GRAD=False, TILE_MAJOR=False,
+         HEAD_GROUP=0, SPLIT_PHASES=False, SEQLEN_Q=0, SEQLEN_K=0),
     # head dims in two chunks (tuning.head_dim_chunks): 64 + 16 columns with a padded tail on Q/K,
     # 64 + 32 whole on V, with every per-score feature and block masks; ALiBi as |key term - query term|
     # (kernels/common.py's ALIBI_TERM_DISTANCE)

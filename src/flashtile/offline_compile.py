@@ -3,8 +3,9 @@ triton wheel need no driver. Used by tests/test_kernels_compile.py (every shippe
 compiles) and scripts/sass_probe.py (registers, spills and SASS of one config).
 
 A kernel's run-time arguments get their Triton types from flashtile's naming convention: capitalised
-names are pointers (fp32 / int32 / uint8 for the buffers listed below, else the input element type),
-FLOAT_SCALARS are fp32, every other scalar int32.
+names are pointers (fp32 / int32 / uint8 for the buffers listed below, else the input element type;
+ElemTiles holds int64 key intervals under BLOCK_SPARSE 3), FLOAT_SCALARS are fp32, every other
+scalar int32.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def compile_for_sm90(kernel, elem: str, constexprs: dict, num_warps: int = 8, nu
         elif p.name[0].isupper():
             signature[p.name] = ("*fp32" if p.name in FP32_POINTERS else "*i32" if p.name in INT32_POINTERS
                                  else "*u8" if p.name in UINT8_POINTERS else f"*{elem}")
+            if p.name == "ElemTiles" and constexprs.get("BLOCK_SPARSE") == 3:  # BlockMask.partial_intervals
+                signature[p.name] = "*i64"
             if aligned:
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif p.name in FLOAT_SCALARS:
