@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from flashtile.kernels.common import (ALIBI_KEY_TERM, ELEM_INTERVALS, ELEM_TILE, alibi_query_term, and_element_mask, attn_mask_ptrs, load_tail, store_rows, block_list, dropout_keep, dropout_rows, key_phases, list_tile,
-                                      merged_intervals, merged_list_tile, partial_local, partial_tile_ptrs, program_tile, row_tile_ptrs, query_phases, score_log2, score_params,
+                                      merged_row_tile, row_walk, partial_local, partial_tile_ptrs, program_tile, row_tile_ptrs, query_phases, score_log2, score_params,
                                       sequence_bounds, visible)
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -389,7 +389,7 @@ def _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_p
                        MASKED != 0, EVEN_DV2)
     if ELEM == ELEM_TILE:
         em = tl.load(em_ptrs)
-    elif ELEM == ELEM_INTERVALS:  # loaded by the merged walk (common.merged_intervals)
+    elif ELEM == ELEM_INTERVALS:  # loaded by the merged walk (common.merged_row_tile)
         em = em_ptrs
     # -- P = exp2(Q K^T * scale - lse); dP = dO V^T; dS = P * (dP - delta); dQ += dS K --
     qkt = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
@@ -465,20 +465,12 @@ def _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs
     """Visit the key blocks of one block-sparse list of this query block: one flat, pipelined loop over
     their key tiles (see the forward's _fwd_block_list; ELEM_INTERVALS: one merged walk over both lists)."""
     TILES_PER_BLOCK: tl.constexpr = BLOCK_SK // BLOCK_N
-    count, base = block_list(Num, Idx, row, q_block, n_q_blocks, n_k_blocks)
-    em_local = partial_local(offs_m % BLOCK_SQ, offs_n, BLOCK_SK, ELEM)
-    first_tile = 0
-    n_full, p_base = count, base
-    if ELEM == ELEM_INTERVALS:
-        p_count, p_base = block_list(PNum, PIdx, row, q_block, n_q_blocks, n_k_blocks)
-        count = count + p_count
-    if ELEM:  # this row's partial tiles are consecutive (row_tile_ptrs)
-        first_tile = tl.load(TileIdx + p_base)
+    count, base, n_full, p_base, first_tile, em_local = row_walk(Num, Idx, PNum, PIdx, TileIdx, row, q_block, n_q_blocks,
+                                                                 n_k_blocks, offs_m, offs_n, BLOCK_SQ, BLOCK_SK, ELEM)
     for i in range(0, count * TILES_PER_BLOCK):
         if ELEM == ELEM_INTERVALS:
-            is_part, p_pos, start_n = merged_list_tile(Idx, base, PIdx, p_base, n_full, i, TILES_PER_BLOCK, BLOCK_N, BLOCK_SK)
-            em = merged_intervals(Tiles, first_tile + p_pos, is_part, em_local, BLOCK_SQ)
-            need_vis = is_part | (start_n < full_lo) | (start_n + BLOCK_N > full_hi)
+            start_n, em, need_vis = merged_row_tile(Idx, base, PIdx, p_base, n_full, Tiles, first_tile, em_local, i, full_lo,
+                                                    full_hi, TILES_PER_BLOCK, BLOCK_N, BLOCK_SQ, BLOCK_SK)
             dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                           start_n, need_vis, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                           seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,

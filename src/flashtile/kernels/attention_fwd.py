@@ -9,8 +9,8 @@ as EVEN_D), so an unused feature costs nothing: Triton compiles one specialisati
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import (ELEM_INTERVALS, ELEM_TILE, attn_mask_ptrs, load_tail, store_rows, block_list, dropout_keep, dropout_rows, key_phases, list_tile,
-                                      and_element_mask, merged_intervals, merged_list_tile, online_softmax, partial_local, program_tile, row_tile_ptrs, score_log2, score_params,
+from flashtile.kernels.common import (ELEM_INTERVALS, ELEM_TILE, attn_mask_ptrs, load_tail, store_rows, dropout_keep, dropout_rows, key_phases, list_tile,
+                                      and_element_mask, merged_row_tile, row_walk, online_softmax, program_tile, row_tile_ptrs, score_log2, score_params,
                                       sequence_bounds, visible)
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -57,7 +57,7 @@ def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs
         kt = tl.load(k_ptrs + start_n * stride_ks, mask=offs_d[:, None] < head_dim, other=0.0)
     if ELEM == ELEM_TILE:
         em = tl.load(em_ptrs)
-    elif ELEM == ELEM_INTERVALS:  # loaded by the merged walk (common.merged_intervals)
+    elif ELEM == ELEM_INTERVALS:  # loaded by the merged walk (common.merged_row_tile)
         em = em_ptrs
     qk = tl.dot(q, kt, input_precision=DOT_PRECISION)
     if BLOCK_D2 > 0:  # the head dim's tail chunk adds its part of q.k
@@ -166,24 +166,15 @@ def _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs
     lie inside the sequence) runs without per-element work; other full blocks apply the causal /
     window rule and the sequence end; partial blocks (ELEM) also AND their element-mask tile.
     ELEM_INTERVALS: one merged walk over this list (full blocks) and then PNum / PIdx's (partial ones),
-    full and partial tiles in one pipelined loop (common.merged_list_tile).
+    full and partial tiles in one pipelined loop (common.merged_row_tile).
     """
     TILES_PER_BLOCK: tl.constexpr = BLOCK_SK // BLOCK_N
-    count, base = block_list(Num, Idx, row, q_block, n_q_blocks, n_k_blocks)
-    # rows of this query tile inside its BLOCK_SQ x BLOCK_SK element-mask tile (int32: tiles are small)
-    em_local = partial_local(offs_m % BLOCK_SQ, offs_n, BLOCK_SK, ELEM)
-    first_tile = 0
-    n_full, p_base = count, base
-    if ELEM == ELEM_INTERVALS:
-        p_count, p_base = block_list(PNum, PIdx, row, q_block, n_q_blocks, n_k_blocks)
-        count = count + p_count
-    if ELEM:  # this row's partial tiles are consecutive (row_tile_ptrs)
-        first_tile = tl.load(TileIdx + p_base)
+    count, base, n_full, p_base, first_tile, em_local = row_walk(Num, Idx, PNum, PIdx, TileIdx, row, q_block, n_q_blocks,
+                                                                 n_k_blocks, offs_m, offs_n, BLOCK_SQ, BLOCK_SK, ELEM)
     for i in range(0, count * TILES_PER_BLOCK):
         if ELEM == ELEM_INTERVALS:
-            is_part, p_pos, start_n = merged_list_tile(Idx, base, PIdx, p_base, n_full, i, TILES_PER_BLOCK, BLOCK_N, BLOCK_SK)
-            em = merged_intervals(Tiles, first_tile + p_pos, is_part, em_local, BLOCK_SQ)
-            need_vis = is_part | (start_n < full_lo) | (start_n + BLOCK_N > full_hi)
+            start_n, em, need_vis = merged_row_tile(Idx, base, PIdx, p_base, n_full, Tiles, first_tile, em_local, i, full_lo,
+                                                    full_hi, TILES_PER_BLOCK, BLOCK_N, BLOCK_SQ, BLOCK_SK)
             acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                       start_n, need_vis, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
@@ -254,7 +245,7 @@ def attention_fwd_kernel(
     forward 1-3% faster, forward+backward ~3%). 3: every partial row is one interval of keys
     (document, causal, window masks): ElemTiles holds the intervals (BlockMask.partial_intervals, two
     numbers per row instead of a byte per element), and the full and partial lists are walked in one
-    loop (common.merged_list_tile), so the few partial blocks of a row no longer fill and drain a
+    loop (common.merged_row_tile), so the few partial blocks of a row no longer fill and drain a
     software pipeline of their own (H200, 8-document mask, us: forward 229 -> 226, dQ 296 -> 255,
     with the dK/dV kernel's form 417 -> 399: forward+backward step 945 -> 885).
     MAX_MODE (attention_launch.max_mode): MAX_RUNNING, FlashAttention-2's running row max; MAX_FIXED,
