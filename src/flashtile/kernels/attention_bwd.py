@@ -183,7 +183,7 @@ def _dkdv_block_list(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, 
                                 1, ELEM, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
         elif ELEM:
             entry, part, start_m = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_M, BLOCK_SQ)
-            em = partial_tile_ptrs(Tiles, TileIdx, entry, part * BLOCK_SK, em_local, BLOCK_SQ, BLOCK_SK, ELEM)
+            em = partial_tile_ptrs(Tiles, TileIdx, entry, part * BLOCK_SK, em_local, BLOCK_SQ, BLOCK_SK)
             dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, em, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                 start_m, True, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                 seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,

@@ -403,16 +403,15 @@ def row_tile_ptrs(Tiles, first_tile, i, TILES_PER_BLOCK: tl.constexpr, offset, e
 
 
 @triton.jit
-def partial_tile_ptrs(Tiles, TileIdx, entry, offset, em_local, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr,
-                      ELEM: tl.constexpr):
-    """Pointers of a kernel tile inside the element-mask entry of block-list entry `entry`
-    (masks.BlockMask.partial_tiles: uint8 [P, BLOCK_SQ, BLOCK_SK], or partial_intervals: int64
-    [P, BLOCK_SQ]; TileIdx + entry holds its index): offset is the kernel tile's first element in
-    it, em_local the tile's offsets (partial_local). The dK/dV walk uses it: a key-block column's
-    partial tiles are not consecutive, and there the loaded index ran faster than a register load of
-    the tile by a computed address (416 against 427 us on the 8-document mask)."""
+def partial_tile_ptrs(Tiles, TileIdx, entry, offset, em_local, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr):
+    """Pointers of a kernel tile inside the uint8 element-mask tile of block-list entry `entry`
+    (masks.BlockMask.partial_tiles: [P, BLOCK_SQ, BLOCK_SK]; TileIdx + entry holds its index): offset
+    is the kernel tile's first element in it, em_local the tile's offsets (partial_local). The dK/dV
+    walk uses it: a key-block column's partial tiles are not consecutive, and there the loaded index
+    ran faster than a register load of the tile by a computed address (416 against 427 us on the
+    8-document mask; 417-419 against 430 with a key-major copy of the tiles)."""
     tile = tl.load(TileIdx + entry)
-    return Tiles + tile.to(tl.int64) * (BLOCK_SQ * (BLOCK_SK if ELEM == ELEM_TILE else 1)) + offset + em_local
+    return Tiles + tile.to(tl.int64) * (BLOCK_SQ * BLOCK_SK) + offset + em_local
 
 
 ALL_KEYS = tl.constexpr(0x7FFFFFFF << 32)  # the interval lo = 0, hi = 2^31 - 1: every key
