@@ -237,9 +237,7 @@ def test_partial_intervals_stand_for_the_tiles():
         listed = torch.arange(m.partial_q_idx.shape[-1]) < m.partial_q_num.unsqueeze(-1)
         # the same block's entry in both copies: the column entry's intervals are its tile's
         assert torch.equal(iv[m.partial_q_interval[listed].long()], iv[m.partial_q_tile[listed].long()])
-        step = torch.arange(m.partial_q_idx.shape[-1], dtype=torch.int32)
-        first = m.partial_q_interval[..., :1]
-        assert torch.equal(torch.where(listed, m.partial_q_interval, 0), torch.where(listed, first + step, 0))
+        _assert_listed_consecutive(m.partial_q_num, m.partial_q_interval)
     gaps = doc.element_mask.clone()
     gaps[0, 0, 60, 40] = False  # row 60 of its block now sees two intervals
     holes = BlockMask.from_dense(gaps, (32, 16))
@@ -248,11 +246,11 @@ def test_partial_intervals_stand_for_the_tiles():
     assert BlockMask.from_blocks(torch.ones(1, 1, 2, 2, dtype=torch.bool), (16, 16)).partial_intervals is None
 
 
-def _assert_row_tiles_consecutive(bm: BlockMask) -> None:
-    num, first = bm.partial_kv_num, bm.partial_kv_tile[..., :1]
-    listed = torch.arange(bm.partial_kv_tile.shape[-1]) < num.unsqueeze(-1)
-    step = torch.arange(bm.partial_kv_tile.shape[-1], dtype=torch.int32)
-    assert torch.equal(torch.where(listed, bm.partial_kv_tile, 0), torch.where(listed, first + step, 0))
+def _assert_listed_consecutive(num: torch.Tensor, entries: torch.Tensor) -> None:
+    """entries[..., j] == entries[..., 0] + j for the first num[...] (listed) entries of each list."""
+    listed = torch.arange(entries.shape[-1]) < num.unsqueeze(-1)
+    step = torch.arange(entries.shape[-1], dtype=torch.int32)
+    assert torch.equal(torch.where(listed, entries, 0), torch.where(listed, entries[..., :1] + step, 0))
 
 
 def test_partial_tiles_of_a_query_row_are_consecutive():
@@ -266,7 +264,7 @@ def test_partial_tiles_of_a_query_row_are_consecutive():
     ids = torch.tensor([0] * 100 + [1] * 156 + [2] * 256)
     doc = BlockMask.document(ids, block_size=(64, 64), causal=True)
     for m in (bm, bm.under_rule(5, 0), doc, doc.under_rule(None, 0), BlockMask.from_parts(*doc.parts())):
-        _assert_row_tiles_consecutive(m)
+        _assert_listed_consecutive(m.partial_kv_num, m.partial_kv_tile)
 
 
 def _effective(bm: BlockMask) -> torch.Tensor:

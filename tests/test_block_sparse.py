@@ -41,7 +41,7 @@ def _check(q, k, v, bm, **kw):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("elements", ["elements", "intervals"])
+@pytest.mark.parametrize("partial_rows", ["elements", "intervals"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", [
     dict(shape=(2, 70, 70, 2, 2, 32), mask=(2, 1), block=(16, 16)),
@@ -51,12 +51,12 @@ def _check(q, k, v, bm, **kw):
     # seqlen_q a multiple of the block and no rule: no query tile crosses the sequence end
     dict(shape=(2, 64, 83, 2, 2, 32), mask=(1, 2), block=(32, 16)),
 ], ids=["batch-bcast", "gqa-causal", "mqa-window", "softcap", "aligned-rows"])
-def test_block_mask_matches_oracle(case, dtype, elements, backend):
+def test_block_mask_matches_oracle(case, dtype, partial_rows, backend):
     q, k, v = _qkv(*case["shape"], dtype)
     B, Sq, Sk = case["shape"][:3]
-    mask = _random_mask(*case["mask"], Sq, Sk, case["block"], intervals=elements == "intervals")
+    mask = _random_mask(*case["mask"], Sq, Sk, case["block"], intervals=partial_rows == "intervals")
     bm = ft.BlockMask.from_dense(mask, block_size=case["block"])
-    assert (bm.partial_intervals is not None) == (elements == "intervals")  # which kernel path runs
+    assert (bm.partial_intervals is not None) == (partial_rows == "intervals")  # which kernel path runs
     kw = {key: case[key] for key in ("causal", "window_size", "softcap") if key in case}
     with ft.use_backend(backend):
         _check(q, k, v, bm, **kw)

@@ -198,7 +198,7 @@ class _Sparse:
 
     kv_lists: Tuple[torch.Tensor, ...]  # full num, full idx, partial num, partial idx, partial tile (per query block)
     q_lists: Tuple[torch.Tensor, ...]  # the same per key block (the dK/dV pass)
-    tiles: torch.Tensor  # element masks of the partial blocks: uint8 [P, bq, bk] tiles or int64 [P, bq] intervals
+    tiles: torch.Tensor  # element masks of the partial blocks: uint8 [P, bq, bk] tiles or int64 [2P, bq] intervals
     scalars: Tuple[int, int, int, int]  # row multipliers of b and h, query and key blocks per row
     block: Tuple[int, int]
     mask: Optional[object] = None  # the BlockMask under the kernels' rule

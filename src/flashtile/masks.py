@@ -265,32 +265,36 @@ def _partial_tiles(em: Optional[torch.Tensor], partial: torch.Tensor, block_q: i
     return blocks[partial].view(torch.uint8).contiguous(), tile_id
 
 
-def _row_intervals(tiles: torch.Tensor, partial: torch.Tensor, block_k: int) -> Optional[torch.Tensor]:
-    """The partial tiles as one key interval per query row, or None if some row is not one.
+def _row_intervals(tiles: torch.Tensor, partial: torch.Tensor, tile_id: torch.Tensor,
+                   block_k: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The partial tiles as one key interval per query row, or (None, None) if some row is not one.
 
-    ``tiles`` uint8 ``[P, bq, bk]`` in row-major block order (``_partial_tiles``), ``partial`` their
-    blocks. Returns int64 ``[2P, bq]``: ``lo + (hi << 32)``, the row's visible keys being the absolute
-    key indices ``lo <= j < hi`` (``lo == hi``: none); entries ``[0, P)`` in row-major block order
-    (as the tiles), ``[P, 2P)`` the same in key-major order. Document, causal, sliding-window and
-    prefix masks have such rows; the kernels then compare key indices with two numbers per row
-    instead of loading a byte per element (BLOCK_SPARSE 3 in kernels/attention_fwd.py).
+    ``tiles`` uint8 ``[P, bq, bk]`` and ``tile_id`` (each block's tile) from ``_partial_tiles``,
+    ``partial`` the partial blocks. Returns (intervals int64 ``[2P, bq]``, col_id int32
+    ``[B, H, nk, nq]``): ``lo + (hi << 32)`` per row, the row's visible keys being the absolute key
+    indices ``lo <= j < hi`` (``lo == hi``: none); entries ``[0, P)`` in row-major block order (as
+    the tiles), ``[P, 2P)`` the same in key-major order, col_id giving each block's entry there (so a
+    key-block column's entries are consecutive). Document, causal, sliding-window and prefix masks
+    have such rows; the kernels then compare key indices with two numbers per row instead of loading
+    a byte per element (BLOCK_SPARSE 3 in kernels/attention_fwd.py).
     """
     if tiles.shape[0] != int(partial.sum()):  # no partial block: the placeholder tile
-        return None
+        return None, None
     seen = tiles.bool()
     count = seen.sum(-1)
     first = seen.to(torch.uint8).argmax(-1)  # the first visible key (0 for an empty row)
     keys = torch.arange(tiles.shape[-1], device=tiles.device)
     as_interval = (keys >= first[..., None]) & (keys < (first + count)[..., None])
     if not torch.equal(as_interval, seen):
-        return None
+        return None, None
     key0 = (partial.nonzero()[:, 3] * block_k)[:, None]  # each tile's first key
     lo = (key0 + first).to(torch.int64)
     by_row = lo + ((lo + count) << 32)
-    row_id = torch.zeros(partial.shape, dtype=torch.int64, device=partial.device)
-    row_id[partial] = torch.arange(by_row.shape[0], device=partial.device)
-    by_col = by_row[row_id.transpose(2, 3)[partial.transpose(2, 3)]]  # key-major: each column's in turn
-    return torch.cat([by_row, by_col])
+    by_key = partial.transpose(2, 3)
+    col_id = torch.zeros(by_key.shape, dtype=torch.int32, device=partial.device)
+    col_id[by_key] = torch.arange(tiles.shape[0], 2 * tiles.shape[0], dtype=torch.int32, device=partial.device)
+    key_major = by_row[tile_id.transpose(2, 3)[by_key].long()]  # each key-block column's in turn
+    return torch.cat([by_row, key_major]), col_id
 
 
 def _expand_blocks(blocks: torch.Tensor, block_q: int, block_k: int, rows: int, cols: int) -> torch.Tensor:
@@ -417,15 +421,9 @@ class BlockMask:
             set_(self, f"{name}_q_idx", idx)
         tiles, tile_id = _partial_tiles(em, partial, bq, bk)
         set_(self, "partial_tiles", tiles)
-        intervals = _row_intervals(tiles, partial, bk) if em is not None else None
+        intervals, col_id = _row_intervals(tiles, partial, tile_id, bk) if em is not None else (None, None)
         set_(self, "partial_intervals", intervals)
-        col_id = None
-        if intervals is not None:  # the key-major copy: P + each partial block's position in it
-            t = partial.transpose(2, 3)
-            col_id = torch.zeros(t.shape, dtype=torch.int32, device=t.device)
-            col_id[t] = torch.arange(tiles.shape[0], 2 * tiles.shape[0], dtype=torch.int32, device=t.device)
-            col_id = col_id.gather(-1, self.partial_q_idx.long()).contiguous()
-        set_(self, "partial_q_interval", col_id)
+        set_(self, "partial_q_interval", None if col_id is None else col_id.gather(-1, self.partial_q_idx.long()).contiguous())
         set_(self, "partial_kv_tile", tile_id.gather(-1, self.partial_kv_idx.long()).contiguous())
         set_(self, "partial_q_tile", tile_id.transpose(2, 3).gather(-1, self.partial_q_idx.long()).contiguous())
 

@@ -49,7 +49,8 @@ def _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_bas
     """Accumulate dK, dV for one key tile over the query tile starting at start_m of one query head.
 
     MASKED as in the forward's _fwd_tile (0 none, 1 always, 2 when the run-time need_vis is set);
-    ELEM ANDs the element-mask tile at em_ptrs ([BLOCK_M, BLOCK_N] uint8, queries by keys).
+    ELEM ANDs the element mask: ELEM_TILE, the uint8 tile at em_ptrs ([BLOCK_M, BLOCK_N], queries by
+    keys); ELEM_INTERVALS, em_ptrs is the query rows' key intervals, already loaded.
     BLOCK_D2 / BLOCK_DV2 > 0: the head dims' tail chunks (k2, dk2 at columns offs_d2; v2, dv2 at
     offs_dv2; see the forward kernel's docstring).
     """

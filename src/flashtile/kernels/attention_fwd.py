@@ -35,8 +35,9 @@ def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs
     MASKED: 0 = every key visible and in range (no per-element work); 1 = apply the visibility rule
     and the sequence end; 2 = loads stop at the sequence end, the visibility rule applies when the
     run-time need_vis is set (block-sparse lists mix both kinds of tile in one pipelined loop).
-    ELEM also ANDs a partial block's element mask: em_ptrs points at this tile's [BLOCK_M, BLOCK_N]
-    window of a uint8 partial-block tile (masks.BlockMask.partial_tiles).
+    ELEM also ANDs a partial block's element mask: ELEM_TILE, em_ptrs points at this tile's
+    [BLOCK_M, BLOCK_N] window of a uint8 partial-block tile (masks.BlockMask.partial_tiles);
+    ELEM_INTERVALS, em_ptrs is the rows' key intervals, already loaded (common.merged_row_tile).
     BLOCK_D2 / BLOCK_DV2 > 0: the head dims' tail chunks (q2, k2_ptrs at columns offs_d2; v2_ptrs and
     acc2 at offs_dv2), see the kernel's docstring.
     MAX_MODE: MAX_FIXED: m_i holds the softcap's bound and never changes (no row max, no rescale).

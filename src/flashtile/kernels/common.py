@@ -391,10 +391,11 @@ def partial_local(rows, cols, BLOCK_SK: tl.constexpr, ELEM: tl.constexpr):
 @triton.jit
 def row_tile_ptrs(Tiles, first_tile, i, TILES_PER_BLOCK: tl.constexpr, offset, em_local, BLOCK_SQ: tl.constexpr,
                   BLOCK_SK: tl.constexpr, ELEM: tl.constexpr):
-    """Pointers of kernel tile i of a query-block row's partial-block list inside its element-mask entry
-    (the forward and dQ walks): that row's partial blocks are numbered consecutively in list order
-    (masks.BlockMask.partial_kv_tile), so the entry follows from first_tile, the row's first entry,
-    loaded once before the loop. Loading the number per tile (partial_tile_ptrs) made Triton 3.6's
+    """Pointers of kernel tile i of a partial-block list inside its element-mask entry: a query-block
+    row's partial blocks are numbered consecutively in list order (masks.BlockMask.partial_kv_tile:
+    the forward and dQ walks), and so are a key-block column's intervals (partial_q_interval: the
+    dK/dV walk), so the entry follows from first_tile, the list's first entry, loaded once before the
+    loop. Loading the number per tile (partial_tile_ptrs) made Triton 3.6's
     pipeliner single-buffer the loop: one stage and a wait for every copy at each tile (sm_90 TTGIR),
     where this form keeps its three stages (H200, 8-document mask: forward 243 -> 230 us, dQ 306-308
     -> 298-301)."""
