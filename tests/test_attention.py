@@ -507,6 +507,8 @@ def test_backward_walk_rule():
     assert walk(1025, True, False, 0, 0, False, False) == (False, False, True)
     assert walk(4096, True, False, 0, 0, False, False) == (True, False, True)
     assert walk(4097, True, False, 0, 0, False, False) == (True, False, False)
+    assert walk(16384, True, False, 0, 0, False, False) == (True, False, False)
+    assert walk(16385, True, False, 0, 0, False, False) == (False, False, False)  # unmeasured: the one loop
     assert walk(8192, True, False, 0, 0, False, True) == (False, False, False)  # varlen keeps the one loop
     assert walk(2048, True, False, 0, 0, False, True) == (False, False, False)  # and no constants: no medium walk
     assert walk(16384, True, True, 256, 0, False, False) == (False, True, True)  # narrow window, any length

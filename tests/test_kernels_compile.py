@@ -7,6 +7,7 @@ in a subprocess because conftest.py turns the interpreter on for this process wh
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -110,6 +111,13 @@ def compile_forward_configs() -> None:
         k = _compile(kernel, "bf16", dict(causal, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
                      num_warps=c.num_warps, num_stages=c.num_stages)
         assert k.metadata.shared <= 232448, k.metadata.shared
+    # with the lengths as constants (GQA's split-phase walk takes them) that are multiples of 16, the
+    # dK/dV kernel loads lse / delta as aligned rows (ALIGNED_ROWS)
+    k = _compile(attention_bwd_dkdv_kernel, "bf16", dict(causal, SEQLEN_Q=8192, SEQLEN_K=8192, BLOCK_M=bwd.dkdv.block_m,
+                                                          BLOCK_N=bwd.dkdv.block_n),
+                 num_warps=bwd.dkdv.num_warps, num_stages=bwd.dkdv.num_stages)
+    copies = set(re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (0x\w+)", k.asm["ptx"]))
+    assert "0x8" in copies and "0x4" not in copies, copies  # lse / delta in 8-byte copies, not 4
     # the short-walk dK/dV tiles (short causal, narrow windows), with a window and ALiBi
     short = backward_config(gpu, 128, 128, torch.bfloat16, True, short_walk=True).dkdv
     k = _compile(attention_bwd_dkdv_kernel, "bf16",

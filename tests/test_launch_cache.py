@@ -283,15 +283,19 @@ _CONSTANT_CASES = {
 }
 
 
+@pytest.mark.parametrize("shape", [(67, 45, 64), (80, 48, 128)], ids=["odd", "aligned"])
 @pytest.mark.parametrize("case", list(_CONSTANT_CASES), ids=list(_CONSTANT_CASES))
-def test_backward_lengths_become_constants_on_repeat(case, monkeypatch):
+def test_backward_lengths_become_constants_on_repeat(case, shape, monkeypatch):
     """From a signature's second call the dK/dV kernel gets the sequence lengths as compile-time
     constants (attention_launch.constant_lengths), here for every case's config (the tuning table turns
-    them on only where measured faster). Odd lengths, so the masked tail tiles run with them too. Every
-    call's gradients must equal, bit for bit, the same calls with the constants never turned on; on a
-    GPU the third call replays the rebuilt (constant) recipe."""
+    them on only where measured faster). Odd lengths, so the masked tail tiles run with them too; a
+    query length that is a multiple of 16 at D=128, so the aligned lse / delta loads (ALIGNED_ROWS in
+    kernels/attention_bwd.py) run too.
+    Every call's gradients must equal, bit for bit, the same calls with the constants never turned on;
+    on a GPU the third call replays the rebuilt (constant) recipe."""
     opts = dict(_CONSTANT_CASES[case])
-    B, Sq, Sk, H, D = 2, 67, 45, 4, 64
+    B, H = 2, 4
+    Sq, Sk, D = shape
     hkv = opts.pop("heads_kv", H)
     dtype = torch.bfloat16 if HAS_GPU else torch.float32
     tuned = attention_launch.backward_config
@@ -363,7 +367,7 @@ def test_constant_lengths_only_where_the_tuning_table_measured_them(monkeypatch)
     assert bf16(True, softcap=True) and bf16(True, long_causal=True, grouped=True)
     assert bf16(False, block_sparse=True) and bf16(True, block_sparse=True, partial_blocks=True)
     assert not bf16(True)  # 64x128 w8: causal beyond 1024 keys, windows
-    assert not bf16(True, long_causal=True)
+    assert bf16(True, long_causal=True)  # split phases (with the aligned lse / delta rows they bring)
     # dropout (since its keep mask needs no layout conversion in the dK/dV loop): every config, causal
     # on 32x64 w4 tiles
     assert bf16(False, dropout=True) and bf16(True, dropout=True) and bf16(True, long_causal=True, dropout=True)

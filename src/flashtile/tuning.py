@@ -164,9 +164,11 @@ def forward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: 
 
 # Key counts over which a causal backward walks its tiles in phases (BackwardConfig.split_phases):
 # measured faster at 4096 and 8192 keys (with the heads in tile-major groups, attention_launch.
-# program_order), slower at 16384 (B=1, H=16: forward+backward 9990 us one-loop head-major against
-# 10141-10269 for every split / grouped variant) and no faster at 1024-2048
-LONG_CAUSAL_KEYS = (4096, 8192)
+# program_order) and no faster at 1024-2048. At 16384 keys (B=1, H=16, head-major) it had lost with
+# run-time lengths (forward+backward 9990 us one-loop against 10141-10269 for every split / grouped
+# variant); with constant lengths and their aligned lse / delta loads it wins: dK/dV 5039-5069 ->
+# 3884-3928 us, step 9808-10323 -> 9099-9249 (longer sequences are unmeasured)
+LONG_CAUSAL_KEYS = (4096, 16384)
 # A masked backward whose dK/dV programs walk few query tiles (a causal one with at most this many keys,
 # or a window at most SHORT_WINDOW wide) runs 32x64 dK/dV tiles (BackwardConfig, short_walk)
 SHORT_CAUSAL_KEYS = 1024
@@ -211,13 +213,13 @@ def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype:
             tiles = dataclasses.replace(tiles, dkdv=KernelConfig(64, 64, 4, 2))
         elif d <= 128 and causal:
             tiles = dataclasses.replace(tiles, dkdv=KernelConfig(32, 64, 4, 2))
-    if dkdv_constant_lengths(device, head_dim, head_dim_v, dtype, tiles, block_sparse, dropout, grouped, causal):
+    if dkdv_constant_lengths(device, head_dim, head_dim_v, dtype, tiles, block_sparse, dropout, causal):
         return dataclasses.replace(tiles, constant_lengths=True)
     return tiles
 
 
 def dkdv_constant_lengths(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
-                          tiles: BackwardConfig, block_sparse: bool, dropout: bool, grouped: bool,
+                          tiles: BackwardConfig, block_sparse: bool, dropout: bool,
                           causal: bool) -> bool:
     """Whether the dK/dV launch takes the lengths as compile-time constants on a repeated signature.
 
@@ -229,8 +231,12 @@ def dkdv_constant_lengths(device: torch.device, head_dim: int, head_dim_v: int, 
               split-phase GQA 4:1 causal S=8192 2438 -> 2090; block masks (random 50 / 25 / 10%,
               8 documents): -11.6 / -11.3 / -9.9 / -7.1%.
       slower: 64x128 w8: causal S=2048 806 -> 1086, window (1024, 0) 784 -> 1058, (1024, 1024)
-              1351 -> 1785; split-phase causal S=4096 / 8192 +6.5 / +4.7%, with ALiBi +10.7%;
-              dropout non-causal +6.6%, causal +7.8% (before session 18's keep mask; now faster, below).
+              1351 -> 1785; dropout non-causal +6.6%, causal +7.8% (before session 18's keep mask; now
+              faster, below).
+      split-phase causal MHA lost with constants (S=4096 / 8192 +6.5 / +4.7%, with ALiBi +10.7%) until
+      they also aligned the lse / delta loads (kernels/attention_bwd.py, ALIGNED_ROWS): B=2, H=16,
+      S=8192, run-time -> constant lengths, dK/dV 2523-2524 -> 1987-1991 us, with ALiBi 2702-2755 ->
+      2115-2158; B=1, S=16384 (split phases from then on, LONG_CAUSAL_KEYS) 5039-5069 -> 3884-3928.
     The dQ launch never gained (+1 to +6%): it keeps the run-time lengths. fp32, head dims above 128
     and other GPUs are unmeasured and keep them too.
     """
@@ -254,7 +260,7 @@ def dkdv_constant_lengths(device: torch.device, head_dim: int, head_dim_v: int, 
     if block_sparse:
         return True
     if tiles.split_phases:
-        return grouped
+        return True  # GQA or not (see the docstring)
     return tiles.dkdv.block_n == 64  # not the 64x128 w8 tiles of medium causal lengths and windows
 
 

@@ -32,9 +32,10 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _load_lse2(Lse, rows, seqlen_q):
-    """lse in the log2 domain; a fully masked row (lse = -inf) gets +inf so that p = exp2(-inf) = 0."""
-    lse = tl.load(Lse + rows, mask=rows < seqlen_q, other=0.0)
+def _load_lse2(ptrs, in_rows):
+    """lse at ptrs (rows where in_rows) in the log2 domain; a fully masked row (lse = -inf) gets +inf
+    so that p = exp2(-inf) = 0."""
+    lse = tl.load(ptrs, mask=in_rows, other=0.0)
     return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
 
 
@@ -45,7 +46,8 @@ def _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_bas
                MASKED: tl.constexpr, ELEM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-               BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr):
+               BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr,
+               ALIGNED_ROWS: tl.constexpr):
     """Accumulate dK, dV for one key tile over the query tile starting at start_m of one query head.
 
     MASKED as in the forward's _fwd_tile (0 none, 1 always, 2 when the run-time need_vis is set);
@@ -86,10 +88,15 @@ def _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_bas
     if BLOCK_DV2 > 0:
         do2 = load_tail(do_base + rows[:, None].to(tl.int64) * stride_dos + offs_dv2[None, :], rows[:, None] < seqlen_q,
                         offs_dv2[None, :] < head_dim_v, MASKED != 0, EVEN_DV2)
-    lse2 = _load_lse2(lse_base, rows, seqlen_q)
+    lse_ptrs = lse_base + rows
+    delta_ptrs = delta_base + rows
+    if ALIGNED_ROWS:  # see the dK/dV kernel
+        lse_ptrs = tl.max_contiguous(tl.multiple_of(lse_ptrs, 16), 16)
+        delta_ptrs = tl.max_contiguous(tl.multiple_of(delta_ptrs, 16), 16)
+    lse2 = _load_lse2(lse_ptrs, rows < seqlen_q)
     if DROPOUT:  # P^T / (1 - p) from the exponent; delta was stored scaled (attention_bwd_dq_kernel)
         lse2 = lse2 - tl.log2(drop_scale)
-    delta = tl.load(delta_base + rows, mask=rows < seqlen_q, other=0.0)
+    delta = tl.load(delta_ptrs, mask=rows < seqlen_q, other=0.0)
     # -- P^T = exp2(K Q^T * scale - lse), recomputed from the forward's statistics --
     kqt = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
     if BLOCK_D2 > 0:
@@ -141,13 +148,14 @@ def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_ba
                 BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                 EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr):
+                BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr,
+                ALIGNED_ROWS: tl.constexpr):
     """Accumulate dK, dV for one key tile over query tiles [start, stop) of one query head (MASKED 0 or 1)."""
     for start_m in range(start, stop, BLOCK_M):
         dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                             start_m, False, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                             seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
-                            MASKED, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+                            MASKED, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, ALIGNED_ROWS)
     return dk, dk2, dv, dv2
 
 
@@ -159,7 +167,8 @@ def _dkdv_block_list(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, 
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SQ: tl.constexpr, BLOCK_SK: tl.constexpr, ELEM: tl.constexpr,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
                      EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr):
+                BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr,
+                ALIGNED_ROWS: tl.constexpr):
     """Visit the query blocks of one block-sparse list (full or partial) of this key block: one flat,
     pipelined loop over their query tiles (see the forward's _fwd_block_list). A full block inside
     [full_lo, full_hi) (query_phases) runs without per-element work.
@@ -181,21 +190,21 @@ def _dkdv_block_list(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, 
             dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, em, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                 start_m, True, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                 seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
-                                1, ELEM, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+                                1, ELEM, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, ALIGNED_ROWS)
         elif ELEM:
             entry, part, start_m = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_M, BLOCK_SQ)
             em = partial_tile_ptrs(Tiles, TileIdx, entry, part * BLOCK_SK, em_local, BLOCK_SQ, BLOCK_SK)
             dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, em, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                 start_m, True, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                 seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
-                                1, ELEM, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+                                1, ELEM, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, ALIGNED_ROWS)
         else:
             entry, part, start_m = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_M, BLOCK_SQ)
             need_vis = (start_m < full_lo) | (start_m + BLOCK_M > full_hi)
             dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                 start_m, need_vis, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                 seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
-                                2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+                                2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, ALIGNED_ROWS)
     return dk, dk2, dv, dv2
 
 
@@ -285,6 +294,15 @@ def attention_bwd_dkdv_kernel(
     n_hi = tl.minimum(n_lo + BLOCK_N, seqlen_k)
     a, bb, c, d = query_phases(n_lo, n_hi, seqlen_q, seqlen_k, window_left, window_right,
                                BLOCK_M, HAS_LEFT, HAS_RIGHT)
+    # lse and delta are [B, Hq, Sq] contiguous (attention_launch), so with the lengths constant and Sq a
+    # multiple of 16 each head's rows start 64-byte aligned; told so, the walk loads them in 8-byte
+    # copies instead of 4-byte ones (sm_90 SASS loop instructions, 64x64 w4 dense 474 -> 442). Measured
+    # (H200, bf16, dK/dV launch, us): D=128 non-causal 3709-3767 -> 3623-3675, causal GQA 4:1 2010-2050
+    # -> 1898-1948, causal softcap 2722-2755 -> 2654-2693, 8-document mask 402 -> 386-388. Left out where
+    # the register allocation came out worse: D=64 4540-4644 -> 4723-4788, masks without partial blocks
+    # (BLOCK_SPARSE 2) 596 -> 603, dropout (SASS: spills in the loop)
+    ALIGNED_ROWS: tl.constexpr = (SEQLEN_Q != 0 and SEQLEN_Q % 16 == 0 and not VARLEN and not DROPOUT
+                                  and BLOCK_D > 64 and BLOCK_SPARSE != 2)
     for g in range(0, heads_per_program):
         h = h_q0 + g
         # bases at this sequence's first query row: the tile loops index rows from 0
@@ -307,14 +325,14 @@ def attention_bwd_dkdv_kernel(
                                       stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
                                       BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
-                                      EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+                                      EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, ALIGNED_ROWS)
             if BLOCK_SPARSE != 2:  # 2: the mask has no partial blocks, so no partial-list loop
                 dk, dk2, dv, dv2 = _dkdv_block_list(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, ElemTiles, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                           PartNum, PartIdx, PartTile, row, k_block, sparse_nk, sparse_nq, bb, c,
                                           stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                           seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
                                           BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, 1 + BLOCK_SPARSE // 3, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
-                                          EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+                                          EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, ALIGNED_ROWS)
         elif (HAS_LEFT or HAS_RIGHT) and not SPLIT_PHASES:
             # -- causal / window: one pipelined loop over the query tiles [a, d) that see this key tile;
             # only tiles outside the band [bb, c) pay for the mask. Per-phase loops each drain the
@@ -323,7 +341,7 @@ def attention_bwd_dkdv_kernel(
                 dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                     start_m, (start_m < bb) | (start_m >= c), stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                     seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
-                                    2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+                                    2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, ALIGNED_ROWS)
         else:
             # -- the query tiles in phases, each its own loop: masked [a, bb) (only with a mask edge),
             # the unmasked band [bb, c), masked [c, d). With a right edge (SPLIT_PHASES: long causal
@@ -332,13 +350,13 @@ def attention_bwd_dkdv_kernel(
             if HAS_LEFT or HAS_RIGHT:
                 dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                      a, bb, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                     window_left, window_right, key0, BLOCK_M, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+                                     window_left, window_right, key0, BLOCK_M, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, ALIGNED_ROWS)
             dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                  bb, c, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                 window_left, window_right, key0, BLOCK_M, 0, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+                                 window_left, window_right, key0, BLOCK_M, 0, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, ALIGNED_ROWS)
             dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                  c, d, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
-                                 window_left, window_right, key0, BLOCK_M, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
+                                 window_left, window_right, key0, BLOCK_M, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, ALIGNED_ROWS)
 
     dk_base = DK + b.to(tl.int64) * stride_dkb + hp.to(tl.int64) * stride_dkh
     dv_base = DV + b.to(tl.int64) * stride_dvb + hp.to(tl.int64) * stride_dvh
@@ -552,7 +570,7 @@ def attention_bwd_dq_kernel(
     do = tl.load(DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + q_rows[:, None] * stride_dos + offs_dv[None, :],
                  mask=do_mask, other=0.0)
     lse_offset = b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start
-    lse2 = _load_lse2(Lse + lse_offset, offs_m, seqlen_q)
+    lse2 = _load_lse2(Lse + lse_offset + offs_m, offs_m < seqlen_q)
     # -- delta = rowsum(dO * O): computed here once per row, read again by the dK/dV launch --
     o = tl.load(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + q_rows[:, None] * stride_os + offs_dv[None, :],
                 mask=do_mask, other=0.0)

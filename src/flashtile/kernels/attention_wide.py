@@ -336,7 +336,7 @@ def wide_dq_kernel(
     kb_ptrs = k_base + k_rows[:, None] * stride_ks + cols_b[None, :]
     q_ok = offs_m[:, None] < seqlen_q
     lse_offset = b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start
-    lse2 = _load_lse2(Lse + lse_offset, offs_m, seqlen_q)
+    lse2 = _load_lse2(Lse + lse_offset + offs_m, offs_m < seqlen_q)
     delta = tl.load(Delta + lse_offset + offs_m, mask=offs_m < seqlen_q, other=0.0)
     dq_a = tl.zeros([BLOCK_M, PART_A], dtype=tl.float32)
     dq_b = tl.zeros([BLOCK_M, PART_B if PART_B > 0 else 16], dtype=tl.float32)
@@ -392,7 +392,7 @@ def _dkdv_tiles(acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, 
                          offs_k, head_dim, BLOCK_K, EVEN_K, DOT_PRECISION)
         st, tt = score_log2(st, offs_n, rows, seqlen_k, seqlen_q, qk_scale, softcap_pre, softcap_post, alibi_log2,
                             SOFTCAP, HAS_ALIBI, amt_ptrs + tl.cast(start_m, tl.int64) * stride_amm, ATTN_MASK)
-        lse2 = _load_lse2(lse_base, rows, seqlen_q)
+        lse2 = _load_lse2(lse_base + rows, rows < seqlen_q)
         pt = tl.math.exp2(st - lse2[None, :])
         if MASKED:
             vis = visible(rows, offs_n, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
