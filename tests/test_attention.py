@@ -574,3 +574,18 @@ def test_long_causal(shape, monkeypatch):
     q, k, v = _make(shape, torch.bfloat16)
     check_against_oracle(q, k, v, causal=True)
     assert metas and all(m["SPLIT_PHASES"] and m["TILE_MAJOR"] for m in metas)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="long sequences: GPU only")
+def test_long_causal_with_constant_lengths(monkeypatch):
+    """A long causal signature's second backward compiles the lengths as constants into the split-phase
+    dK/dV walk, and with 16-aligned query rows it loads lse / delta as aligned rows (ALIGNED_ROWS in
+    kernels/attention_bwd.py): both calls, each on fresh data, against the oracle."""
+    monkeypatch.setattr(attention_launch, "_CALLS", {})
+    monkeypatch.setattr(attention_launch, "_CONSTANT_SHAPES", set())
+    metas = _spy_dkdv_meta(monkeypatch)
+    shape = (1, 4112, 4112, 2, 2, 128)
+    for _ in range(2):
+        q, k, v = _make(shape, torch.bfloat16)
+        check_against_oracle(q, k, v, causal=True)
+    assert metas[0]["SEQLEN_Q"] == 0 and metas[-1]["SEQLEN_Q"] == 4112 and metas[-1]["SPLIT_PHASES"]
