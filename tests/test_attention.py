@@ -579,7 +579,7 @@ def test_long_causal(shape, monkeypatch):
 @pytest.mark.skipif(not HAS_GPU, reason="long sequences: GPU only")
 def test_long_causal_with_constant_lengths(monkeypatch):
     """A long causal signature's second backward compiles the lengths as constants into the split-phase
-    dK/dV walk, and with 16-aligned query rows it loads lse / delta as aligned rows (ALIGNED_ROWS in
+    dK/dV walk, and with 16-aligned query rows it loads lse / delta as aligned rows (ALIGN_LSE in
     kernels/attention_bwd.py): both calls, each on fresh data, against the oracle."""
     monkeypatch.setattr(attention_launch, "_CALLS", {})
     monkeypatch.setattr(attention_launch, "_CONSTANT_SHAPES", set())

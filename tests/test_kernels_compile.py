@@ -112,8 +112,9 @@ def compile_forward_configs() -> None:
                      num_warps=c.num_warps, num_stages=c.num_stages)
         assert k.metadata.shared <= 232448, k.metadata.shared
     # with the lengths as constants (GQA's split-phase walk takes them) that are multiples of 16, the
-    # dK/dV kernel loads lse / delta as aligned rows (ALIGNED_ROWS)
-    k = _compile(attention_bwd_dkdv_kernel, "bf16", dict(causal, SEQLEN_Q=8192, SEQLEN_K=8192, BLOCK_M=bwd.dkdv.block_m,
+    # dK/dV kernel loads lse / delta as aligned rows (ALIGN_LSE, which tuning asks for there)
+    assert bwd.aligned_rows, bwd
+    k = _compile(attention_bwd_dkdv_kernel, "bf16", dict(causal, SEQLEN_Q=8192, SEQLEN_K=8192, ALIGN_LSE=True, BLOCK_M=bwd.dkdv.block_m,
                                                           BLOCK_N=bwd.dkdv.block_n),
                  num_warps=bwd.dkdv.num_warps, num_stages=bwd.dkdv.num_stages)
     copies = set(re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (0x\w+)", k.asm["ptx"]))

@@ -289,8 +289,8 @@ def test_backward_lengths_become_constants_on_repeat(case, shape, monkeypatch):
     """From a signature's second call the dK/dV kernel gets the sequence lengths as compile-time
     constants (attention_launch.constant_lengths), here for every case's config (the tuning table turns
     them on only where measured faster). Odd lengths, so the masked tail tiles run with them too; a
-    query length that is a multiple of 16 at D=128, so the aligned lse / delta loads (ALIGNED_ROWS in
-    kernels/attention_bwd.py) run too.
+    query length that is a multiple of 16 at D=128, so the aligned lse / delta loads (ALIGN_LSE in
+    kernels/attention_bwd.py, asked for here in every case, as the constants are) run too.
     Every call's gradients must equal, bit for bit, the same calls with the constants never turned on;
     on a GPU the third call replays the rebuilt (constant) recipe."""
     opts = dict(_CONSTANT_CASES[case])
@@ -300,7 +300,7 @@ def test_backward_lengths_become_constants_on_repeat(case, shape, monkeypatch):
     dtype = torch.bfloat16 if HAS_GPU else torch.float32
     tuned = attention_launch.backward_config
     monkeypatch.setattr(attention_launch, "backward_config",
-                        lambda *a, **kw: dataclasses.replace(tuned(*a, **kw), constant_lengths=True))
+                        lambda *a, **kw: dataclasses.replace(tuned(*a, **kw), constant_lengths=True, aligned_rows=True))
 
     def run():
         for state in (attention_launch._CALLS, attention_launch._CONSTANT_SHAPES):
@@ -383,6 +383,13 @@ def test_constant_lengths_only_where_the_tuning_table_measured_them(monkeypatch)
     assert not d64(False, block_sparse=True).constant_lengths
     assert not backward_config(gpu, 128, 128, torch.float32, False).constant_lengths
     assert not backward_config(gpu, 256, 256, torch.bfloat16, False).constant_lengths
+    # with the constants, lse / delta as aligned rows (tuning.dkdv_aligned_rows): not at D <= 64, on block
+    # masks without partial blocks or with dropout, where that measured slower
+    aligned = lambda *a, **kw: backward_config(gpu, 128, 128, torch.bfloat16, *a, **kw).aligned_rows
+    assert aligned(False) and aligned(True, long_causal=True) and aligned(True, block_sparse=True, partial_blocks=True)
+    assert not aligned(True)  # no constants there
+    assert not aligned(False, block_sparse=True) and not aligned(False, dropout=True)
+    assert not d64(False).aligned_rows and d64(False).constant_lengths
     monkeypatch.setattr("flashtile.tuning._arch", lambda device: None)
     assert not backward_config(torch.device("cpu"), 128, 128, torch.bfloat16, False).constant_lengths
 

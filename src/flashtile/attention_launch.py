@@ -793,7 +793,9 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                            lambda bm, bn: sp.order(lse, "key", B, Hq, heads_per_program, bn, Sk), args,
                            dict(flags, SPLIT_PHASES=cfg.split_phases,
                                 HAS_ALIBI=_alibi_flag(alibi_slopes, has_right, right, max(D, Dv), "dkdv"),
-                                SEQLEN_Q=Sq if constants else 0, SEQLEN_K=Sk if constants else 0))
+                                SEQLEN_Q=Sq if constants else 0, SEQLEN_K=Sk if constants else 0,
+                                # aligned rows need lse [B, Hq, Sq] contiguous (delta is allocated alike, backward_buffers)
+                                ALIGN_LSE=constants and cfg.aligned_rows and lse.is_contiguous()))
         if expand:
             dk.copy_(dk_buf.unflatten(-2, (Hkv, group)).sum(-2))
             dv.copy_(dv_buf.unflatten(-2, (Hkv, group)).sum(-2))

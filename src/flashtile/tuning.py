@@ -35,6 +35,9 @@ class BackwardConfig:
     # dK/dV may take the sequence lengths as compile-time constants once a signature repeats
     # (attention_launch.constant_lengths; where, see dkdv_constant_lengths)
     constant_lengths: bool = False
+    # with constant lengths, dK/dV loads lse / delta as aligned rows (the kernel's ALIGN_LSE; where,
+    # see dkdv_aligned_rows)
+    aligned_rows: bool = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -214,8 +217,21 @@ def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype:
         elif d <= 128 and causal:
             tiles = dataclasses.replace(tiles, dkdv=KernelConfig(32, 64, 4, 2))
     if dkdv_constant_lengths(device, head_dim, head_dim_v, dtype, tiles, block_sparse, dropout, causal):
-        return dataclasses.replace(tiles, constant_lengths=True)
+        return dataclasses.replace(tiles, constant_lengths=True,
+                                   aligned_rows=dkdv_aligned_rows(head_dim, block_sparse, partial_blocks, dropout))
     return tiles
+
+
+def dkdv_aligned_rows(head_dim: int, block_sparse: bool, partial_blocks: bool, dropout: bool) -> bool:
+    """Whether a dK/dV launch with constant lengths loads lse / delta as aligned rows (8-byte copies;
+    the kernel's ALIGN_LSE, which it honours when Sq is a multiple of 16). Like the lengths themselves,
+    a change of register allocation in a 255-register kernel, so measured (H200, bf16, dK/dV launch, us,
+    4-byte -> 8-byte): D=128 non-causal 3709-3767 -> 3623-3675, causal GQA 4:1 2010-2050 -> 1898-1948,
+    causal softcap 2722-2755 -> 2654-2693, 8-document mask 402 -> 386-388, windows on the medium-walk
+    tiles -4 to -6%; slower: D=64 4540-4644 -> 4723-4788, block masks without partial blocks 596 -> 603,
+    dropout (sm_90 SASS: spill stores in the loop). Head dims whose first column chunk is 64 wide
+    (head_dim_chunks: D <= 64, 80, 96) are unmeasured beyond D=64 and keep the 4-byte loads."""
+    return head_dim_chunks(head_dim)[0] > 64 and not dropout and not (block_sparse and not partial_blocks)
 
 
 def dkdv_constant_lengths(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
@@ -234,7 +250,7 @@ def dkdv_constant_lengths(device: torch.device, head_dim: int, head_dim_v: int, 
               1351 -> 1785; dropout non-causal +6.6%, causal +7.8% (before session 18's keep mask; now
               faster, below).
       split-phase causal MHA lost with constants (S=4096 / 8192 +6.5 / +4.7%, with ALiBi +10.7%) until
-      they also aligned the lse / delta loads (kernels/attention_bwd.py, ALIGNED_ROWS): B=2, H=16,
+      they also aligned the lse / delta loads (dkdv_aligned_rows): B=2, H=16,
       S=8192, run-time -> constant lengths, dK/dV 2523-2524 -> 1987-1991 us, with ALiBi 2702-2755 ->
       2115-2158; B=1, S=16384 (split phases from then on, LONG_CAUSAL_KEYS) 5039-5069 -> 3884-3928.
     The dQ launch never gained (+1 to +6%): it keeps the run-time lengths. fp32, head dims above 128

@@ -232,6 +232,7 @@ def attention_bwd_dkdv_kernel(
     EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, TILE_MAJOR: tl.constexpr, HEAD_GROUP: tl.constexpr,
     SPLIT_PHASES: tl.constexpr, SEQLEN_Q: tl.constexpr, SEQLEN_K: tl.constexpr,
     BLOCK_D2: tl.constexpr = 0, BLOCK_DV2: tl.constexpr = 0, EVEN_D2: tl.constexpr = True, EVEN_DV2: tl.constexpr = True,
+    ALIGN_LSE: tl.constexpr = False,
 ):
     """dK, dV for BLOCK_N keys. Program p covers query heads [p*hpp, (p+1)*hpp) of one kv head and
     writes head p of DK/DV: hpp = group_size sums the GQA group in registers (DK is [B, Sk, Hkv, D]);
@@ -294,15 +295,12 @@ def attention_bwd_dkdv_kernel(
     n_hi = tl.minimum(n_lo + BLOCK_N, seqlen_k)
     a, bb, c, d = query_phases(n_lo, n_hi, seqlen_q, seqlen_k, window_left, window_right,
                                BLOCK_M, HAS_LEFT, HAS_RIGHT)
-    # lse and delta are [B, Hq, Sq] contiguous (attention_launch), so with the lengths constant and Sq a
-    # multiple of 16 each head's rows start 64-byte aligned; told so, the walk loads them in 8-byte
-    # copies instead of 4-byte ones (sm_90 SASS loop instructions, 64x64 w4 dense 474 -> 442). Measured
-    # (H200, bf16, dK/dV launch, us): D=128 non-causal 3709-3767 -> 3623-3675, causal GQA 4:1 2010-2050
-    # -> 1898-1948, causal softcap 2722-2755 -> 2654-2693, 8-document mask 402 -> 386-388. Left out where
-    # the register allocation came out worse: D=64 4540-4644 -> 4723-4788, masks without partial blocks
-    # (BLOCK_SPARSE 2) 596 -> 603, dropout (SASS: spills in the loop)
-    ALIGNED_ROWS: tl.constexpr = (SEQLEN_Q != 0 and SEQLEN_Q % 16 == 0 and not VARLEN and not DROPOUT
-                                  and BLOCK_D > 64 and BLOCK_SPARSE != 2)
+    # ALIGN_LSE (where the launcher measured it faster, tuning.BackwardConfig.aligned_rows): lse and
+    # delta are [B, Hq, Sq] contiguous, so with the lengths constant and Sq a multiple of 16 each head's
+    # rows start 64-byte aligned; told so, the walk loads them in 8-byte copies instead of 4-byte ones
+    # (sm_90 SASS loop instructions, 64x64 w4 dense 474 -> 442). The kernel checks the lengths itself,
+    # so a request it cannot honour keeps the 4-byte loads
+    ALIGNED_ROWS: tl.constexpr = ALIGN_LSE and SEQLEN_Q != 0 and SEQLEN_Q % 16 == 0 and not VARLEN
     for g in range(0, heads_per_program):
         h = h_q0 + g
         # bases at this sequence's first query row: the tile loops index rows from 0
