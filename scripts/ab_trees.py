@@ -73,6 +73,7 @@ CASES: Dict[str, Callable] = {
     "doc": block_mask_case("document"),
     "r25": block_mask_case("0.25"),
     "r50": block_mask_case("0.5"),
+    "r10": block_mask_case("0.1"),
 }
 
 

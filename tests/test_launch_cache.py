@@ -14,7 +14,7 @@ import torch
 import flashtile as ft
 from flashtile import attention_launch, gemm_launch, tuning
 from flashtile.gemm import gemm_torch
-from flashtile.launch_cache import KernelPlan, full_arguments, runtime_slots, specialization_key
+from flashtile.launch_cache import KernelPlan, direct_runner, full_arguments, runtime_slots, specialization_key
 from flashtile.launch_recipe import MISSING, RecipeCache, aliases, capture
 from conftest import DEVICE, HAS_GPU
 from test_attention import check_against_oracle
@@ -51,6 +51,73 @@ def test_plan_swaps_only_its_slots():
     plan.launch("z", 4)
     assert compiled.calls == [((5, 1, 1), ("y", 64, 30, True)), ((5, 1, 1), ("z", 64, 40, True))]
     assert plan.args == [None, 64, None, True]  # the template is not modified and holds no slot value
+
+
+class _FakeLauncher:
+    """Triton 3.6's CudaLauncher as direct_runner reads it: flags, scratch sizes, the C launch."""
+    launch_cooperative_grid, launch_pdl = False, True
+    global_scratch_size = profile_scratch_size = 0
+
+    def __init__(self):
+        self.calls = []
+
+    def launch(self, *args):
+        self.calls.append(args)
+
+
+class _FakeCudaCompiled(_FakeCompiled):
+    packed_metadata = (4, 1, 0)
+
+    def __init__(self):
+        super().__init__()
+        self.run = _FakeLauncher()
+
+
+def test_direct_runner_passes_what_tritons_runner_passes(monkeypatch):
+    """The C launcher's arguments in its order: grid, the plan device's current stream, function,
+    cooperative / PDL flags, no scratch, packed metadata, no launch metadata and no hooks, then the
+    kernel's. An installed launch hook (a profiler's) and a kernel that needs scratch memory go
+    through Triton's own runner."""
+    from triton import knobs
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 1000 + device, raising=False)
+    compiled = _FakeCudaCompiled()
+    run = direct_runner(compiled, (5, 2))
+    run("x", 7)
+    assert compiled.run.calls == [(5, 2, 1, 1003, compiled.function, False, True, None, None, (4, 1, 0),
+                                   None, None, None, "x", 7)]
+    assert compiled.calls == []
+    hook = lambda metadata: None
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        run("y", 8)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert compiled.calls == [((5, 2, 1), ("y", 8))] and len(compiled.run.calls) == 1
+    scratch = _FakeCudaCompiled()
+    scratch.run.global_scratch_size = 128
+    direct_runner(scratch, (4,))("z")
+    assert scratch.calls == [((4, 1, 1), ("z",))] and scratch.run.calls == []
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="plans are built from compiled kernels (none under the interpreter)")
+def test_planned_launches_reach_a_launch_hook():
+    """A profiler's launch hook sees a launch that replays a plan, and the result is still right."""
+    from triton import knobs
+
+    a, b = (torch.randn(72, 40, device=DEVICE), torch.randn(40, 56, device=DEVICE))
+    ft.gemm(a, b)  # builds the plan
+    seen = []
+    hook = lambda metadata: seen.append(metadata.get()["name"])  # a LazyDict
+    knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        out = ft.gemm(a, b)
+    finally:
+        knobs.runtime.launch_enter_hook.remove(hook)
+    assert seen == ["gemm_kernel"]
+    _close("hooked", out, gemm_torch(a.double(), b.double(), None, 1.0, None, torch.float64),
+           _lowprec(a, b, None, 1.0, None, torch.float32), 2)
 
 
 def test_alpha_sits_where_the_plan_swaps_it():
