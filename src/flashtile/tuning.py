@@ -302,7 +302,10 @@ def _backward_tiles(device: torch.device, head_dim: int, head_dim_v: int, dtype:
         return BackwardConfig(KernelConfig(32, 128, 8, 3), KernelConfig(128, 64, 8, 3))
     if block_sparse and d <= 128:
         # scripts/tune_variants.py --sparse (S=16384, D=128, 25% of 128x128 blocks), with the flat
-        # pipelined block-list loops: dK/dV 64x128 w8 s3 330 TFLOP/s, 32x128 w8 s3 313, 64x64 w4 s2 324
+        # pipelined block-list loops: dK/dV 64x128 w8 s3 330 TFLOP/s, 32x128 w8 s3 313, 64x64 w4 s2 324.
+        # Re-measured with constant lengths (session 28; variants suite's random 50% / 25%, dK/dV us):
+        # 64x128 w8 s3 1131-1138 / 592-594, 64x64 w4 s2 1093-1099 / 584-592, but the forward+backward
+        # step was not faster (2623-2644 against 2599-2608 us at 50%), so these tiles stay
         return BackwardConfig(KernelConfig(64, 128, 8, 3), KernelConfig(128, 64, 8, 3))
     if d <= 64:
         return BackwardConfig(KernelConfig(32, 128, 4, 3), KernelConfig(128, 64, 4, 3))
