@@ -119,22 +119,36 @@ def _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_bas
                 vis = and_element_mask(vis, em, offs_n, ELEM)
             pt = tl.where(tl.trans(vis) & (rows[None, :] < seqlen_q), pt, 0.0)
     # -- dV += P^T dO ; dP^T = V dO^T ; dS^T = P^T * (dP^T - delta) ; dK += dS^T Q --
-    if DROPOUT:  # drop_rows: this head's first counter, drop_stride: counters per row; transposed
+    if DROPOUT:
+        # dS^T = P^T * (dP^T * keep - delta) = (P^T * keep) * dP^T - P^T * delta: the keep bits have one
+        # use, right where they are computed, so they stay in predicates (sm_90 SASS: used twice, by
+        # the P^T and the dP^T selects across the dots, ptxas packed all 32 of them into a register
+        # and unpacked them again, ~90 LOP3s per tile). dP^T comes first so both operands are ready.
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if BLOCK_DV2 > 0:
+            dpt = tl.dot(v2, tl.trans(do2), dpt, input_precision=DOT_PRECISION)
+        # drop_rows: this head's first counter, drop_stride: counters per row; transposed
         keep = dropout_keep(drop_rows + tl.cast(start_m, tl.int64) * drop_stride, offs_m * drop_stride, offs_n,
                             seed_lo, seed_hi, drop_thr, True)
-        pt_kept = tl.where(keep, pt, 0.0).to(do.dtype)
+        pt_kept = tl.where(keep, pt, 0.0)
+        dv = tl.dot(pt_kept.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        if BLOCK_DV2 > 0:
+            dv2 = tl.dot(pt_kept.to(do2.dtype), do2, dv2, input_precision=DOT_PRECISION)
+        if SOFTCAP:  # d/dx c*tanh(x/c) = 1 - tanh^2
+            slope = 1.0 - tt * tt
+            pt_kept = pt_kept * slope
+            pt = pt * slope
+        dst = pt_kept * dpt - pt * delta[None, :]
     else:
         pt_kept = pt.to(do.dtype)
-    if SOFTCAP:  # d/dx c*tanh(x/c) = 1 - tanh^2, folded in now: tt then dies before the two dots (no spills)
-        pt = pt * (1.0 - tt * tt)
-    dv = tl.dot(pt_kept, do, dv, input_precision=DOT_PRECISION)
-    dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-    if BLOCK_DV2 > 0:
-        dv2 = tl.dot(pt_kept, do2, dv2, input_precision=DOT_PRECISION)
-        dpt = tl.dot(v2, tl.trans(do2), dpt, input_precision=DOT_PRECISION)
-    if DROPOUT:
-        dpt = tl.where(keep, dpt, 0.0)
-    dst = pt * (dpt - delta[None, :])
+        if SOFTCAP:  # d/dx c*tanh(x/c) = 1 - tanh^2, folded in now: tt then dies before the two dots (no spills)
+            pt = pt * (1.0 - tt * tt)
+        dv = tl.dot(pt_kept, do, dv, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if BLOCK_DV2 > 0:
+            dv2 = tl.dot(pt_kept, do2, dv2, input_precision=DOT_PRECISION)
+            dpt = tl.dot(v2, tl.trans(do2), dpt, input_precision=DOT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
     dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     if BLOCK_D2 > 0:
         dk2 = tl.dot(dst.to(q2.dtype), q2, dk2, input_precision=DOT_PRECISION)
