@@ -121,9 +121,10 @@ def _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_bas
     # -- dV += P^T dO ; dP^T = V dO^T ; dS^T = P^T * (dP^T - delta) ; dK += dS^T Q --
     if DROPOUT:
         # dS^T = P^T * (dP^T * keep - delta) = (P^T * keep) * dP^T - P^T * delta: the keep bits have one
-        # use, right where they are computed, so they stay in predicates (sm_90 SASS: used twice, by
-        # the P^T and the dP^T selects across the dots, ptxas packed all 32 of them into a register
-        # and unpacked them again, ~90 LOP3s per tile). dP^T comes first so both operands are ready.
+        # use, right where they are computed, so they stay in predicates. Used twice (the P^T and dP^T
+        # selects on either side of the dots), ptxas packed a thread's 32 bits into a register and
+        # unpacked them again: 206 LOP3s in the 64x64 loop against the hash's 64 (sm_90 SASS, loop 929
+        # -> 727 instructions). dP^T comes first so both operands are ready.
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if BLOCK_DV2 > 0:
             dpt = tl.dot(v2, tl.trans(do2), dpt, input_precision=DOT_PRECISION)
