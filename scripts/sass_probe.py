@@ -71,8 +71,11 @@ CASES = {
     "fwd_alibi_terms": (FWD, dict(HAS_ALIBI=4), (128, 128, 8, 3)),
     "dq_alibi_terms": (DQ, dict(HAS_ALIBI=4), (128, 64, 8, 3)),
     "dkdv_alibi_terms": (DKDV, dict(HAS_ALIBI=4), (64, 64, 4, 2)),
-    "dkdv_dropout": (DKDV, dict(DROPOUT=True), (64, 64, 4, 2)),
-    "fwd_dropout": (FWD, dict(DROPOUT=True), (128, 64, 8, 3)),
+    # dropout as shipped: constant lengths and aligned rows, 32 x 64 causal (tuning.backward_config)
+    "dkdv_dropout": (DKDV, dict(DROPOUT=True, SEQLEN_Q=8192, SEQLEN_K=8192, ALIGN_LSE=True), (64, 64, 4, 2)),
+    "dkdv_dropout_causal": (DKDV, dict(DROPOUT=True, HAS_RIGHT=True, SEQLEN_Q=8192, SEQLEN_K=8192, ALIGN_LSE=True),
+                            (32, 64, 4, 2)),
+    "fwd_dropout": (FWD, dict(DROPOUT=2), (128, 64, 8, 3)),
     "dq_dropout": (DQ, dict(DROPOUT=True), (128, 64, 8, 3)),
     "dkdv_block_sparse": (DKDV, dict(BLOCK_SPARSE=True, BLOCK_SQ=128, BLOCK_SK=128), (64, 128, 8, 3)),
     # a mask without partial blocks (BLOCK_SPARSE 2: no partial-list loop compiled in; session 24)

@@ -7,7 +7,7 @@ import triton.language as tl
 
 import flashtile as ft
 from flashtile import dropout
-from flashtile.kernels.common import dropout_keep
+from flashtile.kernels.common import dropout_keep, dropout_row_keys
 from flashtile.reference import attention_ref
 from conftest import DEVICE, HAS_GPU
 from oracle import assert_matches_oracle
@@ -90,41 +90,50 @@ def test_dropout_errors():
     for bad in (1.0, -0.1, "0.1"):
         with pytest.raises(ValueError, match="dropout_p"):
             ft.flash_attn_func(q, k, v, dropout_p=bad)
-    # past dropout.MAX_KEYS keys a tile's counters no longer fit the kernels' 32-bit offsets
-    long_k = k[:, :1].expand(1, dropout.MAX_KEYS + 1, 1, 16)
-    with pytest.raises(NotImplementedError, match="dropout_p > 0 with 16777217 keys"):
-        ft.flash_attn_func(q, long_k, long_k, dropout_p=0.1)
+    # past dropout.MAX_ROWS query rows (batch x heads x queries) the kernels' 32-bit row numbers repeat
+    many_q, many_k = (t[:1, :1, :1].expand(2**17, 2**15 + 1, 1, 16) for t in (q, k))
+    with pytest.raises(NotImplementedError, match="dropout_p > 0 with 4295098368 query rows"):
+        ft.flash_attn_func(many_q, many_k, many_k, dropout_p=0.1)
     with pytest.raises(NotImplementedError, match="dropout_p > 0"):
-        ft.scaled_dot_product_attention(q.transpose(1, 2), long_k.transpose(1, 2), long_k.transpose(1, 2),
-                                        dropout_p=0.1)
+        ft.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (many_q, many_k, many_k)), dropout_p=0.1)
 
 
 @triton.jit
-def _keep_kernel(TileBase, seqlen_k, Out, OutT, seed_lo, seed_hi, thr, N: tl.constexpr, M: tl.constexpr):
-    tile_base = tl.load(TileBase)  # int64, as the kernels' (a Python int argument may be typed uint32)
-    row_offs = tl.arange(0, M) * seqlen_k
+def _keep_kernel(HeadRow, Out, OutT, seed_lo, seed_hi, thr, N: tl.constexpr, M: tl.constexpr):
+    head_row = tl.load(HeadRow).to(tl.uint32)  # as dropout_head_row gives it
+    keys = dropout_row_keys(head_row, tl.arange(0, M), seed_lo, seed_hi)
     cols = tl.arange(0, N)
-    keep = dropout_keep(tile_base, row_offs, cols, seed_lo, seed_hi, thr, False)  # [queries, keys]
+    keep = dropout_keep(keys, cols, thr, False)  # [queries, keys]
     tl.store(Out + tl.arange(0, M)[:, None] * N + cols[None, :], keep.to(tl.int8))
-    keep_t = dropout_keep(tile_base, row_offs, cols, seed_lo, seed_hi, thr, True)  # [keys, queries], as dK/dV
+    keep_t = dropout_keep(keys, cols, thr, True)  # [keys, queries], as dK/dV
     tl.store(OutT + cols[:, None] * M + tl.arange(0, M)[None, :], keep_t.to(tl.int8))
 
 
-# tile bases just below 2^32 and 2^33 (so some rows, or some keys of a row, carry into the high half),
-# odd ones (the carry can fall between the two keys of a pair's counters), and far above
-@pytest.mark.parametrize("tile_base", [0, 2**32 - 40, 2**32 - 1, 2**32, 2**32 - 3 * 77 - 5, 2 * 2**32 - 17,
-                                       3 * 2**32 + 5, 2**40 - 300, 12345])
-def test_kernel_hash_matches_torch_across_the_32_bit_boundary(tile_base):
-    """kernels/common.py:dropout_keep splits the tile's 64-bit first counter once and adds each element's
-    offset in 32 bits with a carry; tiles whose counters cross 2^32 (long sequences, many heads) must
-    still give dropout.keep_bits' bits, in both tile orientations. Counters this large need
-    B * H * Sq * Sk > 2^32, too big for a full attention test, so the helper runs alone in a small kernel."""
-    M, N, seqlen_k, p, seed = 8, 64, 77, 0.3, (123457, 2**31 - 5)
+# row numbers from 0 to the last one below dropout.MAX_ROWS (the seed halves are 31-bit, the row xor
+# reaches every bit); 64 keys cover both halves of four pairs of runs
+@pytest.mark.parametrize("head_row", [0, 12345, 2**31 - 3, 2**31 + 77, 2**32 - 8])
+def test_kernel_hash_matches_torch(head_row):
+    """kernels/common.py:dropout_row_keys folds the element hash's first xorshift into the row key and
+    dropout_keep mixes k ^ j in uint32; both must give dropout.keep_bits' bits exactly, in both tile
+    orientations, for row numbers up to 2^32 (too many rows for a full attention test, so the helpers
+    run alone in a small kernel)."""
+    M, N, p, seed = 8, 64, 0.3, (123457, 2**31 - 5)
     out = torch.empty(M, N, dtype=torch.int8, device=DEVICE)
     out_t = torch.empty(N, M, dtype=torch.int8, device=DEVICE)
-    base = torch.tensor([tile_base], dtype=torch.int64, device=DEVICE)
-    _keep_kernel[(1,)](base, seqlen_k, out, out_t, seed[0], seed[1], dropout.threshold(p), N=N, M=M)
-    rows = tile_base + torch.arange(M, device=DEVICE, dtype=torch.int64)[:, None] * seqlen_k
+    base = torch.tensor([head_row], dtype=torch.int64, device=DEVICE)
+    _keep_kernel[(1,)](base, out, out_t, seed[0], seed[1], dropout.threshold(p), N=N, M=M)
+    rows = head_row + torch.arange(M, device=DEVICE, dtype=torch.int64)[:, None]
     want = dropout.keep_bits(rows, torch.arange(N, device=DEVICE)[None, :], seed, p)
     assert torch.equal(out.bool(), want)
     assert torch.equal(out_t.bool(), want.T)
+
+
+def test_keep_bits_are_uncorrelated_between_neighbours():
+    """The pattern's bits of neighbouring elements (the pair j, j + 8 shares one hash; rows are keyed
+    by consecutive numbers) are uncorrelated: |corr| within 4 standard errors of 0."""
+    keep = dropout.pattern(2, 4, 256, 256, (97531, 24680), 0.5, torch.device("cpu")).float()
+    for a, b in ((keep[..., :, :-8], keep[..., :, 8:]), (keep[..., :-1, :], keep[..., 1:, :]),
+                 (keep[..., :, :-1], keep[..., :, 1:]), (keep[:, :-1], keep[:, 1:])):
+        a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+        corr = (a * b).mean() / (a.std() * b.std())
+        assert abs(corr.item()) < 4 / a.numel() ** 0.5, corr.item()

@@ -29,7 +29,7 @@ FLAG_SETS = [
          ATTN_MASK=2, DROPOUT=True, EVEN_D=False, EVEN_DV=False, BIAS_GRAD=True, TILE_MAJOR=True,
          HEAD_GROUP=4, SPLIT_PHASES=True, SEQLEN_Q=0, SEQLEN_K=0),
     dict(HAS_LEFT=False, HAS_RIGHT=True, SOFTCAP=2, HAS_ALIBI=False, VARLEN=False, BLOCK_SPARSE=2,
-         ATTN_MASK=0, DROPOUT=True, EVEN_D=True, EVEN_DV=True, BIAS_GRAD=False, TILE_MAJOR=False,
+         ATTN_MASK=0, DROPOUT=2, EVEN_D=True, EVEN_DV=True, BIAS_GRAD=False, TILE_MAJOR=False,
          HEAD_GROUP=0, SPLIT_PHASES=False, SEQLEN_Q=513, SEQLEN_K=1024),
     # block masks whose partial rows are key intervals: the merged full + partial walk (forward, dQ)
     dict(HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=False, HAS_ALIBI=1, VARLEN=False, BLOCK_SPARSE=3,
@@ -86,7 +86,7 @@ def compile_forward_configs() -> None:
     plain = dict(FLAG_SETS[0], DOT_PRECISION="ieee", BLOCK_D=128, BLOCK_DV=128, BLOCK_SQ=0, BLOCK_SK=0)
     for flags, c in ((plain, long_cfg), (dict(plain, HAS_RIGHT=True, HAS_ALIBI=True, TILE_MAJOR=True, HEAD_GROUP=4), long_cfg),
                      (dict(plain, ATTN_MASK=1), mask_cfg),
-                     (dict(plain, SOFTCAP=2, MAX_MODE=1, HAS_RIGHT=True, DROPOUT=True, ATTN_MASK=1), capped_cfg)):
+                     (dict(plain, SOFTCAP=2, MAX_MODE=1, HAS_RIGHT=True, DROPOUT=2, ATTN_MASK=1), capped_cfg)):
         k = _compile(attention_fwd_kernel, "bf16", dict(flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
                      num_warps=c.num_warps, num_stages=c.num_stages)
         assert k.metadata.shared <= 232448, k.metadata.shared  # H100/H200: 227 KiB per block

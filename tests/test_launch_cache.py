@@ -450,12 +450,12 @@ def test_constant_lengths_only_where_the_tuning_table_measured_them(monkeypatch)
     assert not d64(False, block_sparse=True).constant_lengths
     assert not backward_config(gpu, 128, 128, torch.float32, False).constant_lengths
     assert not backward_config(gpu, 256, 256, torch.bfloat16, False).constant_lengths
-    # with the constants, lse / delta as aligned rows (tuning.dkdv_aligned_rows): not at D <= 64, on block
-    # masks without partial blocks or with dropout, where that measured slower
+    # with the constants, lse / delta as aligned rows (tuning.dkdv_aligned_rows): not at D <= 64 or on
+    # block masks without partial blocks, where that measured slower; dropout gains since its row keys
     aligned = lambda *a, **kw: backward_config(gpu, 128, 128, torch.bfloat16, *a, **kw).aligned_rows
     assert aligned(False) and aligned(True, long_causal=True) and aligned(True, block_sparse=True, partial_blocks=True)
     assert not aligned(True)  # no constants there
-    assert not aligned(False, block_sparse=True) and not aligned(False, dropout=True)
+    assert not aligned(False, block_sparse=True) and aligned(False, dropout=True) and aligned(True, dropout=True)
     assert not d64(False).aligned_rows and d64(False).constant_lengths
     monkeypatch.setattr("flashtile.tuning._arch", lambda device: None)
     assert not backward_config(torch.device("cpu"), 128, 128, torch.bfloat16, False).constant_lengths

@@ -11,6 +11,7 @@ heads_q % heads_kv == 0 (GQA / MQA). scaled_dot_product_attention takes torch's 
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Optional, Tuple, Union
 
@@ -87,12 +88,13 @@ def _not_yet(name: str, value: object, issue: str) -> None:
     raise UnsupportedError(f"{name}={value!r} is not supported yet ({issue} is planned)")
 
 
-def _check_dropout(dropout_p: float, seqlen_k: int) -> float:
+def _check_dropout(dropout_p: float, query_rows: int) -> float:
+    """dropout_p as a float; query_rows: B * Hq * Sq of the dropout pattern (varlen: Sq the maximum)."""
     if not isinstance(dropout_p, numbers.Real) or isinstance(dropout_p, bool) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if dropout_p > 0 and seqlen_k > dropout.MAX_KEYS:
-        raise UnsupportedError(f"dropout_p > 0 with {seqlen_k} keys per sequence: at most {dropout.MAX_KEYS} "
-                               "(the kernels add a tile's dropout counters in 32 bits)")
+    if dropout_p > 0 and query_rows > dropout.MAX_ROWS:
+        raise UnsupportedError(f"dropout_p > 0 with {query_rows} query rows (batch x heads x queries): at most "
+                               f"{dropout.MAX_ROWS} (the kernels number dropout rows in 32 bits)")
     return float(dropout_p)
 
 
@@ -203,7 +205,7 @@ def flash_attn_func(
     _check_qkv(q, k, v)
     _check_scale(softmax_scale)
     window = _check_window(window_size)
-    dropout_p = _check_dropout(dropout_p, k.shape[1])
+    dropout_p = _check_dropout(dropout_p, math.prod(q.shape[:-1]))
     softcap = _check_softcap(softcap)
     alibi_slopes = _check_alibi(alibi_slopes, q.device, q.shape[0], q.shape[2])
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -243,7 +245,7 @@ def scaled_dot_product_attention(
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t)
-    dropout_p = _check_dropout(dropout_p, key.shape[-2])
+    dropout_p = _check_dropout(dropout_p, math.prod(query.shape[:-1]))
     if attn_mask is not None and is_causal:
         raise ValueError("attn_mask and is_causal cannot both be set (torch's rule)")
     if key.shape[1] != query.shape[1] and not enable_gqa:

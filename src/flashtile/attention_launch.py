@@ -47,6 +47,15 @@ def _softcap_flag(softcap: float, dtype: torch.dtype) -> int:
     return 2 if dtype == torch.bfloat16 and not triton_interpreting() else 1
 
 
+def _dropout_flag(dropout_p: float) -> int:
+    """DROPOUT of the forward kernel: 0 off; 2 on a GPU, where the kept P goes through an opaque
+    register move (common.fp32_fence) so it is selected in fp32 before its bf16 / fp16 copy; 1 in the
+    interpreter, which cannot run inline PTX."""
+    if dropout_p <= 0:
+        return 0
+    return 1 if triton_interpreting() else 2
+
+
 LOG2E = 1.4426950408889634
 # softcap * log2(e) up to this: the forward may take the scores' bound as its softmax max (fixed_max)
 FIXED_MAX_LOG2 = 60.0
@@ -597,7 +606,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
             *layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(out), *layout.lse_bh(lse), stride_alibi_b,
             Sq, Sk, Hq, Hq // Hkv, D, Dv,
             softmax_scale, softcap, left, right, *sp.scalars, *am_strides, *_dropout_args(dropout_p, dropout_seed))
-    meta = dict(**_head_dim_flags(D, Dv), DROPOUT=dropout_p > 0,
+    meta = dict(**_head_dim_flags(D, Dv), DROPOUT=_dropout_flag(dropout_p),
                 HAS_LEFT=has_left, HAS_RIGHT=has_right, SOFTCAP=_softcap_flag(softcap, q.dtype),
                 HAS_ALIBI=_alibi_flag(alibi_slopes, has_right, right, max(D, Dv), "fwd"),
                 VARLEN=layout.varlen, BLOCK_SPARSE=sp.flag, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],

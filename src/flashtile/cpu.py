@@ -221,7 +221,7 @@ def attention_forward(
     block_mask: Optional[BlockMask] = None,
     dropout_p: float = 0.0,
     dropout_seed: Tuple[int, int] = (0, 0),
-    dropout_counter: Optional[Tuple[int, int, int]] = None,
+    dropout_rows: Optional[Tuple[int, int]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Tiled attention forward.
 
@@ -230,8 +230,8 @@ def attention_forward(
     Fully masked rows: out 0, lse -inf. NaN inputs propagate.
     ``block_mask`` (masks.BlockMask, ``[B|1, Hq|1, Sq, Sk]``): ANDed with the causal / window rule;
     key blocks empty for a whole batch chunk are skipped.
-    ``dropout_counter`` (first batch index, Sq, Sk) of the dropout counter grid, when these tensors
-    are one sequence of a packed batch (varlen: the padded [B, Hq, max Sq, max Sk] grid).
+    ``dropout_rows`` (first batch index, Sq) of the dropout row grid, when these tensors are one
+    sequence of a packed batch (varlen: the padded [B, Hq, max Sq] grid of row numbers).
     """
     _check_inputs(q, k, v)
     batch, seqlen_q, heads_q, head_dim = q.shape
@@ -284,8 +284,8 @@ def attention_forward(
                 alpha = torch.exp(m - m_safe)
                 l.mul_(alpha).add_(p.sum(dim=-1, keepdim=True))
                 if dropout_p > 0:  # the normaliser l keeps the undropped sum; P @ V sees the mask
-                    cb, cq, ck = dropout_counter or (0, seqlen_q, seqlen_k)
-                    p = p * dropout.keep_tile(cb + b0, cb + b1, heads_q, heads_kv, q_lo, q_hi, k_lo, k_hi, cq, ck,
+                    cb, cq = dropout_rows or (0, seqlen_q)
+                    p = p * dropout.keep_tile(cb + b0, cb + b1, heads_q, heads_kv, q_lo, q_hi, k_lo, k_hi, cq,
                                               dropout_seed, dropout_p, device)
                 acc.mul_(alpha).add_(torch.matmul(p, vf[b0:b1, :, k_lo:k_hi]))
                 m = m_new
@@ -315,7 +315,7 @@ def attention_backward(
     block_mask: Optional[BlockMask] = None,
     dropout_p: float = 0.0,
     dropout_seed: Tuple[int, int] = (0, 0),
-    dropout_counter: Optional[Tuple[int, int, int]] = None,
+    dropout_rows: Optional[Tuple[int, int]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tiled attention backward from the forward's out and lse.
 
@@ -323,7 +323,7 @@ def attention_backward(
     Returns dq ``[B, Sq, Hq, D]``, dk ``[B, Sk, Hkv, D]``, dv ``[B, Sk, Hkv, Dv]`` in the dtypes of
     q, k, v. dk/dv are summed over the query heads of each GQA group; ALiBi slopes get no gradient.
     Deterministic: tiles are visited in a fixed order and summed sequentially.
-    ``block_mask``, ``dropout_counter``: the forward's (see ``attention_forward``).
+    ``block_mask``, ``dropout_rows``: the forward's (see ``attention_forward``).
     """
     _check_inputs(q, k, v)
     batch, seqlen_q, heads_q, head_dim = q.shape
@@ -379,8 +379,8 @@ def attention_backward(
                 s, t = _scores(qt, kt, softcap, bias, mask, group, rows)
                 p = s.sub_(lse_t).exp_()
                 if dropout_p > 0:  # the forward's mask, regenerated; z = keep / (1 - p)
-                    cb, cq, ck = dropout_counter or (0, seqlen_q, seqlen_k)
-                    z = dropout.keep_tile(cb + b0, cb + b1, heads_q, heads_kv, q_lo, q_hi, k_lo, k_hi, cq, ck,
+                    cb, cq = dropout_rows or (0, seqlen_q)
+                    z = dropout.keep_tile(cb + b0, cb + b1, heads_q, heads_kv, q_lo, q_hi, k_lo, k_hi, cq,
                                           dropout_seed, dropout_p, device) / (1.0 - dropout_p)
                     dv_acc[b0:b1, :, k_lo:k_hi] += torch.matmul((p * z).transpose(-1, -2), dot)
                     dp = torch.matmul(dot, vt.transpose(-1, -2)).mul_(z)
@@ -449,7 +449,7 @@ def attention_varlen_forward(
     right = 0) or a ``masks.Edges``; it is relative to each sequence's own bottom-right diagonal.
     ``alibi_slopes`` is ``[Hq]`` or ``[B, Hq]``. Returns out ``[total_q, Hq, Dv]`` in q's dtype and
     lse float32 ``[Hq, total_q]``. Query rows with no visible key (empty k sequence): out 0, lse -inf.
-    Dropout draws sequence b's bits from the padded ``[B, Hq, max_seqlens]`` counter grid (the kernels').
+    Dropout numbers sequence b's query rows in the padded ``[B, Hq, max_seqlen_q]`` grid (the kernels').
     """
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError("cpu varlen attention: q, k, v must be 3-D [total_tokens, heads, head_dim]")
@@ -463,7 +463,7 @@ def attention_varlen_forward(
             q[q_lo:q_hi].unsqueeze(0), k[k_lo:k_hi].unsqueeze(0), v[k_lo:k_hi].unsqueeze(0),
             softmax_scale, causal=False, window_size=window_size, softcap=softcap,
             alibi_slopes=_varlen_slopes(alibi_slopes, b), dropout_p=dropout_p, dropout_seed=dropout_seed,
-            dropout_counter=(b, *max_seqlens),
+            dropout_rows=(b, max_seqlens[0]),
         )
         out[q_lo:q_hi] = o[0]
         lse[:, q_lo:q_hi] = l[0]
@@ -507,7 +507,7 @@ def attention_varlen_backward(
             v[k_lo:k_hi].unsqueeze(0), out[q_lo:q_hi].unsqueeze(0), lse[:, q_lo:q_hi].unsqueeze(0),
             softmax_scale, causal=False, window_size=window_size, softcap=softcap,
             alibi_slopes=_varlen_slopes(alibi_slopes, b), dropout_p=dropout_p, dropout_seed=dropout_seed,
-            dropout_counter=(b, *max_seqlens),
+            dropout_rows=(b, max_seqlens[0]),
         )
         dq[q_lo:q_hi] = g_q[0]
         dk[k_lo:k_hi] = g_k[0]

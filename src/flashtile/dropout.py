@@ -1,14 +1,17 @@
 """Dropout's random keep mask, defined once and evaluated identically by the kernels and by torch.
 
-Element (i, j) of head (b, h) has the counter n = ((b * Hq + h) * Sq + i) * Sk + j. Keys j and j + 8
-(bit 3 of j clear) share one 32-bit counter-based hash of n - (j & 8) and a 64-bit seed (two 31-bit
-halves drawn from torch's default generator, so torch.manual_seed makes runs reproducible): key j
-reads its low 16 bits, key j + 8 its high 16 bits, and a key is kept iff its 16 bits are >=
-threshold(p). The drop probability is therefore p rounded down to a multiple of 2^-16 (off by less
-than 1.6e-5); outputs are still scaled by 1 / (1 - p). Nothing S x S is stored: the backward
-regenerates the bits. kernels/common.py:dropout_keep is the Triton form of keep_bits below: it works
-in uint32 (multiplies wrap mod 2^32), which is this file's int64 arithmetic with the low 32 bits kept,
-so the two agree bit for bit (tests/test_dropout.py checks it).
+Query row i of head (b, h) is row r = (b * Hq + h) * Sq + i, and has the 32-bit key
+k_r = ((r ^ seed_hi) * ROW_MULT mod 2^32) ^ seed_lo, a 64-bit seed being two 31-bit halves drawn from
+torch's default generator (so torch.manual_seed makes runs reproducible). Keys j and j + 8 of the row (bit 3 of j
+clear) share the hash lowbias32(k_r ^ j): key j reads its low 16 bits, key j + 8 its high 16 bits, and
+a key is kept iff its 16 bits are >= threshold(p). The drop probability is therefore p rounded down to
+a multiple of 2^-16 (off by less than 1.6e-5); outputs are still scaled by 1 / (1 - p). Nothing S x S
+is stored: the backward regenerates the bits. kernels/common.py:dropout_row_keys and dropout_keep are
+the Triton form of keep_bits below: they work in uint32 (multiplies wrap mod 2^32), which is this
+file's int64 arithmetic with the low 32 bits kept, so the two agree bit for bit
+(tests/test_dropout.py checks it). A row's key costs one multiply, and per element the kernels pay
+one xor, the rest of one mixer and a compare; row numbers are 32-bit, so B * Hq * Sq is at most 2^32
+(MAX_ROWS; api.py checks it).
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from typing import Tuple
 import torch
 
 _M32 = 0xFFFFFFFF
-# The kernels count a tile's counters from its first one in 32 bits: rows * Sk < 2^31 for tiles of up
-# to 128 rows
-MAX_KEYS = 2**24
+# Row numbers (b * Hq + h) * Sq + i are 32-bit in the kernels; a larger grid would repeat row keys
+MAX_ROWS = 2**32
+# The row key's odd multiplier (2^32 / golden ratio): rows map to keys one to one, and neighbouring
+# rows' keys differ in many bits, before the element hash mixes them fully
+ROW_MULT = 0x9E3779B1
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -42,36 +47,33 @@ def threshold(dropout_p: float) -> int:
     return int(dropout_p * (1 << 16))
 
 
-def pair_hash(counters: torch.Tensor, seed: Tuple[int, int]) -> torch.Tensor:
-    """The 32-bit hash of int64 counters (each the counter of a key with bit 3 clear): lowbias32 of the low half,
-    keyed by the seed and by lowbias32 of the high half."""
-    key = _mix32((counters >> 32) ^ seed[1]) ^ seed[0]
-    return _mix32((counters & _M32) ^ key)
+def row_key(rows: torch.Tensor, seed: Tuple[int, int]) -> torch.Tensor:
+    """The 32-bit key of query rows ``rows`` (int64 row numbers (b * Hq + h) * Sq + i, < MAX_ROWS)."""
+    return (((rows ^ seed[1]) * ROW_MULT) & _M32) ^ seed[0]
 
 
-def keep_bits(row_base: torch.Tensor, cols: torch.Tensor, seed: Tuple[int, int], dropout_p: float) -> torch.Tensor:
-    """Bool keep mask of keys ``cols`` (int64) of rows whose first counter is ``row_base`` (int64,
-    broadcast against cols: ((b * Hq + h) * Sq + i) * Sk)."""
-    x = pair_hash(row_base + (cols & ~8), seed)
+def keep_bits(rows: torch.Tensor, cols: torch.Tensor, seed: Tuple[int, int], dropout_p: float) -> torch.Tensor:
+    """Bool keep mask of keys ``cols`` (int64) of query rows ``rows`` (int64 row numbers, broadcast
+    against cols)."""
+    x = _mix32(row_key(rows, seed) ^ (cols & ~8))
     return ((x >> (16 * ((cols >> 3) & 1))) & 0xFFFF) >= threshold(dropout_p)
 
 
 def keep_tile(b0: int, b1: int, heads_q: int, heads_kv: int, q_lo: int, q_hi: int, k_lo: int, k_hi: int,
-              seqlen_q: int, seqlen_k: int, seed: Tuple[int, int], dropout_p: float,
-              device: torch.device) -> torch.Tensor:
-    """Keep mask of one CPU-path tile, laid out like its scores: [b1 - b0, Hkv, group * rows, keys]."""
+              seqlen_q: int, seed: Tuple[int, int], dropout_p: float, device: torch.device) -> torch.Tensor:
+    """Keep mask of one CPU-path tile, laid out like its scores: [b1 - b0, Hkv, group * rows, keys];
+    seqlen_q: the row grid's queries per head (varlen: the maximum)."""
     b = torch.arange(b0, b1, device=device, dtype=torch.int64)
     h = torch.arange(heads_q, device=device, dtype=torch.int64)
     i = torch.arange(q_lo, q_hi, device=device, dtype=torch.int64)
     j = torch.arange(k_lo, k_hi, device=device, dtype=torch.int64)
     rows = (b[:, None] * heads_q + h[None, :])[:, :, None] * seqlen_q + i  # [nb, Hq, rows]
-    keep = keep_bits(rows[..., None] * seqlen_k, j, seed, dropout_p)  # [nb, Hq, rows, keys]
+    keep = keep_bits(rows[..., None], j, seed, dropout_p)  # [nb, Hq, rows, keys]
     return keep.view(b1 - b0, heads_kv, (heads_q // heads_kv) * (q_hi - q_lo), k_hi - k_lo)
 
 
 def pattern(batch: int, heads_q: int, seqlen_q: int, seqlen_k: int, seed: Tuple[int, int], dropout_p: float,
             device: torch.device) -> torch.Tensor:
     """The whole keep mask [B, Hq, Sq, Sk] (what return_attn_probs=True returns with dropout)."""
-    keep = keep_tile(0, batch, heads_q, heads_q, 0, seqlen_q, 0, seqlen_k, seqlen_q, seqlen_k, seed, dropout_p,
-                     device)
+    keep = keep_tile(0, batch, heads_q, heads_q, 0, seqlen_q, 0, seqlen_k, seqlen_q, seed, dropout_p, device)
     return keep.view(batch, heads_q, seqlen_q, seqlen_k)

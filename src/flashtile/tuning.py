@@ -218,20 +218,23 @@ def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype:
             tiles = dataclasses.replace(tiles, dkdv=KernelConfig(32, 64, 4, 2))
     if dkdv_constant_lengths(device, head_dim, head_dim_v, dtype, tiles, block_sparse, dropout, causal):
         return dataclasses.replace(tiles, constant_lengths=True,
-                                   aligned_rows=dkdv_aligned_rows(head_dim, block_sparse, partial_blocks, dropout))
+                                   aligned_rows=dkdv_aligned_rows(head_dim, block_sparse, partial_blocks))
     return tiles
 
 
-def dkdv_aligned_rows(head_dim: int, block_sparse: bool, partial_blocks: bool, dropout: bool) -> bool:
+def dkdv_aligned_rows(head_dim: int, block_sparse: bool, partial_blocks: bool) -> bool:
     """Whether a dK/dV launch with constant lengths loads lse / delta as aligned rows (8-byte copies;
     the kernel's ALIGN_LSE, which it honours when Sq is a multiple of 16). Like the lengths themselves,
     a change of register allocation in a 255-register kernel, so measured (H200, bf16, dK/dV launch, us,
     4-byte -> 8-byte): D=128 non-causal 3709-3767 -> 3623-3675, causal GQA 4:1 2010-2050 -> 1898-1948,
     causal softcap 2722-2755 -> 2654-2693, 8-document mask 402 -> 386-388, windows on the medium-walk
-    tiles -4 to -6%; slower: D=64 4540-4644 -> 4723-4788, block masks without partial blocks 596 -> 603,
-    dropout (sm_90 SASS: spill stores in the loop). Head dims whose first column chunk is 64 wide
-    (head_dim_chunks: D <= 64, 80, 96) are unmeasured beyond D=64 and keep the 4-byte loads."""
-    return head_dim_chunks(head_dim)[0] > 64 and not dropout and not (block_sparse and not partial_blocks)
+    tiles -4 to -6%; slower: D=64 4540-4644 -> 4723-4788, block masks without partial blocks 596 -> 603.
+    Dropout lost with its old counter hash (sm_90 SASS: spill stores in the loop); with the row keys
+    (dropout.py, session 30) it gains: forward+backward step at p = 0.1, S=8192, sustained, 10474-10484
+    -> 10127-10181 us, causal 5904-5911 -> 5865-5875, S=2048 (B=8) 2856 -> 2747-2764. Head dims whose
+    first column chunk is 64 wide (head_dim_chunks: D <= 64, 80, 96) are unmeasured beyond D=64 and
+    keep the 4-byte loads."""
+    return head_dim_chunks(head_dim)[0] > 64 and not (block_sparse and not partial_blocks)
 
 
 def dkdv_constant_lengths(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,

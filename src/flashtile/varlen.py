@@ -166,7 +166,7 @@ def flash_attn_varlen_func(
     max_seqlen_k = _check_max_seqlen("max_seqlen_k", max_seqlen_k, cu_k, "cu_seqlens_k")
     _check_scale(softmax_scale)
     window = _check_window(window_size)
-    dropout_p = _check_dropout(dropout_p, max_seqlen_k)
+    dropout_p = _check_dropout(dropout_p, (len(cu_q) - 1) * q.shape[1] * max_seqlen_q)
     softcap = _check_softcap(softcap)
     alibi_slopes = _check_alibi(alibi_slopes, q.device, len(cu_q) - 1, q.shape[1],
                                 " (B = len(cu_seqlens_q) - 1)")

@@ -24,7 +24,7 @@ rows: the dQ kernel walks both in one loop, as the forward does).
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import (ALIBI_KEY_TERM, ELEM_INTERVALS, ELEM_TILE, alibi_query_term, and_element_mask, attn_mask_ptrs, load_tail, store_rows, block_list, dropout_keep, dropout_rows, key_phases, list_tile,
+from flashtile.kernels.common import (ALIBI_KEY_TERM, ELEM_INTERVALS, ELEM_TILE, alibi_query_term, and_element_mask, attn_mask_ptrs, load_tail, store_rows, block_list, dropout_keep, dropout_head_row, dropout_row_keys, key_phases, list_tile,
                                       merged_row_tile, row_walk, partial_local, partial_tile_ptrs, program_tile, row_tile_ptrs, query_phases, score_log2, score_params,
                                       sequence_bounds, visible)
 
@@ -40,7 +40,7 @@ def _load_lse2(ptrs, in_rows):
 
 
 @triton.jit
-def _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+def _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, em_ptrs, am_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                start_m, need_vis, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
                MASKED: tl.constexpr, ELEM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -128,9 +128,8 @@ def _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_bas
         dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if BLOCK_DV2 > 0:
             dpt = tl.dot(v2, tl.trans(do2), dpt, input_precision=DOT_PRECISION)
-        # drop_rows: this head's first counter, drop_stride: counters per row; transposed
-        keep = dropout_keep(drop_rows + tl.cast(start_m, tl.int64) * drop_stride, offs_m * drop_stride, offs_n,
-                            seed_lo, seed_hi, drop_thr, True)
+        # drop_rows: this head's first row number; transposed
+        keep = dropout_keep(dropout_row_keys(drop_rows, start_m + offs_m, seed_lo, seed_hi), offs_n, drop_thr, True)
         pt_kept = tl.where(keep, pt, 0.0)
         dv = tl.dot(pt_kept.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         if BLOCK_DV2 > 0:
@@ -157,7 +156,7 @@ def _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_bas
 
 
 @triton.jit
-def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                 start, stop, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                 seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
                 BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -167,7 +166,7 @@ def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_ba
                 ALIGNED_ROWS: tl.constexpr):
     """Accumulate dK, dV for one key tile over query tiles [start, stop) of one query head (MASKED 0 or 1)."""
     for start_m in range(start, stop, BLOCK_M):
-        dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+        dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                             start_m, False, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                             seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
                             MASKED, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, ALIGNED_ROWS)
@@ -175,7 +174,7 @@ def _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_ba
 
 
 @triton.jit
-def _dkdv_block_list(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, Tiles, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+def _dkdv_block_list(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, Tiles, am_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                      Num, Idx, TileIdx, row, k_block, n_k_blocks, n_q_blocks, full_lo, full_hi,
                      stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                      seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
@@ -202,21 +201,21 @@ def _dkdv_block_list(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, 
         if ELEM == ELEM_INTERVALS:
             entry, part, start_m = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_M, BLOCK_SQ)
             em = tl.load(row_tile_ptrs(Tiles, first_entry, i, TILES_PER_BLOCK, part, em_local, BLOCK_SQ, BLOCK_SK, ELEM))
-            dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, em, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+            dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, em, am_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                 start_m, True, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                 seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
                                 1, ELEM, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, ALIGNED_ROWS)
         elif ELEM:
             entry, part, start_m = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_M, BLOCK_SQ)
             em = partial_tile_ptrs(Tiles, TileIdx, entry, part * BLOCK_SK, em_local, BLOCK_SQ, BLOCK_SK)
-            dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, em, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+            dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, em, am_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                 start_m, True, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                 seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
                                 1, ELEM, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, ALIGNED_ROWS)
         else:
             entry, part, start_m = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_M, BLOCK_SQ)
             need_vis = (start_m < full_lo) | (start_m + BLOCK_M > full_hi)
-            dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+            dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                 start_m, need_vis, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                 seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
                                 2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, ALIGNED_ROWS)
@@ -264,7 +263,7 @@ def attention_bwd_dkdv_kernel(
     hp = bh % n_head_programs
     h_q0 = hp * heads_per_program
     h_kv = h_q0 // group_size
-    count_q, count_k = seqlen_q, seqlen_k  # dropout counters (see the forward)
+    count_q = seqlen_q  # dropout row numbers (see the forward)
     q_start, k_start, seqlen_q, seqlen_k = sequence_bounds(CuSeqQ, CuSeqK, b, seqlen_q, seqlen_k, VARLEN)
     if VARLEN:
         if tile * BLOCK_N >= seqlen_k:  # a key tile past this sequence's end
@@ -325,7 +324,7 @@ def attention_bwd_dkdv_kernel(
         delta_base = Delta + b.to(tl.int64) * stride_lse_b + h.to(tl.int64) * stride_lse_h + q_start
         qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale,
                                                                         softcap, SOFTCAP, HAS_ALIBI)
-        drop_rows = dropout_rows(b, h, heads_q, count_q, count_k, 0)  # this head's first counter
+        drop_rows = dropout_head_row(b, h, heads_q, count_q)  # this head's first row number
         # attn_mask tile in the transposed orientation [keys, queries], at query row 0
         am_ptrs = attn_mask_ptrs(AttnMask, b, h, offs_m[None, :], offs_n[:, None], stride_amb, stride_amh,
                                  stride_amm, stride_amn)
@@ -333,14 +332,14 @@ def attention_bwd_dkdv_kernel(
             # -- block-sparse: the query blocks listed for this key block (lists of the transposed mask) --
             row = b * sparse_mb + h * sparse_mh
             k_block = n_lo // BLOCK_SK
-            dk, dk2, dv, dv2 = _dkdv_block_list(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, ElemTiles, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+            dk, dk2, dv, dv2 = _dkdv_block_list(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, ElemTiles, am_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                       FullNum, FullIdx, PartTile, row, k_block, sparse_nk, sparse_nq, bb, c,
                                       stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
                                       BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
                                       EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, ALIGNED_ROWS)
             if BLOCK_SPARSE != 2:  # 2: the mask has no partial blocks, so no partial-list loop
-                dk, dk2, dv, dv2 = _dkdv_block_list(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, ElemTiles, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                dk, dk2, dv, dv2 = _dkdv_block_list(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, ElemTiles, am_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                           PartNum, PartIdx, PartTile, row, k_block, sparse_nk, sparse_nq, bb, c,
                                           stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                           seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
@@ -351,7 +350,7 @@ def attention_bwd_dkdv_kernel(
             # only tiles outside the band [bb, c) pay for the mask. Per-phase loops each drain the
             # software pipeline (H200, D=128 causal fwd+bwd: S=1024 205 -> 245 TFLOP/s, window +7%) --
             for start_m in range(a, d, BLOCK_M):
-                dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                dk, dk2, dv, dv2 = _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, q_base, am_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                     start_m, (start_m < bb) | (start_m >= c), stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                     seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, key0,
                                     2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, ALIGNED_ROWS)
@@ -361,13 +360,13 @@ def attention_bwd_dkdv_kernel(
             # sequences) the band's loop then carries no mask code (H200, B=2, H=16, S=8192, D=128
             # causal: dK/dV 2704 -> 2507 us on 64x64 tiles; GQA 2659 -> 2401) --
             if HAS_LEFT or HAS_RIGHT:
-                dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+                dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                      a, bb, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
                                      window_left, window_right, key0, BLOCK_M, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, ALIGNED_ROWS)
-            dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+            dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                  bb, c, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
                                  window_left, window_right, key0, BLOCK_M, 0, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, ALIGNED_ROWS)
-            dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+            dk, dk2, dv, dv2 = _dkdv_tiles(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_base, lse_base, delta_base, am_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                  c, d, stride_qs, stride_dos, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
                                  window_left, window_right, key0, BLOCK_M, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, ALIGNED_ROWS)
 
@@ -383,7 +382,7 @@ def attention_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+def _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em_ptrs, am_ptrs, stride_amn, drop_keys, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
              start_n, need_vis, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
              seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
              MASKED: tl.constexpr, ELEM: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -451,7 +450,7 @@ def _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_p
     if BLOCK_DV2 > 0:
         dp = tl.dot(do2, tl.trans(v2), dp, input_precision=DOT_PRECISION)
     if DROPOUT:  # p and delta carry the scale (attention_bwd_dq_kernel)
-        keep = dropout_keep(drop_base, drop_offs, cols, seed_lo, seed_hi, drop_thr, False)
+        keep = dropout_keep(drop_keys, cols, drop_thr, False)
         dp = tl.where(keep, dp, 0.0)
     ds = p * (dp - delta[:, None])
     if BIAS_GRAD:  # the bias is added after softcap: its gradient is dS before the tanh factor
@@ -466,7 +465,7 @@ def _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_p
 
 
 @triton.jit
-def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_keys, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
               start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
               seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -476,7 +475,7 @@ def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_
              EVEN_DV2: tl.constexpr):
     """Accumulate dQ over key tiles [start, stop) (MASKED 0 or 1)."""
     for start_n in range(start, stop, BLOCK_N):
-        dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+        dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_keys, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                       start_n, False, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
                       MASKED, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT,
@@ -485,7 +484,7 @@ def _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_
 
 
 @triton.jit
-def _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, Tiles, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+def _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, Tiles, am_ptrs, stride_amn, drop_keys, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                    Num, Idx, PNum, PIdx, TileIdx, row, q_block, n_q_blocks, n_k_blocks, full_lo, full_hi,
                    stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                    seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
@@ -503,7 +502,7 @@ def _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs
         if ELEM == ELEM_INTERVALS:
             start_n, em, need_vis = merged_row_tile(Idx, base, PIdx, p_base, n_full, Tiles, first_tile, em_local, i, full_lo,
                                                     full_hi, TILES_PER_BLOCK, BLOCK_N, BLOCK_SQ, BLOCK_SK)
-            dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+            dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em, am_ptrs, stride_amn, drop_keys, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                           start_n, need_vis, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                           seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
                           2, ELEM, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT,
@@ -511,7 +510,7 @@ def _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs
         elif ELEM:
             entry, part, start_n = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_N, BLOCK_SK)
             em_ptrs = row_tile_ptrs(Tiles, first_tile, i, TILES_PER_BLOCK, part, em_local, BLOCK_SQ, BLOCK_SK, ELEM)
-            dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+            dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em_ptrs, am_ptrs, stride_amn, drop_keys, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                           start_n, True, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                           seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
                           1, ELEM, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT,
@@ -519,7 +518,7 @@ def _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs
         else:
             entry, part, start_n = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_N, BLOCK_SK)
             need_vis = (start_n < full_lo) | (start_n + BLOCK_N > full_hi)
-            dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+            dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_keys, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                           start_n, need_vis, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                           seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
                           2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT,
@@ -559,7 +558,7 @@ def attention_bwd_dq_kernel(
     b = bh // heads_q
     h = bh % heads_q
     h_kv = h // group_size
-    count_q, count_k = seqlen_q, seqlen_k  # dropout counters (see the forward)
+    count_q = seqlen_q  # dropout row numbers (see the forward)
     q_start, k_start, seqlen_q, seqlen_k = sequence_bounds(CuSeqQ, CuSeqK, b, seqlen_q, seqlen_k, VARLEN)
     if VARLEN:
         if tile * BLOCK_M >= seqlen_q:
@@ -618,8 +617,9 @@ def attention_bwd_dq_kernel(
     tl.store(Delta + lse_offset + offs_m, delta, mask=offs_m < seqlen_q)
     am_ptrs = attn_mask_ptrs(AttnMask, b, h, offs_m[:, None], offs_n[None, :], stride_amb, stride_amh, stride_amm,
                              stride_amn)
-    drop_base = dropout_rows(b, h, heads_q, count_q, count_k, tile * BLOCK_M)  # the tile's first counter
-    drop_offs = tl.arange(0, BLOCK_M) * count_k  # each row's counter offset (< 2^31: api's dropout.MAX_KEYS)
+    # each query row's dropout key (dropout.py's row_key; varlen: FlashAttention's padded pattern)
+    drop_keys = dropout_row_keys(dropout_head_row(b, h, heads_q, count_q), tile * BLOCK_M + tl.arange(0, BLOCK_M),
+                                 seed_lo, seed_hi)
     db_base = DBias + (b * heads_q + h).to(tl.int64) * seqlen_q * seqlen_k  # dS of this head, [Sq, Sk]
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale, softcap,
@@ -633,14 +633,14 @@ def attention_bwd_dq_kernel(
         # -- block-sparse: the key blocks listed for this query block, full then partial (as the forward) --
         row = b * sparse_mb + h * sparse_mh
         q_block = m_lo // BLOCK_SQ
-        dq, dq2 = _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+        dq, dq2 = _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_keys, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                             FullNum, FullIdx, PartNum, PartIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
                             stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                             seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
                             BLOCK_N, BLOCK_SQ, BLOCK_SK, (BLOCK_SPARSE // 3) * ELEM_INTERVALS, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
                             DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
         if BLOCK_SPARSE == 1:  # 2: the mask has no partial blocks, so no partial-list loop
-            dq, dq2 = _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+            dq, dq2 = _dq_block_list(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_keys, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                                 PartNum, PartIdx, PartNum, PartIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
                                 stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                 seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
@@ -649,16 +649,16 @@ def attention_bwd_dq_kernel(
     elif HAS_LEFT or HAS_RIGHT:
         # -- causal / window: one pipelined loop over the visible key tiles (see the dK/dV kernel) --
         for start_n in range(a, d, BLOCK_N):
-            dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+            dq, dq2 = _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_keys, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                           start_n, (start_n < bb) | (start_n >= c), stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                           seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right, db_base,
                           2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT,
                           BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
     else:
-        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_keys, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                        bb, c, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
                        window_left, window_right, db_base, BLOCK_N, 0, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
-        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
+        dq, dq2 = _dq_tiles(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_keys, drop_thr, drop_scale, offs_m, offs_n, offs_d, offs_dv,
                        c, d, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
                        window_left, window_right, db_base, BLOCK_N, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2)
 

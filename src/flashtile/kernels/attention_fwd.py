@@ -9,7 +9,7 @@ as EVEN_D), so an unused feature costs nothing: Triton compiles one specialisati
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import (ELEM_INTERVALS, ELEM_TILE, attn_mask_ptrs, load_tail, store_rows, dropout_keep, dropout_rows, key_phases, list_tile,
+from flashtile.kernels.common import (ELEM_INTERVALS, ELEM_TILE, attn_mask_ptrs, load_tail, store_rows, dropout_keep, dropout_head_row, dropout_row_keys, fp32_fence, key_phases, list_tile,
                                       and_element_mask, merged_row_tile, row_walk, online_softmax, program_tile, row_tile_ptrs, score_log2, score_params,
                                       sequence_bounds, visible)
 
@@ -23,7 +23,7 @@ RESCALE_SLACK = tl.constexpr(8.0)  # log2 domain: p <= 2^8, far inside P's and t
 
 
 @triton.jit
-def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em_ptrs, am_ptrs, stride_amn, drop_keys, drop_thr, offs_m, offs_n, offs_d, offs_dv,
               start_n, need_vis, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
               seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
               MASKED: tl.constexpr, ELEM: tl.constexpr,
@@ -121,8 +121,10 @@ def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs
     else:
         v = tl.load(v_ptrs + start_n * stride_vs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
     if DROPOUT:  # l_i keeps the undropped sum (softmax normaliser); only P @ V sees the mask
-        keep = dropout_keep(drop_base, drop_offs, cols, seed_lo, seed_hi, drop_thr, False)
+        keep = dropout_keep(drop_keys, cols, drop_thr, False)
         p = tl.where(keep, p, 0.0)
+        if DROPOUT == 2:  # select in fp32, then convert (see fp32_fence)
+            p = fp32_fence(p)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     if BLOCK_DV2 > 0:
         v2 = load_tail(v2_ptrs + start_n * stride_vs, cols[:, None] < seqlen_k, offs_dv2[None, :] < head_dim_v,
@@ -132,7 +134,7 @@ def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs
 
 
 @triton.jit
-def _fwd_tiles(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+def _fwd_tiles(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_keys, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                start, stop, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
@@ -141,7 +143,7 @@ def _fwd_tiles(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, off
                BLOCK_D2: tl.constexpr, BLOCK_DV2: tl.constexpr, EVEN_D2: tl.constexpr, EVEN_DV2: tl.constexpr, MAX_MODE: tl.constexpr):
     """Online-softmax update over key tiles [start, stop) in steps of BLOCK_N (MASKED 0 or 1)."""
     for start_n in range(start, stop, BLOCK_N):
-        acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+        acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_keys, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                   start_n, False, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                   seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                   MASKED, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
@@ -150,7 +152,7 @@ def _fwd_tiles(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, off
 
 
 @triton.jit
-def _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, Tiles, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+def _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, Tiles, am_ptrs, stride_amn, drop_keys, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                     Num, Idx, PNum, PIdx, TileIdx, row, q_block, n_q_blocks, n_k_blocks, full_lo, full_hi,
                     stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                     seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
@@ -176,7 +178,7 @@ def _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs
         if ELEM == ELEM_INTERVALS:
             start_n, em, need_vis = merged_row_tile(Idx, base, PIdx, p_base, n_full, Tiles, first_tile, em_local, i, full_lo,
                                                     full_hi, TILES_PER_BLOCK, BLOCK_N, BLOCK_SQ, BLOCK_SK)
-            acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+            acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em, am_ptrs, stride_amn, drop_keys, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                       start_n, need_vis, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                       2, ELEM, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
@@ -184,7 +186,7 @@ def _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs
         elif ELEM:
             entry, part, start_n = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_N, BLOCK_SK)
             em_ptrs = row_tile_ptrs(Tiles, first_tile, i, TILES_PER_BLOCK, part, em_local, BLOCK_SQ, BLOCK_SK, ELEM)
-            acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+            acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, em_ptrs, am_ptrs, stride_amn, drop_keys, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                       start_n, True, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                       1, ELEM, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
@@ -192,7 +194,7 @@ def _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs
         else:
             entry, part, start_n = list_tile(Idx, base, i, TILES_PER_BLOCK, BLOCK_N, BLOCK_SK)
             need_vis = (start_n < full_lo) | (start_n + BLOCK_N > full_hi)  # crosses an edge or the end
-            acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+            acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_keys, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                       start_n, need_vis, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                       2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
@@ -261,7 +263,7 @@ def attention_fwd_kernel(
     b = bh // heads_q
     h = bh % heads_q
     h_kv = h // group_size
-    count_q, count_k = seqlen_q, seqlen_k  # dropout counters index a [B, Hq, max Sq, max Sk] grid
+    count_q = seqlen_q  # dropout rows are numbered in a [B, Hq, max Sq] grid (see below)
     q_start, k_start, seqlen_q, seqlen_k = sequence_bounds(CuSeqQ, CuSeqK, b, seqlen_q, seqlen_k, VARLEN)
     if VARLEN:
         if tile * BLOCK_M >= seqlen_q:  # a tile past this sequence's end (the grid covers the longest)
@@ -299,10 +301,11 @@ def attention_fwd_kernel(
     am_ptrs = attn_mask_ptrs(AttnMask, b, h, offs_m[:, None], offs_n[None, :], stride_amb, stride_amh, stride_amm,
                              stride_amn)
 
-    # dropout counters: element (i, j) of head (b, h) is ((b * Hq + h) * Sq + i) * Sk + j (varlen: i, j
-    # within sequence b, Sq / Sk the maxima, so the keep pattern is FlashAttention's padded one)
-    drop_base = dropout_rows(b, h, heads_q, count_q, count_k, tile * BLOCK_M)  # the tile's first counter
-    drop_offs = tl.arange(0, BLOCK_M) * count_k  # each row's counter offset (< 2^31: api's dropout.MAX_KEYS)
+    # dropout: query row i of head (b, h) is row (b * Hq + h) * Sq + i, whose key (dropout.py's row_key)
+    # with the key index j gives element (i, j)'s bits (varlen: i, j within sequence b, Sq the maximum,
+    # so the keep pattern is FlashAttention's padded one)
+    drop_keys = dropout_row_keys(dropout_head_row(b, h, heads_q, count_q), tile * BLOCK_M + tl.arange(0, BLOCK_M),
+                                 seed_lo, seed_hi)
 
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -323,14 +326,14 @@ def attention_fwd_kernel(
         # (3) walk both lists in one loop, element-mask tiles (1) in a second one --
         row = b * sparse_mb + h * sparse_mh
         q_block = m_lo // BLOCK_SQ
-        acc, acc2, l_i, m_i = _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+        acc, acc2, l_i, m_i = _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_keys, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                         FullNum, FullIdx, PartNum, PartIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
                                         stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                         seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                         BLOCK_M, BLOCK_N, BLOCK_SQ, BLOCK_SK, (BLOCK_SPARSE // 3) * ELEM_INTERVALS, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
                                         EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, MAX_MODE)
         if BLOCK_SPARSE == 1:  # 2: the mask has no partial blocks, so no partial-list loop
-            acc, acc2, l_i, m_i = _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+            acc, acc2, l_i, m_i = _fwd_block_list(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, ElemTiles, am_ptrs, stride_amn, drop_keys, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                             PartNum, PartIdx, PartNum, PartIdx, PartTile, row, q_block, sparse_nq, sparse_nk, bb, c,
                                             stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                             seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
@@ -342,18 +345,18 @@ def attention_fwd_kernel(
         # pipeline, which for a window's ~16 tiles per row costs more than a uniform branch per tile
         # (H200, S=16k, window 1024: 322 -> 353 TFLOP/s); for plain causal the split below is as fast. --
         for start_n in range(a, d, BLOCK_N):
-            acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+            acc, acc2, l_i, m_i = _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, k_ptrs, am_ptrs, stride_amn, drop_keys, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                       start_n, (start_n < bb) | (start_n >= c), stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2,
                                       seqlen_q, seqlen_k, head_dim, head_dim_v, window_left, window_right,
                                       2, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV,
                                       DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, MAX_MODE)
     else:
         # -- an unmasked body, then the masked tail (causal diagonal, sequence end) --
-        acc, acc2, l_i, m_i = _fwd_tiles(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+        acc, acc2, l_i, m_i = _fwd_tiles(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_keys, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                    bb, c, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
                                    head_dim, head_dim_v, window_left, window_right,
                                    BLOCK_N, 0, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, MAX_MODE)
-        acc, acc2, l_i, m_i = _fwd_tiles(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_d, offs_dv,
+        acc, acc2, l_i, m_i = _fwd_tiles(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs_d2, offs_dv2, am_ptrs, stride_amn, drop_keys, drop_thr, offs_m, offs_n, offs_d, offs_dv,
                                    c, d, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
                                    head_dim, head_dim_v, window_left, window_right,
                                    BLOCK_N, 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_D, EVEN_DV, DOT_PRECISION, ATTN_MASK, DROPOUT, BLOCK_D2, BLOCK_DV2, EVEN_D2, EVEN_DV2, MAX_MODE)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from flashtile.kernels.attention_bwd import _load_lse2
-from flashtile.kernels.common import (attn_mask_ptrs, dropout_keep, dropout_rows, key_phases, online_softmax,
+from flashtile.kernels.common import (attn_mask_ptrs, dropout_keep, dropout_head_row, dropout_row_keys, key_phases, online_softmax,
                                       query_phases, score_log2, score_params, sequence_bounds, visible)
 
 LN2 = tl.constexpr(0.6931471805599453)
@@ -89,7 +89,7 @@ def _query_program(n_split, seqlen_q, seqlen_k, heads_q, group_size, CuSeqQ, CuS
 
 @triton.jit
 def _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, am_ptrs, stride_amn,
-               drop_base, drop_offs, seed_lo, seed_hi, drop_thr, offs_m, offs_n, offs_k, cols_a, cols_b, start, stop,
+               drop_keys, drop_thr, offs_m, offs_n, offs_k, cols_a, cols_b, start, stop,
                stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
                head_dim, head_dim_v, window_left, window_right,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PART_B: tl.constexpr,
@@ -98,7 +98,7 @@ def _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, a
                ATTN_MASK: tl.constexpr, DROPOUT: tl.constexpr):
     """Online-softmax update over key tiles [start, stop): S chunked over Dqk, O slice in registers.
     am_ptrs: torch SDPA's attn_mask at this tile's rows and key 0 (ATTN_MASK as in common.score_log2).
-    DROPOUT: drop_base / drop_offs are the tile's first dropout counter and its rows' offsets from it
+    DROPOUT: drop_keys are the tile's query rows' dropout keys (common.dropout_row_keys)
     (common.dropout_keep); l_i keeps the undropped sum, only P V sees the keep pattern."""
     for start_n in tl.range(start, stop, BLOCK_N):
         cols = start_n + offs_n
@@ -119,7 +119,7 @@ def _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, a
         # a mask can hide every key a row has seen so far in any tile: guard the running max there too
         p, alpha, l_i, m_new = online_softmax(qk, m_i, l_i, MASKED or ATTN_MASK != 0)
         if DROPOUT:
-            p = tl.where(dropout_keep(drop_base, drop_offs, cols, seed_lo, seed_hi, drop_thr, False), p, 0.0)
+            p = tl.where(dropout_keep(drop_keys, cols, drop_thr, False), p, 0.0)
         acc_a = tl.dot(p.to(va.dtype), va, acc_a * alpha[:, None], input_precision=DOT_PRECISION)
         if PART_B > 0:
             acc_b = tl.dot(p.to(vb.dtype), vb, acc_b * alpha[:, None], input_precision=DOT_PRECISION)
@@ -149,10 +149,10 @@ def wide_fwd_kernel(
 
     Grid: one program per (Dv slice, query tile, batch x query head), see _query_program. Slice s
     covers Dv columns [s * W, s * W + W), W = PART_A + PART_B. VARLEN, ATTN_MASK (torch SDPA's
-    attn_mask through its [B, Hq, Sq, Sk] broadcast strides) and DROPOUT (the same counters and keep
+    attn_mask through its [B, Hq, Sq, Sk] broadcast strides) and DROPOUT (the same row keys and keep
     pattern) as in attention_fwd_kernel.
     """
-    count_q, count_k = seqlen_q, seqlen_k  # dropout counters index a [B, Hq, max Sq, max Sk] grid
+    count_q = seqlen_q  # dropout rows are numbered in a [B, Hq, max Sq] grid
     split, tile, b, h, h_kv, q_start, k_start, seqlen_q, seqlen_k = _query_program(
         n_split, seqlen_q, seqlen_k, heads_q, group_size, CuSeqQ, CuSeqK, BLOCK_M, HAS_RIGHT, VARLEN)
     if VARLEN:
@@ -183,16 +183,17 @@ def wide_fwd_kernel(
     vb_ptrs = v_base + cols_b[None, :]
     am_ptrs = attn_mask_ptrs(AttnMask, b, h, offs_m[:, None], offs_n[None, :], stride_amb, stride_amh, stride_amm,
                              stride_amn)
-    drop_base = dropout_rows(b, h, heads_q, count_q, count_k, tile * BLOCK_M)  # the tile's first counter
-    drop_offs = tl.arange(0, BLOCK_M) * count_k  # each row's counter offset (< 2^31: api's dropout.MAX_KEYS)
+    # each query row's dropout key (dropout.py's row_key; varlen: FlashAttention's padded pattern)
+    drop_keys = dropout_row_keys(dropout_head_row(b, h, heads_q, count_q), tile * BLOCK_M + tl.arange(0, BLOCK_M),
+                                 seed_lo, seed_hi)
     # key tiles [a, bb) and [c, d) need the visibility rule, [bb, c) is visible to every row; a left edge
     # (window) makes [a, bb) non-empty. One call site, unrolled per phase (MASKED is a constexpr)
     for phase in tl.static_range(0 if HAS_LEFT else 1, 3):
         lo = a if phase == 0 else (bb if phase == 1 else c)
         hi = bb if phase == 0 else (c if phase == 1 else d)
         acc_a, acc_b, l_i, m_i = _fwd_tiles(
-            acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, am_ptrs, stride_amn, drop_base, drop_offs, seed_lo,
-            seed_hi, drop_thr, offs_m, offs_n, offs_k, cols_a, cols_b, lo, hi, stride_ks, stride_vs, qk_scale,
+            acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, am_ptrs, stride_amn, drop_keys,
+            drop_thr, offs_m, offs_n, offs_k, cols_a, cols_b, lo, hi, stride_ks, stride_vs, qk_scale,
             softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, window_left,
             window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, phase != 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI,
             EVEN_K, DOT_PRECISION, ATTN_MASK, DROPOUT)
@@ -246,7 +247,7 @@ def wide_delta_kernel(Out, DOut, Delta, CuSeqQ, stride_ob, stride_os, stride_oh,
 
 @triton.jit
 def _dq_tiles(dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, ka_ptrs, kb_ptrs, am_ptrs, stride_amn,
-              drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, db_base, db_write,
+              drop_keys, drop_thr, drop_scale, db_base, db_write,
               offs_m, offs_n, offs_k, cols_a, cols_b, start, stop, stride_ks, stride_vs,
               qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
               window_left, window_right,
@@ -279,7 +280,7 @@ def _dq_tiles(dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, 
         dp = _dot_over_k(dp, do_ptrs, vt_ptrs + start_n * stride_vs, q_ok, k_ok, offs_k, head_dim_v,
                          BLOCK_K, EVEN_KV, DOT_PRECISION)
         if DROPOUT:
-            keep = dropout_keep(drop_base, drop_offs, cols, seed_lo, seed_hi, drop_thr, False)
+            keep = dropout_keep(drop_keys, cols, drop_thr, False)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if BIAS_GRAD:  # the bias is added after softcap: its gradient is dS before the tanh factor
@@ -314,7 +315,7 @@ def wide_dq_kernel(
 ):
     """dQ [B, Sq, Hq, Dqk], one Dqk slice of BLOCK_M query rows per program (grid as wide_fwd_kernel).
     BIAS_GRAD: also DBias fp32 [B, Hq, Sq, Sk] = dS, the gradient of the additive attn_mask (dense layout)."""
-    count_q, count_k = seqlen_q, seqlen_k  # dropout counters, as in the forward
+    count_q, count_k = seqlen_q, seqlen_k  # the maximum lengths: dropout row numbers and dbias rows use them
     split, tile, b, h, h_kv, q_start, k_start, seqlen_q, seqlen_k = _query_program(
         n_split, seqlen_q, seqlen_k, heads_q, group_size, CuSeqQ, CuSeqK, BLOCK_M, HAS_RIGHT, VARLEN)
     if VARLEN:
@@ -347,15 +348,16 @@ def wide_dq_kernel(
     a, bb, c, d = key_phases(m_lo, m_hi, seqlen_q, seqlen_k, window_left, window_right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     am_ptrs = attn_mask_ptrs(AttnMask, b, h, offs_m[:, None], offs_n[None, :], stride_amb, stride_amh, stride_amm,
                              stride_amn)
-    drop_base = dropout_rows(b, h, heads_q, count_q, count_k, tile * BLOCK_M)  # the tile's first counter
-    drop_offs = tl.arange(0, BLOCK_M) * count_k  # each row's counter offset (< 2^31: api's dropout.MAX_KEYS)
+    # each query row's dropout key (dropout.py's row_key; varlen: FlashAttention's padded pattern)
+    drop_keys = dropout_row_keys(dropout_head_row(b, h, heads_q, count_q), tile * BLOCK_M + tl.arange(0, BLOCK_M),
+                                 seed_lo, seed_hi)
     db_base = DBias + (b * heads_q + h).to(tl.int64) * count_q * count_k
     for phase in tl.static_range(0 if HAS_LEFT else 1, 3):  # the forward's phases: [a, bb), [bb, c), [c, d)
         lo = a if phase == 0 else (bb if phase == 1 else c)
         hi = bb if phase == 0 else (c if phase == 1 else d)
         dq_a, dq_b = _dq_tiles(
             dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, ka_ptrs, kb_ptrs, am_ptrs, stride_amn,
-            drop_base, drop_offs, seed_lo, seed_hi, drop_thr, drop_scale, db_base, split == 0, offs_m, offs_n, offs_k, cols_a,
+            drop_keys, drop_thr, drop_scale, db_base, split == 0, offs_m, offs_n, offs_k, cols_a,
             cols_b, lo, hi, stride_ks, stride_vs, qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k,
             head_dim, head_dim_v, window_left, window_right, BLOCK_M, BLOCK_N, BLOCK_K, PART_B, phase != 1, HAS_LEFT,
             HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV, DOT_PRECISION, ATTN_MASK, DROPOUT, BIAS_GRAD)
@@ -367,7 +369,7 @@ def wide_dq_kernel(
 
 @triton.jit
 def _dkdv_tiles(acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, xb_base, lse_base, delta_base,
-                amt_ptrs, stride_amm, drop_base, drop_stride, seed_lo, seed_hi, drop_thr, drop_scale,
+                amt_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale,
                 offs_m, offs_n, offs_k, cols_a, cols_b, start, stop, stride_qs, stride_dos, stride_xs,
                 qk_scale, softcap_pre, softcap_post, alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v,
                 width, window_left, window_right,
@@ -381,7 +383,7 @@ def _dkdv_tiles(acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, 
     DKDV = 1: dP^T = V dO^T (chunked over Dv), dS^T = P^T (dP^T - delta), dK += dS^T Q[:, slice].
     X (xa_base / xb_base, row stride stride_xs) is dO for dV and Q for dK, at query row 0.
     amt_ptrs: the attn_mask [BLOCK_N keys, BLOCK_M queries] at query row 0 (S^T's orientation).
-    DROPOUT: drop_base is this head's first counter, drop_stride the counters per query row; dV sees
+    DROPOUT: drop_rows is this head's first row number (common.dropout_head_row); dV sees
     the kept P^T and dK the kept dP^T, both scaled by 1 / (1 - p) (attention_bwd's _dkdv_tile).
     """
     for start_m in range(start, stop, BLOCK_M):
@@ -402,16 +404,16 @@ def _dkdv_tiles(acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, 
             dpt = _dot_over_k(dpt, v_ptrs, dot_base + rows[None, :].to(tl.int64) * stride_dos + offs_k[:, None], k_ok,
                               q_ok, offs_k, head_dim_v, BLOCK_K, EVEN_KV, DOT_PRECISION)
             if DROPOUT:  # the keep bits right at their one use: live across the dP^T loop they went to memory
-                keep = dropout_keep(drop_base + tl.cast(start_m, tl.int64) * drop_stride, offs_m * drop_stride,
-                                    offs_n, seed_lo, seed_hi, drop_thr, True)
+                keep = dropout_keep(dropout_row_keys(drop_rows, start_m + offs_m, seed_lo, seed_hi), offs_n,
+                                    drop_thr, True)
                 dpt = tl.where(keep, dpt * drop_scale, 0.0)
             delta = tl.load(delta_base + rows, mask=rows < seqlen_q, other=0.0)
             pt = pt * (dpt - delta[None, :])
             if SOFTCAP:
                 pt = pt * (1.0 - tt * tt)
         elif DROPOUT:
-            keep = dropout_keep(drop_base + tl.cast(start_m, tl.int64) * drop_stride, offs_m * drop_stride, offs_n,
-                                seed_lo, seed_hi, drop_thr, True)
+            keep = dropout_keep(dropout_row_keys(drop_rows, start_m + offs_m, seed_lo, seed_hi), offs_n, drop_thr,
+                                True)
             pt = tl.where(keep, pt * drop_scale, 0.0)
         # X's slice is loaded here, after the S^T / dP^T loops: issued before them (as dQ and the
         # forward do) it measured no faster for dV and 4% slower for dK at D=320 on the H200
@@ -447,7 +449,7 @@ def wide_dkdv_kernel(
     """DKDV = 1: DX = dK [B, Sk, Hkv, Dqk]; DKDV = 0: DX = dV [B, Sk, Hkv, Dv]; one slice of BLOCK_N keys
     of one kv head per program, summed over the kv head's GQA group in registers (grid: slice,
     key tile, batch x kv head, slices fastest)."""
-    count_q, count_k = seqlen_q, seqlen_k  # dropout counters, as in the forward
+    count_q = seqlen_q  # dropout row numbers, as in the forward
     n_n_tiles = tl.cdiv(seqlen_k, BLOCK_N)
     pid = tl.program_id(0)
     split = pid % n_split
@@ -497,7 +499,7 @@ def wide_dkdv_kernel(
                                                                         softcap, SOFTCAP, HAS_ALIBI)
         amt_ptrs = attn_mask_ptrs(AttnMask, b, h, offs_m[None, :], offs_n[:, None], stride_amb, stride_amh,
                                   stride_amm, stride_amn)
-        drop_base = dropout_rows(b, h, heads_q, count_q, count_k, 0)
+        drop_rows = dropout_head_row(b, h, heads_q, count_q)
         # query tiles [a, bb) and [c, d) need the visibility rule, [bb, c) sees every key of the tile; a
         # right edge (causal) makes [a, bb) non-empty
         for phase in tl.static_range(0 if HAS_RIGHT else 1, 3):
@@ -505,7 +507,7 @@ def wide_dkdv_kernel(
             hi = bb if phase == 0 else (c if phase == 1 else d)
             acc_a, acc_b = _dkdv_tiles(
                 acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, xb_base, lse_base, delta_base,
-                amt_ptrs, stride_amm, drop_base, count_k, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n,
+                amt_ptrs, stride_amm, drop_rows, seed_lo, seed_hi, drop_thr, drop_scale, offs_m, offs_n,
                 offs_k, cols_a, cols_b, lo, hi, stride_qs, stride_dos, stride_xs, qk_scale, softcap_pre, softcap_post,
                 alibi_log2, seqlen_q, seqlen_k, head_dim, head_dim_v, width, window_left, window_right, BLOCK_M,
                 BLOCK_N, BLOCK_K, PART_B, DKDV, phase != 1, HAS_LEFT, HAS_RIGHT, SOFTCAP, HAS_ALIBI, EVEN_K, EVEN_KV,

@@ -110,6 +110,16 @@ def tanh_approx(x):
 
 
 @triton.jit
+def fp32_fence(x):
+    """x (fp32), through a register move the compiler cannot see into. tl.where(keep, p, 0.0).to(bf16)
+    is otherwise rewritten by LLVM as a select of the bf16 halves after the conversion (select sinks
+    below the truncation), which on sm_90 costs two PRMT extracts, two SELs and a PRMT pack per pair
+    of elements instead of two FSELs (the forward's dropout loop: 659 -> 626 SASS instructions).
+    GPU only: the interpreter cannot run inline PTX."""
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
 def store_rows(base, rows, stride, cols, value, row_ok, col_limit, EVEN: tl.constexpr):
     """Store value [R, C] at base + rows * stride + cols (rows int64 [R], cols [C]) in base's element
     type, rows where row_ok; not EVEN also masks columns at col_limit (a padded head-dim chunk)."""
@@ -241,44 +251,25 @@ def block_list(Num, Idx, row, block, n_blocks_per_row, n_entries):
 
 
 @triton.jit
-def _mix32(x):
-    """A 32-bit integer mixer (lowbias32) on uint32: multiplies wrap mod 2^32 and shifts are logical,
-    which is exactly dropout.py's int64 form with its & 0xFFFFFFFF (64-bit integer multiplies cost
-    several instructions each on the GPU; these cost one)."""
-    x = x ^ (x >> 16)
-    x = x * tl.full(x.shape, 0x7FEB352D, tl.uint32)
-    x = x ^ (x >> 15)
-    x = x * tl.full(x.shape, 0x846CA68B, tl.uint32)
-    return x ^ (x >> 16)
+def dropout_head_row(b, h, heads_q, count_q):
+    """Row number of head (b, h)'s first query row, ((b * Hq + h) * Sq), as uint32 (api.py keeps
+    B * Hq * Sq <= 2^32 under dropout; Sq is the maximum length: varlen uses FlashAttention's padded
+    pattern)."""
+    return (((b * heads_q + h).to(tl.int64) * count_q) & 0xFFFFFFFF).to(tl.uint32)
 
 
 @triton.jit
-def _tile_keys(tile_base, seed_lo, seed_hi):
-    """(base_lo, key0, key1) of a tile whose first counter is tile_base (int64 scalar): the hash keys of
-    the counter's high half (dropout.py's pair_hash) for the tile's own high half and the next one.
-    Scalars, computed once per tile: a tile spans less than 2^32 counters, so its elements' high halves
-    are base_hi or base_hi + 1 (64-bit integer ops cost several instructions each)."""
-    base_lo = (tile_base & 0xFFFFFFFF).to(tl.uint32)
-    base_hi = (tile_base >> 32).to(tl.uint32)
-    key0 = _mix32(base_hi ^ seed_hi.to(tl.uint32)) ^ seed_lo.to(tl.uint32)
-    key1 = _mix32((base_hi + 1) ^ seed_hi.to(tl.uint32)) ^ seed_lo.to(tl.uint32)
-    return base_lo, key0, key1
+def dropout_row_keys(head_row, rows, seed_lo, seed_hi):
+    """The keys of query rows ``rows`` (int32 [M], within the head whose first row is head_row, from
+    dropout_head_row), as dropout_keep takes them: dropout.py's row_key k, already xored with k >> 16.
 
-
-@triton.jit
-def _pair_hash(base_lo, key0, key1, offs):
-    """lowbias32 of the counters tile_base + offs (offs uint32 < 2^32, each the offset of the first key
-    of a pair), keyed as dropout.py's pair_hash: the low half is a 32-bit add whose carry picks the key."""
-    lo = base_lo + offs  # wraps mod 2^32
-    return _mix32(lo ^ tl.where(lo < base_lo, key1, key0))
-
-
-@triton.jit
-def dropout_rows(b, h, heads_q, count_q, count_k, rows):
-    """First dropout counter of query rows ``rows`` (0: the head's first counter) of head (b, h):
-    ((b * Hq + h) * Sq + i) * Sk, with Sq / Sk the maximum lengths (varlen: FlashAttention's padded
-    pattern), dropout.py's definition."""
-    return ((b * heads_q + h).to(tl.int64) * count_q + rows) * count_k
+    That xor is the first step of the element hash lowbias32(k ^ j) (xorshifts distribute over xor:
+    (k ^ j) ^ ((k ^ j) >> 16) = (k ^ k >> 16) ^ (j ^ j >> 16)), so it is paid once per row, not per
+    element. A key is one multiply (k = ((row ^ seed_hi) * ROW_MULT) ^ seed_lo, 5 instructions a row):
+    the dK/dV kernels compute their query rows' keys on every tile, 16 rows per thread at 64 x 64."""
+    x = ((head_row + rows.to(tl.uint32)) ^ seed_hi.to(tl.uint32)) * tl.full(rows.shape, 0x9E3779B1, tl.uint32)
+    s = seed_lo.to(tl.uint32)
+    return x ^ (x >> 16) ^ (s ^ (s >> 16))
 
 
 @triton.jit
@@ -291,32 +282,38 @@ def attn_mask_ptrs(AttnMask, b, h, queries, keys, stride_amb, stride_amh, stride
 
 
 @triton.jit
-def dropout_keep(tile_base, row_offs, cols, seed_lo, seed_hi, threshold, KEYS_FIRST: tl.constexpr):
+def dropout_keep(row_keys, cols, threshold, KEYS_FIRST: tl.constexpr):
     """Keep bits of one score tile (dropout.py: keep_bits).
 
-    tile_base: int64 scalar, the counter of the tile's first query row at key 0
-    (((b * Hq + h) * Sq + i0) * Sk); row_offs: int32 [M], (i - i0) * Sk of each query row; cols: the
-    tile's key indices, 1-d, in runs of 16 from a multiple of 16. Every counter of the tile is then
-    tile_base plus a 32-bit offset (api.py keeps Sk <= dropout.MAX_KEYS, so M * Sk < 2^31).
-    KEYS_FIRST = False: tile [queries, keys]; True: tile [keys, queries] (the dK/dV kernels').
+    row_keys: uint32 [M], the tile's query rows' keys (dropout_row_keys); cols: the tile's key
+    indices, 1-d, in runs of 16 from a multiple of 16. KEYS_FIRST = False: tile [queries, keys];
+    True: tile [keys, queries] (the dK/dV kernels').
 
-    One 32-bit hash serves keys j and j + 8 (bit 3 of j clear; 16 bits each): half the integer work
-    of one hash per key. The pair is j, j + 8 rather than j, j + 1 because the tensor cores' result
-    layout gives a thread the elements (row, col) and (row + 8, col) as well as (row, col + 8): so both
-    orientations find a pair in one thread's registers, while a pair of neighbouring rows of the
-    transposed tile sits in two threads and cost the dK/dV loop a conversion through shared memory.
+    Element (i, j)'s bits are lowbias32(k_i ^ (j & ~8)): the row key carries the row's place and the
+    seed, so per element there is one xor, the rest of the mixer and a compare; no 64-bit counter or
+    carry. One 32-bit hash serves keys j and j + 8 (bit 3 of j clear; 16 bits each): half the integer
+    work of one hash per key. The pair is j, j + 8 rather than j, j + 1 because the tensor cores'
+    result layout gives a thread the elements (row, col) and (row + 8, col) as well as (row, col + 8):
+    so both orientations find a pair in one thread's registers, while a pair of neighbouring rows of
+    the transposed tile sits in two threads and cost the dK/dV loop a conversion through shared memory.
     """
     N: tl.constexpr = cols.shape[0]
     low, _ = tl.split(tl.permute(tl.reshape(cols, (N // 16, 2, 8)), (0, 2, 1)))  # keys with bit 3 clear
-    low = tl.reshape(low, (N // 2,))
-    M: tl.constexpr = row_offs.shape[0]
-    base_lo, key0, key1 = _tile_keys(tile_base, seed_lo, seed_hi)
+    low = tl.reshape(low, (N // 2,)).to(tl.uint32)
+    low = low ^ (low >> 16)  # the column's share of the first xorshift (dropout_row_keys)
+    M: tl.constexpr = row_keys.shape[0]
     if KEYS_FIRST:
-        x = _pair_hash(base_lo, key0, key1, (row_offs[None, :] + low[:, None]).to(tl.uint32))  # [N / 2, M]
+        x = row_keys[None, :] ^ low[:, None]  # [N / 2, M]
+    else:
+        x = row_keys[:, None] ^ low[None, :]  # [M, N / 2]
+    x = x * tl.full(x.shape, 0x7FEB352D, tl.uint32)
+    x = x ^ (x >> 15)
+    x = x * tl.full(x.shape, 0x846CA68B, tl.uint32)
+    x = x ^ (x >> 16)
+    if KEYS_FIRST:
         x = tl.reshape(x, (N // 16, 8, M))
         halves = tl.reshape(tl.permute(tl.join(x & 0xFFFF, x >> 16), (0, 3, 1, 2)), (N, M))
     else:
-        x = _pair_hash(base_lo, key0, key1, (row_offs[:, None] + low[None, :]).to(tl.uint32))  # [M, N / 2]
         x = tl.reshape(x, (M, N // 16, 8))
         halves = tl.reshape(tl.permute(tl.join(x & 0xFFFF, x >> 16), (0, 1, 3, 2)), (M, N))
     return halves >= threshold.to(tl.uint32)
