@@ -114,7 +114,8 @@ def fp32_fence(x):
     """x (fp32), through a register move the compiler cannot see into. tl.where(keep, p, 0.0).to(bf16)
     is otherwise rewritten by LLVM as a select of the bf16 halves after the conversion (select sinks
     below the truncation), which on sm_90 costs two PRMT extracts, two SELs and a PRMT pack per pair
-    of elements instead of two FSELs (the forward's dropout loop: 659 -> 626 SASS instructions).
+    of elements instead of two FSELs (the forward's dropout loop, with the old counter hash: 659 -> 626
+    SASS instructions).
     GPU only: the interpreter cannot run inline PTX."""
     return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
 
