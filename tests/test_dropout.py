@@ -101,22 +101,23 @@ def test_dropout_errors():
 @triton.jit
 def _keep_kernel(HeadRow, Out, OutT, seed_lo, seed_hi, thr, N: tl.constexpr, M: tl.constexpr):
     head_row = tl.load(HeadRow).to(tl.uint32)  # as dropout_head_row gives it
-    keys = dropout_row_keys(head_row, tl.arange(0, M), seed_lo, seed_hi)
     cols = tl.arange(0, N)
-    keep = dropout_keep(keys, cols, thr, False)  # [queries, keys]
+    # [queries, keys] as the forward and dQ salt them: seed_lo in the row keys
+    keep = dropout_keep(dropout_row_keys(head_row, tl.arange(0, M), seed_hi, seed_lo), cols, thr, False)
     tl.store(Out + tl.arange(0, M)[:, None] * N + cols[None, :], keep.to(tl.int8))
-    keep_t = dropout_keep(keys, cols, thr, True)  # [keys, queries], as dK/dV
+    # [keys, queries] as dK/dV salts them: seed_lo in the key indices
+    keep_t = dropout_keep(dropout_row_keys(head_row, tl.arange(0, M), seed_hi, 0), cols ^ seed_lo, thr, True)
     tl.store(OutT + cols[:, None] * M + tl.arange(0, M)[None, :], keep_t.to(tl.int8))
 
 
-# row numbers from 0 to the last one below dropout.MAX_ROWS (the seed halves are 31-bit, the row xor
-# reaches every bit); 64 keys cover both halves of four pairs of runs
+# row numbers from 0 to the last one below dropout.MAX_ROWS (row + seed_hi wraps past 2^32 in uint32 and
+# must agree with torch's int64 form); 64 keys cover both halves of four pairs of runs
 @pytest.mark.parametrize("head_row", [0, 12345, 2**31 - 3, 2**31 + 77, 2**32 - 8])
 def test_kernel_hash_matches_torch(head_row):
-    """kernels/common.py:dropout_row_keys folds the element hash's first xorshift into the row key and
-    dropout_keep mixes k ^ j in uint32; both must give dropout.keep_bits' bits exactly, in both tile
-    orientations, for row numbers up to 2^32 (too many rows for a full attention test, so the helpers
-    run alone in a small kernel)."""
+    """kernels/common.py:dropout_row_keys computes the row keys as a multiply-add and dropout_keep mixes
+    k ^ j ^ seed_lo in uint32, with seed_lo on the row side (forward, dQ) or the key side (dK/dV); both
+    must give dropout.keep_bits' bits exactly, in both tile orientations, for row numbers up to 2^32 (too
+    many rows for a full attention test, so the helpers run alone in a small kernel)."""
     M, N, p, seed = 8, 64, 0.3, (123457, 2**31 - 5)
     out = torch.empty(M, N, dtype=torch.int8, device=DEVICE)
     out_t = torch.empty(N, M, dtype=torch.int8, device=DEVICE)

@@ -129,7 +129,7 @@ def _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_bas
         if BLOCK_DV2 > 0:
             dpt = tl.dot(v2, tl.trans(do2), dpt, input_precision=DOT_PRECISION)
         # drop_rows: this head's first row number; transposed
-        keep = dropout_keep(dropout_row_keys(drop_rows, start_m + offs_m, seed_lo, seed_hi), offs_n, drop_thr, True)
+        keep = dropout_keep(dropout_row_keys(drop_rows, start_m + offs_m, seed_hi, 0), offs_n ^ seed_lo, drop_thr, True)
         pt_kept = tl.where(keep, pt, 0.0)
         dv = tl.dot(pt_kept.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         if BLOCK_DV2 > 0:
@@ -619,7 +619,7 @@ def attention_bwd_dq_kernel(
                              stride_amn)
     # each query row's dropout key (dropout.py's row_key; varlen: FlashAttention's padded pattern)
     drop_keys = dropout_row_keys(dropout_head_row(b, h, heads_q, count_q), tile * BLOCK_M + tl.arange(0, BLOCK_M),
-                                 seed_lo, seed_hi)
+                                 seed_hi, seed_lo)
     db_base = DBias + (b * heads_q + h).to(tl.int64) * seqlen_q * seqlen_k  # dS of this head, [Sq, Sk]
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale, softcap_pre, softcap_post, alibi_log2 = score_params(Alibi, b, h, stride_alibi_b, softmax_scale, softcap,

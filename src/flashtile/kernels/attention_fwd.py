@@ -305,7 +305,7 @@ def attention_fwd_kernel(
     # with the key index j gives element (i, j)'s bits (varlen: i, j within sequence b, Sq the maximum,
     # so the keep pattern is FlashAttention's padded one)
     drop_keys = dropout_row_keys(dropout_head_row(b, h, heads_q, count_q), tile * BLOCK_M + tl.arange(0, BLOCK_M),
-                                 seed_lo, seed_hi)
+                                 seed_hi, seed_lo)
 
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)

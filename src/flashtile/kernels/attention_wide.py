@@ -185,7 +185,7 @@ def wide_fwd_kernel(
                              stride_amn)
     # each query row's dropout key (dropout.py's row_key; varlen: FlashAttention's padded pattern)
     drop_keys = dropout_row_keys(dropout_head_row(b, h, heads_q, count_q), tile * BLOCK_M + tl.arange(0, BLOCK_M),
-                                 seed_lo, seed_hi)
+                                 seed_hi, seed_lo)
     # key tiles [a, bb) and [c, d) need the visibility rule, [bb, c) is visible to every row; a left edge
     # (window) makes [a, bb) non-empty. One call site, unrolled per phase (MASKED is a constexpr)
     for phase in tl.static_range(0 if HAS_LEFT else 1, 3):
@@ -350,7 +350,7 @@ def wide_dq_kernel(
                              stride_amn)
     # each query row's dropout key (dropout.py's row_key; varlen: FlashAttention's padded pattern)
     drop_keys = dropout_row_keys(dropout_head_row(b, h, heads_q, count_q), tile * BLOCK_M + tl.arange(0, BLOCK_M),
-                                 seed_lo, seed_hi)
+                                 seed_hi, seed_lo)
     db_base = DBias + (b * heads_q + h).to(tl.int64) * count_q * count_k
     for phase in tl.static_range(0 if HAS_LEFT else 1, 3):  # the forward's phases: [a, bb), [bb, c), [c, d)
         lo = a if phase == 0 else (bb if phase == 1 else c)
@@ -404,7 +404,7 @@ def _dkdv_tiles(acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, 
             dpt = _dot_over_k(dpt, v_ptrs, dot_base + rows[None, :].to(tl.int64) * stride_dos + offs_k[:, None], k_ok,
                               q_ok, offs_k, head_dim_v, BLOCK_K, EVEN_KV, DOT_PRECISION)
             if DROPOUT:  # the keep bits right at their one use: live across the dP^T loop they went to memory
-                keep = dropout_keep(dropout_row_keys(drop_rows, start_m + offs_m, seed_lo, seed_hi), offs_n,
+                keep = dropout_keep(dropout_row_keys(drop_rows, start_m + offs_m, seed_hi, 0), offs_n ^ seed_lo,
                                     drop_thr, True)
                 dpt = tl.where(keep, dpt * drop_scale, 0.0)
             delta = tl.load(delta_base + rows, mask=rows < seqlen_q, other=0.0)
@@ -412,7 +412,7 @@ def _dkdv_tiles(acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, 
             if SOFTCAP:
                 pt = pt * (1.0 - tt * tt)
         elif DROPOUT:
-            keep = dropout_keep(dropout_row_keys(drop_rows, start_m + offs_m, seed_lo, seed_hi), offs_n, drop_thr,
+            keep = dropout_keep(dropout_row_keys(drop_rows, start_m + offs_m, seed_hi, 0), offs_n ^ seed_lo, drop_thr,
                                 True)
             pt = tl.where(keep, pt * drop_scale, 0.0)
         # X's slice is loaded here, after the S^T / dP^T loops: issued before them (as dQ and the

@@ -260,17 +260,19 @@ def dropout_head_row(b, h, heads_q, count_q):
 
 
 @triton.jit
-def dropout_row_keys(head_row, rows, seed_lo, seed_hi):
+def dropout_row_keys(head_row, rows, seed_hi, salt):
     """The keys of query rows ``rows`` (int32 [M], within the head whose first row is head_row, from
-    dropout_head_row), as dropout_keep takes them: dropout.py's row_key k, already xored with k >> 16.
+    dropout_head_row), as dropout_keep takes them: dropout.py's row_key, xored with salt.
 
-    That xor is the first step of the element hash lowbias32(k ^ j) (xorshifts distribute over xor:
-    (k ^ j) ^ ((k ^ j) >> 16) = (k ^ k >> 16) ^ (j ^ j >> 16)), so it is paid once per row, not per
-    element. A key is one multiply (k = ((row ^ seed_hi) * ROW_MULT) ^ seed_lo, 5 instructions a row):
-    the dK/dV kernels compute their query rows' keys on every tile, 16 rows per thread at 64 x 64."""
-    x = ((head_row + rows.to(tl.uint32)) ^ seed_hi.to(tl.uint32)) * tl.full(rows.shape, 0x9E3779B1, tl.uint32)
-    s = seed_lo.to(tl.uint32)
-    return x ^ (x >> 16) ^ (s ^ (s >> 16))
+    The element hash mixes k_r ^ j ^ seed_lo, and xor can take seed_lo on either side: the forward
+    and dQ kernels, whose rows are fixed per program, pass salt = seed_lo; the dK/dV kernels, whose
+    key columns are fixed, pass salt = 0 and xor seed_lo into the key indices (dropout_keep's cols)
+    once. A row's key is then one multiply-add, rows * ROW_MULT + (head_row + seed_hi) * ROW_MULT, the
+    second term uniform across the program: one IMAD a row where dK/dV recomputes its query rows'
+    keys on every tile (16 rows per thread at 64 x 64), on the row numbers it holds anyway."""
+    g = tl.full(rows.shape, 0x9E3779B1, tl.uint32)  # dropout.ROW_MULT
+    base = tl.zeros(rows.shape, tl.uint32) + head_row + seed_hi  # uint32 arithmetic
+    return (rows.to(tl.uint32) * g + base * g) ^ salt
 
 
 @triton.jit
@@ -287,11 +289,13 @@ def dropout_keep(row_keys, cols, threshold, KEYS_FIRST: tl.constexpr):
     """Keep bits of one score tile (dropout.py: keep_bits).
 
     row_keys: uint32 [M], the tile's query rows' keys (dropout_row_keys); cols: the tile's key
-    indices, 1-d, in runs of 16 from a multiple of 16. KEYS_FIRST = False: tile [queries, keys];
-    True: tile [keys, queries] (the dK/dV kernels').
+    indices, 1-d, in runs of 16 from a multiple of 16, xored with seed_lo where the row keys do not
+    carry it (dropout_row_keys' salt; the xor keeps the runs' positions, which are what the pairing
+    below reads). KEYS_FIRST = False: tile [queries, keys]; True: tile [keys, queries] (the dK/dV
+    kernels').
 
-    Element (i, j)'s bits are lowbias32(k_i ^ (j & ~8)): the row key carries the row's place and the
-    seed, so per element there is one xor, the rest of the mixer and a compare; no 64-bit counter or
+    Element (i, j)'s bits are mix(k_i ^ (j & ~8) ^ seed_lo), mix being lowbias32 without its first
+    xorshift: per element one xor, two multiplies, two xorshifts and a compare; no 64-bit counter or
     carry. One 32-bit hash serves keys j and j + 8 (bit 3 of j clear; 16 bits each): half the integer
     work of one hash per key. The pair is j, j + 8 rather than j, j + 1 because the tensor cores'
     result layout gives a thread the elements (row, col) and (row + 8, col) as well as (row, col + 8):
@@ -301,7 +305,6 @@ def dropout_keep(row_keys, cols, threshold, KEYS_FIRST: tl.constexpr):
     N: tl.constexpr = cols.shape[0]
     low, _ = tl.split(tl.permute(tl.reshape(cols, (N // 16, 2, 8)), (0, 2, 1)))  # keys with bit 3 clear
     low = tl.reshape(low, (N // 2,)).to(tl.uint32)
-    low = low ^ (low >> 16)  # the column's share of the first xorshift (dropout_row_keys)
     M: tl.constexpr = row_keys.shape[0]
     if KEYS_FIRST:
         x = row_keys[None, :] ^ low[:, None]  # [N / 2, M]
