@@ -23,10 +23,12 @@ def _qkv(B, Sq, Sk, Hq, Hkv, D, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kw", [dict(), dict(causal=True), dict(window_size=(7, 3), softcap=2.0)],
-                         ids=["plain", "causal", "window-softcap"])
-def test_dropout_is_the_exact_function_of_its_pattern(kw, dtype, backend):
-    q, k, v = _qkv(2, 45, 61, 4, 2, 40, dtype)
+@pytest.mark.parametrize("kw, D", [(dict(), 40), (dict(causal=True), 40), (dict(window_size=(7, 3), softcap=2.0), 40),
+                                   (dict(causal=True), 128), (dict(causal=True), 96)],
+                         ids=["plain", "causal", "window-softcap", "causal-d128", "causal-d96"])
+def test_dropout_is_the_exact_function_of_its_pattern(kw, D, dtype, backend):
+    """D = 128 and 96: the causal dK/dV tiles of one 128-column chunk and of 64 + 32 (tuning.backward_config)."""
+    q, k, v = _qkv(2, 45, 61, 4, 2, D, dtype)
     p = 0.3
     with ft.use_backend(backend):
         out, lse, keep = ft.flash_attn_func(q, k, v, dropout_p=p, return_attn_probs=True, **kw)

@@ -199,7 +199,8 @@ def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype:
     SHORT_CAUSAL_KEYS keys or a window at most SHORT_WINDOW wide, without a block mask; dropout: p > 0;
     grouped: GQA / MQA; medium_walk: causal, neither block mask nor varlen, with at most
     MEDIUM_CAUSAL_KEYS keys or a window at most MEDIUM_WINDOW wide). Dropout runs 64x64 w4 dK/dV tiles
-    at head dims <= 64 and causal 32x64 w4 ones up to 128, with constant lengths."""
+    at head dims <= 64 and causal ones in one 128-column chunk (in one loop), causal 32x64 w4 ones for
+    the other head dims up to 128, with constant lengths."""
     if medium_walk and not dropout and not grouped:  # the short walk's tiles, with constant lengths
         short_walk, long_causal = True, False
     tiles = _backward_tiles(device, head_dim, head_dim_v, dtype, causal, block_sparse, softcap, partial_blocks,
@@ -212,8 +213,15 @@ def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype:
         # 233 / 264 / 275); D=96 S=8192 211 -> 238; split phases or one loop within 1%. D=64 (B=2,
         # H=32, S=8192), 64x64 w4 against 32x128 w4 s3: non-causal 214 -> 249, causal 188 -> 210
         # (32x64 w4 209, 64x128 w8 205)
+        # Session 31 (row keys as one multiply-add, dK/dV loop 64x64 661 instructions): causal head
+        # dims in one 128-column chunk gain on 64x64 w4 in one loop, sustained forward+backward step
+        # (us, 32x64 -> 64x64 w4 s2, B*S = 16384): S=1024 1036 -> 1016, 2048 1734 -> 1667, 4096 3028 ->
+        # 2898, 8192 5745 -> 5454, 16384 10968 -> 10531 (B=1); the 64x64 tiles in split phases ran
+        # 7530. D=96 (64 + 32 columns) lost: 5523 -> 6125, so two-chunk heads keep 32x64
         if d <= 64:
             tiles = dataclasses.replace(tiles, dkdv=KernelConfig(64, 64, 4, 2))
+        elif d <= 128 and causal and min(head_dim_chunks(head_dim)[0], head_dim_chunks(head_dim_v)[0]) > 64:
+            tiles = dataclasses.replace(tiles, dkdv=KernelConfig(64, 64, 4, 2), split_phases=False)
         elif d <= 128 and causal:
             tiles = dataclasses.replace(tiles, dkdv=KernelConfig(32, 64, 4, 2))
     if dkdv_constant_lengths(device, head_dim, head_dim_v, dtype, tiles, block_sparse, dropout, causal):
