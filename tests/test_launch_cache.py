@@ -436,11 +436,14 @@ def test_constant_lengths_only_where_the_tuning_table_measured_them(monkeypatch)
     assert not bf16(True)  # 64x128 w8: causal beyond 1024 keys, windows
     assert bf16(True, long_causal=True)  # split phases (with the aligned lse / delta rows they bring)
     # dropout (since its keep mask needs no layout conversion in the dK/dV loop): every config, causal
-    # on 32x64 w4 tiles
+    # on 64x64 w4 tiles in one loop (one 128-column chunk) or 32x64 w4 (D = 96: 64 + 32 columns)
     assert bf16(False, dropout=True) and bf16(True, dropout=True) and bf16(True, long_causal=True, dropout=True)
     assert bf16(False, dropout=True, block_sparse=True)
     causal_dropout = backward_config(gpu, 128, 128, torch.bfloat16, True, long_causal=True, dropout=True)
-    assert (causal_dropout.dkdv.block_m, causal_dropout.dkdv.block_n, causal_dropout.dkdv.num_warps) == (32, 64, 4)
+    assert (causal_dropout.dkdv.block_m, causal_dropout.dkdv.block_n, causal_dropout.dkdv.num_warps) == (64, 64, 4)
+    assert not causal_dropout.split_phases
+    d96 = backward_config(gpu, 96, 96, torch.bfloat16, True, long_causal=True, dropout=True)
+    assert (d96.dkdv.block_m, d96.dkdv.block_n, d96.dkdv.num_warps) == (32, 64, 4) and d96.constant_lengths
     # D <= 64: non-causal calls on the plain 32x128 w4 tiles and dropout (on 64x64 w4 tiles); causal
     # calls and block masks do not
     d64 = lambda *a, **kw: backward_config(gpu, 64, 64, torch.bfloat16, *a, **kw)
