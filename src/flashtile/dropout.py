@@ -4,13 +4,15 @@ Query row i of head (b, h) is row r = (b * Hq + h) * Sq + i, and has the 32-bit 
 * ROW_MULT mod 2^32, the 64-bit seed being two 31-bit halves drawn from torch's default generator (so
 torch.manual_seed makes runs reproducible). Keys j and j + 8 of the row (bit 3 of j clear) share the
 hash mix(k_r ^ j ^ seed_lo), mix being lowbias32 without its first xorshift: key j reads its low 16
-bits, key j + 8 its high 16 bits, and a key is kept iff its 16 bits are >= threshold(p). The drop probability is therefore p rounded down to a multiple
-of 2^-16 (off by less than 1.6e-5); outputs are still scaled by 1 / (1 - p). Nothing S x S is stored:
-the backward regenerates the bits. kernels/common.py:dropout_row_keys and dropout_keep are the Triton
-form of keep_bits below: they work in uint32 (multiplies wrap mod 2^32), which is this file's int64
-arithmetic with the low 32 bits kept, so the two agree bit for bit (tests/test_dropout.py checks it). A
-row's key costs one multiply-add (the dK/dV kernels recompute their rows' keys on every tile), and per
-element the kernels pay one xor, the mixer and a compare; row numbers are 32-bit, so B * Hq * Sq is at most 2^32 (MAX_ROWS; api.py checks it).
+bits, key j + 8 its high 16 bits, and a key is kept iff its 16 bits are >= threshold(p). The drop
+probability is therefore p rounded down to a multiple of 2^-16 (off by less than 1.6e-5); outputs are
+still scaled by 1 / (1 - p). Nothing S x S is stored: the backward regenerates the bits.
+kernels/common.py:dropout_row_keys and dropout_keep are the Triton form of keep_bits below: they work
+in uint32 (multiplies wrap mod 2^32), which is this file's int64 arithmetic with the low 32 bits kept,
+so the two agree bit for bit (tests/test_dropout.py checks it). A row's key costs one multiply-add (the
+dK/dV kernels recompute their rows' keys on every tile), and per element the kernels pay one xor, the
+mixer and a compare; row numbers are 32-bit, so B * Hq * Sq is at most 2^32 (MAX_ROWS; api.py checks
+it).
 """
 
 from __future__ import annotations
