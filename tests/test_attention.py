@@ -45,9 +45,10 @@ def _rand(*shape, dtype, requires_grad=True):
     return torch.randn(*shape, device=DEVICE, dtype=dtype).requires_grad_(requires_grad)
 
 
-def _make(shape, dtype):
+def _make(shape, dtype, requires_grad=True):
     B, Sq, Sk, Hq, Hkv, D = shape
-    return _rand(B, Sq, Hq, D, dtype=dtype), _rand(B, Sk, Hkv, D, dtype=dtype), _rand(B, Sk, Hkv, D, dtype=dtype)
+    return tuple(_rand(B, S, H, D, dtype=dtype, requires_grad=requires_grad)
+                 for S, H in ((Sq, Hq), (Sk, Hkv), (Sk, Hkv)))
 
 
 def _grads(out, inputs, dout):
@@ -144,6 +145,37 @@ def test_fixed_max_only_where_the_softcap_bounds_the_scores():
     assert not fixed_max(41.6, torch.bfloat16, False, 0) and not fixed_max(0.0, torch.bfloat16, False, 0)
     assert not fixed_max(30.0, torch.float16, False, 0)  # P in fp16 would underflow
     assert not fixed_max(30.0, torch.bfloat16, True, 0) and not fixed_max(30.0, torch.bfloat16, False, 2)
+
+
+def test_raw_max_only_where_the_score_is_a_positive_multiple_of_qk():
+    """attention_launch.max_mode: MAX_RAW (the row max over unscaled q.k, scaled after) only where the
+    score is q.k times a finite positive scale; a softcap, ALiBi or an additive mask take the other
+    modes, and a 384-wide accumulator keeps the lazy rescale."""
+    L, bf16 = attention_launch, torch.bfloat16
+    assert L.max_mode(0.0, bf16, False, 0, 128, False, 0.125) == L.MAX_RAW
+    assert L.max_mode(0.0, bf16, False, 1, 64, True, 2.0) == L.MAX_RAW  # a bool mask and a window only hide scores
+    for scale in (-0.125, 0.0, math.inf, math.nan):
+        assert L.max_mode(0.0, bf16, False, 0, 128, False, scale) == L.MAX_RUNNING
+    assert L.max_mode(0.0, bf16, True, 0, 128, False, 0.125) == L.MAX_RUNNING  # ALiBi
+    assert L.max_mode(0.0, bf16, False, 2, 128, False, 0.125) == L.MAX_RUNNING  # additive mask
+    assert L.max_mode(30.0, torch.float16, False, 0, 128, False, 0.125) == L.MAX_RUNNING  # fp16 softcap
+    assert L.max_mode(30.0, bf16, False, 0, 128, False, 0.125) == L.MAX_FIXED
+    assert L.max_mode(0.0, bf16, False, 0, 384, False, 0.125) == L.MAX_LAZY
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softmax_scale_sign(backend):
+    """Positive, negative and zero scales on one signature in turn: the max over unscaled q.k
+    (MAX_RAW) holds for a positive scale only, and a launch recipe made for one sign must not serve
+    the other (attention_launch._call_key). Causal with Sq != Sk, so masked tiles take part. The
+    scores spread over thousands (log2 domain), so a max taken on the wrong side overflows exp2."""
+    torch.manual_seed(11)
+    q, k, v = _make((2, 45, 61, 3, 1, 40), HALF, requires_grad=False)
+    q, k = (4 * t for t in (q, k))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    for scale in (2.0, -2.0, 0.0, 2.0, -0.5):
+        with ft.use_backend(backend):
+            check_against_oracle(q, k, v, softmax_scale=scale, causal=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

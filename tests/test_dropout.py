@@ -7,7 +7,7 @@ import triton.language as tl
 
 import flashtile as ft
 from flashtile import dropout
-from flashtile.kernels.common import dropout_keep, dropout_row_keys
+from flashtile.kernels.common import dropout_col_keys, dropout_keep, dropout_row_keys, dropout_tile_keep
 from flashtile.reference import attention_ref
 from conftest import DEVICE, HAS_GPU
 from oracle import assert_matches_oracle
@@ -104,11 +104,16 @@ def test_dropout_errors():
 def _keep_kernel(HeadRow, Out, OutT, seed_lo, seed_hi, thr, N: tl.constexpr, M: tl.constexpr):
     head_row = tl.load(HeadRow).to(tl.uint32)  # as dropout_head_row gives it
     cols = tl.arange(0, N)
-    # [queries, keys] as the forward and dQ salt them: seed_lo in the row keys
-    keep = dropout_keep(dropout_row_keys(head_row, tl.arange(0, M), seed_hi, seed_lo), cols, thr, False)
-    tl.store(Out + tl.arange(0, M)[:, None] * N + cols[None, :], keep.to(tl.int8))
-    # [keys, queries] as dK/dV salts them: seed_lo in the key indices
-    keep_t = dropout_keep(dropout_row_keys(head_row, tl.arange(0, M), seed_hi, 0), cols ^ seed_lo, thr, True)
+    # [queries, keys] as the forward and dQ salt them: seed_lo in the row keys, keys as two 32-key tiles
+    # at 0 and 32 (the tile's offset goes into the row keys: dropout_tile_keep)
+    row_keys = dropout_row_keys(head_row, tl.arange(0, M), seed_hi, seed_lo)
+    half = tl.arange(0, N // 2)
+    for start in tl.static_range(0, N, N // 2):
+        keep = dropout_tile_keep(row_keys, start, half, thr)
+        tl.store(Out + tl.arange(0, M)[:, None] * N + start + half[None, :], keep.to(tl.int8))
+    # [keys, queries] as dK/dV salts them: seed_lo in the keys' part
+    keep_t = dropout_keep(dropout_row_keys(head_row, tl.arange(0, M), seed_hi, 0), dropout_col_keys(cols, seed_lo),
+                          thr, True)
     tl.store(OutT + cols[:, None] * M + tl.arange(0, M)[None, :], keep_t.to(tl.int8))
 
 
@@ -117,9 +122,10 @@ def _keep_kernel(HeadRow, Out, OutT, seed_lo, seed_hi, thr, N: tl.constexpr, M: 
 @pytest.mark.parametrize("head_row", [0, 12345, 2**31 - 3, 2**31 + 77, 2**32 - 8])
 def test_kernel_hash_matches_torch(head_row):
     """kernels/common.py:dropout_row_keys computes the row keys as a multiply-add and dropout_keep mixes
-    k ^ j ^ seed_lo in uint32, with seed_lo on the row side (forward, dQ) or the key side (dK/dV); both
-    must give dropout.keep_bits' bits exactly, in both tile orientations, for row numbers up to 2^32 (too
-    many rows for a full attention test, so the helpers run alone in a small kernel)."""
+    k + j + seed_lo in uint32, its first multiply applied to the row part and the key part apart, with
+    seed_lo on the row side (forward, dQ) or the key side (dK/dV); both must give dropout.keep_bits'
+    bits exactly, in both tile orientations, for row numbers up to 2^32 (too many rows for a full
+    attention test, so the helpers run alone in a small kernel)."""
     M, N, p, seed = 8, 64, 0.3, (123457, 2**31 - 5)
     out = torch.empty(M, N, dtype=torch.int8, device=DEVICE)
     out_t = torch.empty(N, M, dtype=torch.int8, device=DEVICE)

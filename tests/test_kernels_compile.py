@@ -83,8 +83,11 @@ def compile_forward_configs() -> None:
     assert (capped_cfg.block_m, capped_cfg.block_n, capped_cfg.num_stages) == (128, 32, 3), capped_cfg
     d64 = forward_config(gpu, 64, 64, torch.bfloat16, False, fixed_max=True)
     assert (d64.block_m, d64.block_n) == (128, 64), d64
+    from flashtile.attention_launch import max_mode
     plain = dict(FLAG_SETS[0], DOT_PRECISION="ieee", BLOCK_D=128, BLOCK_DV=128, BLOCK_SQ=0, BLOCK_SK=0)
-    for flags, c in ((plain, long_cfg), (dict(plain, HAS_RIGHT=True, HAS_ALIBI=True, TILE_MAJOR=True, HEAD_GROUP=4), long_cfg),
+    raw_max = dict(plain, MAX_MODE=max_mode(0.0, torch.bfloat16, False, 0, 128, False, 0.088))  # MAX_RAW
+    for flags, c in ((plain, long_cfg), (raw_max, long_cfg), (dict(raw_max, HAS_RIGHT=True, DROPOUT=2), long_cfg),
+                     (dict(plain, HAS_RIGHT=True, HAS_ALIBI=True, TILE_MAJOR=True, HEAD_GROUP=4), long_cfg),
                      (dict(plain, ATTN_MASK=1), mask_cfg),
                      (dict(plain, SOFTCAP=2, MAX_MODE=1, HAS_RIGHT=True, DROPOUT=2, ATTN_MASK=1), capped_cfg)):
         k = _compile(attention_fwd_kernel, "bf16", dict(flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
@@ -92,7 +95,6 @@ def compile_forward_configs() -> None:
         assert k.metadata.shared <= 232448, k.metadata.shared  # H100/H200: 227 KiB per block
     # head dims 257..384 on the dense forward (dispatch.wide_forward_heads): 256 + 64 columns on 3
     # stages, 256 + 128 on 2 with the lazy rescale (attention_launch.max_mode)
-    from flashtile.attention_launch import max_mode
     from flashtile.tuning import head_dim_chunks
     for d, stages in ((320, 3), (384, 2)):
         c = forward_config(gpu, d, d, torch.bfloat16, False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Dict, Hashable, Optional, Tuple
 
 import torch
@@ -72,8 +73,8 @@ def fixed_max(softcap: float, dtype: torch.dtype, has_alibi: bool, attn_mask_kin
 
 
 # The forward kernel's MAX_MODE values, as the kernel defines them
-MAX_RUNNING, MAX_FIXED, MAX_LAZY = (int(m.value) for m in (fwd_kernel.MAX_RUNNING, fwd_kernel.MAX_FIXED,
-                                                            fwd_kernel.MAX_LAZY))
+MAX_RUNNING, MAX_FIXED, MAX_LAZY, MAX_RAW = (int(m.value) for m in (fwd_kernel.MAX_RUNNING, fwd_kernel.MAX_FIXED,
+                                                                     fwd_kernel.MAX_LAZY, fwd_kernel.MAX_RAW))
 ALIBI_DISTANCE, ALIBI_KEY_TERM, ALIBI_BOTH_TERMS, ALIBI_TERM_DISTANCE = (
     int(m.value) for m in (kernel_common.ALIBI_DISTANCE, kernel_common.ALIBI_KEY_TERM, kernel_common.ALIBI_BOTH_TERMS,
                            kernel_common.ALIBI_TERM_DISTANCE))
@@ -82,11 +83,13 @@ LAZY_RESCALE_MIN_WIDTH = 384
 
 
 def max_mode(softcap: float, dtype: torch.dtype, has_alibi: bool, attn_mask_kind: int, head_dim_v: int,
-             has_left: bool = False) -> int:
+             has_left: bool = False, softmax_scale: float = 1.0) -> int:
     """The forward kernel's MAX_MODE: MAX_FIXED where fixed_max holds; MAX_LAZY where the [128, Dv]
     fp32 accumulator is at least LAZY_RESCALE_MIN_WIDTH columns (Dv = 321..384, 16-bit: wider heads
     run the split-D kernels) and no window's left edge bounds the walk; else FlashAttention-2's
-    running max, MAX_RUNNING.
+    running max: MAX_RAW where the score is q.k times a positive scale (no softcap, ALiBi or additive
+    attn_mask), whose max is taken before the scale (one multiply a row, not a score), else
+    MAX_RUNNING.
 
     The lazy rescale skips multiplying the accumulator by each tile's alpha until some row's max grows
     by more than 2^8, at the price of a program-wide reduction and barrier per key tile. H200, bf16,
@@ -97,7 +100,10 @@ def max_mode(softcap: float, dtype: torch.dtype, has_alibi: bool, attn_mask_kind
     barrier costs more than the multiplies it saves."""
     if fixed_max(softcap, dtype, has_alibi, attn_mask_kind):
         return MAX_FIXED
-    return MAX_LAZY if tile_width(head_dim_v) >= LAZY_RESCALE_MIN_WIDTH and not has_left else MAX_RUNNING
+    if tile_width(head_dim_v) >= LAZY_RESCALE_MIN_WIDTH and not has_left:
+        return MAX_LAZY
+    plain_score = softcap <= 0 and not has_alibi and attn_mask_kind != 2
+    return MAX_RAW if plain_score and 0 < softmax_scale < math.inf else MAX_RUNNING
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -494,9 +500,9 @@ def _call_key(tensors: Tuple[torch.Tensor, ...], left: Optional[int], right: Opt
     if alibi_slopes is not None:
         tensors = (*tensors, alibi_slopes)
     # FIXED_MAX from fixed_max itself (recipes exist only without attn_mask), so the key follows its
-    # rule; max_mode's other input, Dv, is in the shapes below
+    # rule; max_mode's other inputs: Dv is in the shapes below, and the scale's sign (MAX_RAW)
     bounded = fixed_max(softcap, tensors[0].dtype, alibi_slopes is not None, 0)
-    sig = [left, right, softcap > 0, bounded, type(softmax_scale), type(softcap), dropout_p,
+    sig = [left, right, softcap > 0, bounded, softmax_scale > 0, type(softmax_scale), type(softcap), dropout_p,
            torch.backends.cuda.matmul.allow_tf32, tensors[0].device, lengths, aliases(tensors), mask_sig]
     for t in tensors:
         sig += (t.shape, t.stride(), t.dtype, t.data_ptr() % 16)
@@ -611,7 +617,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
                 HAS_ALIBI=_alibi_flag(alibi_slopes, has_right, right, max(D, Dv), "fwd"),
                 VARLEN=layout.varlen, BLOCK_SPARSE=sp.flag, BLOCK_SQ=sp.block[0], BLOCK_SK=sp.block[1],
                 ATTN_MASK=am_kind, DOT_PRECISION=_dot_precision(q.dtype),
-                MAX_MODE=max_mode(softcap, q.dtype, alibi_slopes is not None, am_kind, Dv, has_left),
+                MAX_MODE=max_mode(softcap, q.dtype, alibi_slopes is not None, am_kind, Dv, has_left, softmax_scale),
                 **_order_flags(program_order(layout, causal, has_left, Hq // Hkv, sp.enabled)))
     with _device_ctx(q):
         ran = _launch(attention_fwd_kernel, cfg, sp.block, lambda bm, bn: (triton.cdiv(Sq, bm) * B * Hq,),

@@ -3,16 +3,17 @@
 Query row i of head (b, h) is row r = (b * Hq + h) * Sq + i, and has the 32-bit key k_r = (r + seed_hi)
 * ROW_MULT mod 2^32, the 64-bit seed being two 31-bit halves drawn from torch's default generator (so
 torch.manual_seed makes runs reproducible). Keys j and j + 8 of the row (bit 3 of j clear) share the
-hash mix(k_r ^ j ^ seed_lo), mix being lowbias32 without its first xorshift: key j reads its low 16
+hash mix(k_r + j + seed_lo), mix being lowbias32 without its first xorshift: key j reads its low 16
 bits, key j + 8 its high 16 bits, and a key is kept iff its 16 bits are >= threshold(p). The drop
 probability is therefore p rounded down to a multiple of 2^-16 (off by less than 1.6e-5); outputs are
 still scaled by 1 / (1 - p). Nothing S x S is stored: the backward regenerates the bits.
 kernels/common.py:dropout_row_keys and dropout_keep are the Triton form of keep_bits below: they work
 in uint32 (multiplies wrap mod 2^32), which is this file's int64 arithmetic with the low 32 bits kept,
-so the two agree bit for bit (tests/test_dropout.py checks it). A row's key costs one multiply-add (the
-dK/dV kernels recompute their rows' keys on every tile), and per element the kernels pay one xor, the
-mixer and a compare; row numbers are 32-bit, so B * Hq * Sq is at most 2^32 (MAX_ROWS; api.py checks
-it).
+so the two agree bit for bit (tests/test_dropout.py checks it). The mixer's first multiply distributes
+over the sum, so the kernels multiply the row part (one multiply-add a row, which the dK/dV kernels
+recompute on every tile) and the key part (fixed per program) apart, and per element pay one add, the
+rest of the mixer and a compare; row numbers are 32-bit, so B * Hq * Sq is at most 2^32 (MAX_ROWS;
+api.py checks it).
 """
 
 from __future__ import annotations
@@ -29,11 +30,15 @@ MAX_ROWS = 2**32
 ROW_MULT = 0x9E3779B1
 
 
+# the mixer's first multiplier (the kernels apply it to the row and key parts apart: kernels/common.py)
+MIX_MULT_1 = 0x7FEB352D
+
+
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """lowbias32 without its first xorshift: the row keys are products, so their high bits already
     reach every bit through the multiply-xorshift-multiply-xorshift that follows (every output bit
     depends on every input bit)."""
-    x = (x * 0x7FEB352D) & _M32
+    x = (x * MIX_MULT_1) & _M32
     x = x ^ (x >> 15)
     x = (x * 0x846CA68B) & _M32
     return x ^ (x >> 16)
@@ -58,7 +63,7 @@ def row_key(rows: torch.Tensor, seed: Tuple[int, int]) -> torch.Tensor:
 def keep_bits(rows: torch.Tensor, cols: torch.Tensor, seed: Tuple[int, int], dropout_p: float) -> torch.Tensor:
     """Bool keep mask of keys ``cols`` (int64) of query rows ``rows`` (int64 row numbers, broadcast
     against cols)."""
-    x = _mix32(row_key(rows, seed) ^ (cols & ~8) ^ seed[0])
+    x = _mix32((row_key(rows, seed) + (cols & ~8) + seed[0]) & _M32)
     return ((x >> (16 * ((cols >> 3) & 1))) & 0xFFFF) >= threshold(dropout_p)
 
 

@@ -24,7 +24,7 @@ rows: the dQ kernel walks both in one loop, as the forward does).
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import (ALIBI_KEY_TERM, ELEM_INTERVALS, ELEM_TILE, alibi_query_term, and_element_mask, attn_mask_ptrs, load_tail, store_rows, block_list, dropout_keep, dropout_head_row, dropout_row_keys, key_phases, list_tile,
+from flashtile.kernels.common import (ALIBI_KEY_TERM, ELEM_INTERVALS, ELEM_TILE, alibi_query_term, and_element_mask, attn_mask_ptrs, load_tail, store_rows, block_list, dropout_col_keys, dropout_keep, dropout_head_row, dropout_row_keys, key_phases, list_tile,
                                       merged_row_tile, row_walk, partial_local, partial_tile_ptrs, program_tile, row_tile_ptrs, query_phases, score_log2, score_params,
                                       sequence_bounds, visible)
 
@@ -129,7 +129,8 @@ def _dkdv_tile(dk, dk2, dv, dv2, k, k2, v, v2, offs_d2, offs_dv2, q_base, do_bas
         if BLOCK_DV2 > 0:
             dpt = tl.dot(v2, tl.trans(do2), dpt, input_precision=DOT_PRECISION)
         # drop_rows: this head's first row number; transposed
-        keep = dropout_keep(dropout_row_keys(drop_rows, start_m + offs_m, seed_hi, 0), offs_n ^ seed_lo, drop_thr, True)
+        keep = dropout_keep(dropout_row_keys(drop_rows, start_m + offs_m, seed_hi, 0), dropout_col_keys(offs_n, seed_lo),
+                            drop_thr, True)
         pt_kept = tl.where(keep, pt, 0.0)
         dv = tl.dot(pt_kept.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         if BLOCK_DV2 > 0:
@@ -450,7 +451,9 @@ def _dq_tile(dq, dq2, q, q2, do, do2, lse2, delta, k_ptrs, k2_ptrs, v_ptrs, v2_p
     if BLOCK_DV2 > 0:
         dp = tl.dot(do2, tl.trans(v2), dp, input_precision=DOT_PRECISION)
     if DROPOUT:  # p and delta carry the scale (attention_bwd_dq_kernel)
-        keep = dropout_keep(drop_keys, cols, drop_thr, False)
+        # the keys' part per tile: as loop invariants (dropout_tile_keep) they held 8 more registers, and
+        # the 4-warp dQ at D = 64 spilled in its loop (17% slower on the H200)
+        keep = dropout_keep(drop_keys, dropout_col_keys(cols, 0), drop_thr, False)
         dp = tl.where(keep, dp, 0.0)
     ds = p * (dp - delta[:, None])
     if BIAS_GRAD:  # the bias is added after softcap: its gradient is dS before the tanh factor

@@ -9,7 +9,7 @@ as EVEN_D), so an unused feature costs nothing: Triton compiles one specialisati
 import triton
 import triton.language as tl
 
-from flashtile.kernels.common import (ELEM_INTERVALS, ELEM_TILE, attn_mask_ptrs, load_tail, store_rows, dropout_keep, dropout_head_row, dropout_row_keys, fp32_fence, key_phases, list_tile,
+from flashtile.kernels.common import (ELEM_INTERVALS, ELEM_TILE, attn_mask_ptrs, load_tail, store_rows, dropout_tile_keep, dropout_head_row, dropout_row_keys, fp32_fence, key_phases, list_tile,
                                       and_element_mask, merged_row_tile, row_walk, online_softmax, program_tile, row_tile_ptrs, score_log2, score_params,
                                       sequence_bounds, visible)
 
@@ -19,6 +19,9 @@ LN2 = tl.constexpr(0.6931471805599453)
 MAX_RUNNING = tl.constexpr(0)  # the running row max, the accumulator rescaled at every key tile
 MAX_FIXED = tl.constexpr(1)  # a softcap's bound on every score: no max, no rescale
 MAX_LAZY = tl.constexpr(2)  # a stale row max, rescaled only when some row's max grows past it + RESCALE_SLACK
+# the running max over unscaled q.k (the score is q.k * scale, scale > 0), scaled after the max: one
+# multiply a row, the scale folded into exp2's argument (one FMA a score, FlashAttention-2's order)
+MAX_RAW = tl.constexpr(3)
 RESCALE_SLACK = tl.constexpr(8.0)  # log2 domain: p <= 2^8, far inside P's and the fp32 sums' range
 
 
@@ -44,6 +47,7 @@ def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs
     MAX_LAZY: m_i stays until a tile raises some row's max by more than RESCALE_SLACK; only then are
     acc and l_i rescaled (all rows, in one branch the whole program takes or skips). Exact: acc, l_i
     and lse all refer to the same m_i, and p <= 2^RESCALE_SLACK meanwhile.
+    MAX_RAW: MAX_RUNNING on unscaled q.k (masked as -inf), scaled after the row max.
     """
     cols = start_n + offs_n
     # -- load K tile (as K^T) and V tile; only masked tiles can cross the sequence end --
@@ -65,10 +69,11 @@ def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs
         kt2 = load_tail(k2_ptrs + start_n * stride_ks, cols[None, :] < seqlen_k, offs_d2[:, None] < head_dim,
                          MASKED != 0, EVEN_D2)
         qk = tl.dot(q2, kt2, qk, input_precision=DOT_PRECISION)
-    # -- scores in the log2 domain: qk_scale = softmax_scale * log2(e) --
+    # -- scores in the log2 domain: qk_scale = softmax_scale * log2(e) (MAX_RAW: scaled below) --
     qk, _ = score_log2(qk, offs_m, cols, seqlen_q, seqlen_k,
                        qk_scale, softcap_pre, softcap_post, alibi_log2, SOFTCAP, HAS_ALIBI,
-                       am_ptrs + tl.cast(start_n, tl.int64) * stride_amn, ATTN_MASK, start_n)
+                       am_ptrs + tl.cast(start_n, tl.int64) * stride_amn, ATTN_MASK, start_n,
+                       SCALED=MAX_MODE != MAX_RAW)
     if MASKED == 1:
         vis = visible(offs_m, cols, seqlen_q, seqlen_k, window_left, window_right, HAS_LEFT, HAS_RIGHT)
         if ELEM:
@@ -106,8 +111,10 @@ def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs
         p = tl.math.exp2(qk - m_sub[:, None])
         l_i = l_i + tl.sum(p, 1)
     else:
-        # -- online softmax: new running max, rescale what was accumulated --
-        p, alpha, l_i, m_new = online_softmax(qk, m_i, l_i, MASKED != 0 or ATTN_MASK != 0)
+        # -- online softmax: new running max, rescale what was accumulated (MAX_RAW: qk unscaled; a
+        # positive scale commutes with the max, rounding included, so m_new is the same number) --
+        p, alpha, l_i, m_new = online_softmax(qk, m_i, l_i, MASKED != 0 or ATTN_MASK != 0, MAX_MODE == MAX_RAW,
+                                              qk_scale)
         acc = acc * alpha[:, None]
         if BLOCK_DV2 > 0:
             acc2 = acc2 * alpha[:, None]
@@ -121,7 +128,7 @@ def _fwd_tile(acc, acc2, l_i, m_i, q, q2, k_ptrs, k2_ptrs, v_ptrs, v2_ptrs, offs
     else:
         v = tl.load(v_ptrs + start_n * stride_vs, mask=offs_dv[None, :] < head_dim_v, other=0.0)
     if DROPOUT:  # l_i keeps the undropped sum (softmax normaliser); only P @ V sees the mask
-        keep = dropout_keep(drop_keys, cols, drop_thr, False)
+        keep = dropout_tile_keep(drop_keys, start_n, offs_n, drop_thr)
         p = tl.where(keep, p, 0.0)
         if DROPOUT == 2:  # select in fp32, then convert (see fp32_fence)
             p = fp32_fence(p)
@@ -255,7 +262,9 @@ def attention_fwd_kernel(
     a softcap bounds every log2-domain score by softcap * log2(e), which then stands in for the
     running max (attention_launch.fixed_max says where that is exact): no per-tile row max, no
     rescaling of the accumulator; MAX_LAZY, a stale row max rescaled only when a tile outgrows it by
-    RESCALE_SLACK (_fwd_tile).
+    RESCALE_SLACK (_fwd_tile); MAX_RAW, MAX_RUNNING with the row max taken over the unscaled q.k
+    (no softcap, ALiBi or additive mask, softmax_scale > 0): same results, one multiply a row
+    instead of one a score.
     """
     # -- which tile of which head --
     n_m_tiles = tl.cdiv(seqlen_q, BLOCK_M)

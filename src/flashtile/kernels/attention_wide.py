@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from flashtile.kernels.attention_bwd import _load_lse2
-from flashtile.kernels.common import (attn_mask_ptrs, dropout_keep, dropout_head_row, dropout_row_keys, key_phases, online_softmax,
+from flashtile.kernels.common import (attn_mask_ptrs, dropout_col_keys, dropout_keep, dropout_head_row, dropout_row_keys, dropout_tile_keep, key_phases, online_softmax,
                                       query_phases, score_log2, score_params, sequence_bounds, visible)
 
 LN2 = tl.constexpr(0.6931471805599453)
@@ -119,7 +119,7 @@ def _fwd_tiles(acc_a, acc_b, l_i, m_i, q_ptrs, q_ok, k_ptrs, va_ptrs, vb_ptrs, a
         # a mask can hide every key a row has seen so far in any tile: guard the running max there too
         p, alpha, l_i, m_new = online_softmax(qk, m_i, l_i, MASKED or ATTN_MASK != 0)
         if DROPOUT:
-            p = tl.where(dropout_keep(drop_keys, cols, drop_thr, False), p, 0.0)
+            p = tl.where(dropout_tile_keep(drop_keys, start_n, offs_n, drop_thr), p, 0.0)
         acc_a = tl.dot(p.to(va.dtype), va, acc_a * alpha[:, None], input_precision=DOT_PRECISION)
         if PART_B > 0:
             acc_b = tl.dot(p.to(vb.dtype), vb, acc_b * alpha[:, None], input_precision=DOT_PRECISION)
@@ -280,7 +280,7 @@ def _dq_tiles(dq_a, dq_b, q_ptrs, do_ptrs, q_ok, lse2, delta, kt_ptrs, vt_ptrs, 
         dp = _dot_over_k(dp, do_ptrs, vt_ptrs + start_n * stride_vs, q_ok, k_ok, offs_k, head_dim_v,
                          BLOCK_K, EVEN_KV, DOT_PRECISION)
         if DROPOUT:
-            keep = dropout_keep(drop_keys, cols, drop_thr, False)
+            keep = dropout_keep(drop_keys, dropout_col_keys(cols, 0), drop_thr, False)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if BIAS_GRAD:  # the bias is added after softcap: its gradient is dS before the tanh factor
@@ -404,16 +404,16 @@ def _dkdv_tiles(acc_a, acc_b, k_ptrs, v_ptrs, k_ok, qt_base, dot_base, xa_base, 
             dpt = _dot_over_k(dpt, v_ptrs, dot_base + rows[None, :].to(tl.int64) * stride_dos + offs_k[:, None], k_ok,
                               q_ok, offs_k, head_dim_v, BLOCK_K, EVEN_KV, DOT_PRECISION)
             if DROPOUT:  # the keep bits right at their one use: live across the dP^T loop they went to memory
-                keep = dropout_keep(dropout_row_keys(drop_rows, start_m + offs_m, seed_hi, 0), offs_n ^ seed_lo,
-                                    drop_thr, True)
+                keep = dropout_keep(dropout_row_keys(drop_rows, start_m + offs_m, seed_hi, 0),
+                                    dropout_col_keys(offs_n, seed_lo), drop_thr, True)
                 dpt = tl.where(keep, dpt * drop_scale, 0.0)
             delta = tl.load(delta_base + rows, mask=rows < seqlen_q, other=0.0)
             pt = pt * (dpt - delta[None, :])
             if SOFTCAP:
                 pt = pt * (1.0 - tt * tt)
         elif DROPOUT:
-            keep = dropout_keep(dropout_row_keys(drop_rows, start_m + offs_m, seed_hi, 0), offs_n ^ seed_lo, drop_thr,
-                                True)
+            keep = dropout_keep(dropout_row_keys(drop_rows, start_m + offs_m, seed_hi, 0),
+                                dropout_col_keys(offs_n, seed_lo), drop_thr, True)
             pt = tl.where(keep, pt * drop_scale, 0.0)
         # X's slice is loaded here, after the S^T / dP^T loops: issued before them (as dQ and the
         # forward do) it measured no faster for dV and 4% slower for dK at D=320 on the H200

@@ -146,7 +146,7 @@ def load_tail(ptrs, row_mask, col_mask, ROWS: tl.constexpr, EVEN: tl.constexpr):
 @triton.jit
 def score_log2(qk, offs_m, cols, seqlen_q, seqlen_k, qk_scale, softcap_pre, softcap_post, alibi_log2,
                SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, am_ptrs, ATTN_MASK: tl.constexpr,
-               key0=0, KEYS_FIRST: tl.constexpr = False):
+               key0=0, KEYS_FIRST: tl.constexpr = False, SCALED: tl.constexpr = True):
     """Raw q.k -> the score in the log2 domain, FlashAttention's order: scale, softcap, ALiBi.
 
     Without softcap: qk * softmax_scale * log2(e). With softcap c: c * tanh(qk * scale / c) * log2(e)
@@ -168,6 +168,7 @@ def score_log2(qk, offs_m, cols, seqlen_q, seqlen_k, qk_scale, softcap_pre, soft
     1 = bool (False hides the key), 2 = additive float bias, added after softcap and ALiBi.
     Returns (score, t) with t = tanh(...) when SOFTCAP (the backward needs 1 - t^2), else score.
     SOFTCAP: 0 none, 1 tanh through exp2, 2 the hardware tanh.approx (tanh_approx).
+    SCALED = False (no softcap): qk is returned unscaled, the caller scales it (the forward's MAX_RAW).
     """
     if SOFTCAP:
         if SOFTCAP == 2:
@@ -177,7 +178,7 @@ def score_log2(qk, offs_m, cols, seqlen_q, seqlen_k, qk_scale, softcap_pre, soft
         s = t * softcap_post
     else:
         t = qk
-        s = qk * qk_scale
+        s = qk * qk_scale if SCALED else qk
     if HAS_ALIBI == ALIBI_DISTANCE:
         dist = (offs_m[:, None] + (seqlen_k - seqlen_q)) - cols[None, :]
         s = s - alibi_log2 * tl.abs(dist).to(tl.float32)
@@ -259,20 +260,42 @@ def dropout_head_row(b, h, heads_q, count_q):
     return (((b * heads_q + h).to(tl.int64) * count_q) & 0xFFFFFFFF).to(tl.uint32)
 
 
+# dropout.MIX_MULT_1, and ROW_MULT * MIX_MULT_1 mod 2^32 (a row key's multiply and the mixer's first in one)
+DROP_MIX_1 = tl.constexpr(0x7FEB352D)
+DROP_ROW_MIX_1 = tl.constexpr(0xD06D091D)
+
+
 @triton.jit
 def dropout_row_keys(head_row, rows, seed_hi, salt):
     """The keys of query rows ``rows`` (int32 [M], within the head whose first row is head_row, from
-    dropout_head_row), as dropout_keep takes them: dropout.py's row_key, xored with salt.
+    dropout_head_row), as dropout_keep takes them: (dropout.py's row_key + salt) * MIX_MULT_1, uint32.
 
-    The element hash mixes k_r ^ j ^ seed_lo, and xor can take seed_lo on either side: the forward
-    and dQ kernels, whose rows are fixed per program, pass salt = seed_lo; the dK/dV kernels, whose
-    key columns are fixed, pass salt = 0 and xor seed_lo into the key indices (dropout_keep's cols)
-    once. A row's key is then one multiply-add, rows * ROW_MULT + (head_row + seed_hi) * ROW_MULT, the
-    second term uniform across the program: one IMAD a row where dK/dV recomputes its query rows'
+    The element hash mixes k_r + j + seed_lo, whose first step multiplies by MIX_MULT_1, so the kernels
+    multiply the row part and the key part apart and add them per element: one add where the sum and
+    the multiply cost two. seed_lo can sit on either side: the forward and dQ kernels, whose rows are
+    fixed per program, pass salt = seed_lo; the dK/dV kernels, whose key columns are fixed, pass
+    salt = 0 and put seed_lo into the key part (dropout_col_keys), once. A row's key is one
+    multiply-add, rows * (ROW_MULT * MIX_MULT_1) + ((head_row + seed_hi) * ROW_MULT + salt) * MIX_MULT_1,
+    the second term uniform across the program: one IMAD a row where dK/dV recomputes its query rows'
     keys on every tile (16 rows per thread at 64 x 64), on the row numbers it holds anyway."""
-    g = tl.full(rows.shape, 0x9E3779B1, tl.uint32)  # dropout.ROW_MULT
     base = tl.zeros(rows.shape, tl.uint32) + head_row + seed_hi  # uint32 arithmetic
-    return (rows.to(tl.uint32) * g + base * g) ^ salt
+    base = (base * tl.full(rows.shape, 0x9E3779B1, tl.uint32) + salt) * tl.full(rows.shape, DROP_MIX_1, tl.uint32)
+    return rows.to(tl.uint32) * tl.full(rows.shape, DROP_ROW_MIX_1, tl.uint32) + base
+
+
+@triton.jit
+def dropout_col_keys(cols, salt):
+    """The key part of the element hash for key indices ``cols`` (int32, any shape): (cols + salt) *
+    MIX_MULT_1 in uint32; salt = seed_lo where the row keys do not carry it (dropout_row_keys)."""
+    return (tl.cast(cols, tl.uint32) + salt) * DROP_MIX_1.value
+
+
+@triton.jit
+def dropout_tile_keep(row_keys, start_n, offs_n, threshold):
+    """Keep bits of a [queries, keys] tile whose keys are start_n + offs_n (offs_n the same on every
+    tile): the tile's offset joins the row keys (one add a row), so the keys' part stays loop-invariant
+    and each element pays one add for both parts."""
+    return dropout_keep(row_keys + dropout_col_keys(start_n, 0), dropout_col_keys(offs_n, 0), threshold, False)
 
 
 @triton.jit
@@ -285,32 +308,31 @@ def attn_mask_ptrs(AttnMask, b, h, queries, keys, stride_amb, stride_amh, stride
 
 
 @triton.jit
-def dropout_keep(row_keys, cols, threshold, KEYS_FIRST: tl.constexpr):
+def dropout_keep(row_keys, col_keys, threshold, KEYS_FIRST: tl.constexpr):
     """Keep bits of one score tile (dropout.py: keep_bits).
 
-    row_keys: uint32 [M], the tile's query rows' keys (dropout_row_keys); cols: the tile's key
-    indices, 1-d, in runs of 16 from a multiple of 16, xored with seed_lo where the row keys do not
-    carry it (dropout_row_keys' salt; the xor keeps the runs' positions, which are what the pairing
-    below reads). KEYS_FIRST = False: tile [queries, keys]; True: tile [keys, queries] (the dK/dV
-    kernels').
+    row_keys: uint32 [M], the tile's query rows' keys (dropout_row_keys); col_keys: uint32, 1-d, the
+    tile's keys' parts (dropout_col_keys), in runs of 16 from a multiple of 16 (the pairing below reads
+    positions, not values). KEYS_FIRST = False: tile [queries, keys]; True: tile [keys, queries] (the
+    dK/dV kernels').
 
-    Element (i, j)'s bits are mix(k_i ^ (j & ~8) ^ seed_lo), mix being lowbias32 without its first
-    xorshift: per element one xor, two multiplies, two xorshifts and a compare; no 64-bit counter or
-    carry. One 32-bit hash serves keys j and j + 8 (bit 3 of j clear; 16 bits each): half the integer
-    work of one hash per key. The pair is j, j + 8 rather than j, j + 1 because the tensor cores'
-    result layout gives a thread the elements (row, col) and (row + 8, col) as well as (row, col + 8):
-    so both orientations find a pair in one thread's registers, while a pair of neighbouring rows of
-    the transposed tile sits in two threads and cost the dK/dV loop a conversion through shared memory.
+    Element (i, j)'s bits are mix(k_i + (j & ~8) + seed_lo), mix being lowbias32 without its first
+    xorshift; its first multiply is already in both parts, so per element: one add, a xorshift, a
+    multiply, a xorshift and a compare; no 64-bit counter or carry. One 32-bit hash serves keys j and
+    j + 8 (bit 3 of j clear; 16 bits each): half the integer work of one hash per key. The pair is j,
+    j + 8 rather than j, j + 1 because the tensor cores' result layout gives a thread the elements
+    (row, col) and (row + 8, col) as well as (row, col + 8): so both orientations find a pair in one
+    thread's registers, while a pair of neighbouring rows of the transposed tile sits in two threads
+    and cost the dK/dV loop a conversion through shared memory.
     """
-    N: tl.constexpr = cols.shape[0]
-    low, _ = tl.split(tl.permute(tl.reshape(cols, (N // 16, 2, 8)), (0, 2, 1)))  # keys with bit 3 clear
-    low = tl.reshape(low, (N // 2,)).to(tl.uint32)
+    N: tl.constexpr = col_keys.shape[0]
+    low, _ = tl.split(tl.permute(tl.reshape(col_keys, (N // 16, 2, 8)), (0, 2, 1)))  # keys with bit 3 clear
+    low = tl.reshape(low, (N // 2,))
     M: tl.constexpr = row_keys.shape[0]
     if KEYS_FIRST:
-        x = row_keys[None, :] ^ low[:, None]  # [N / 2, M]
+        x = row_keys[None, :] + low[:, None]  # [N / 2, M]
     else:
-        x = row_keys[:, None] ^ low[None, :]  # [M, N / 2]
-    x = x * tl.full(x.shape, 0x7FEB352D, tl.uint32)
+        x = row_keys[:, None] + low[None, :]  # [M, N / 2]
     x = x ^ (x >> 15)
     x = x * tl.full(x.shape, 0x846CA68B, tl.uint32)
     x = x ^ (x >> 16)
@@ -475,17 +497,26 @@ def and_element_mask(vis, em, keys, ELEM: tl.constexpr):
 
 
 @triton.jit
-def online_softmax(qk, m_i, l_i, GUARD: tl.constexpr):
+def online_softmax(qk, m_i, l_i, GUARD: tl.constexpr, RAW: tl.constexpr = False, scale=None):
     """One online-softmax step on log2-domain scores qk [M, N]: returns (p, alpha, l_i, m_new).
 
     alpha rescales what was accumulated under the old running max m_i. GUARD: some rows may have
     seen only -inf so far (masked scores); they keep m = -inf and subtract 0, so p = 0, not NaN.
+    RAW: the scores are qk * scale (scale > 0), qk unscaled: the scale multiplies each row's max, not
+    every score. Rounding is monotone, so max(qk) * scale is exactly max(qk * scale), and
+    qk * scale - m is one FMA (the scaled form costs a multiply a score for the max, then the FMA).
     """
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    if RAW:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
     if GUARD:
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_sub = m_new
-    p = tl.math.exp2(qk - m_sub[:, None])
+    if RAW:
+        p = tl.math.exp2(qk * scale - m_sub[:, None])
+    else:
+        p = tl.math.exp2(qk - m_sub[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
