@@ -34,16 +34,17 @@ PLAIN = dict(HAS_LEFT=False, HAS_RIGHT=False, SOFTCAP=0, HAS_ALIBI=False, VARLEN
              SPLIT_PHASES=False, SEQLEN_Q=0, SEQLEN_K=0, BLOCK_D=128, BLOCK_DV=128, BLOCK_SQ=0, BLOCK_SK=0,
              DOT_PRECISION="ieee", BIAS_GRAD=False)
 FWD, DQ, DKDV = attention_fwd_kernel, attention_bwd_dq_kernel, attention_bwd_dkdv_kernel
+RAW = 3  # the forward's MAX_RAW (attention_launch.max_mode: plain scores, a positive scale)
 # name -> (kernel, flags, (block_m, block_n, num_warps, num_stages)): the shipped H200 tiles (tuning.py)
 CASES = {
-    "fwd": (FWD, {}, (128, 128, 8, 3)),
-    "fwd_128x64": (FWD, {}, (128, 64, 8, 3)),
-    "fwd_causal": (FWD, dict(HAS_RIGHT=True), (128, 128, 8, 3)),
+    "fwd": (FWD, dict(MAX_MODE=RAW), (128, 128, 8, 3)),
+    "fwd_128x64": (FWD, dict(MAX_MODE=RAW), (128, 64, 8, 3)),
+    "fwd_causal": (FWD, dict(HAS_RIGHT=True, MAX_MODE=RAW), (128, 128, 8, 3)),
     "fwd_softcap": (FWD, dict(SOFTCAP=2), (128, 64, 8, 3)),
     "fwd_softcap_fixed_max": (FWD, dict(SOFTCAP=2, MAX_MODE=1), (128, 64, 8, 3)),
     # head dims 257..384 in the dense forward (dispatch.wide_forward_heads): 256 + 64 and 256 + 128 columns
-    "fwd_d320": (FWD, dict(BLOCK_D=256, BLOCK_D2=64, BLOCK_DV=256, BLOCK_DV2=64), (128, 32, 8, 3)),
-    "fwd_d384": (FWD, dict(BLOCK_D=256, BLOCK_D2=128, BLOCK_DV=256, BLOCK_DV2=128), (128, 32, 8, 2)),
+    "fwd_d320": (FWD, dict(BLOCK_D=256, BLOCK_D2=64, BLOCK_DV=256, BLOCK_DV2=64, MAX_MODE=RAW), (128, 32, 8, 3)),
+    "fwd_d384": (FWD, dict(BLOCK_D=256, BLOCK_D2=128, BLOCK_DV=256, BLOCK_DV2=128, MAX_MODE=2), (128, 32, 8, 2)),
     "dq": (DQ, {}, (128, 64, 8, 3)),
     "dkdv": (DKDV, {}, (64, 64, 4, 2)),
     # constant lengths as shipped (tuning.dkdv_constant_lengths), with aligned lse / delta rows (dkdv_aligned_rows)
@@ -75,11 +76,11 @@ CASES = {
     "dkdv_dropout": (DKDV, dict(DROPOUT=True, SEQLEN_Q=8192, SEQLEN_K=8192, ALIGN_LSE=True), (64, 64, 4, 2)),
     "dkdv_dropout_causal": (DKDV, dict(DROPOUT=True, HAS_RIGHT=True, SEQLEN_Q=8192, SEQLEN_K=8192, ALIGN_LSE=True),
                             (32, 64, 4, 2)),
-    "fwd_dropout": (FWD, dict(DROPOUT=2), (128, 64, 8, 3)),
+    "fwd_dropout": (FWD, dict(DROPOUT=2, MAX_MODE=RAW), (128, 64, 8, 3)),
     "dq_dropout": (DQ, dict(DROPOUT=True), (128, 64, 8, 3)),
     "dkdv_block_sparse": (DKDV, dict(BLOCK_SPARSE=True, BLOCK_SQ=128, BLOCK_SK=128), (64, 128, 8, 3)),
     # a mask without partial blocks (BLOCK_SPARSE 2: no partial-list loop compiled in; session 24)
-    "fwd_block_sparse_full": (FWD, dict(BLOCK_SPARSE=2, BLOCK_SQ=128, BLOCK_SK=128), (128, 64, 8, 3)),
+    "fwd_block_sparse_full": (FWD, dict(BLOCK_SPARSE=2, BLOCK_SQ=128, BLOCK_SK=128, MAX_MODE=RAW), (128, 64, 8, 3)),
     "dq_block_sparse_full": (DQ, dict(BLOCK_SPARSE=2, BLOCK_SQ=128, BLOCK_SK=128), (128, 64, 8, 3)),
     "dkdv_block_sparse_full": (DKDV, dict(BLOCK_SPARSE=2, BLOCK_SQ=128, BLOCK_SK=128), (64, 128, 8, 3)),
 }

@@ -14,6 +14,8 @@ the software pipeline, which costs more than the branch.
 import triton
 import triton.language as tl
 
+from flashtile import dropout
+
 # HAS_ALIBI modes (score_log2; attention_launch._alibi_flag picks one per launch)
 ALIBI_DISTANCE = tl.constexpr(1)  # -slope * |distance| per score
 ALIBI_KEY_TERM = tl.constexpr(2)  # one-sided, the key term only: the caller folds the query term into lse
@@ -260,9 +262,10 @@ def dropout_head_row(b, h, heads_q, count_q):
     return (((b * heads_q + h).to(tl.int64) * count_q) & 0xFFFFFFFF).to(tl.uint32)
 
 
-# dropout.MIX_MULT_1, and ROW_MULT * MIX_MULT_1 mod 2^32 (a row key's multiply and the mixer's first in one)
-DROP_MIX_1 = tl.constexpr(0x7FEB352D)
-DROP_ROW_MIX_1 = tl.constexpr(0xD06D091D)
+# dropout.py's multipliers: the row key's, the mixer's first, and both in one (mod 2^32)
+DROP_ROW = tl.constexpr(dropout.ROW_MULT)
+DROP_MIX_1 = tl.constexpr(dropout.MIX_MULT_1)
+DROP_ROW_MIX_1 = tl.constexpr(dropout.ROW_MULT * dropout.MIX_MULT_1 % 2**32)
 
 
 @triton.jit
@@ -279,7 +282,7 @@ def dropout_row_keys(head_row, rows, seed_hi, salt):
     the second term uniform across the program: one IMAD a row where dK/dV recomputes its query rows'
     keys on every tile (16 rows per thread at 64 x 64), on the row numbers it holds anyway."""
     base = tl.zeros(rows.shape, tl.uint32) + head_row + seed_hi  # uint32 arithmetic
-    base = (base * tl.full(rows.shape, 0x9E3779B1, tl.uint32) + salt) * tl.full(rows.shape, DROP_MIX_1, tl.uint32)
+    base = (base * tl.full(rows.shape, DROP_ROW, tl.uint32) + salt) * tl.full(rows.shape, DROP_MIX_1, tl.uint32)
     return rows.to(tl.uint32) * tl.full(rows.shape, DROP_ROW_MIX_1, tl.uint32) + base
 
 
