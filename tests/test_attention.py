@@ -161,6 +161,10 @@ def test_raw_max_only_where_the_score_is_a_positive_multiple_of_qk():
     assert L.max_mode(30.0, torch.float16, False, 0, 128, False, 0.125) == L.MAX_RUNNING  # fp16 softcap
     assert L.max_mode(30.0, bf16, False, 0, 128, False, 0.125) == L.MAX_FIXED
     assert L.max_mode(0.0, bf16, False, 0, 384, False, 0.125) == L.MAX_LAZY
+    # a launch recipe made for one side of the rule must not serve the other (attention_launch._call_key)
+    q = torch.zeros(1, 4, 1, 8)
+    keys = {L._call_key((q, q, q), None, None, s, 0.0, None, 0.0, (0, 0)) for s in (0.5, 2.0, -0.5, math.inf)}
+    assert len(keys) == 2
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

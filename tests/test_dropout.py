@@ -101,7 +101,7 @@ def test_dropout_errors():
 
 
 @triton.jit
-def _keep_kernel(HeadRow, Out, OutT, seed_lo, seed_hi, thr, N: tl.constexpr, M: tl.constexpr):
+def _keep_kernel(HeadRow, Out, OutQ, OutT, seed_lo, seed_hi, thr, N: tl.constexpr, M: tl.constexpr):
     head_row = tl.load(HeadRow).to(tl.uint32)  # as dropout_head_row gives it
     cols = tl.arange(0, N)
     # [queries, keys] as the forward and dQ salt them: seed_lo in the row keys, keys as two 32-key tiles
@@ -111,6 +111,9 @@ def _keep_kernel(HeadRow, Out, OutT, seed_lo, seed_hi, thr, N: tl.constexpr, M: 
     for start in tl.static_range(0, N, N // 2):
         keep = dropout_tile_keep(row_keys, start, half, thr)
         tl.store(Out + tl.arange(0, M)[:, None] * N + start + half[None, :], keep.to(tl.int8))
+    # [queries, keys] as dQ forms it: the keys' part of the whole tile, per tile
+    keep_q = dropout_keep(row_keys, dropout_col_keys(cols, 0), thr, False)
+    tl.store(OutQ + tl.arange(0, M)[:, None] * N + cols[None, :], keep_q.to(tl.int8))
     # [keys, queries] as dK/dV salts them: seed_lo in the keys' part
     keep_t = dropout_keep(dropout_row_keys(head_row, tl.arange(0, M), seed_hi, 0), dropout_col_keys(cols, seed_lo),
                           thr, True)
@@ -123,17 +126,18 @@ def _keep_kernel(HeadRow, Out, OutT, seed_lo, seed_hi, thr, N: tl.constexpr, M: 
 def test_kernel_hash_matches_torch(head_row):
     """kernels/common.py:dropout_row_keys computes the row keys as a multiply-add and dropout_keep mixes
     k + j + seed_lo in uint32, its first multiply applied to the row part and the key part apart, with
-    seed_lo on the row side (forward, dQ) or the key side (dK/dV); both must give dropout.keep_bits'
-    bits exactly, in both tile orientations, for row numbers up to 2^32 (too many rows for a full
-    attention test, so the helpers run alone in a small kernel)."""
+    seed_lo on the row side (forward, dQ) or the key side (dK/dV); all three kernels' forms must give
+    dropout.keep_bits' bits exactly, in both tile orientations, for row numbers up to 2^32 (too many
+    rows for a full attention test, so the helpers run alone in a small kernel)."""
     M, N, p, seed = 8, 64, 0.3, (123457, 2**31 - 5)
     out = torch.empty(M, N, dtype=torch.int8, device=DEVICE)
+    out_q = torch.empty(M, N, dtype=torch.int8, device=DEVICE)
     out_t = torch.empty(N, M, dtype=torch.int8, device=DEVICE)
     base = torch.tensor([head_row], dtype=torch.int64, device=DEVICE)
-    _keep_kernel[(1,)](base, out, out_t, seed[0], seed[1], dropout.threshold(p), N=N, M=M)
+    _keep_kernel[(1,)](base, out, out_q, out_t, seed[0], seed[1], dropout.threshold(p), N=N, M=M)
     rows = head_row + torch.arange(M, device=DEVICE, dtype=torch.int64)[:, None]
     want = dropout.keep_bits(rows, torch.arange(N, device=DEVICE)[None, :], seed, p)
-    assert torch.equal(out.bool(), want)
+    assert torch.equal(out.bool(), want) and torch.equal(out_q.bool(), want)
     assert torch.equal(out_t.bool(), want.T)
 
 

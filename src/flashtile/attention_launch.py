@@ -82,6 +82,12 @@ ALIBI_DISTANCE, ALIBI_KEY_TERM, ALIBI_BOTH_TERMS, ALIBI_TERM_DISTANCE = (
 LAZY_RESCALE_MIN_WIDTH = 384
 
 
+def raw_max_scale(softmax_scale: float) -> bool:
+    """Whether a scale lets the forward take its row max before scaling (MAX_RAW): finite and positive,
+    so max(q.k) * scale is max(q.k * scale). The launch-recipe key holds this too (_call_key)."""
+    return 0 < softmax_scale < math.inf
+
+
 def max_mode(softcap: float, dtype: torch.dtype, has_alibi: bool, attn_mask_kind: int, head_dim_v: int,
              has_left: bool = False, softmax_scale: float = 1.0) -> int:
     """The forward kernel's MAX_MODE: MAX_FIXED where fixed_max holds; MAX_LAZY where the [128, Dv]
@@ -103,7 +109,7 @@ def max_mode(softcap: float, dtype: torch.dtype, has_alibi: bool, attn_mask_kind
     if tile_width(head_dim_v) >= LAZY_RESCALE_MIN_WIDTH and not has_left:
         return MAX_LAZY
     plain_score = softcap <= 0 and not has_alibi and attn_mask_kind != 2
-    return MAX_RAW if plain_score and 0 < softmax_scale < math.inf else MAX_RUNNING
+    return MAX_RAW if plain_score and raw_max_scale(softmax_scale) else MAX_RUNNING
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -500,9 +506,9 @@ def _call_key(tensors: Tuple[torch.Tensor, ...], left: Optional[int], right: Opt
     if alibi_slopes is not None:
         tensors = (*tensors, alibi_slopes)
     # FIXED_MAX from fixed_max itself (recipes exist only without attn_mask), so the key follows its
-    # rule; max_mode's other inputs: Dv is in the shapes below, and the scale's sign (MAX_RAW)
+    # rule; max_mode's other inputs: Dv is in the shapes below, and raw_max_scale (MAX_RAW)
     bounded = fixed_max(softcap, tensors[0].dtype, alibi_slopes is not None, 0)
-    sig = [left, right, softcap > 0, bounded, softmax_scale > 0, type(softmax_scale), type(softcap), dropout_p,
+    sig = [left, right, softcap > 0, bounded, raw_max_scale(softmax_scale), type(softmax_scale), type(softcap), dropout_p,
            torch.backends.cuda.matmul.allow_tf32, tensors[0].device, lengths, aliases(tensors), mask_sig]
     for t in tensors:
         sig += (t.shape, t.stride(), t.dtype, t.data_ptr() % 16)
