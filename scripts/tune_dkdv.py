@@ -1,6 +1,6 @@
 """Time the dK/dV kernel's tile configs on the dense and variant backward passes (fills tuning.py).
 
-python scripts/tune_dkdv.py [--dq] [--configs M,N,W,S ...] [case ...]
+python scripts/tune_dkdv.py [--dq] [--seq S] [--configs M,N,W,S ...] [case ...]
   (cases: dense causal dropout dropout_causal softcap softcap_causal window sparse10 sparse25 document sparse100
   alibi alibi_causal gqa_causal attn_mask; --dq varies the dQ
   kernel's config with the default dK/dV one instead)
@@ -48,7 +48,13 @@ def _all_full_mask(S: int, dev: torch.device):
 
 def main() -> None:
     dev = torch.device("cuda")
-    B, S, H, D = 2, 8192, 16, 128
+    args = sys.argv[1:]
+    S = 8192
+    if "--seq" in args:  # another length, at 16k tokens (B = 16384 // S) like the standard suite
+        i = args.index("--seq")
+        S = int(args[i + 1])
+        args = args[:i] + args[i + 2:]
+    B, H, D = max(1, 16384 // S), 16, 128
     q, k_all, v_all, do = (torch.randn(B, S, H, D, device=dev, dtype=torch.bfloat16) for _ in range(4))
     scale = 1 / math.sqrt(D)
     cases = {
@@ -70,7 +76,6 @@ def main() -> None:
         # SDPA's bool attn_mask, one [S, S] mask per batch broadcast over heads (70% of keys kept)
         "attn_mask": dict(attn_mask=torch.rand(B, 1, S, S, device=dev) > 0.3),
     }
-    args = sys.argv[1:]
     vary_dq = "--dq" in args
     configs = DQ_CONFIGS if vary_dq else CONFIGS
     if "--configs" in args:

@@ -20,16 +20,16 @@ from flashtile import attention_launch
 from flashtile.tuning import KernelConfig
 
 
-def _qkv(B, S, H, Hkv=None, layout="bshd"):
-    shape_q, shape_kv = ((B, S, H, 128), (B, S, Hkv or H, 128)) if layout == "bshd" else \
-        ((B, H, S, 128), (B, Hkv or H, S, 128))
+def _qkv(B, S, H, Hkv=None, layout="bshd", D=128):
+    shape_q, shape_kv = ((B, S, H, D), (B, S, Hkv or H, D)) if layout == "bshd" else \
+        ((B, H, S, D), (B, Hkv or H, S, D))
     dev = torch.device("cuda")
     return (torch.randn(shape_q, device=dev, dtype=torch.bfloat16),
             *(torch.randn(shape_kv, device=dev, dtype=torch.bfloat16) for _ in range(2)))
 
 
-def _flash(B, S, H, Hkv=None, **kw):
-    q, k, v = _qkv(B, S, H, Hkv)
+def _flash(B, S, H, Hkv=None, D=128, **kw):
+    q, k, v = _qkv(B, S, H, Hkv, D=D)
     return lambda: ft.flash_attn_func(q, k, v, **kw)
 
 
@@ -41,15 +41,47 @@ def _sdpa_mask(kind: str):
     return lambda: ft.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def _suite_case(variant: str, mask=None, density=None):
+    """The variants suite's forward case of this variant (bf16, D=128): varlen or a block mask."""
+    from flashtile.bench import variants
+    from flashtile.bench.suites import variants_suite
+    for c in variants_suite():
+        s = c.shape
+        if c.mode == "fwd" and variants.variant_of(s) == variant and (mask is None or s.get("mask") == mask) \
+                and (density is None or s.get("density") == density):
+            dev = torch.device("cuda")
+            q, k, v = (torch.randn(s["B"], s["Sq"], s["H"], s["D"], device=dev, dtype=torch.bfloat16)
+                       for _ in range(3))
+            if variant == "varlen":
+                cu, longest = variants.varlen_offsets(s, dev)
+                return lambda: ft.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, longest, longest,
+                                                         causal=variants._causal(s))
+            kw = variants.flashtile_kwargs(s, dev)
+            return lambda: ft.flash_attn_func(q, k, v, **kw)
+    raise SystemExit(f"no {variant} case in the variants suite")
+
+
 CASES = {
+    "varlen": lambda: _suite_case("varlen"),
+    "document": lambda: _suite_case("block_sparse", "document"),
+    **{f"random{int(100 * d)}": (lambda d=d: _suite_case("block_sparse", density=d)) for d in (0.5, 0.25, 0.1)},
     "dense": lambda: _flash(2, 8192, 16),
     "causal": lambda: _flash(2, 8192, 16, causal=True),
-    "dense_s512": lambda: _flash(32, 512, 16),
+    # the standard suite's short shapes (16k tokens, hidden 2048)
+    **{f"{'causal' if c else 'dense'}{'' if d == 128 else f'_d{d}'}_s{s}":
+       (lambda s=s, c=c, d=d: _flash(16384 // s, s, 2048 // d, D=d, causal=c))
+       for s in (512, 1024, 2048, 4096, 8192) for c in (False, True) for d in (64, 96, 128)},
+    "alibi_s1024": lambda: _flash(16, 1024, 16, alibi_slopes=torch.rand(16, device="cuda") * 0.1),
+    "alibi_causal_s1024": lambda: _flash(16, 1024, 16, causal=True, alibi_slopes=torch.rand(16, device="cuda") * 0.1),
+    "gqa_causal_s1024": lambda: _flash(16, 1024, 32, Hkv=8, causal=True),
     "alibi": lambda: _flash(2, 8192, 16, alibi_slopes=torch.rand(16, device="cuda") * 0.1),
     "gqa_causal": lambda: _flash(1, 8192, 32, Hkv=8, causal=True),
     "window": lambda: _flash(1, 16384, 16, causal=True, window_size=(1024, 0)),
     "softcap": lambda: _flash(2, 8192, 16, softcap=30.0),
     "dropout": lambda: _flash(2, 8192, 16, dropout_p=0.1),
+    "dropout_causal": lambda: _flash(2, 8192, 16, causal=True, dropout_p=0.1),
+    "window_both": lambda: _flash(1, 16384, 16, window_size=(1024, 1024)),
+    "softcap_causal": lambda: _flash(2, 8192, 16, causal=True, softcap=30.0),
     "attn_mask": lambda: _sdpa_mask("bool"),
     "attn_bias": lambda: _sdpa_mask("float"),
 }
@@ -71,6 +103,7 @@ def main() -> int:
     cfgs = [_config(c) for c in args.configs]
     current = [cfgs[0]]
     attention_launch.forward_config = lambda *a, **k: current[0]  # every launch takes the config under test
+    attention_launch._RECIPES.get = lambda key: None  # no replayed launch recipe (it would hold its first config)
     torch.manual_seed(0)
     with torch.no_grad():
         for name in args.cases:
@@ -80,7 +113,7 @@ def main() -> int:
                 current[0] = cfg
                 out = fn()
                 ref = out if ref is None else ref
-                if name != "dropout" and float((out.float() - ref.float()).abs().max()) > 0.05:
+                if not name.startswith("dropout") and float((out.float() - ref.float()).abs().max()) > 0.05:
                     print(f"{name}: {args.configs[cfgs.index(cfg)]} differs from {args.configs[0]}", file=sys.stderr)
             times = [[] for _ in cfgs]
             for _ in range(args.rounds):

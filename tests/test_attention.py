@@ -572,6 +572,66 @@ def test_backward_walk_rule():
                     == backward_config(gpu, 128, 128, torch.bfloat16, True, long_causal=True, **kw))
 
 
+def test_short_forward_tiles():
+    """tuning.forward_config's short-walk tiles (measured on the H200): two programs an SM for causal
+    calls up to 1024 keys and causal block masks, 128x32 for non-causal calls below 2048 keys above
+    D = 64 without ALiBi; everything else keeps its tiles."""
+    from flashtile.tuning import KernelConfig, forward_config
+    gpu = torch.device("cuda", 0)
+    bf16 = torch.bfloat16
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("flashtile.tuning._arch", lambda device: (9, 0))
+        two = KernelConfig(64, 64, 4, 3)
+        assert forward_config(gpu, 128, 128, bf16, True, plain_keys=512) == two
+        assert forward_config(gpu, 96, 96, bf16, True, plain_keys=1024, alibi=True) == two
+        assert forward_config(gpu, 64, 64, bf16, True, plain_keys=1024) == two
+        assert forward_config(gpu, 128, 128, bf16, True, causal_blocks=True) == two
+        assert forward_config(gpu, 128, 128, torch.float16, True, plain_keys=100) == two
+        # longer causal walks keep the 128-key (D > 64) or 128x64 tiles
+        assert forward_config(gpu, 128, 128, bf16, True, plain_keys=1025) == KernelConfig(128, 64, 8, 3)
+        assert forward_config(gpu, 128, 128, bf16, True, long_plain=True, plain_keys=2048).block_n == 128
+        assert forward_config(gpu, 64, 64, bf16, True, long_plain=True, plain_keys=2048) == KernelConfig(128, 64, 8, 3)
+        narrow = KernelConfig(128, 32, 8, 3)
+        assert forward_config(gpu, 128, 128, bf16, False, plain_keys=2047) == narrow
+        assert forward_config(gpu, 80, 80, bf16, False, plain_keys=1) == narrow
+        assert forward_config(gpu, 128, 128, bf16, False, long_plain=True, plain_keys=2048).block_n == 128
+        for args, kw in (((128, 128, bf16), dict(alibi=True)), ((64, 64, bf16), {}), ((128, 128, torch.float32), {}),
+                         ((128, 128, bf16), dict(plain_keys=0)), ((192, 192, bf16), {})):
+            kw = dict(dict(plain_keys=1024), **kw)
+            assert forward_config(gpu, *args, False, **kw) == forward_config(gpu, *args, False), (args, kw)
+        assert forward_config(gpu, 128, 128, torch.float32, True, plain_keys=512) != two
+        assert forward_config(gpu, 192, 192, bf16, True, plain_keys=512) != two
+
+
+def test_forward_config_arguments(monkeypatch):
+    """What the launcher tells forward_config: the key count of plain calls only (no window, softcap,
+    dropout, attn_mask, block mask or varlen), ALiBi, and causal block masks."""
+    seen = []
+    real = attention_launch.forward_config
+
+    def spy(*a, **k):
+        seen.append((a[4], k["plain_keys"], k["alibi"], k["causal_blocks"]))
+        return real(*a, **k)
+    monkeypatch.setattr(attention_launch, "forward_config", spy)
+    q, k, v = _make((1, 40, 72, 2, 2, 32), torch.float32, requires_grad=False)
+    slopes = torch.rand(2, device=q.device)
+    with ft.use_backend("triton"):
+        for kw, want in ((dict(), (False, 72, False, False)), (dict(causal=True), (True, 72, False, False)),
+                         (dict(alibi_slopes=slopes), (False, 72, True, False)),
+                         (dict(window_size=(8, 8)), (True, 0, False, False)),
+                         (dict(softcap=5.0), (False, 0, False, False)),
+                         (dict(dropout_p=0.2), (False, 0, False, False)),
+                         (dict(causal=True, block_mask=ft.BlockMask.causal(40, 72, block_size=(16, 16), device=q.device)),
+                          (True, 0, False, True))):
+            seen.clear()
+            ft.flash_attn_func(q, k, v, **kw)
+            assert seen == [want], (kw, seen)
+        seen.clear()
+        mask = torch.rand(40, 72, device=q.device) > 0.5
+        ft.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        assert seen == [(False, 0, False, False)], seen
+
+
 def _spy_dkdv_meta(monkeypatch):
     """The meta-parameters of every dK/dV launch from now on (a list that fills as they run)."""
     metas, real = [], attention_launch._launch

@@ -64,7 +64,7 @@ def compile_all() -> None:
 def compile_forward_configs() -> None:
     """tuning.forward_config's Hopper tiles for D=128 bf16 fit shared memory on the flag sets they run
     with: 128-key tiles only for long keys without per-score extras (long_plain) or with only a bool
-    attn_mask (long_bool_mask), else 128 x 64."""
+    attn_mask (long_bool_mask), two programs an SM on short walks, else 128 x 64."""
     import torch
 
     from flashtile.tuning import backward_config, forward_config
@@ -86,6 +86,15 @@ def compile_forward_configs() -> None:
     from flashtile.attention_launch import max_mode
     plain = dict(FLAG_SETS[0], DOT_PRECISION="ieee", BLOCK_D=128, BLOCK_DV=128, BLOCK_SQ=0, BLOCK_SK=0)
     raw_max = dict(plain, MAX_MODE=max_mode(0.0, torch.bfloat16, False, 0, 128, False, 0.088))  # MAX_RAW
+    # short walks (tuning._short_forward): two programs an SM
+    short_causal = forward_config(gpu, 128, 128, torch.bfloat16, True, plain_keys=1024)
+    short_plain = forward_config(gpu, 128, 128, torch.bfloat16, False, plain_keys=1024)
+    assert (short_causal.block_m, short_causal.num_warps, short_plain.block_n) == (64, 4, 32), (short_causal, short_plain)
+    for flags, c in ((dict(raw_max, HAS_RIGHT=True, TILE_MAJOR=True, HEAD_GROUP=4), short_causal),
+                     (dict(plain, HAS_RIGHT=True, HAS_ALIBI=3), short_causal), (raw_max, short_plain)):
+        k = _compile(attention_fwd_kernel, "bf16", dict(flags, BLOCK_M=c.block_m, BLOCK_N=c.block_n),
+                     num_warps=c.num_warps, num_stages=c.num_stages)
+        assert k.metadata.shared <= 232448 // 2, k.metadata.shared  # two programs an SM
     for flags, c in ((plain, long_cfg), (raw_max, long_cfg), (dict(raw_max, HAS_RIGHT=True, DROPOUT=2), long_cfg),
                      (dict(plain, HAS_RIGHT=True, HAS_ALIBI=True, TILE_MAJOR=True, HEAD_GROUP=4), long_cfg),
                      (dict(plain, ATTN_MASK=1), mask_cfg),

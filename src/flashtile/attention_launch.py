@@ -28,9 +28,9 @@ from flashtile.launch_cache import MAX_PLANS, KernelPlan, PlanCache, specializat
 from flashtile.launch_fit import launch_fitting
 from flashtile.launch_recipe import MISSING, RecipeCache, aliases, capture
 from flashtile.row_align import aligned_rows, narrowed
-from flashtile.tuning import (LONG_CAUSAL_KEYS, MEDIUM_CAUSAL_KEYS, MEDIUM_WINDOW, SHORT_CAUSAL_KEYS, SHORT_WINDOW,
-                              BackwardConfig, KernelConfig, backward_config, forward_config, head_dim_chunks,
-                              padded_columns, tile_width)
+from flashtile.tuning import (LONG_CAUSAL_KEYS, LONG_FORWARD_KEYS, MEDIUM_CAUSAL_KEYS, MEDIUM_WINDOW,
+                              SHORT_CAUSAL_KEYS, SHORT_WINDOW, BackwardConfig, KernelConfig, backward_config,
+                              forward_config, head_dim_chunks, padded_columns, tile_width)
 
 
 def _empty(*shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -607,11 +607,14 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     causal = right is not None
     sp = _sparse_args(block_mask, lse, left, right)
     has_left, has_right, left, right = _mask_flags(left, right)
-    long_rest = Sk >= 2048 and not has_left and softcap <= 0 and dropout_p == 0 and not sp.enabled and not layout.varlen
+    plain = not has_left and softcap <= 0 and dropout_p == 0 and not sp.enabled and not layout.varlen
+    long_rest = plain and Sk >= LONG_FORWARD_KEYS
     am_kind, am, am_strides = _attn_mask_args(attn_mask, (B, Hq, Sq, Sk), lse)
     bounded = fixed_max(softcap, q.dtype, alibi_slopes is not None, am_kind)
     cfg = config or forward_config(q.device, D, Dv, q.dtype, causal, long_rest and attn_mask is None,
-                                   long_rest and attn_mask is not None and attn_mask.dtype == torch.bool, bounded)
+                                   long_rest and attn_mask is not None and attn_mask.dtype == torch.bool, bounded,
+                                   plain_keys=Sk if plain and attn_mask is None else 0,
+                                   alibi=alibi_slopes is not None, causal_blocks=causal and not has_left and sp.enabled)
     slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
     cu_q, cu_k = layout.cu(lse)
     args = (q, k, v, out, lse, slopes, cu_q, cu_k, *sp.kv_lists, sp.tiles, am,

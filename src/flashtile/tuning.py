@@ -106,18 +106,31 @@ def _arch(device: torch.device) -> Optional[Tuple[int, int]]:
     return device_capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
+# Short forward walks run tiles that fit two programs on an SM (_short_forward): causal calls up to this
+# many keys, non-causal ones below LONG_FORWARD_KEYS
+SHORT_CAUSAL_FORWARD_KEYS = 1024
+LONG_FORWARD_KEYS = 2048  # long_plain's threshold (attention_launch)
+
+
 def forward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
                    causal: bool, long_plain: bool = False, long_bool_mask: bool = False,
-                   fixed_max: bool = False) -> KernelConfig:
-    """Config of attention_fwd_kernel. long_plain: at least 2048 keys and no per-score work beyond
-    causal and ALiBi (no window, softcap, dropout, attn_mask, block mask; not varlen). long_bool_mask:
-    the same, except for a bool attn_mask. fixed_max: the kernel's MAX_MODE = MAX_FIXED (a softcap
-    bounds the scores, attention_launch.fixed_max)."""
+                   fixed_max: bool = False, plain_keys: int = 0, alibi: bool = False,
+                   causal_blocks: bool = False) -> KernelConfig:
+    """Config of attention_fwd_kernel. long_plain: at least LONG_FORWARD_KEYS keys and no per-score work
+    beyond causal and ALiBi (no window, softcap, dropout, attn_mask, block mask; not varlen).
+    long_bool_mask: the same, except for a bool attn_mask. fixed_max: the kernel's MAX_MODE = MAX_FIXED
+    (a softcap bounds the scores, attention_launch.fixed_max). plain_keys: the key count of a call with
+    no per-score work beyond causal and ALiBi (as long_plain, any length), else 0; alibi: ALiBi slopes
+    are given; causal_blocks: a causal call with a block mask."""
     arch = _arch(device)
     d = max(tile_width(head_dim), tile_width(head_dim_v))
     if arch is None:  # interpreter: every op is a numpy call, so fewer larger tiles run faster
         return KernelConfig(32, 32, 4, 1)
     fp32 = dtype == torch.float32
+    if arch[0] >= 9 and not fp32 and d <= 128:
+        short = _short_forward(d, causal, plain_keys, alibi, causal_blocks)
+        if short is not None:
+            return short
     if arch[0] >= 9:
         # H200 sweep (bf16, S=4096): 128x64, 8 warps, 3 stages leads for D <= 128 (411 / 470 TFLOP/s
         # non-causal D=64 / 128); D=256 needs 2 stages to fit shared memory (479).
@@ -163,6 +176,32 @@ def forward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: 
     if d <= 128:
         return KernelConfig(128, 32 if fp32 else 64, 8, 2)
     return KernelConfig(64, 32, 8, 1)
+
+
+def _short_forward(d: int, causal: bool, plain_keys: int, alibi: bool, causal_blocks: bool) -> Optional[KernelConfig]:
+    """forward_config's tiles for short walks (16-bit, head dims up to 128, sm_90), or None.
+
+    A program that walks few key tiles spends much of its time loading Q and storing O; tiles of at
+    most 128 registers a thread (128x32 w8: 125, 64x64 w4: 214 with 128 threads) let two programs share
+    an SM, so one's prologue and epilogue overlap the other's loop. H200, bf16, forward through
+    flash_attn_func, 16k tokens (B = 16384 / S, H = 2048 / D), speed-up over 128x64 w8 s3, 5 rounds:
+    - non-causal, 64 < D <= 128: 128x32 w8 s3 at D=128 S=512 / 1024 1.13 / 1.08 (64x64 w4 1.07 / 1.06;
+      at S=2048 the 128-key tiles' 1.07 lead it), D=96 1.12 / 1.06; but ALiBi 0.82 and D=64 0.87, which
+      keep theirs;
+    - causal: 64x64 w4 s3 at D=128 S=512 / 1024 1.11 / 1.06 (the 128-key tiles 0.92 / 0.95), ALiBi
+      and GQA (4:1) at 1024 1.07 / 1.10, D=96 at 1024 1.12, D=64 at 512 / 1024 1.12 / 1.09; the variants
+      suite's 8-document mask (causal, S=8192, documents of 354-2828 tokens) 1.08 (its random block
+      masks, non-causal: 0.98-1.03, and varlen 1.00 keep theirs). This sweep also put 64x64 ahead at
+      2048 keys (D=128 1.05 against the 128-key tiles' 1.01; D=64 1.05, at 4096 1.04), but the
+      standard suite's A/B (the benchmark, 3 rounds alternating with the tree before) measured it
+      slower there: D=128 S=2048 370-371 -> 357-383 TFLOP/s, D=64 S=2048 338-343 -> 330-336, S=4096
+      377-381 -> 362-376; at 512 / 1024 it confirmed the gains (D=128 206-208 -> 228-229 / 298-299 ->
+      307-310, D=64 195-197 -> 219-220 / 275-276 -> 284-287), so the rule stops at 1024 keys."""
+    if causal and (causal_blocks or 0 < plain_keys <= SHORT_CAUSAL_FORWARD_KEYS):
+        return KernelConfig(64, 64, 4, 3)
+    if not causal and not alibi and 64 < d and 0 < plain_keys < LONG_FORWARD_KEYS:
+        return KernelConfig(128, 32, 8, 3)
+    return None
 
 
 # Key counts over which a causal backward walks its tiles in phases (BackwardConfig.split_phases):
