@@ -589,12 +589,12 @@ def test_short_forward_tiles():
         assert forward_config(gpu, 128, 128, torch.float16, True, plain_keys=100) == two
         # longer causal walks keep the 128-key (D > 64) or 128x64 tiles
         assert forward_config(gpu, 128, 128, bf16, True, plain_keys=1025) == KernelConfig(128, 64, 8, 3)
-        assert forward_config(gpu, 128, 128, bf16, True, long_plain=True, plain_keys=2048).block_n == 128
-        assert forward_config(gpu, 64, 64, bf16, True, long_plain=True, plain_keys=2048) == KernelConfig(128, 64, 8, 3)
+        assert forward_config(gpu, 128, 128, bf16, True, plain_keys=2048).block_n == 128
+        assert forward_config(gpu, 64, 64, bf16, True, plain_keys=2048) == KernelConfig(128, 64, 8, 3)
         narrow = KernelConfig(128, 32, 8, 3)
         assert forward_config(gpu, 128, 128, bf16, False, plain_keys=2047) == narrow
         assert forward_config(gpu, 80, 80, bf16, False, plain_keys=1) == narrow
-        assert forward_config(gpu, 128, 128, bf16, False, long_plain=True, plain_keys=2048).block_n == 128
+        assert forward_config(gpu, 128, 128, bf16, False, plain_keys=2048).block_n == 128
         for args, kw in (((128, 128, bf16), dict(alibi=True)), ((64, 64, bf16), {}), ((128, 128, torch.float32), {}),
                          ((128, 128, bf16), dict(plain_keys=0)), ((192, 192, bf16), {})):
             kw = dict(dict(plain_keys=1024), **kw)

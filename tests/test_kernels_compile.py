@@ -63,7 +63,7 @@ def compile_all() -> None:
 
 def compile_forward_configs() -> None:
     """tuning.forward_config's Hopper tiles for D=128 bf16 fit shared memory on the flag sets they run
-    with: 128-key tiles only for long keys without per-score extras (long_plain) or with only a bool
+    with: 128-key tiles only for long keys without per-score extras (plain_keys) or with only a bool
     attn_mask (long_bool_mask), two programs an SM on short walks, else 128 x 64."""
     import torch
 
@@ -71,10 +71,10 @@ def compile_forward_configs() -> None:
 
     gpu = torch.device("cuda", 0)
     torch.cuda.get_device_capability = lambda *a, **k: (9, 0)  # no driver here: the H200's tables
-    long_cfg = forward_config(gpu, 128, 128, torch.bfloat16, True, long_plain=True)
+    long_cfg = forward_config(gpu, 128, 128, torch.bfloat16, True, plain_keys=4096)
     assert (long_cfg.block_m, long_cfg.block_n) == (128, 128), long_cfg
-    for args in ((128, 128, False), (64, 64, True)):  # not long_plain; D = 64
-        cfg = forward_config(gpu, args[0], args[1], torch.bfloat16, True, long_plain=args[2])
+    for args in ((128, 128, 0), (64, 64, 4096)):  # not plain; D = 64
+        cfg = forward_config(gpu, args[0], args[1], torch.bfloat16, True, plain_keys=args[2])
         assert (cfg.block_m, cfg.block_n) == (128, 64), (args, cfg)
     mask_cfg = forward_config(gpu, 128, 128, torch.bfloat16, False, long_bool_mask=True)
     assert (mask_cfg.block_m, mask_cfg.block_n) == (128, 128), mask_cfg

@@ -608,13 +608,12 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
     sp = _sparse_args(block_mask, lse, left, right)
     has_left, has_right, left, right = _mask_flags(left, right)
     plain = not has_left and softcap <= 0 and dropout_p == 0 and not sp.enabled and not layout.varlen
-    long_rest = plain and Sk >= LONG_FORWARD_KEYS
     am_kind, am, am_strides = _attn_mask_args(attn_mask, (B, Hq, Sq, Sk), lse)
     bounded = fixed_max(softcap, q.dtype, alibi_slopes is not None, am_kind)
-    cfg = config or forward_config(q.device, D, Dv, q.dtype, causal, long_rest and attn_mask is None,
-                                   long_rest and attn_mask is not None and attn_mask.dtype == torch.bool, bounded,
-                                   plain_keys=Sk if plain and attn_mask is None else 0,
-                                   alibi=alibi_slopes is not None, causal_blocks=causal and not has_left and sp.enabled)
+    cfg = config or forward_config(
+        q.device, D, Dv, q.dtype, causal, plain_keys=Sk if plain and attn_mask is None else 0,
+        long_bool_mask=plain and Sk >= LONG_FORWARD_KEYS and attn_mask is not None and attn_mask.dtype == torch.bool,
+        fixed_max=bounded, alibi=alibi_slopes is not None, causal_blocks=causal and not has_left and sp.enabled)
     slopes, stride_alibi_b = _alibi_args(alibi_slopes, q)
     cu_q, cu_k = layout.cu(lse)
     args = (q, k, v, out, lse, slopes, cu_q, cu_k, *sp.kv_lists, sp.tiles, am,

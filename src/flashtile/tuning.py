@@ -109,19 +109,18 @@ def _arch(device: torch.device) -> Optional[Tuple[int, int]]:
 # Short forward walks run tiles that fit two programs on an SM (_short_forward): causal calls up to this
 # many keys, non-causal ones below LONG_FORWARD_KEYS
 SHORT_CAUSAL_FORWARD_KEYS = 1024
-LONG_FORWARD_KEYS = 2048  # long_plain's threshold (attention_launch)
+LONG_FORWARD_KEYS = 2048  # from here plain calls above D = 64 run 128-key tiles (forward_config)
 
 
 def forward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
-                   causal: bool, long_plain: bool = False, long_bool_mask: bool = False,
-                   fixed_max: bool = False, plain_keys: int = 0, alibi: bool = False,
-                   causal_blocks: bool = False) -> KernelConfig:
-    """Config of attention_fwd_kernel. long_plain: at least LONG_FORWARD_KEYS keys and no per-score work
-    beyond causal and ALiBi (no window, softcap, dropout, attn_mask, block mask; not varlen).
-    long_bool_mask: the same, except for a bool attn_mask. fixed_max: the kernel's MAX_MODE = MAX_FIXED
-    (a softcap bounds the scores, attention_launch.fixed_max). plain_keys: the key count of a call with
-    no per-score work beyond causal and ALiBi (as long_plain, any length), else 0; alibi: ALiBi slopes
-    are given; causal_blocks: a causal call with a block mask."""
+                   causal: bool, plain_keys: int = 0, long_bool_mask: bool = False,
+                   fixed_max: bool = False, alibi: bool = False, causal_blocks: bool = False) -> KernelConfig:
+    """Config of attention_fwd_kernel. plain_keys: the key count of a call without per-score work
+    beyond causal and ALiBi (no window, softcap, dropout, attn_mask, block mask; not varlen), else 0.
+    long_bool_mask: at least LONG_FORWARD_KEYS keys and the same, except for a bool attn_mask.
+    fixed_max: the kernel's MAX_MODE = MAX_FIXED (a softcap bounds the scores,
+    attention_launch.fixed_max). alibi: ALiBi slopes are given; causal_blocks: a causal call with a
+    block mask."""
     arch = _arch(device)
     d = max(tile_width(head_dim), tile_width(head_dim_v))
     if arch is None:  # interpreter: every op is a numpy call, so fewer larger tiles run faster
@@ -145,7 +144,7 @@ def forward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: 
             # heads keep theirs too: D=192 474-501 against 428 (128x32 s3), D=256 (H=8) 467-470 / causal
             # 491 against 473-474 / 458-462
             return KernelConfig(128, 32, 8, 3)
-        if long_plain and 64 < d <= 128:
+        if plain_keys >= LONG_FORWARD_KEYS and 64 < d <= 128:
             # 128-key tiles (224 KB of shared memory): H200 A/B, 3 interleaved rounds, D=128 against
             # 128x64: S=8192 non-causal / causal / ALiBi / ALiBi causal / GQA causal +3.6 / +5.0 /
             # +3.8 / +4.2 / +2.0%, S=2048 +1.9 / +0.4%; but S=512 -2.2%, windows -6 / -7%, softcap
