@@ -4,7 +4,8 @@ One producer warp issues the TMA loads of every tile a persistent program runs i
 stages; two consumer warpgroups take alternate tiles (128 x 128 each, the accumulator 128 registers a
 thread), so that one's epilogue can overlap the other's main loop. docs/perf_notes.md session 34 has
 what it measured: plain GEMM 0.92-1.06x cuBLAS (flashtile.gemm's Triton kernel 0.99-1.06x in the same
-runs), bias + gelu 0.97-1.09x addmm + gelu (flashtile.gemm 0.99-1.04x); not wired into ft.gemm.
+runs), bias + gelu 0.97-1.09x addmm + gelu (flashtile.gemm 0.99-1.04x); the gelu epilogue still cost
+it 4-12%. Not wired into ft.gemm.
 
     python scripts/probe_gluon_gemm.py --compile [BM BN BK STAGES]   # offline, no GPU: smem, registers
     python scripts/probe_gluon_gemm.py [--configs 128,128,64,4;...]  # on an H200: interleaved timings
@@ -31,17 +32,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-GELU = 2  # the activation code (kernels/gemm.py's ACT_GELU)
+from flashtile.kernels.gemm import ACT_GELU, _gelu, _tile_coords  # Gluon calls Triton helpers as they are
 
-
-@gluon.jit
-def _tile(t, num_pid_m, num_pid_n, GROUP_M: gl.constexpr):
-    width = GROUP_M * num_pid_n
-    first_m = (t // width) * GROUP_M
-    rows = gl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (t % rows)
-    pid_n = (t % width) // rows
-    return pid_m, pid_n
+GELU = ACT_GELU.value
 
 
 @gluon.jit
@@ -51,21 +44,6 @@ def _tile_counts(M, N, K, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr):
     num_pid_m = gl.cdiv(M, BM)
     num_pid_n = gl.cdiv(N, BN)
     return gl.program_id(0), gl.num_programs(0), num_pid_m, num_pid_n, gl.cdiv(K, BK), num_pid_m * num_pid_n
-
-
-@gluon.jit
-def _rcp(x):
-    return gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=gl.float32, is_pure=True,
-                                     pack=1)
-
-
-@gluon.jit
-def _gelu(x):
-    z = gl.abs(x) * 0.7071067811865476
-    t = _rcp(1.0 + 0.3275911 * z)
-    h = t * (0.127414796 + t * (-0.142248368 + t * (0.7107068705 + t * (-0.7265760135 + t * 0.5307027145))))
-    h = h * gl.exp2(z * z * -1.4426950408889634)
-    return x * gl.where(x < 0.0, h, 1.0 - h)
 
 
 @gluon.jit
@@ -86,7 +64,7 @@ def _producer(a_desc, b_desc, c_desc, bias_ptr, a_bufs, b_bufs, c_bufs, ready, e
     pid, nprog, num_pid_m, num_pid_n, k_tiles, total = _tile_counts(M, N, K, BM, BN, BK)
     c = 0
     for t in range(pid, total, nprog):
-        pid_m, pid_n = _tile(t, num_pid_m, num_pid_n, GROUP_M)
+        _, pid_m, pid_n = _tile_coords(t, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BM
         off_n = pid_n * BN
         for kk in range(k_tiles):
@@ -118,7 +96,7 @@ def _consumer(a_desc, b_desc, c_desc, bias_ptr, a_bufs, b_bufs, c_bufs, ready, e
     c = WG * k_tiles
     n = 0
     for t in range(pid + WG * nprog, total, 2 * nprog):
-        pid_m, pid_n = _tile(t, num_pid_m, num_pid_n, GROUP_M)
+        _, pid_m, pid_n = _tile_coords(t, num_pid_m, num_pid_n, GROUP_M)
         off_m = pid_m * BM
         off_n = pid_n * BN
         # ping-pong: start waiting on this tile's stages only once the other consumer has passed the
@@ -147,8 +125,8 @@ def _consumer(a_desc, b_desc, c_desc, bias_ptr, a_bufs, b_bufs, c_bufs, ready, e
             offs_n = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
             bias = gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32)
             acc = acc + gl.expand_dims(bias, 0)
-        if ACT == 2:
-            acc = _gelu(acc)
+        if ACT == ACT_GELU:
+            acc = _gelu(acc, True)
         tma.store_wait(0)
         c_smem.store(acc.to(dtype))
         fence_async_shared()
