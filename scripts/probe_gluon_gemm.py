@@ -3,7 +3,7 @@
 One producer warp issues the TMA loads of every tile a persistent program runs into one ring of
 stages; two consumer warpgroups take alternate tiles (128 x 128 each, the accumulator 128 registers a
 thread), so that one's epilogue can overlap the other's main loop. docs/perf_notes.md session 34 has
-what it measured: plain GEMM 0.92-1.06x cuBLAS (flashtile.gemm's Triton kernel 0.99-1.06x in the same
+what it measured: plain GEMM 0.92-1.09x cuBLAS (flashtile.gemm's Triton kernel 0.99-1.07x in the same
 runs), bias + gelu 0.97-1.09x addmm + gelu (flashtile.gemm 0.99-1.04x); the gelu epilogue still cost
 it 4-12%. Not wired into ft.gemm.
 
