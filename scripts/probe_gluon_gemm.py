@@ -55,8 +55,8 @@ def _b_view(buf, B_TRANS: gl.constexpr):
 
 
 @gluon.jit
-def _producer(a_desc, b_desc, c_desc, bias_ptr, a_bufs, b_bufs, c_bufs, ready, empty, order, M, N, K,
-              GROUP_M: gl.constexpr, B_TRANS: gl.constexpr, ACT: gl.constexpr, HAS_BIAS: gl.constexpr):
+def _producer(a_desc, b_desc, c_desc, a_bufs, b_bufs, ready, empty, M, N, K, GROUP_M: gl.constexpr,
+              B_TRANS: gl.constexpr):
     BM: gl.constexpr = c_desc.block_type.shape[0]
     BN: gl.constexpr = c_desc.block_type.shape[1]
     BK: gl.constexpr = a_desc.block_type.shape[1]
@@ -135,20 +135,6 @@ def _consumer(a_desc, b_desc, c_desc, bias_ptr, a_bufs, b_bufs, c_bufs, ready, e
 
 
 @gluon.jit
-def _consumer1(a_desc, b_desc, c_desc, bias_ptr, a_bufs, b_bufs, c_bufs, ready, empty, order, M, N, K,
-               GROUP_M: gl.constexpr, B_TRANS: gl.constexpr, ACT: gl.constexpr, HAS_BIAS: gl.constexpr):
-    _consumer(a_desc, b_desc, c_desc, bias_ptr, a_bufs, b_bufs, c_bufs, ready, empty, order, M, N, K, GROUP_M,
-              B_TRANS, ACT, HAS_BIAS, 1)
-
-
-@gluon.jit
-def _consumer0(a_desc, b_desc, c_desc, bias_ptr, a_bufs, b_bufs, c_bufs, ready, empty, order, M, N, K,
-               GROUP_M: gl.constexpr, B_TRANS: gl.constexpr, ACT: gl.constexpr, HAS_BIAS: gl.constexpr):
-    _consumer(a_desc, b_desc, c_desc, bias_ptr, a_bufs, b_bufs, c_bufs, ready, empty, order, M, N, K, GROUP_M,
-              B_TRANS, ACT, HAS_BIAS, 0)
-
-
-@gluon.jit
 def gemm_ws_kernel(a_desc, b_desc, c_desc, bias_ptr, M, N, K, STAGES: gl.constexpr, GROUP_M: gl.constexpr,
                    B_TRANS: gl.constexpr, ACT: gl.constexpr, HAS_BIAS: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                    PRODUCER_REGS: gl.constexpr):
@@ -167,12 +153,12 @@ def gemm_ws_kernel(a_desc, b_desc, c_desc, bias_ptr, M, N, K, STAGES: gl.constex
     # The argument tuples are written out per partition: in Triton 3.6 a tuple built first and passed by
     # name turns its constexprs into tensors, and the partitions' `if B_TRANS` then compiles both arms.
     gl.warp_specialize([
-        (_consumer0, (a_desc, b_desc, c_desc, bias_ptr, a_bufs, b_bufs, c_bufs, ready, empty, order, M, N, K, GROUP_M,
-                      B_TRANS, ACT, HAS_BIAS)),
-        (_consumer1, (a_desc, b_desc, c_desc, bias_ptr, a_bufs, b_bufs, c_bufs, ready, empty, order, M, N, K, GROUP_M,
-                      B_TRANS, ACT, HAS_BIAS)),
-        (_producer, (a_desc, b_desc, c_desc, bias_ptr, a_bufs, b_bufs, c_bufs, ready, empty, order, M, N, K, GROUP_M,
-                     B_TRANS, ACT, HAS_BIAS))], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        (_consumer, (a_desc, b_desc, c_desc, bias_ptr, a_bufs, b_bufs, c_bufs, ready, empty, order, M, N, K, GROUP_M,
+                     B_TRANS, ACT, HAS_BIAS, 0)),
+        (_consumer, (a_desc, b_desc, c_desc, bias_ptr, a_bufs, b_bufs, c_bufs, ready, empty, order, M, N, K, GROUP_M,
+                     B_TRANS, ACT, HAS_BIAS, 1)),
+        (_producer, (a_desc, b_desc, c_desc, a_bufs, b_bufs, ready, empty, M, N, K, GROUP_M, B_TRANS))],
+        [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def _descriptors(a, b, c, b_trans, BM, BN, BK):
