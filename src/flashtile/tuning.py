@@ -255,13 +255,16 @@ def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype:
         # dims in one 128-column chunk gain on 64x64 w4 in one loop, sustained forward+backward step
         # (us, 32x64 -> 64x64 w4 s2, B*S = 16384): S=1024 1036 -> 1016, 2048 1734 -> 1667, 4096 3028 ->
         # 2898, 8192 5745 -> 5454, 16384 10968 -> 10531 (B=1); the 64x64 tiles in split phases ran
-        # 7530. D=96 (64 + 32 columns) lost: 5523 -> 6125, so two-chunk heads keep 32x64
+        # 7530. D=96 (64 + 32 columns) lost: 5523 -> 6125, so two-chunk heads keep 32x64, on 3 stages
+        # since session 35 (D=96, B=2, H=16, S=8192: 5080-5084 -> 4782-4835, dK/dV 2383-2435 ->
+        # 2027-2067; 4 stages 4875-4922). Non-causal dropout keeps 64x64 w4 s2: 32x64 w4 s3 ran 4-7%
+        # slower steps at D=128 (S=8192 and 2048) and 1-3% at D=96
         if d <= 64:
             tiles = dataclasses.replace(tiles, dkdv=KernelConfig(64, 64, 4, 2))
         elif d <= 128 and causal and min(head_dim_chunks(head_dim)[0], head_dim_chunks(head_dim_v)[0]) > 64:
             tiles = dataclasses.replace(tiles, dkdv=KernelConfig(64, 64, 4, 2), split_phases=False)
         elif d <= 128 and causal:
-            tiles = dataclasses.replace(tiles, dkdv=KernelConfig(32, 64, 4, 2))
+            tiles = dataclasses.replace(tiles, dkdv=KernelConfig(32, 64, 4, 3))
     if dkdv_constant_lengths(device, head_dim, head_dim_v, dtype, tiles, block_sparse, dropout, causal):
         return dataclasses.replace(tiles, constant_lengths=True,
                                    aligned_rows=dkdv_aligned_rows(head_dim, block_sparse, partial_blocks))
@@ -364,8 +367,10 @@ def _backward_tiles(device: torch.device, head_dim: int, head_dim_v: int, dtype:
         # keeps the default: 8.81 against 8.93 ms). Re-swept once the factor was folded into P^T early
         # (session 19, forward+backward TFLOP/s): S=8192 32x64 w4 326-331, 64x64 w4 one loop with
         # constant lengths 303-308, split phases 286-293, 64x128 w8 278-281; S=2048 (B=8) 270-279
-        # against 250-252 / 232-234 / 225
-        return BackwardConfig(KernelConfig(32, 64, 4, 2), KernelConfig(128, 64, 8, 3))
+        # against 250-252 / 232-234 / 225. A third stage (session 35; forward+backward step through
+        # flash_attn_func, us, 2-3 rounds alternating, s2 -> s3): S=8192 5557-5564 -> 5286-5365 (dK/dV
+        # 2640 -> 2200), S=2048 (B=8) 1645-1661 -> 1603-1617; a fourth lost (5374-5420)
+        return BackwardConfig(KernelConfig(32, 64, 4, 3), KernelConfig(128, 64, 8, 3))
     if short_walk and 64 < d <= 128:
         # H200 (B*S = 16384, H=16, D=128, backward alone, 3 rounds), 32x64 w4 s2 against 64x128 w8 s2:
         # causal S=512 -8.3%, S=1024 -5.1%, S=2048 -1.5%; at S=1024 ALiBi -2.1%, GQA (4:1) -2.2%,
@@ -373,7 +378,12 @@ def _backward_tiles(device: torch.device, head_dim: int, head_dim_v: int, dtype:
         # ALiBi, GQA and D=96 lose 1.3-1.9%, at 4096 keys 2.6-5.8%, so the rule stops at 1024 keys.
         # (Why is not measured: a short walk gives each program few query tiles, and the 4-warp
         # programs run several to an SM, so one's K / V loads and dK / dV stores overlap another's math)
-        return BackwardConfig(KernelConfig(32, 64, 4, 2), KernelConfig(128, 64, 8, 3))
+        # These tiles on 3 stages instead of 2 (session 35, H200, bf16, D=128, forward+backward step
+        # through flash_attn_func, us, 2-3 rounds alternating): medium walks causal S=2048 (B=8)
+        # 1509-1535 -> 1487-1504, window (1024, 0) at S=16384 1529-1539 -> 1497-1511, (1024, 1024)
+        # 2679-2687 -> 2611-2676, (256, 0) at S=4096 706 -> 697-700; causal S=1024 (B=16) 909-916 ->
+        # 904-916 (dK/dV 405-417 -> 393-405). 4 stages lost (causal S=2048 1530-1548, S=1024 928-934)
+        return BackwardConfig(KernelConfig(32, 64, 4, 3), KernelConfig(128, 64, 8, 3))
     if long_causal and 64 < d <= 128:
         # H200 (B=2, H=16, S=8192, D=128 causal, dK/dV launch alone, 2 rounds): one loop with a per-tile
         # mask branch on 64x128 w8 2704 us; the masked and unmasked query tiles in separate loops 2694,
@@ -395,9 +405,11 @@ def _backward_tiles(device: torch.device, head_dim: int, head_dim_v: int, dtype:
     # below (dK/dV 64x64 w8 s2, dQ 128x32 w8 s3): D=160 dK/dV 32x64 w4 s2 with dQ 128x64 w8 s3 346 /
     # 338 against 244 / 225 (32x128 w8 s2 316 / 312); D=192 dK/dV 32x128 w8 s3 with dQ 128x32 392 /
     # 355 against 280 / 265 (s2 352 / 360; 32x64 w4 260 / 324; dQ 128x64 340 / 353). At D=256 the
-    # 32-query tiles run at half speed (141 / 135 against 307 / 294)
+    # 32-query tiles run at half speed (141 / 135 against 307 / 294). A third stage (session 35, D=160,
+    # B=2, H=12, S=8192, step us): non-causal 10387-10532 -> 10143-10404, causal 5309-5380 -> 5390-5413
+    # (dK/dV +2.5%), so causal keeps 2
     if d <= 160:
-        return BackwardConfig(KernelConfig(32, 64, 4, 2), KernelConfig(128, 64, 8, 3))
+        return BackwardConfig(KernelConfig(32, 64, 4, 2 if causal else 3), KernelConfig(128, 64, 8, 3))
     if d <= 192:
         return BackwardConfig(KernelConfig(32, 128, 8, 3), KernelConfig(128, 32, 8, 3))
     return BackwardConfig(KernelConfig(64, 64, 8, 2), KernelConfig(128, 32, 8, 3))
