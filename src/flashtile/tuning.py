@@ -381,10 +381,10 @@ def _backward_tiles(device: torch.device, head_dim: int, head_dim_v: int, dtype:
         # These tiles on 3 stages instead of 2 (session 35, H200, bf16, D=128, forward+backward step
         # through flash_attn_func, us, 2-3 rounds alternating): medium walks causal S=2048 (B=8)
         # 1509-1535 -> 1487-1504, window (1024, 0) at S=16384 1529-1539 -> 1497-1511, (1024, 1024)
-        # 2679-2687 -> 2611-2676, (256, 0) at S=4096 706 -> 697-700; causal S=1024 (B=16) 909-916 ->
-        # 904-916 (dK/dV 405-417 -> 393-405). 4 stages lost (causal S=2048 1530-1548, S=1024 928-934).
-        # Causal GQA (4:1, B=16, S=1024) 1847-1861 -> 1774-1781 (dK/dV 770-782 -> 637-644); causal ALiBi
-        # there 949-952 -> 955-969, within the step's spread, so it takes the same tiles
+        # 2679-2687 -> 2611-2676, (256, 0) at S=4096 706 -> 697-700; causal S=1024 (B=16) 909-933 ->
+        # 902-933 over two A/Bs (dK/dV 405-417 -> 393-405); causal GQA (4:1, B=16, S=1024) 1847-1861 ->
+        # 1774-1781 (dK/dV 770-782 -> 637-644), causal ALiBi there 949-952 -> 955-969 (within the step's
+        # spread, so it takes the same tiles). 4 stages lost (causal S=2048 1530-1548, S=1024 928-934)
         return BackwardConfig(KernelConfig(32, 64, 4, 3), KernelConfig(128, 64, 8, 3))
     if long_causal and 64 < d <= 128:
         # H200 (B=2, H=16, S=8192, D=128 causal, dK/dV launch alone, 2 rounds): one loop with a per-tile
