@@ -224,6 +224,10 @@ SHORT_WINDOW = 512
 # MAX_CONSTANT_SHAPES) ran 1.5% faster than the 64x128 tiles at 2048 keys, 2.6-5.8% slower at 4096
 MEDIUM_CAUSAL_KEYS = 4096
 MEDIUM_WINDOW = 2048
+# The narrow dK/dV tile (32 keys x 64 queries, 4 warps) of softcap causal, short and medium walks,
+# two-chunk causal dropout and D = 129..160: 3 stages since session 35 (the third stage cut their dK/dV
+# time by up to 17%, but lost at D=160 causal; 4 stages lost everywhere; _backward_tiles has the numbers)
+NARROW_DKDV = KernelConfig(32, 64, 4, 3)
 
 
 def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype: torch.dtype,
@@ -264,7 +268,7 @@ def backward_config(device: torch.device, head_dim: int, head_dim_v: int, dtype:
         elif d <= 128 and causal and min(head_dim_chunks(head_dim)[0], head_dim_chunks(head_dim_v)[0]) > 64:
             tiles = dataclasses.replace(tiles, dkdv=KernelConfig(64, 64, 4, 2), split_phases=False)
         elif d <= 128 and causal:
-            tiles = dataclasses.replace(tiles, dkdv=KernelConfig(32, 64, 4, 3))
+            tiles = dataclasses.replace(tiles, dkdv=NARROW_DKDV)
     if dkdv_constant_lengths(device, head_dim, head_dim_v, dtype, tiles, block_sparse, dropout, causal):
         return dataclasses.replace(tiles, constant_lengths=True,
                                    aligned_rows=dkdv_aligned_rows(head_dim, block_sparse, partial_blocks))
@@ -370,7 +374,7 @@ def _backward_tiles(device: torch.device, head_dim: int, head_dim_v: int, dtype:
         # against 250-252 / 232-234 / 225. A third stage (session 35; forward+backward step through
         # flash_attn_func, us, 2-3 rounds alternating, s2 -> s3): S=8192 5557-5564 -> 5286-5365 (dK/dV
         # 2640 -> 2200), S=2048 (B=8) 1645-1661 -> 1603-1617; a fourth lost (5374-5420)
-        return BackwardConfig(KernelConfig(32, 64, 4, 3), KernelConfig(128, 64, 8, 3))
+        return BackwardConfig(NARROW_DKDV, KernelConfig(128, 64, 8, 3))
     if short_walk and 64 < d <= 128:
         # H200 (B*S = 16384, H=16, D=128, backward alone, 3 rounds), 32x64 w4 s2 against 64x128 w8 s2:
         # causal S=512 -8.3%, S=1024 -5.1%, S=2048 -1.5%; at S=1024 ALiBi -2.1%, GQA (4:1) -2.2%,
@@ -385,7 +389,7 @@ def _backward_tiles(device: torch.device, head_dim: int, head_dim_v: int, dtype:
         # 902-933 over two A/Bs (dK/dV 405-417 -> 393-405); causal GQA (4:1, B=16, S=1024) 1847-1861 ->
         # 1774-1781 (dK/dV 770-782 -> 637-644), causal ALiBi there 949-952 -> 955-969 (within the step's
         # spread, so it takes the same tiles). 4 stages lost (causal S=2048 1530-1548, S=1024 928-934)
-        return BackwardConfig(KernelConfig(32, 64, 4, 3), KernelConfig(128, 64, 8, 3))
+        return BackwardConfig(NARROW_DKDV, KernelConfig(128, 64, 8, 3))
     if long_causal and 64 < d <= 128:
         # H200 (B=2, H=16, S=8192, D=128 causal, dK/dV launch alone, 2 rounds): one loop with a per-tile
         # mask branch on 64x128 w8 2704 us; the masked and unmasked query tiles in separate loops 2694,
@@ -411,7 +415,8 @@ def _backward_tiles(device: torch.device, head_dim: int, head_dim_v: int, dtype:
     # B=2, H=12, S=8192, step us): non-causal 10387-10532 -> 10143-10404, causal 5309-5380 -> 5390-5413
     # (dK/dV +2.5%), so causal keeps 2
     if d <= 160:
-        return BackwardConfig(KernelConfig(32, 64, 4, 2 if causal else 3), KernelConfig(128, 64, 8, 3))
+        dkdv = dataclasses.replace(NARROW_DKDV, num_stages=2) if causal else NARROW_DKDV
+        return BackwardConfig(dkdv, KernelConfig(128, 64, 8, 3))
     if d <= 192:
         return BackwardConfig(KernelConfig(32, 128, 8, 3), KernelConfig(128, 32, 8, 3))
     return BackwardConfig(KernelConfig(64, 64, 8, 2), KernelConfig(128, 32, 8, 3))
