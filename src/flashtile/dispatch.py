@@ -97,6 +97,28 @@ def wide_forward_heads(head_dim: int, head_dim_v: int, dtype: torch.dtype, devic
     return arch is not None and arch[0] < 9
 
 
+# The Gluon wide forward (kernels/attention_wide_gluon.py) holds a 512-wide O slice in two warpgroups
+GLUON_FORWARD_MAX_HEAD_DIM = 512
+
+
+def gluon_forward_heads(head_dim: int, head_dim_v: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """True when a wide forward of these (64-column padded) head dims runs the Gluon kernel.
+
+    Head dims in (DENSE_FORWARD_MAX_TILE, GLUON_FORWARD_MAX_HEAD_DIM], 16-bit, on sm_90 (the kernel
+    is written for Hopper's wgmma and TMA). There one S [64, 256] is shared by two warpgroups that
+    each own half of a 512-wide O, so S is computed once, where the split-D kernel computes it once
+    per 256-wide O slice. H200, bf16, B=1, H=48, S=8192, forward TFLOP/s, split-D -> Gluon: D=448
+    274 -> 338 (causal 263 -> 322), D=512 288 -> 372 (causal 282 -> 345). The launcher also needs
+    the call's features to be ones the kernel has (wide_launch.gluon_forward).
+    """
+    from flashtile.tuning import _arch  # tuning imports this module
+
+    widest = max(head_dim, head_dim_v)
+    if dtype not in (torch.float16, torch.bfloat16) or not DENSE_FORWARD_MAX_TILE < widest <= GLUON_FORWARD_MAX_HEAD_DIM:
+        return False
+    return _arch(device) == (9, 0)
+
+
 def dense_dq_heads(head_dim: int, head_dim_v: int, dtype: torch.dtype, device: torch.device,
                    masked: bool = False) -> bool:
     """True when the split-D backward of a wide head runs its dQ on the dense dQ kernel instead.

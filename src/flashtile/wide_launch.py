@@ -25,6 +25,7 @@ from flashtile.key_layout import keys_in_range
 from flashtile.launch_fit import launch_fitting
 from flashtile.row_align import SPLIT_D_COLUMNS, aligned_rows, narrowed
 from flashtile.tuning import WideBackwardConfig, WideConfig, wide_backward_config, wide_forward_config, wide_parts
+from flashtile.wide_gluon_launch import gluon_forward
 
 DELTA_BLOCK = (64, 64)  # rows x columns per step of wide_delta_kernel
 
@@ -66,6 +67,9 @@ def wide_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
     B, Sq, Sk = layout.batch, layout.seqlen_q, layout.seqlen_k
     out, lse, done = forward_buffers(q, v, layout)
     if done:
+        return narrowed(out, dv_asked), lse
+    if config is None and gluon_forward(q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes,
+                                        attn_mask, dropout_p, layout.varlen):  # see wide_gluon_launch.py
         return narrowed(out, dv_asked), lse
     cfg = config or wide_forward_config(q.device, D, Dv, q.dtype, right is not None)
     part_a, part_b, n_split = wide_parts(Dv, cfg.max_part)

@@ -1,0 +1,194 @@
+"""Wide-head forward in Gluon (sm_90): one S shared by two warpgroups, so D <= 512 never recomputes S.
+
+The split-D Triton forward (attention_wide.py) keeps a program's O slice in one warpgroup's registers,
+which holds at most 256 columns next to S: a 512-wide head runs two slices, each recomputing S (3
+S x S x D products where 2 are needed). Triton cannot split one S over two warpgroups the way needed
+here (it gave 64x16 wgmmas and spills, docs/perf_notes.md session 31). Gluon lays it out by hand:
+
+- a program owns 64 query rows and runs 8 warps = 2 warpgroups;
+- S = Q K^T [64, BN] is one wgmma over both warpgroups (each takes BN / 2 keys, warps_per_cta [4, 2]),
+  its K-loop over KC-column chunks of Q and K;
+- P goes through shared memory, so O = P V [64, DVP] is one wgmma over both warpgroups as well, each
+  owning DVP / 2 columns of O: 128 fp32 registers a thread at DVP = 512;
+- K chunks [BN, KC] and V chunks [VK, DVP] stream through one ring of TMA stages of the same size, in
+  the order the two products consume them; Q stays in shared memory when D <= 512 (Q_RES), else its
+  chunks travel with K's.
+Head dims wider than DVP run ceil(Dv / DVP) programs per query tile (one O slice each). The launcher
+(wide_launch.gluon_forward) takes this kernel only where dispatch.gluon_forward_heads says so; the
+features it lacks (softcap, ALiBi, windows, dropout, attn_mask, varlen) stay on attention_wide.py.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
+
+LN2 = gl.constexpr(0.6931471805599453)
+BLOCK_M = 64  # query rows a program: one wgmma row tile, shared by both warpgroups
+CHUNK = 64  # columns of a Q / K chunk, and of each TMA box of V (one 128-byte swizzle row of 16-bit data)
+
+
+@gluon.jit
+def _issue(c, I: gl.constexpr, q_desc, k_desc, v_desc, ring, q_ring, ready, b, q0, qh_col, kh_col, vh_col, total,
+           Q_RES: gl.constexpr, NK: gl.constexpr, NV: gl.constexpr, BN: gl.constexpr, KC: gl.constexpr,
+           VK: gl.constexpr, DVP: gl.constexpr, STAGES: gl.constexpr):
+    """Start the TMA load of chunk c of the stream (per key tile: NK K chunks, then NV V chunks) into
+    ring stage c % STAGES. I = c's place in its key tile is a compile-time constant, so one kind of
+    load is emitted; chunks past the walk's end (c >= total) are predicated off."""
+    s = c % STAGES
+    t = c // (NK + NV)
+    bar = ready.index(s)
+    do = c < total
+    if I < NK:
+        if Q_RES:
+            mbarrier.expect(bar, k_desc.block_type.nbytes, pred=do)
+        else:  # Q's chunk travels with K's
+            mbarrier.expect(bar, k_desc.block_type.nbytes + q_desc.block_type.nbytes, pred=do)
+            tma.async_copy_global_to_shared(q_desc, [b, q0, qh_col + I * KC], bar, q_ring.index(s), pred=do)
+        tma.async_copy_global_to_shared(k_desc, [b, t * BN, kh_col + I * KC], bar, ring.index(s), pred=do)
+    else:
+        # the stage as DVP / 64 boxes of [VK, 64]: the same bytes as the [VK, DVP] tile the MMA reads
+        vbuf = ring.index(s)._reinterpret(v_desc.dtype, [DVP // 64, 1, VK, 64], v_desc.layout)
+        mbarrier.expect(bar, (DVP // 64) * v_desc.block_type.nbytes, pred=do)
+        for jj in gl.static_range(DVP // 64):
+            tma.async_copy_global_to_shared(v_desc, [b, t * BN + (I - NK) * VK, vh_col + jj * 64], bar,
+                                            vbuf.index(jj), pred=do)
+
+
+@gluon.jit
+def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
+                          seqlen_q, seqlen_k, heads_q, group_size, qk_scale, n_pass,
+                          DQK: gl.constexpr, DV: gl.constexpr, DVP: gl.constexpr, BM: gl.constexpr,
+                          BN: gl.constexpr, KC: gl.constexpr, VK: gl.constexpr, STAGES: gl.constexpr,
+                          CAUSAL: gl.constexpr, Q_RES: gl.constexpr):
+    """q_desc / k_desc: [B, S, H * DQK] boxes [1, rows, KC]; v_desc: [B, Sk, Hkv * DV] boxes [1, VK, 64]
+    -> Out [B, Sq, Hq, DV] (pointer stores), Lse fp32 [B, Hq, Sq] (natural log; -inf for a row that
+    sees no key). qk_scale = softmax_scale * log2(e). CAUSAL: key j is visible to query i iff
+    j <= i + Sk - Sq. Grid: (n_pass * ceil(Sq / BM) * B * Hq,), O slices fastest."""
+    dtype: gl.constexpr = q_desc.dtype
+    NK: gl.constexpr = DQK // KC
+    NV: gl.constexpr = BN // VK
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                       instr_shape=[16, BN // 2, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                       instr_shape=[16, DVP // 2, 16])
+    v_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    # 64-byte swizzle: the PV loop reads P in VK-column slices, VK = 32 at BN = 256
+    p_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=16, rank=2)
+
+    n_m = gl.cdiv(seqlen_q, BM)
+    pid = gl.program_id(0)
+    vpass = pid % n_pass
+    tile = (pid // n_pass) % n_m
+    bh = pid // (n_pass * n_m)
+    if CAUSAL:  # the longest walks first
+        tile = n_m - 1 - tile
+    b = bh // heads_q
+    h = bh % heads_q
+    h_kv = h // group_size
+    q0 = tile * BM
+    v_col0 = vpass * DVP
+
+    ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BN, KC], k_desc.layout)
+    if Q_RES:
+        q_smem = gl.allocate_shared_memory(dtype, [NK, 1, BM, KC], q_desc.layout)
+    else:
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BM, KC], q_desc.layout)
+    p_smem = gl.allocate_shared_memory(dtype, [BM, BN], p_layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+    mbarrier.init(q_bar, count=1)
+
+    # keys [0, hi): a causal row sees keys up to its own index + Sk - Sq
+    hi = seqlen_k
+    if CAUSAL:
+        hi = gl.maximum(gl.minimum(seqlen_k, q0 + BM + seqlen_k - seqlen_q), 0)
+    n_tiles = gl.cdiv(hi, BN)
+    total = n_tiles * (NK + NV)
+    qh_col = h * DQK
+    kh_col = h_kv * DQK
+    vh_col = h_kv * DV + v_col0
+
+    if Q_RES:
+        mbarrier.expect(q_bar, NK * q_desc.block_type.nbytes)
+        for i in gl.static_range(NK):
+            tma.async_copy_global_to_shared(q_desc, [b, q0, qh_col + i * KC], q_bar, q_smem.index(i))
+    for c in gl.static_range(STAGES - 1):  # prologue: STAGES - 1 chunks in flight
+        _issue(c, c % (NK + NV), q_desc, k_desc, v_desc, ring, q_smem, ready, b, q0, qh_col, kh_col, vh_col, total,
+               Q_RES, NK, NV, BN, KC, VK, DVP, STAGES)
+    if Q_RES:
+        mbarrier.wait(q_bar, 0)
+
+    m_i = gl.full([BM], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BM, DVP], gl.float32, o_layout)
+    rows = q0 + gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout))
+    cols0 = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
+    c = 0
+    for t in range(n_tiles):
+        # -- S = Q K^T, NK chunks; after each wgmma is issued the previous one is done in this
+        # warpgroup, and the thread barrier makes its stage free in both before it is refilled --
+        s_acc = gl.zeros([BM, BN], gl.float32, s_layout)
+        for i in gl.static_range(NK):
+            st = c % STAGES
+            mbarrier.wait(ready.index(st), (c // STAGES) & 1)
+            if Q_RES:
+                q_chunk = q_smem.index(i).reshape([BM, KC])
+            else:
+                q_chunk = q_smem.index(st).reshape([BM, KC])
+            k_chunk = ring.index(st).reshape([BN, KC])
+            s_acc = warpgroup_mma(q_chunk, k_chunk.permute((1, 0)), s_acc, is_async=True)
+            s_acc = warpgroup_mma_wait(1, deps=(s_acc, ))
+            gl.thread_barrier()
+            _issue(c + STAGES - 1, (i + STAGES - 1) % (NK + NV), q_desc, k_desc, v_desc, ring, q_smem, ready, b, q0,
+                   qh_col, kh_col, vh_col, total, Q_RES, NK, NV, BN, KC, VK, DVP, STAGES)
+            c += 1
+        s_acc = warpgroup_mma_wait(0, deps=(s_acc, ))
+
+        # -- online softmax in the log2 domain; keys past Sk (zero-filled by TMA) and, causal, past
+        # the diagonal are -inf; a row that has seen no key keeps m = -inf and p = 0 --
+        cols = t * BN + cols0
+        s = s_acc * qk_scale
+        ok = gl.expand_dims(cols, 0) < seqlen_k
+        if CAUSAL:
+            ok = ok & (gl.expand_dims(cols, 0) <= gl.expand_dims(rows, 1) + (seqlen_k - seqlen_q))
+        s = gl.where(ok, s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_safe)
+        p = gl.exp2(s - gl.expand_dims(m_safe, 1))
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        m_i = m_new
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        p_smem.store(p.to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()  # both warpgroups' halves of P are in shared memory
+
+        # -- O += P V, NV chunks of VK keys --
+        for j in gl.static_range(NV):
+            st = c % STAGES
+            mbarrier.wait(ready.index(st), (c // STAGES) & 1)
+            v_chunk = ring.index(st)._reinterpret(dtype, [VK, DVP], v_layout)
+            acc = warpgroup_mma(p_smem.slice(j * VK, VK, dim=1), v_chunk, acc, is_async=True)
+            acc = warpgroup_mma_wait(1, deps=(acc, ))
+            gl.thread_barrier()
+            _issue(c + STAGES - 1, (NK + j + STAGES - 1) % (NK + NV), q_desc, k_desc, v_desc, ring, q_smem, ready,
+                   b, q0, qh_col, kh_col, vh_col, total, Q_RES, NK, NV, BN, KC, VK, DVP, STAGES)
+            c += 1
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        gl.thread_barrier()  # the next tile rewrites p_smem
+
+    # -- epilogue: normalise; a row that saw no key gives out 0 and lse -inf --
+    empty = l_i == 0.0
+    l_safe = gl.where(empty, 1.0, l_i)
+    out = acc / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout)), 1)
+    o_rows = q0 + gl.arange(0, BM, layout=gl.SliceLayout(1, o_layout))
+    o_cols = v_col0 + gl.arange(0, DVP, layout=gl.SliceLayout(0, o_layout))
+    o_ptrs = (Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+              + gl.expand_dims(o_rows.to(gl.int64) * stride_os, 1) + gl.expand_dims(o_cols, 0))
+    gl.store(o_ptrs, out.to(dtype), mask=(gl.expand_dims(o_rows, 1) < seqlen_q) & (gl.expand_dims(o_cols, 0) < DV))
+    lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
+    lse_ptrs = Lse + b.to(gl.int64) * stride_lse_b + h.to(gl.int64) * stride_lse_h + rows
+    gl.store(lse_ptrs, lse, mask=(rows < seqlen_q) & (vpass == 0))

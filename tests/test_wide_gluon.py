@@ -1,0 +1,145 @@
+"""The Gluon wide forward (kernels/attention_wide_gluon.py, sm_90 only) against the oracle, and its rule.
+
+On an H200 every case checks that the Gluon kernel ran (or, for the features it lacks, that the
+split-D kernel did) and compares out, lse and the gradients (the split-D backward, from the Gluon
+forward's out and lse) with the float64 / float32 oracle under FlashAttention's rule. Without a GPU
+(CI) the rule and the launcher's refusals are checked: the interpreter cannot run Gluon.
+"""
+
+import pytest
+import torch
+
+import flashtile as ft
+from conftest import DEVICE, HAS_GPU
+from flashtile import dispatch, wide_gluon_launch, wide_launch
+from test_attention import check_against_oracle
+
+HOPPER = HAS_GPU and torch.cuda.get_device_capability() == (9, 0)
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon kernel is written for sm_90 (wgmma, TMA)")
+
+# (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v): head dims in (384, 512] (some
+# padded to 64 columns first), odd lengths, Sq != Sk both ways, GQA / MQA, Dqk != Dv
+SHAPES = [
+    (1, 1, 1, 1, 1, 512, 512),
+    (2, 37, 37, 2, 1, 512, 512),
+    (1, 257, 513, 4, 2, 448, 448),
+    (2, 300, 113, 2, 2, 400, 400),
+    (1, 113, 300, 3, 1, 385, 385),
+    (1, 640, 640, 2, 1, 480, 480),
+    (1, 200, 333, 2, 2, 512, 448),
+    (1, 129, 77, 2, 1, 448, 333),
+    (1, 64, 257, 2, 2, 300, 512),
+]
+
+
+def _make(shape, dtype):
+    B, Sq, Sk, Hq, Hkv, D, Dv = shape
+    return tuple(torch.randn(*s, device=DEVICE, dtype=dtype).requires_grad_()
+                 for s in ((B, Sq, Hq, D), (B, Sk, Hkv, D), (B, Sk, Hkv, Dv)))
+
+
+@pytest.fixture
+def gluon_runs(monkeypatch):
+    """The list of gluon_forward's answers (True: the Gluon kernel ran) during a test."""
+    answers = []
+    real = wide_launch.gluon_forward
+    monkeypatch.setattr(wide_launch, "gluon_forward", lambda *a, **kw: answers.append(real(*a, **kw)) or answers[-1])
+    return answers
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_oracle(shape, causal, dtype, gluon_runs):
+    q, k, v = _make(shape, dtype)
+    with ft.use_backend("triton"):
+        check_against_oracle(q, k, v, causal=causal)
+    assert gluon_runs == [True]
+
+
+@needs_hopper
+def test_fully_masked_rows(gluon_runs):
+    """Causal with Sq > Sk: the first Sq - Sk rows see no key: out 0, lse -inf."""
+    q, k, v = _make((1, 200, 70, 2, 1, 512, 512), torch.bfloat16)
+    with ft.use_backend("triton"):
+        out, lse, _ = ft.flash_attn_func(q, k, v, causal=True, return_attn_probs=True)
+        check_against_oracle(q, k, v, causal=True)
+    assert gluon_runs == [True, True]
+    assert torch.all(out[:, :130] == 0) and torch.all(lse[:, :, :130] == float("-inf"))
+
+
+@needs_hopper
+def test_strided_views_and_nan(gluon_runs):
+    """q, k, v as views of one packed qkv tensor run in place; a NaN in V reaches only its own batch."""
+    qkv = torch.randn(2, 97, 3, 2, 512, device=DEVICE, dtype=torch.bfloat16)
+    q, k, v = (qkv[:, :, i] for i in range(3))
+    with ft.use_backend("triton"):
+        check_against_oracle(q, k, v, backward=False)
+        v = v.clone()
+        v[1, 5, 0, 7] = float("nan")
+        out = ft.flash_attn_func(q, k, v)
+    assert gluon_runs == [True, True]
+    assert torch.isnan(out[1, :, 0, 7]).all() and not torch.isnan(out[0]).any() and not torch.isnan(out[1, :, 1]).any()
+
+
+@needs_hopper
+@pytest.mark.parametrize("kw", [dict(softcap=5.0), dict(window_size=(30, 0)), dict(alibi_slopes=True),
+                                dict(window_size=(-1, 4))],
+                         ids=["softcap", "window", "alibi", "right_edge"])
+def test_other_features_keep_the_split_d_kernel(kw, gluon_runs):
+    q, k, v = _make((1, 77, 90, 2, 1, 448, 448), torch.bfloat16)
+    if kw.get("alibi_slopes") is True:
+        kw = dict(alibi_slopes=torch.rand(2, device=DEVICE))
+    with ft.use_backend("triton"):
+        check_against_oracle(q, k, v, **kw)
+    assert gluon_runs == [False]
+
+
+@needs_hopper
+def test_heads_not_adjacent_fall_back(gluon_runs):
+    """A view whose heads are not adjacent in memory cannot be one TMA box row: the split-D kernel runs."""
+    q, k, v = (t.detach().transpose(1, 2).contiguous().transpose(1, 2) for t in _make((1, 70, 70, 2, 2, 512, 512),
+                                                                                        torch.bfloat16))
+    with ft.use_backend("triton"):
+        check_against_oracle(q, k, v, backward=False)
+    assert gluon_runs == [False]
+
+
+@pytest.mark.parametrize("dims, dtype, device, want", [
+    ((512, 512), torch.bfloat16, "cuda", True), ((448, 448), torch.float16, "cuda", True),
+    ((192, 512), torch.bfloat16, "cuda", True), ((448, 64), torch.bfloat16, "cuda", True),
+    ((384, 384), torch.bfloat16, "cuda", False), ((576, 512), torch.bfloat16, "cuda", False),
+    ((512, 576), torch.bfloat16, "cuda", False), ((512, 512), torch.float32, "cuda", False),
+    ((512, 512), torch.bfloat16, "cpu", False),
+], ids=str)
+def test_rule(dims, dtype, device, want):
+    """Head dims (padded) in (384, 512], 16-bit, sm_90 only."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        want = want and HOPPER
+        if not HAS_GPU:
+            device = torch.device("cpu")
+            want = False
+    assert dispatch.gluon_forward_heads(*dims, dtype, device) is want
+
+
+def test_tma_view():
+    """[B, S, H, D] -> [B, S, H * D] when the heads are adjacent and the strides are 16-byte multiples."""
+    t = torch.empty(2, 5, 3, 64, dtype=torch.bfloat16)
+    assert wide_gluon_launch._tma_view(t) == ([2, 5, 192], [960, 192, 1])
+    packed = torch.empty(2, 5, 3, 3, 64, dtype=torch.bfloat16)[:, :, 1]
+    assert wide_gluon_launch._tma_view(packed) == ([2, 5, 192], [2880, 576, 1])
+    assert wide_gluon_launch._tma_view(t.transpose(1, 2).contiguous().transpose(1, 2)) is None  # heads apart
+    assert wide_gluon_launch._tma_view(torch.empty(2, 5, 3, 68, dtype=torch.bfloat16)[..., :64]) is None  # row stride
+    assert wide_gluon_launch._tma_view(torch.empty(1 + 2 * 5 * 3 * 64, dtype=torch.bfloat16)[1:].view(2, 5, 3, 64)) is None
+
+
+@pytest.mark.parametrize("kw", [dict(softcap=1.0), dict(left=3), dict(right=2), dict(dropout_p=0.1), dict(varlen=True),
+                                dict()], ids=str)
+def test_launcher_refuses_what_the_kernel_lacks(kw):
+    """gluon_forward launches nothing and answers False for features it lacks, and on a CPU for all."""
+    q = torch.randn(1, 8, 2, 512, dtype=torch.bfloat16)
+    args = dict(softcap=0.0, left=None, right=None, alibi_slopes=None, attn_mask=None, dropout_p=0.0, varlen=False)
+    args.update(kw)
+    assert wide_gluon_launch.gluon_forward(q, q, q, torch.empty_like(q), torch.empty(1, 2, 8), 0.1, **args) is False
