@@ -57,6 +57,9 @@ def test_info_reports_versions_and_backends(capsys):
     for key in ("flashtile", "python", "torch", "triton", "numpy", "device", "backend_setting", "backend_cpu"):
         assert key in info
     assert info["backend_cpu"] in ("cpu", "triton", "reference") or info["backend_cpu"].startswith("error")
+    # the Gluon wide forward runs on sm_90 only, and says why not elsewhere
+    hopper = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+    assert info["gluon_wide_forward"].startswith("yes" if hopper else "no (")
     assert main(["info"]) == 0
     assert "backend for CUDA tensors" in capsys.readouterr().out
 

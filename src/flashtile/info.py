@@ -56,6 +56,22 @@ def _backend_for(device_type: str) -> str:
         return f"error: {exc}"
 
 
+def _gluon_wide_forward(torch) -> str:
+    """Whether the Gluon wide forward (kernels/attention_wide_gluon.py) can run here, or why not."""
+    from flashtile.dispatch import GLUON_FORWARD_MAX_HEAD_DIM
+
+    if not torch.cuda.is_available():
+        return "no (needs an sm_90 GPU)"
+    major, minor = torch.cuda.get_device_capability(torch.cuda.current_device())
+    if (major, minor) != (9, 0):
+        return f"no (needs sm_90, this GPU is sm_{major}{minor})"
+    try:
+        import triton.experimental.gluon  # noqa: F401
+    except ImportError as exc:
+        return f"no ({exc})"
+    return f"yes: 16-bit head dims 385..{GLUON_FORWARD_MAX_HEAD_DIM}, plain / causal / GQA"
+
+
 def collect_info() -> dict[str, Any]:
     """Versions, device and backend selection, as a flat JSON-ready dict."""
     import torch
@@ -96,6 +112,7 @@ def collect_info() -> dict[str, Any]:
         info["backend_setting"] = f"error: {exc}"
     info["backend_cuda"] = _backend_for("cuda") + ("" if torch.cuda.is_available() else " (no CUDA device here)")
     info["backend_cpu"] = _backend_for("cpu")
+    info["gluon_wide_forward"] = _gluon_wide_forward(torch)
     return info
 
 
@@ -117,6 +134,7 @@ _LABELS = {
     "backend_setting": "backend setting",
     "backend_cuda": "backend for CUDA tensors",
     "backend_cpu": "backend for CPU tensors",
+    "gluon_wide_forward": "Gluon wide forward",
 }
 
 
