@@ -18,7 +18,7 @@ HOPPER = HAS_GPU and torch.cuda.get_device_capability() == (9, 0)
 needs_hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon kernel is written for sm_90 (wgmma, TMA)")
 
 # (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v): head dims in (384, 512] (some
-# padded to 64 columns first), odd lengths, Sq != Sk both ways, GQA / MQA, Dqk != Dv
+# padded to 64 columns first) or Dqk 576, odd lengths, Sq != Sk both ways, GQA / MQA, Dqk != Dv
 SHAPES = [
     (1, 1, 1, 1, 1, 512, 512),
     (2, 37, 37, 2, 1, 512, 512),
@@ -29,6 +29,7 @@ SHAPES = [
     (1, 200, 333, 2, 2, 512, 448),
     (1, 129, 77, 2, 1, 448, 333),
     (1, 64, 257, 2, 2, 300, 512),
+    (1, 300, 257, 2, 1, 576, 512),  # MLA's pair: Q streamed with K
 ]
 
 
@@ -109,12 +110,14 @@ def test_heads_not_adjacent_fall_back(gluon_runs):
 @pytest.mark.parametrize("dims, dtype, device, want", [
     ((512, 512), torch.bfloat16, "cuda", True), ((448, 448), torch.float16, "cuda", True),
     ((192, 512), torch.bfloat16, "cuda", True), ((448, 64), torch.bfloat16, "cuda", True),
-    ((384, 384), torch.bfloat16, "cuda", False), ((576, 512), torch.bfloat16, "cuda", False),
+    ((384, 384), torch.bfloat16, "cuda", False), ((576, 512), torch.bfloat16, "cuda", True),
+    ((768, 256), torch.float16, "cuda", False), ((640, 512), torch.bfloat16, "cuda", False),
+    ((1024, 512), torch.bfloat16, "cuda", False), ((576, 576), torch.bfloat16, "cuda", False),
     ((512, 576), torch.bfloat16, "cuda", False), ((512, 512), torch.float32, "cuda", False),
     ((512, 512), torch.bfloat16, "cpu", False),
 ], ids=str)
 def test_rule(dims, dtype, device, want):
-    """Head dims (padded) in (384, 512], 16-bit, sm_90 only."""
+    """Head dims (padded) in (384, 512], or Dqk 576 with Dv <= 512; 16-bit, sm_90 only."""
     device = torch.device(device)
     if device.type == "cuda":
         want = want and HOPPER

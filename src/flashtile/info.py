@@ -6,6 +6,7 @@ with every result so numbers always travel with the machine and software that pr
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import sys
@@ -58,7 +59,7 @@ def _backend_for(device_type: str) -> str:
 
 def _gluon_wide_forward(torch) -> str:
     """Whether the Gluon wide forward (kernels/attention_wide_gluon.py) can run here, or why not."""
-    from flashtile.dispatch import GLUON_FORWARD_MAX_HEAD_DIM
+    from flashtile.dispatch import GLUON_FORWARD_MAX_HEAD_DIM, GLUON_FORWARD_WIDE_QK
 
     if not torch.cuda.is_available():
         return "no (needs an sm_90 GPU)"
@@ -66,10 +67,12 @@ def _gluon_wide_forward(torch) -> str:
     if (major, minor) != (9, 0):
         return f"no (needs sm_90, this GPU is sm_{major}{minor})"
     try:
-        import triton.experimental.gluon  # noqa: F401
+        importlib.import_module("triton.experimental.gluon")
     except ImportError as exc:
         return f"no ({exc})"
-    return f"yes: 16-bit head dims 385..{GLUON_FORWARD_MAX_HEAD_DIM}, plain / causal / GQA"
+    wide_qk = " / ".join(map(str, GLUON_FORWARD_WIDE_QK))
+    return (f"yes: 16-bit head dims 385..{GLUON_FORWARD_MAX_HEAD_DIM} (and Dqk {wide_qk} with Dv <= "
+            f"{GLUON_FORWARD_MAX_HEAD_DIM}), plain / causal / GQA")
 
 
 def collect_info() -> dict[str, Any]:
