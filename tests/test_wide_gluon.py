@@ -13,6 +13,7 @@ import flashtile as ft
 from conftest import DEVICE, HAS_GPU
 from flashtile import dispatch, wide_gluon_launch, wide_launch
 from test_attention import check_against_oracle
+from test_wide import _make
 
 HOPPER = HAS_GPU and torch.cuda.get_device_capability() == (9, 0)
 needs_hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon kernel is written for sm_90 (wgmma, TMA)")
@@ -31,12 +32,6 @@ SHAPES = [
     (1, 64, 257, 2, 2, 300, 512),
     (1, 300, 257, 2, 1, 576, 512),  # MLA's pair: Q streamed with K
 ]
-
-
-def _make(shape, dtype):
-    B, Sq, Sk, Hq, Hkv, D, Dv = shape
-    return tuple(torch.randn(*s, device=DEVICE, dtype=dtype).requires_grad_()
-                 for s in ((B, Sq, Hq, D), (B, Sk, Hkv, D), (B, Sk, Hkv, Dv)))
 
 
 @pytest.fixture

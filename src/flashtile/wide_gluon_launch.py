@@ -63,7 +63,7 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
 
     B, Sq, Hq, D = q.shape
     Sk, Hkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    n_pass = math.ceil(Dv / O_SLICE)
+    n_pass = math.ceil(Dv / O_SLICE)  # 1 under dispatch's rule (Dv <= 512); the kernel takes more slices
     dvp = O_SLICE
     v_rows = KEYS_PER_TILE * CHUNK // dvp  # a V chunk [v_rows, dvp] fills a ring stage as a K chunk does
     descs = (_descriptor(q, views[0], BLOCK_M), _descriptor(k, views[1], KEYS_PER_TILE), _descriptor(v, views[2], v_rows))
