@@ -18,8 +18,8 @@ from test_wide import _make
 HOPPER = HAS_GPU and torch.cuda.get_device_capability() == (9, 0)
 needs_hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon kernel is written for sm_90 (wgmma, TMA)")
 
-# (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v): head dims in (384, 512] (some
-# padded to 64 columns first) or Dqk 576, odd lengths, Sq != Sk both ways, GQA / MQA, Dqk != Dv
+# (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v): head dims in (384, 1024] (some
+# padded to 64 columns first; Dv > 512 runs two O slices), odd lengths, Sq != Sk both ways, GQA / MQA, Dqk != Dv
 SHAPES = [
     (1, 1, 1, 1, 1, 512, 512),
     (2, 37, 37, 2, 1, 512, 512),
@@ -31,6 +31,14 @@ SHAPES = [
     (1, 129, 77, 2, 1, 448, 333),
     (1, 64, 257, 2, 2, 300, 512),
     (1, 300, 257, 2, 1, 576, 512),  # MLA's pair: Q streamed with K
+    (1, 129, 77, 2, 1, 700, 333),  # padded to 704 / 384
+    (1, 100, 100, 2, 2, 768, 512),
+    (2, 77, 130, 2, 1, 576, 576),  # O slices of 512 + 64 columns
+    (1, 150, 150, 4, 1, 640, 640),  # 512 + 128
+    (1, 96, 200, 2, 2, 768, 768),  # 512 + 256
+    (1, 64, 99, 2, 1, 832, 700),  # 512 + 256 (Dv padded to 704)
+    (1, 200, 300, 2, 2, 1000, 1000),  # two of 512
+    (1, 33, 65, 1, 1, 1024, 1024),
 ]
 
 
@@ -106,13 +114,13 @@ def test_heads_not_adjacent_fall_back(gluon_runs):
     ((512, 512), torch.bfloat16, "cuda", True), ((448, 448), torch.float16, "cuda", True),
     ((192, 512), torch.bfloat16, "cuda", True), ((448, 64), torch.bfloat16, "cuda", True),
     ((384, 384), torch.bfloat16, "cuda", False), ((576, 512), torch.bfloat16, "cuda", True),
-    ((768, 256), torch.float16, "cuda", False), ((640, 512), torch.bfloat16, "cuda", False),
-    ((1024, 512), torch.bfloat16, "cuda", False), ((576, 576), torch.bfloat16, "cuda", False),
-    ((512, 576), torch.bfloat16, "cuda", False), ((512, 512), torch.float32, "cuda", False),
+    ((768, 256), torch.float16, "cuda", True), ((1024, 1024), torch.bfloat16, "cuda", True),
+    ((512, 1024), torch.bfloat16, "cuda", True), ((1088, 512), torch.bfloat16, "cuda", False),
+    ((512, 1088), torch.bfloat16, "cuda", False), ((512, 512), torch.float32, "cuda", False),
     ((512, 512), torch.bfloat16, "cpu", False),
 ], ids=str)
 def test_rule(dims, dtype, device, want):
-    """Head dims (padded) in (384, 512], or Dqk 576 with Dv <= 512; 16-bit, sm_90 only."""
+    """The wider of the (padded) head dims in (384, 1024]; 16-bit, sm_90 only."""
     device = torch.device(device)
     if device.type == "cuda":
         want = want and HOPPER
@@ -120,6 +128,21 @@ def test_rule(dims, dtype, device, want):
             device = torch.device("cpu")
             want = False
     assert dispatch.gluon_forward_heads(*dims, dtype, device) is want
+
+
+def test_o_slices():
+    """Whole 512-column O slices, then one power-of-two slice (>= 64) for the rest; together they cover Dv."""
+    assert wide_gluon_launch.o_slices(448) == [(0, 512, 1)]
+    assert wide_gluon_launch.o_slices(576) == [(0, 512, 1), (512, 64, 1)]
+    assert wide_gluon_launch.o_slices(768) == [(0, 512, 1), (512, 256, 1)]
+    assert wide_gluon_launch.o_slices(960) == [(0, 512, 2)]
+    assert wide_gluon_launch.o_slices(1088) == [(0, 512, 2), (1024, 64, 1)]
+    for dv in range(64, 2049, 64):
+        covered = 0
+        for col0, width, n in wide_gluon_launch.o_slices(dv):
+            assert col0 == covered and width >= 64 and width & (width - 1) == 0
+            covered += width * n
+        assert dv <= covered < dv + 512
 
 
 def test_tma_view():

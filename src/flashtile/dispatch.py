@@ -97,32 +97,27 @@ def wide_forward_heads(head_dim: int, head_dim_v: int, dtype: torch.dtype, devic
     return arch is not None and arch[0] < 9
 
 
-# The Gluon wide forward (kernels/attention_wide_gluon.py) holds a 512-wide O slice in two warpgroups
-GLUON_FORWARD_MAX_HEAD_DIM = 512
-# Q / K head dims above that where it measured faster with Dv <= 512 (Q streamed with K: one O slice)
-GLUON_FORWARD_WIDE_QK = (576,)
+# The Gluon wide forward (kernels/attention_wide_gluon.py): widest head dim measured
+GLUON_FORWARD_MAX_HEAD_DIM = 1024
 
 
 def gluon_forward_heads(head_dim: int, head_dim_v: int, dtype: torch.dtype, device: torch.device) -> bool:
     """True when a wide forward of these (64-column padded) head dims runs the Gluon kernel.
 
-    Head dims in (DENSE_FORWARD_MAX_TILE, GLUON_FORWARD_MAX_HEAD_DIM], 16-bit, on sm_90 (the kernel
-    is written for Hopper's wgmma and TMA). There one S [64, 256] is shared by two warpgroups that
-    each own half of a 512-wide O, so S is computed once, where the split-D kernel computes it once
-    per 256-wide O slice. H200, bf16, B=1, H=48, S=8192, forward TFLOP/s, split-D -> Gluon: D=448
-    274 -> 338 (causal 263 -> 322), D=512 288 -> 372 (causal 282 -> 345); MLA's Dqk=576 / Dv=512 295
-    -> 444 (causal 287 -> 413). Not taken: Dqk=768 / Dv=512 (S=4096) measured faster (295 -> 429) but
-    a Dqk=700 / Dv=333 test (padded to 768 / 384) failed the oracle on the H200 (not yet understood);
-    Dqk = 640 / 1024 with Dv=512 measured slower (294 -> 252, 299 -> 244; not understood either), and
-    Dv > 512 (two O slices, each recomputing S) lost at D = 576..1024 but 768. The launcher also needs the
-    call's features to be ones the kernel has (wide_launch.gluon_forward).
+    The wider head dim in (DENSE_FORWARD_MAX_TILE, GLUON_FORWARD_MAX_HEAD_DIM], 16-bit, on sm_90 (the
+    kernel is written for Hopper's wgmma and TMA). There one S [64, 256] is shared by two warpgroups
+    that each own half of a 512-wide O slice, so S is computed once per 512 columns of V, where the
+    split-D kernel computes it once per 256. H200, bf16, B=1, H=48, S=8192, non-causal forward
+    TFLOP/s, split-D -> Gluon (same runs, session 37): D=448 277 -> 448, D=512 292 -> 497, D=576 244
+    -> 318, D=768 240 -> 348, D=1024 200 -> 372; MLA's Dqk=576 / Dv=512 296 -> 503. At D <= 384 the
+    dense Triton kernel stays (D=384: 396 against the Gluon kernel's 391). The launcher also needs
+    the call's features to be ones the kernel has (wide_gluon_launch.gluon_forward).
     """
     from flashtile.tuning import _arch  # tuning imports this module
 
-    if dtype not in (torch.float16, torch.bfloat16) or head_dim_v > GLUON_FORWARD_MAX_HEAD_DIM:
+    if dtype not in (torch.float16, torch.bfloat16):
         return False
-    if not (DENSE_FORWARD_MAX_TILE < max(head_dim, head_dim_v) <= GLUON_FORWARD_MAX_HEAD_DIM
-            or head_dim in GLUON_FORWARD_WIDE_QK):
+    if not DENSE_FORWARD_MAX_TILE < max(head_dim, head_dim_v) <= GLUON_FORWARD_MAX_HEAD_DIM:
         return False
     return _arch(device) == (9, 0)
 

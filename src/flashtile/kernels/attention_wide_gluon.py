@@ -1,4 +1,4 @@
-"""Wide-head forward in Gluon (sm_90): one S shared by two warpgroups, so D <= 512 never recomputes S.
+"""Wide-head forward in Gluon (sm_90): one S shared by two warpgroups, so Dv <= 512 never recomputes S.
 
 The split-D Triton forward (attention_wide.py) keeps a program's O slice in one warpgroup's registers,
 which holds at most 256 columns next to S: a 512-wide head runs two slices, each recomputing S (3
@@ -10,12 +10,15 @@ here (it gave 64x16 wgmmas and spills, docs/perf_notes.md session 31). Gluon lay
   its K-loop over KC-column chunks of Q and K;
 - P goes through shared memory, so O = P V [64, DVP] is one wgmma over both warpgroups as well, each
   owning DVP / 2 columns of O: 128 fp32 registers a thread at DVP = 512;
-- K chunks [BN, KC] and V chunks [VK, DVP] stream through one ring of TMA stages of the same size, in
-  the order the two products consume them; Q stays in shared memory when D <= 512 (Q_RES), else its
-  chunks travel with K's.
-Head dims wider than DVP run ceil(Dv / DVP) programs per query tile (one O slice each). The launcher
-(wide_launch.gluon_forward) takes this kernel only where dispatch.gluon_forward_heads says so; the
-features it lacks (softcap, ALiBi, windows, dropout, attn_mask, varlen) stay on attention_wide.py.
+- Q chunks [BM, KC] with K chunks [BN, KC], then V chunks [VK, DVP], stream through one ring of TMA
+  stages of 32 KB (Q's travel beside K's), in the order the two products consume them (keeping Q
+  resident in shared memory at D <= 512 measured no faster, docs/perf_notes.md session 37);
+- the loops over chunks are not unrolled, so no per-chunk coordinate or address lives in a register
+  across the key loop (unrolled, they spilled: _issue).
+Head dims wider than 512 run more programs per query tile, one O slice each (the launcher picks DVP
+and v_col_base per launch), each recomputing S. The launcher (wide_gluon_launch.gluon_forward) takes
+this kernel only where dispatch.gluon_forward_heads says so; the features it lacks (softcap, ALiBi,
+windows, dropout, attn_mask, varlen) stay on attention_wide.py.
 """
 
 from triton.experimental import gluon
@@ -29,42 +32,41 @@ CHUNK = 64  # columns of a Q / K chunk, and of each TMA box of V (one 128-byte s
 
 
 @gluon.jit
-def _issue(c, I: gl.constexpr, q_desc, k_desc, v_desc, ring, q_ring, ready, b, q0, qh_col, kh_col, vh_col, total,
-           Q_RES: gl.constexpr, NK: gl.constexpr, NV: gl.constexpr, BN: gl.constexpr, KC: gl.constexpr,
+def _issue(c, q_desc, k_desc, v_desc, ring, q_ring, ready, b, q0, qh_col, kh_col, vh_col, total, NK: gl.constexpr, NV: gl.constexpr, BN: gl.constexpr, KC: gl.constexpr,
            VK: gl.constexpr, DVP: gl.constexpr, STAGES: gl.constexpr):
     """Start the TMA load of chunk c of the stream (per key tile: NK K chunks, then NV V chunks) into
-    ring stage c % STAGES. I = c's place in its key tile is a compile-time constant, so one kind of
-    load is emitted; chunks past the walk's end (c >= total) are predicated off."""
+    ring stage c % STAGES; chunks past the walk's end (c >= total) are predicated off. c's place in its
+    key tile is computed at run time: with it a compile-time constant (unrolled loops), the compiler
+    hoisted a register per chunk's coordinates and smem address out of the key loop and spilled them
+    (Dqk = 640 / 1024 ran 139 / 153 TFLOP/s, docs/perf_notes.md session 37)."""
     s = c % STAGES
     t = c // (NK + NV)
+    i = c - t * (NK + NV)
     bar = ready.index(s)
     do = c < total
-    if I < NK:
-        if Q_RES:
-            mbarrier.expect(bar, k_desc.block_type.nbytes, pred=do)
-        else:  # Q's chunk travels with K's
-            mbarrier.expect(bar, k_desc.block_type.nbytes + q_desc.block_type.nbytes, pred=do)
-            tma.async_copy_global_to_shared(q_desc, [b, q0, qh_col + I * KC], bar, q_ring.index(s), pred=do)
-        tma.async_copy_global_to_shared(k_desc, [b, t * BN, kh_col + I * KC], bar, ring.index(s), pred=do)
-    else:
-        # the stage as DVP / 64 boxes of [VK, 64]: the same bytes as the [VK, DVP] tile the MMA reads
+    if i < NK:  # Q's chunk travels with K's
+        mbarrier.expect(bar, k_desc.block_type.nbytes + q_desc.block_type.nbytes, pred=do)
+        tma.async_copy_global_to_shared(q_desc, [b, q0, qh_col + i * KC], bar, q_ring.index(s), pred=do)
+        tma.async_copy_global_to_shared(k_desc, [b, t * BN, kh_col + i * KC], bar, ring.index(s), pred=do)
+    else:  # the stage as DVP / 64 boxes of [VK, 64]: the same bytes as the [VK, DVP] tile the MMA reads
         vbuf = ring.index(s)._reinterpret(v_desc.dtype, [DVP // 64, 1, VK, 64], v_desc.layout)
         mbarrier.expect(bar, (DVP // 64) * v_desc.block_type.nbytes, pred=do)
         for jj in gl.static_range(DVP // 64):
-            tma.async_copy_global_to_shared(v_desc, [b, t * BN + (I - NK) * VK, vh_col + jj * 64], bar,
+            tma.async_copy_global_to_shared(v_desc, [b, t * BN + (i - NK) * VK, vh_col + jj * 64], bar,
                                             vbuf.index(jj), pred=do)
 
 
 @gluon.jit
 def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
-                          seqlen_q, seqlen_k, heads_q, group_size, qk_scale, n_pass,
+                          seqlen_q, seqlen_k, heads_q, group_size, qk_scale, n_pass, v_col_base,
                           DQK: gl.constexpr, DV: gl.constexpr, DVP: gl.constexpr, BM: gl.constexpr,
                           BN: gl.constexpr, KC: gl.constexpr, VK: gl.constexpr, STAGES: gl.constexpr,
-                          CAUSAL: gl.constexpr, Q_RES: gl.constexpr):
+                          CAUSAL: gl.constexpr):
     """q_desc / k_desc: [B, S, H * DQK] boxes [1, rows, KC]; v_desc: [B, Sk, Hkv * DV] boxes [1, VK, 64]
     -> Out [B, Sq, Hq, DV] (pointer stores), Lse fp32 [B, Hq, Sq] (natural log; -inf for a row that
     sees no key). qk_scale = softmax_scale * log2(e). CAUSAL: key j is visible to query i iff
-    j <= i + Sk - Sq. Grid: (n_pass * ceil(Sq / BM) * B * Hq,), O slices fastest."""
+    j <= i + Sk - Sq. Grid: (n_pass * ceil(Sq / BM) * B * Hq,), O slices fastest: program slice p owns
+    O columns v_col_base + p * DVP + [0, DVP) below DV; the slice at column 0 writes Lse."""
     dtype: gl.constexpr = q_desc.dtype
     NK: gl.constexpr = DQK // KC
     NV: gl.constexpr = BN // VK
@@ -87,19 +89,16 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
     h = bh % heads_q
     h_kv = h // group_size
     q0 = tile * BM
-    v_col0 = vpass * DVP
+    v_col0 = v_col_base + vpass * DVP
 
     ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BN, KC], k_desc.layout)
-    if Q_RES:
-        q_smem = gl.allocate_shared_memory(dtype, [NK, 1, BM, KC], q_desc.layout)
-    else:
-        q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BM, KC], q_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BM, KC], q_desc.layout)
     p_smem = gl.allocate_shared_memory(dtype, [BM, BN], p_layout)
+    # the same bytes as NV column blocks [BM, VK] (a 64-byte swizzle stores VK = 32 columns a block)
+    p_blocks = p_smem._reinterpret(dtype, [NV, BM, VK], p_layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-    mbarrier.init(q_bar, count=1)
 
     # keys [0, hi): a causal row sees keys up to its own index + Sk - Sq
     hi = seqlen_k
@@ -111,15 +110,9 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
     kh_col = h_kv * DQK
     vh_col = h_kv * DV + v_col0
 
-    if Q_RES:
-        mbarrier.expect(q_bar, NK * q_desc.block_type.nbytes)
-        for i in gl.static_range(NK):
-            tma.async_copy_global_to_shared(q_desc, [b, q0, qh_col + i * KC], q_bar, q_smem.index(i))
     for c in gl.static_range(STAGES - 1):  # prologue: STAGES - 1 chunks in flight
-        _issue(c, c % (NK + NV), q_desc, k_desc, v_desc, ring, q_smem, ready, b, q0, qh_col, kh_col, vh_col, total,
-               Q_RES, NK, NV, BN, KC, VK, DVP, STAGES)
-    if Q_RES:
-        mbarrier.wait(q_bar, 0)
+        _issue(c, q_desc, k_desc, v_desc, ring, q_smem, ready, b, q0, qh_col, kh_col, vh_col, total,
+               NK, NV, BN, KC, VK, DVP, STAGES)
 
     m_i = gl.full([BM], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
@@ -131,19 +124,16 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
         # -- S = Q K^T, NK chunks; after each wgmma is issued the previous one is done in this
         # warpgroup, and the thread barrier makes its stage free in both before it is refilled --
         s_acc = gl.zeros([BM, BN], gl.float32, s_layout)
-        for i in gl.static_range(NK):
+        for kc in range(NK):
             st = c % STAGES
             mbarrier.wait(ready.index(st), (c // STAGES) & 1)
-            if Q_RES:
-                q_chunk = q_smem.index(i).reshape([BM, KC])
-            else:
-                q_chunk = q_smem.index(st).reshape([BM, KC])
+            q_chunk = q_smem.index(st).reshape([BM, KC])
             k_chunk = ring.index(st).reshape([BN, KC])
             s_acc = warpgroup_mma(q_chunk, k_chunk.permute((1, 0)), s_acc, is_async=True)
             s_acc = warpgroup_mma_wait(1, deps=(s_acc, ))
             gl.thread_barrier()
-            _issue(c + STAGES - 1, (i + STAGES - 1) % (NK + NV), q_desc, k_desc, v_desc, ring, q_smem, ready, b, q0,
-                   qh_col, kh_col, vh_col, total, Q_RES, NK, NV, BN, KC, VK, DVP, STAGES)
+            _issue(c + STAGES - 1, q_desc, k_desc, v_desc, ring, q_smem, ready, b, q0,
+                   qh_col, kh_col, vh_col, total, NK, NV, BN, KC, VK, DVP, STAGES)
             c += 1
         s_acc = warpgroup_mma_wait(0, deps=(s_acc, ))
 
@@ -167,15 +157,15 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
         gl.thread_barrier()  # both warpgroups' halves of P are in shared memory
 
         # -- O += P V, NV chunks of VK keys --
-        for j in gl.static_range(NV):
+        for j in range(NV):
             st = c % STAGES
             mbarrier.wait(ready.index(st), (c // STAGES) & 1)
             v_chunk = ring.index(st)._reinterpret(dtype, [VK, DVP], v_layout)
-            acc = warpgroup_mma(p_smem.slice(j * VK, VK, dim=1), v_chunk, acc, is_async=True)
+            acc = warpgroup_mma(p_blocks.index(j), v_chunk, acc, is_async=True)
             acc = warpgroup_mma_wait(1, deps=(acc, ))
             gl.thread_barrier()
-            _issue(c + STAGES - 1, (NK + j + STAGES - 1) % (NK + NV), q_desc, k_desc, v_desc, ring, q_smem, ready,
-                   b, q0, qh_col, kh_col, vh_col, total, Q_RES, NK, NV, BN, KC, VK, DVP, STAGES)
+            _issue(c + STAGES - 1, q_desc, k_desc, v_desc, ring, q_smem, ready,
+                   b, q0, qh_col, kh_col, vh_col, total, NK, NV, BN, KC, VK, DVP, STAGES)
             c += 1
         acc = warpgroup_mma_wait(0, deps=(acc, ))
         gl.thread_barrier()  # the next tile rewrites p_smem
@@ -191,4 +181,4 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
     gl.store(o_ptrs, out.to(dtype), mask=(gl.expand_dims(o_rows, 1) < seqlen_q) & (gl.expand_dims(o_cols, 0) < DV))
     lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
     lse_ptrs = Lse + b.to(gl.int64) * stride_lse_b + h.to(gl.int64) * stride_lse_h + rows
-    gl.store(lse_ptrs, lse, mask=(rows < seqlen_q) & (vpass == 0))
+    gl.store(lse_ptrs, lse, mask=(rows < seqlen_q) & (v_col0 == 0))
