@@ -108,10 +108,10 @@ def gluon_forward_heads(head_dim: int, head_dim_v: int, dtype: torch.dtype, devi
     kernel is written for Hopper's wgmma and TMA). There one S [64, 256] is shared by two warpgroups
     that each own half of a 512-wide O slice, so S is computed once per 512 columns of V, where the
     split-D kernel computes it once per 256. H200, bf16, B=1, H=48, S=8192, non-causal forward
-    TFLOP/s, split-D -> Gluon (same runs, session 37): D=448 277 -> 448, D=512 292 -> 497, D=576 244
-    -> 318, D=768 240 -> 348, D=1024 200 -> 372; MLA's Dqk=576 / Dv=512 296 -> 503. At D <= 384 the
-    dense Triton kernel stays (D=384: 396 against the Gluon kernel's 391). The launcher also needs
-    the call's features to be ones the kernel has (wide_gluon_launch.gluon_forward).
+    TFLOP/s, split-D (session 37 A/B) -> Gluon (wide suite): D=448 277 -> 443, D=512 292 -> 483,
+    D=576 244 -> 311, D=768 240 -> 341, D=1024 200 -> 356; MLA's Dqk=576 / Dv=512 296 -> 489. At
+    D <= 384 the dense Triton kernel stays (D=384: 396 against the Gluon kernel's 391). The launcher
+    also needs the call's features to be ones the kernel has (wide_gluon_launch.gluon_forward).
     """
     from flashtile.tuning import _arch  # tuning imports this module
 
