@@ -18,10 +18,13 @@ from test_wide import _make
 HOPPER = HAS_GPU and torch.cuda.get_device_capability() == (9, 0)
 needs_hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon kernel is written for sm_90 (wgmma, TMA)")
 
-# (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v): head dims in (384, 1024] (some
+# (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v): head dims in [321, 1024] (some
 # padded to 64 columns first; Dv > 512 runs two O slices), odd lengths, Sq != Sk both ways, GQA / MQA, Dqk != Dv
 SHAPES = [
     (1, 1, 1, 1, 1, 512, 512),
+    (1, 100, 130, 2, 1, 384, 384),  # one O slice of 256 + 128 columns
+    (2, 65, 65, 2, 2, 333, 333),  # padded to 384
+    (1, 77, 60, 2, 1, 300, 384),
     (2, 37, 37, 2, 1, 512, 512),
     (1, 257, 513, 4, 2, 448, 448),
     (2, 300, 113, 2, 2, 400, 400),
@@ -37,6 +40,7 @@ SHAPES = [
     (1, 150, 150, 4, 1, 640, 640),  # 512 + 128
     (1, 96, 200, 2, 2, 768, 768),  # 512 + 256
     (1, 64, 99, 2, 1, 832, 700),  # 512 + 256 (Dv padded to 704)
+    (1, 90, 120, 2, 2, 320, 832),  # 512 + 320 (256 + 64)
     (1, 200, 300, 2, 2, 1000, 1000),  # two of 512
     (1, 33, 65, 1, 1, 1024, 1024),
 ]
@@ -91,13 +95,15 @@ def test_strided_views_and_nan(gluon_runs):
 @pytest.mark.parametrize("kw", [dict(softcap=5.0), dict(window_size=(30, 0)), dict(alibi_slopes=True),
                                 dict(window_size=(-1, 4))],
                          ids=["softcap", "window", "alibi", "right_edge"])
-def test_other_features_keep_the_split_d_kernel(kw, gluon_runs):
-    q, k, v = _make((1, 77, 90, 2, 1, 448, 448), torch.bfloat16)
+@pytest.mark.parametrize("d", [448, 384])
+def test_other_features_keep_the_triton_kernels(kw, d, gluon_runs):
+    """Split-D above 384, dense at 384 (dispatch.wide_forward_heads)."""
+    q, k, v = _make((1, 77, 90, 2, 1, d, d), torch.bfloat16)
     if kw.get("alibi_slopes") is True:
         kw = dict(alibi_slopes=torch.rand(2, device=DEVICE))
     with ft.use_backend("triton"):
         check_against_oracle(q, k, v, **kw)
-    assert gluon_runs == [False]
+    assert not any(gluon_runs)  # refused before the launcher or by it
 
 
 @needs_hopper
@@ -113,14 +119,15 @@ def test_heads_not_adjacent_fall_back(gluon_runs):
 @pytest.mark.parametrize("dims, dtype, device, want", [
     ((512, 512), torch.bfloat16, "cuda", True), ((448, 448), torch.float16, "cuda", True),
     ((192, 512), torch.bfloat16, "cuda", True), ((448, 64), torch.bfloat16, "cuda", True),
-    ((384, 384), torch.bfloat16, "cuda", False), ((576, 512), torch.bfloat16, "cuda", True),
+    ((384, 384), torch.bfloat16, "cuda", True), ((320, 320), torch.bfloat16, "cuda", False),
+    ((320, 384), torch.float16, "cuda", True), ((576, 512), torch.bfloat16, "cuda", True),
     ((768, 256), torch.float16, "cuda", True), ((1024, 1024), torch.bfloat16, "cuda", True),
     ((512, 1024), torch.bfloat16, "cuda", True), ((1088, 512), torch.bfloat16, "cuda", False),
     ((512, 1088), torch.bfloat16, "cuda", False), ((512, 512), torch.float32, "cuda", False),
     ((512, 512), torch.bfloat16, "cpu", False),
 ], ids=str)
 def test_rule(dims, dtype, device, want):
-    """The wider of the (padded) head dims in (384, 1024]; 16-bit, sm_90 only."""
+    """The wider of the (padded) head dims in [321, 1024]; 16-bit, sm_90 only."""
     device = torch.device(device)
     if device.type == "cuda":
         want = want and HOPPER
@@ -131,8 +138,11 @@ def test_rule(dims, dtype, device, want):
 
 
 def test_o_slices():
-    """Whole 512-column O slices, then one power-of-two slice (>= 64) for the rest; together they cover Dv."""
+    """Whole 512-column O slices, then one slice of 320 / 384 or a power of two (>= 64) for the rest;
+    together they cover Dv."""
+    assert wide_gluon_launch.o_slices(384) == [(0, 384, 1)]
     assert wide_gluon_launch.o_slices(448) == [(0, 512, 1)]
+    assert wide_gluon_launch.o_slices(832) == [(0, 512, 1), (512, 320, 1)]
     assert wide_gluon_launch.o_slices(576) == [(0, 512, 1), (512, 64, 1)]
     assert wide_gluon_launch.o_slices(768) == [(0, 512, 1), (512, 256, 1)]
     assert wide_gluon_launch.o_slices(960) == [(0, 512, 2)]
@@ -140,7 +150,7 @@ def test_o_slices():
     for dv in range(64, 2049, 64):
         covered = 0
         for col0, width, n in wide_gluon_launch.o_slices(dv):
-            assert col0 == covered and width >= 64 and width & (width - 1) == 0
+            assert col0 == covered and (width in (320, 384) or width >= 64 and width & (width - 1) == 0)
             covered += width * n
         assert dv <= covered < dv + 512
 

@@ -579,6 +579,13 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax
         from flashtile.wide_launch import wide_forward
         return wide_forward(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, config, layout, block_mask,
                             attn_mask, dropout_p, dropout_seed)
+    if config is None and block_mask is None and wide_heads(q.shape[-1], v.shape[-1]):
+        # heads of 321..384 take the Gluon wide forward where it applies (dispatch.gluon_forward_heads)
+        from flashtile.wide_launch import gluon_wide_forward
+        done = gluon_wide_forward(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, layout, attn_mask,
+                                  dropout_p)
+        if done is not None:
+            return done
     recipe_key = None
     if config is None and attn_mask is None and (layout is None or layout.varlen):
         cu, lengths = _recipe_layout(layout)

@@ -97,27 +97,30 @@ def wide_forward_heads(head_dim: int, head_dim_v: int, dtype: torch.dtype, devic
     return arch is not None and arch[0] < 9
 
 
-# The Gluon wide forward (kernels/attention_wide_gluon.py): widest head dim measured
+# The Gluon wide forward (kernels/attention_wide_gluon.py): the wider (padded) head dim in this range
+GLUON_FORWARD_MIN_HEAD_DIM = 321
 GLUON_FORWARD_MAX_HEAD_DIM = 1024
 
 
 def gluon_forward_heads(head_dim: int, head_dim_v: int, dtype: torch.dtype, device: torch.device) -> bool:
     """True when a wide forward of these (64-column padded) head dims runs the Gluon kernel.
 
-    The wider head dim in (DENSE_FORWARD_MAX_TILE, GLUON_FORWARD_MAX_HEAD_DIM], 16-bit, on sm_90 (the
-    kernel is written for Hopper's wgmma and TMA). There one S [64, 256] is shared by two warpgroups
-    that each own half of a 512-wide O slice, so S is computed once per 512 columns of V, where the
-    split-D kernel computes it once per 256. H200, bf16, B=1, H=48, S=8192, non-causal forward
-    TFLOP/s, split-D (session 37 A/B) -> Gluon (wide suite): D=448 277 -> 443, D=512 292 -> 483,
-    D=576 244 -> 311, D=768 240 -> 341, D=1024 200 -> 356; MLA's Dqk=576 / Dv=512 296 -> 489. At
-    D <= 384 the dense Triton kernel stays (D=384: 396 against the Gluon kernel's 391). The launcher
-    also needs the call's features to be ones the kernel has (wide_gluon_launch.gluon_forward).
+    The wider head dim in [GLUON_FORWARD_MIN_HEAD_DIM, GLUON_FORWARD_MAX_HEAD_DIM], 16-bit, on sm_90
+    (the kernel is written for Hopper's wgmma and TMA). There one S [64, 256] is shared by two
+    warpgroups that each own half of an O slice of up to 512 columns, so S is computed once per 512
+    columns of V, where the split-D kernel computes it once per 256. H200, bf16, B=1, H=48, S=8192,
+    non-causal forward TFLOP/s, split-D (session 37 A/B) -> Gluon (wide suite): D=448 277 -> 443,
+    D=512 292 -> 483, D=576 244 -> 311, D=768 240 -> 341, D=1024 200 -> 356; MLA's Dqk=576 / Dv=512
+    296 -> 489. Against the dense Triton forward (wide_forward_heads false, which attention_forward
+    runs where this kernel does not apply): D=384 390 -> 464 (causal 405 -> 419), but D=320 454 ->
+    431 (causal 446 -> 389), so 257..320 stay dense. The launcher also needs the call's features to
+    be ones the kernel has (wide_gluon_launch.gluon_features).
     """
     from flashtile.tuning import _arch  # tuning imports this module
 
     if dtype not in (torch.float16, torch.bfloat16):
         return False
-    if not DENSE_FORWARD_MAX_TILE < max(head_dim, head_dim_v) <= GLUON_FORWARD_MAX_HEAD_DIM:
+    if not GLUON_FORWARD_MIN_HEAD_DIM <= max(head_dim, head_dim_v) <= GLUON_FORWARD_MAX_HEAD_DIM:
         return False
     return _arch(device) == (9, 0)
 

@@ -59,7 +59,7 @@ def _backend_for(device_type: str) -> str:
 
 def _gluon_wide_forward(torch) -> str:
     """Whether the Gluon wide forward (kernels/attention_wide_gluon.py) can run here, or why not."""
-    from flashtile.dispatch import DENSE_FORWARD_MAX_TILE, GLUON_FORWARD_MAX_HEAD_DIM
+    from flashtile.dispatch import GLUON_FORWARD_MAX_HEAD_DIM, GLUON_FORWARD_MIN_HEAD_DIM
 
     if not torch.cuda.is_available():
         return "no (needs an sm_90 GPU)"
@@ -70,7 +70,7 @@ def _gluon_wide_forward(torch) -> str:
         importlib.import_module("triton.experimental.gluon")
     except ImportError as exc:
         return f"no ({exc})"
-    return (f"yes: 16-bit head dims {DENSE_FORWARD_MAX_TILE + 1}..{GLUON_FORWARD_MAX_HEAD_DIM} (Dqk and Dv), "
+    return (f"yes: 16-bit head dims {GLUON_FORWARD_MIN_HEAD_DIM}..{GLUON_FORWARD_MAX_HEAD_DIM} (Dqk and Dv), "
             f"plain / causal / GQA")
 
 

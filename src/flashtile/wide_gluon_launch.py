@@ -16,6 +16,7 @@ import torch
 import triton
 
 from flashtile.dispatch import gluon_forward_heads
+from flashtile.row_align import SPLIT_D_COLUMNS, padded_width
 
 STAGES = 4  # ring stages of 32 KB (Q's 8 KB chunks beside): 197 KB of shared memory with P
 KEYS_PER_TILE = 256  # keys of one S tile (128 per warpgroup); 128 ran 264 against 372 TFLOP/s at D=512
@@ -44,17 +45,27 @@ def _descriptor(t: torch.Tensor, view: tuple, rows: int):
     return TensorDescriptor(t, view[0], view[1], [1, rows, CHUNK], layout)
 
 
+def gluon_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: Optional[int], right: Optional[int],
+                   softcap: float, alibi_slopes, attn_mask, dropout_p: float, varlen: bool) -> bool:
+    """True when the call's features (plain or causal, GQA), dtypes, device and head dims (padded to
+    64 columns) are ones the Gluon kernel has; whether TMA can read the tensors is gluon_forward's."""
+    if varlen or softcap > 0 or alibi_slopes is not None or attn_mask is not None or dropout_p > 0:
+        return False
+    if left is not None or right not in (None, 0):  # windows stay split-D; causal is right == 0
+        return False
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        return False
+    return gluon_forward_heads(padded_width(q.shape[-1], SPLIT_D_COLUMNS), padded_width(v.shape[-1], SPLIT_D_COLUMNS),
+                               q.dtype, q.device)
+
+
 def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                   softmax_scale: float, left: Optional[int], right: Optional[int], softcap: float, alibi_slopes,
                   attn_mask, dropout_p: float, varlen: bool) -> bool:
     """out [B, Sq, Hq, Dv] and lse [B, Hq, Sq] of one forward on the Gluon kernel, if it applies (module doc).
 
     q [B, Sq, Hq, D], k [B, Sk, Hkv, D], v [B, Sk, Hkv, Dv], head dims padded to 64 columns."""
-    if varlen or softcap > 0 or alibi_slopes is not None or attn_mask is not None or dropout_p > 0:
-        return False
-    if left is not None or right not in (None, 0):  # windows stay split-D; causal is right == 0
-        return False
-    if q.dtype != k.dtype or q.dtype != v.dtype or not gluon_forward_heads(q.shape[-1], v.shape[-1], q.dtype, q.device):
+    if not gluon_features(q, k, v, left, right, softcap, alibi_slopes, attn_mask, dropout_p, varlen):
         return False
     views = [_tma_view(t) for t in (q, k, v)]
     if any(view is None for view in views) or min(q.shape[1], k.shape[1]) == 0:
@@ -77,10 +88,14 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
 
 def o_slices(dv: int) -> List[Tuple[int, int, int]]:
     """Launches covering Dv columns of O: (first column, slice width DVP, slices). Whole 512-column
-    slices, then the rest in one slice of the next power of two >= 64 (register tensors are powers of
-    two): a wasted column of P V costs less than another program recomputing S."""
+    slices, then the rest in one slice of 320 or 384 columns (the kernel's two register tiles, 256 +
+    64 or 256 + 128) or of the next power of two >= 64 (one register tile): a wasted column of P V
+    costs less than another program recomputing S."""
     full, rest = divmod(dv, O_SLICE)
-    width = max(CHUNK_COLUMNS, 1 << (rest - 1).bit_length()) if rest else 0
+    if 256 < rest <= 384:
+        width = -(-rest // CHUNK_COLUMNS) * CHUNK_COLUMNS
+    else:
+        width = max(CHUNK_COLUMNS, 1 << (rest - 1).bit_length()) if rest else 0
     if width == O_SLICE:
         return [(0, O_SLICE, full + 1)]
     return [(0, O_SLICE, full)] * (full > 0) + [(full * O_SLICE, width, 1)] * (rest > 0)

@@ -26,7 +26,7 @@ from flashtile.key_layout import keys_in_range
 from flashtile.launch_fit import launch_fitting
 from flashtile.row_align import SPLIT_D_COLUMNS, aligned_rows, narrowed
 from flashtile.tuning import WideBackwardConfig, WideConfig, wide_backward_config, wide_forward_config, wide_parts
-from flashtile.wide_gluon_launch import gluon_forward
+from flashtile.wide_gluon_launch import gluon_features, gluon_forward
 
 DELTA_BLOCK = (64, 64)  # rows x columns per step of wide_delta_kernel
 
@@ -59,6 +59,11 @@ def wide_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
                  dropout_p: float = 0.0, dropout_seed: Tuple[int, int] = (0, 0)) -> Tuple[torch.Tensor, torch.Tensor]:
     """out [.., Hq, Dv] (q's dtype) and lse fp32, as attention_launch.attention_forward."""
     _check_features(block_mask)
+    if config is None:
+        done = gluon_wide_forward(q, k, v, softmax_scale, left, right, softcap, alibi_slopes, layout, attn_mask,
+                                  dropout_p)
+        if done is not None:
+            return done
     dv_asked = v.shape[-1]
     q, k, v = (aligned_rows(t, SPLIT_D_COLUMNS) for t in (q, k, v))  # see row_align.py
     layout = layout or _dense_layout(q, k)
@@ -68,9 +73,6 @@ def wide_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
     B, Sq, Sk = layout.batch, layout.seqlen_q, layout.seqlen_k
     out, lse, done = forward_buffers(q, v, layout)
     if done:
-        return narrowed(out, dv_asked), lse
-    if config is None and gluon_forward(q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes,
-                                        attn_mask, dropout_p, layout.varlen):  # see wide_gluon_launch.py
         return narrowed(out, dv_asked), lse
     cfg = config or wide_forward_config(q.device, D, Dv, q.dtype, right is not None)
     part_a, part_b, n_split = wide_parts(Dv, cfg.max_part)
@@ -86,6 +88,27 @@ def wide_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
         _run(wide_fwd_kernel, grid, cfg, args, dict(meta, PART_A=part_a, PART_B=part_b, EVEN_K=D % cfg.block_k == 0,
                                                     ATTN_MASK=am_kind, DROPOUT=dropout_p > 0))
     return narrowed(out, dv_asked), lse
+
+
+def gluon_wide_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
+                       left: Optional[int] = None, right: Optional[int] = None, softcap: float = 0.0,
+                       alibi_slopes: Optional[torch.Tensor] = None, layout: Optional[_Layout] = None,
+                       attn_mask: Optional[torch.Tensor] = None,
+                       dropout_p: float = 0.0) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """out and lse as wide_forward, from the Gluon kernel (wide_gluon_launch.py), or None where it does
+    not apply. attention_forward asks it first for the head dims it would otherwise run dense."""
+    varlen = layout is not None and layout.varlen
+    if not gluon_features(q, k, v, left, right, softcap, alibi_slopes, attn_mask, dropout_p, varlen):
+        return None  # before any padding copy
+    dv_asked = v.shape[-1]
+    q, k, v = (aligned_rows(t, SPLIT_D_COLUMNS) for t in (q, k, v))  # see row_align.py
+    layout = layout or _dense_layout(q, k)
+    k, v = (keys_in_range(t, layout.seqlen_k, layout.varlen) for t in (k, v))  # see key_layout.py
+    out, lse, done = forward_buffers(q, v, layout)
+    if done or gluon_forward(q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes, attn_mask,
+                             dropout_p, layout.varlen):
+        return narrowed(out, dv_asked), lse
+    return None
 
 
 def wide_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,

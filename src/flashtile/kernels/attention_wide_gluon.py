@@ -9,13 +9,14 @@ here (it gave 64x16 wgmmas and spills, docs/perf_notes.md session 31). Gluon lay
 - S = Q K^T [64, BN] is one wgmma over both warpgroups (each takes BN / 2 keys, warps_per_cta [4, 2]),
   its K-loop over KC-column chunks of Q and K;
 - P goes through shared memory, so O = P V [64, DVP] is one wgmma over both warpgroups as well, each
-  owning DVP / 2 columns of O: 128 fp32 registers a thread at DVP = 512;
+  owning DVP / 2 columns of O: 128 fp32 registers a thread at DVP = 512 (register tensors are powers
+  of two, so DVP = 320 / 384 is held as two tiles, 256 + 64 / 256 + 128 columns, two wgmmas a chunk);
 - Q chunks [BM, KC] with K chunks [BN, KC], then V chunks [VK, DVP], stream through one ring of TMA
   stages of 32 KB (Q's travel beside K's), in the order the two products consume them (keeping Q
   resident in shared memory at D <= 512 measured no faster, docs/perf_notes.md session 37);
 - the loops over chunks are not unrolled, so no per-chunk coordinate or address lives in a register
   across the key loop (unrolled, they spilled: _issue).
-Head dims wider than 512 run more programs per query tile, one O slice each (the launcher picks DVP
+O widths above 512 run more programs per query tile, one O slice each (the launcher picks DVP
 and v_col_base per launch), each recomputing S. The launcher (wide_gluon_launch.gluon_forward) takes
 this kernel only where dispatch.gluon_forward_heads says so; the features it lacks (softcap, ALiBi,
 windows, dropout, attn_mask, varlen) stay on attention_wide.py.
@@ -57,6 +58,18 @@ def _issue(c, q_desc, k_desc, v_desc, ring, q_ring, ready, b, q0, qh_col, kh_col
 
 
 @gluon.jit
+def _store_o(acc, l_safe, out_base, stride_os, q0, col0, seqlen_q, DV: gl.constexpr, BM: gl.constexpr,
+             W: gl.constexpr, layout: gl.constexpr):
+    """Out[q0 : q0 + BM, col0 : col0 + W] = acc / l (rows below seqlen_q, columns below DV)."""
+    out = acc / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, layout)), 1)
+    o_rows = q0 + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+    o_cols = col0 + gl.arange(0, W, layout=gl.SliceLayout(0, layout))
+    o_ptrs = out_base + gl.expand_dims(o_rows.to(gl.int64) * stride_os, 1) + gl.expand_dims(o_cols, 0)
+    gl.store(o_ptrs, out.to(out_base.dtype.element_ty),
+             mask=(gl.expand_dims(o_rows, 1) < seqlen_q) & (gl.expand_dims(o_cols, 0) < DV))
+
+
+@gluon.jit
 def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
                           seqlen_q, seqlen_k, heads_q, group_size, qk_scale, n_pass, v_col_base,
                           DQK: gl.constexpr, DV: gl.constexpr, DVP: gl.constexpr, BM: gl.constexpr,
@@ -72,8 +85,14 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
     NV: gl.constexpr = BN // VK
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                        instr_shape=[16, BN // 2, 16])
+    # O [64, DVP] as two register tiles when DVP is not a power of two: 320 = 256 + 64, 384 = 256 + 128
+    DVA: gl.constexpr = 256 if (DVP == 320 or DVP == 384) else DVP
+    DVB: gl.constexpr = DVP - DVA
+    VW: gl.constexpr = BN * KC // VK  # a ring stage as V rows [VK, VW]
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                       instr_shape=[16, DVP // 2, 16])
+                                                       instr_shape=[16, DVA // 2, 16])
+    ob_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                        instr_shape=[16, max(DVB, 16) // 2, 16])
     v_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     # 64-byte swizzle: the PV loop reads P in VK-column slices, VK = 32 at BN = 256
     p_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=16, rank=2)
@@ -116,7 +135,9 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
 
     m_i = gl.full([BM], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
-    acc = gl.zeros([BM, DVP], gl.float32, o_layout)
+    acc = gl.zeros([BM, DVA], gl.float32, o_layout)
+    if DVB > 0:
+        acc_b = gl.zeros([BM, DVB], gl.float32, ob_layout)
     rows = q0 + gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout))
     cols0 = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
     c = 0
@@ -152,6 +173,8 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
         l_i = l_i * alpha + gl.sum(p, axis=1)
         m_i = m_new
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        if DVB > 0:
+            acc_b = acc_b * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, ob_layout)), 1)
         p_smem.store(p.to(dtype))
         fence_async_shared()
         gl.thread_barrier()  # both warpgroups' halves of P are in shared memory
@@ -160,25 +183,30 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
         for j in range(NV):
             st = c % STAGES
             mbarrier.wait(ready.index(st), (c // STAGES) & 1)
-            v_chunk = ring.index(st)._reinterpret(dtype, [VK, DVP], v_layout)
-            acc = warpgroup_mma(p_blocks.index(j), v_chunk, acc, is_async=True)
-            acc = warpgroup_mma_wait(1, deps=(acc, ))
+            v_rows = ring.index(st)._reinterpret(dtype, [VK, VW], v_layout)
+            acc = warpgroup_mma(p_blocks.index(j), v_rows.slice(0, DVA, dim=1), acc, is_async=True)
+            if DVB > 0:
+                acc_b = warpgroup_mma(p_blocks.index(j), v_rows.slice(DVA, DVB, dim=1), acc_b, is_async=True)
+                acc, acc_b = warpgroup_mma_wait(2, deps=(acc, acc_b))
+            else:
+                acc = warpgroup_mma_wait(1, deps=(acc, ))
             gl.thread_barrier()
             _issue(c + STAGES - 1, q_desc, k_desc, v_desc, ring, q_smem, ready,
                    b, q0, qh_col, kh_col, vh_col, total, NK, NV, BN, KC, VK, DVP, STAGES)
             c += 1
-        acc = warpgroup_mma_wait(0, deps=(acc, ))
+        if DVB > 0:
+            acc, acc_b = warpgroup_mma_wait(0, deps=(acc, acc_b))
+        else:
+            acc = warpgroup_mma_wait(0, deps=(acc, ))
         gl.thread_barrier()  # the next tile rewrites p_smem
 
     # -- epilogue: normalise; a row that saw no key gives out 0 and lse -inf --
     empty = l_i == 0.0
     l_safe = gl.where(empty, 1.0, l_i)
-    out = acc / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout)), 1)
-    o_rows = q0 + gl.arange(0, BM, layout=gl.SliceLayout(1, o_layout))
-    o_cols = v_col0 + gl.arange(0, DVP, layout=gl.SliceLayout(0, o_layout))
-    o_ptrs = (Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
-              + gl.expand_dims(o_rows.to(gl.int64) * stride_os, 1) + gl.expand_dims(o_cols, 0))
-    gl.store(o_ptrs, out.to(dtype), mask=(gl.expand_dims(o_rows, 1) < seqlen_q) & (gl.expand_dims(o_cols, 0) < DV))
+    out_base = Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
+    _store_o(acc, l_safe, out_base, stride_os, q0, v_col0, seqlen_q, DV, BM, DVA, o_layout)
+    if DVB > 0:
+        _store_o(acc_b, l_safe, out_base, stride_os, q0, v_col0 + DVA, seqlen_q, DV, BM, DVB, ob_layout)
     lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
     lse_ptrs = Lse + b.to(gl.int64) * stride_lse_b + h.to(gl.int64) * stride_lse_h + rows
     gl.store(lse_ptrs, lse, mask=(rows < seqlen_q) & (v_col0 == 0))
