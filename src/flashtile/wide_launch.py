@@ -52,6 +52,15 @@ def _flags(layout: _Layout, left, right, softcap: float, alibi_slopes, dtype: to
     return meta, left, right
 
 
+def _forward_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Optional[_Layout]):
+    """q, k, v with rows padded to 64 columns (row_align.py) and k, v narrowed to the keys in range
+    (key_layout.py), and the layout: what both forward kernels read."""
+    q, k, v = (aligned_rows(t, SPLIT_D_COLUMNS) for t in (q, k, v))
+    layout = layout or _dense_layout(q, k)
+    k, v = (keys_in_range(t, layout.seqlen_k, layout.varlen) for t in (k, v))
+    return q, k, v, layout
+
+
 def wide_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float,
                  left: Optional[int] = None, right: Optional[int] = None, softcap: float = 0.0,
                  alibi_slopes: Optional[torch.Tensor] = None, config: Optional[WideConfig] = None,
@@ -65,9 +74,7 @@ def wide_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scal
         if done is not None:
             return done
     dv_asked = v.shape[-1]
-    q, k, v = (aligned_rows(t, SPLIT_D_COLUMNS) for t in (q, k, v))  # see row_align.py
-    layout = layout or _dense_layout(q, k)
-    k, v = (keys_in_range(t, layout.seqlen_k, layout.varlen) for t in (k, v))  # see key_layout.py
+    q, k, v, layout = _forward_inputs(q, k, v, layout)
     Hq, D = q.shape[-2], q.shape[-1]
     Hkv, Dv = k.shape[-2], v.shape[-1]
     B, Sq, Sk = layout.batch, layout.seqlen_q, layout.seqlen_k
@@ -101,9 +108,7 @@ def gluon_wide_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softma
     if not gluon_features(q, k, v, left, right, softcap, alibi_slopes, attn_mask, dropout_p, varlen):
         return None  # before any padding copy
     dv_asked = v.shape[-1]
-    q, k, v = (aligned_rows(t, SPLIT_D_COLUMNS) for t in (q, k, v))  # see row_align.py
-    layout = layout or _dense_layout(q, k)
-    k, v = (keys_in_range(t, layout.seqlen_k, layout.varlen) for t in (k, v))  # see key_layout.py
+    q, k, v, layout = _forward_inputs(q, k, v, layout)
     out, lse, done = forward_buffers(q, v, layout)
     if done or gluon_forward(q, k, v, out, lse, softmax_scale, left, right, softcap, alibi_slopes, attn_mask,
                              dropout_p, layout.varlen):

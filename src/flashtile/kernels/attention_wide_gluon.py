@@ -33,8 +33,9 @@ CHUNK = 64  # columns of a Q / K chunk, and of each TMA box of V (one 128-byte s
 
 
 @gluon.jit
-def _issue(c, q_desc, k_desc, v_desc, ring, q_ring, ready, b, q0, qh_col, kh_col, vh_col, total, NK: gl.constexpr, NV: gl.constexpr, BN: gl.constexpr, KC: gl.constexpr,
-           VK: gl.constexpr, DVP: gl.constexpr, STAGES: gl.constexpr):
+def _issue(c, q_desc, k_desc, v_desc, ring, q_ring, ready, b, q0, qh_col, kh_col, vh_col, total,
+           NK: gl.constexpr, NV: gl.constexpr, BN: gl.constexpr, KC: gl.constexpr, VK: gl.constexpr,
+           DVP: gl.constexpr, STAGES: gl.constexpr):
     """Start the TMA load of chunk c of the stream (per key tile: NK K chunks, then NV V chunks) into
     ring stage c % STAGES; chunks past the walk's end (c >= total) are predicated off. c's place in its
     key tile is computed at run time: with it a compile-time constant (unrolled loops), the compiler
@@ -91,6 +92,7 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
     VW: gl.constexpr = BN * KC // VK  # a ring stage as V rows [VK, VW]
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                        instr_shape=[16, DVA // 2, 16])
+    # the second tile's layout (unused, but still a valid layout, when DVB == 0)
     ob_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                         instr_shape=[16, max(DVB, 16) // 2, 16])
     v_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
