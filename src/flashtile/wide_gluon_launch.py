@@ -20,7 +20,8 @@ from flashtile.row_align import SPLIT_D_COLUMNS, padded_width
 
 STAGES = 4  # ring stages of 32 KB (Q's 8 KB chunks beside): 197 KB of shared memory with P
 KEYS_PER_TILE = 256  # keys of one S tile (128 per warpgroup); 128 ran 264 against 372 TFLOP/s at D=512
-O_SLICE = 512  # columns of O a program holds (128 registers a thread over two warpgroups)
+WIDEST_SLICE = 640  # the widest O slice one program holds: 160 registers a thread (768 spilled 1.3 KB)
+O_SLICE = 512  # the O slice of wider heads (128 registers a thread over two warpgroups)
 CHUNK_COLUMNS = 64  # the narrowest O slice: one TMA box of V
 LOG2E = 1.4426950408889634
 
@@ -70,32 +71,45 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
     views = [_tma_view(t) for t in (q, k, v)]
     if any(view is None for view in views) or min(q.shape[1], k.shape[1]) == 0:
         return False
-    from flashtile.kernels.attention_wide_gluon import BLOCK_M, CHUNK, wide_fwd_gluon_kernel
+    from flashtile.kernels.attention_wide_gluon import BLOCK_M, CHUNK, V_BOX_ROWS, wide_fwd_gluon_kernel
 
     B, Sq, Hq, D = q.shape
     Sk, Hkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    v_rows = KEYS_PER_TILE * CHUNK // O_SLICE  # a V chunk [v_rows, 512] fills a ring stage as a K chunk does
-    descs = (_descriptor(q, views[0], BLOCK_M), _descriptor(k, views[1], KEYS_PER_TILE), _descriptor(v, views[2], v_rows))
+    descs = (_descriptor(q, views[0], BLOCK_M), _descriptor(k, views[1], KEYS_PER_TILE),
+             _descriptor(v, views[2], V_BOX_ROWS))
     n_m = triton.cdiv(Sq, BLOCK_M)
     with torch.cuda.device(q.device):
         for col0, dvp, n_pass in o_slices(Dv):
             wide_fwd_gluon_kernel[(n_pass * n_m * B * Hq,)](
                 *descs, out, lse, *out.stride()[:3], *lse.stride()[:2], Sq, Sk, Hq, Hq // Hkv, softmax_scale * LOG2E,
-                n_pass, col0, D, Dv, dvp, BLOCK_M, KEYS_PER_TILE, CHUNK, v_rows, STAGES, right == 0,
+                n_pass, col0, D, Dv, dvp, BLOCK_M, KEYS_PER_TILE, CHUNK, STAGES, right == 0,
                 num_warps=8)
     return True
 
 
+def slice_width(dv: int) -> int:
+    """The narrowest O slice the kernel has that holds dv columns: a power of two >= 64 (one register
+    tile) or a power of two plus a smaller one of at least 64 (two tiles: 320 = 256 + 64, 576 = 512 + 64)."""
+    a = max(CHUNK_COLUMNS, 1 << (dv - 1).bit_length())
+    best = a
+    if a // 2 >= CHUNK_COLUMNS:
+        rest = dv - a // 2
+        if rest > 0:
+            b = max(CHUNK_COLUMNS, 1 << (rest - 1).bit_length())
+            if b < a // 2:
+                best = a // 2 + b
+    return best
+
+
 def o_slices(dv: int) -> List[Tuple[int, int, int]]:
-    """Launches covering Dv columns of O: (first column, slice width DVP, slices). Whole 512-column
-    slices, then the rest in one slice of 320 or 384 columns (the kernel's two register tiles, 256 +
-    64 or 256 + 128) or of the next power of two >= 64 (one register tile): a wasted column of P V
-    costs less than another program recomputing S."""
+    """Launches covering Dv columns of O: (first column, slice width DVP, slices). One slice up to
+    WIDEST_SLICE columns; wider heads run whole 512-column slices, then the rest in one slice (the
+    narrowest that holds it, slice_width): a wasted column of P V costs less than another program
+    recomputing S."""
+    if dv <= WIDEST_SLICE:
+        return [(0, slice_width(dv), 1)]
     full, rest = divmod(dv, O_SLICE)
-    if 256 < rest <= 384:
-        width = -(-rest // CHUNK_COLUMNS) * CHUNK_COLUMNS
-    else:
-        width = max(CHUNK_COLUMNS, 1 << (rest - 1).bit_length()) if rest else 0
+    width = slice_width(rest) if rest else 0
     if width == O_SLICE:
         return [(0, O_SLICE, full + 1)]
-    return [(0, O_SLICE, full)] * (full > 0) + [(full * O_SLICE, width, 1)] * (rest > 0)
+    return [(0, O_SLICE, full)] + [(full * O_SLICE, width, 1)] * (rest > 0)

@@ -1,4 +1,4 @@
-"""Wide-head forward in Gluon (sm_90): one S shared by two warpgroups, so Dv <= 512 never recomputes S.
+"""Wide-head forward in Gluon (sm_90): one S shared by two warpgroups, so Dv <= 640 never recomputes S.
 
 The split-D Triton forward (attention_wide.py) keeps a program's O slice in one warpgroup's registers,
 which holds at most 256 columns next to S: a 512-wide head runs two slices, each recomputing S (3
@@ -9,17 +9,19 @@ here (it gave 64x16 wgmmas and spills, docs/perf_notes.md session 31). Gluon lay
 - S = Q K^T [64, BN] is one wgmma over both warpgroups (each takes BN / 2 keys, warps_per_cta [4, 2]),
   its K-loop over KC-column chunks of Q and K;
 - P goes through shared memory, so O = P V [64, DVP] is one wgmma over both warpgroups as well, each
-  owning DVP / 2 columns of O: 128 fp32 registers a thread at DVP = 512 (register tensors are powers
-  of two, so DVP = 320 / 384 is held as two tiles, 256 + 64 / 256 + 128 columns, two wgmmas a chunk);
-- Q chunks [BM, KC] with K chunks [BN, KC], then V chunks [VK, DVP], stream through one ring of TMA
-  stages of 32 KB (Q's travel beside K's), in the order the two products consume them (keeping Q
-  resident in shared memory at D <= 512 measured no faster, docs/perf_notes.md session 37);
+  owning DVP / 2 columns of O: DVP / 4 fp32 registers a thread, 128 at DVP = 512, 160 at 640. Register
+  tensors are powers of two, so a DVP that is not one is held as two tiles, DVA (the largest power of
+  two below it) + DVB (320 = 256 + 64, 576 = 512 + 64, 640 = 512 + 128), each fed by its own V chunks;
+- Q chunks [BM, KC] with K chunks [BN, KC], then V chunks [VK, DVA] and [VKB, DVB], stream through
+  one ring of TMA stages of 32 KB (Q's travel beside K's), in the order the products consume them
+  (keeping Q resident in shared memory at D <= 512 measured no faster, docs/perf_notes.md session 37);
 - the loops over chunks are not unrolled, so no per-chunk coordinate or address lives in a register
-  across the key loop (unrolled, they spilled: _issue).
-O widths above 512 run more programs per query tile, one O slice each (the launcher picks DVP
-and v_col_base per launch), each recomputing S. The launcher (wide_gluon_launch.gluon_forward) takes
-this kernel only where dispatch.gluon_forward_heads says so; the features it lacks (softcap, ALiBi,
-windows, dropout, attn_mask, varlen) stay on attention_wide.py.
+  across the key loop (unrolled, they spilled: _issue);
+- only the key tiles that hold keys past Sk or past the causal diagonal pay for the mask.
+O widths above 640 run more programs per query tile, one O slice each (the launcher picks DVP and
+v_col_base per launch, wide_gluon_launch.o_slices), each recomputing S. The launcher
+(wide_gluon_launch.gluon_forward) takes this kernel only where dispatch.gluon_forward_heads says so;
+the features it lacks (softcap, ALiBi, windows, dropout, attn_mask, varlen) stay on attention_wide.py.
 """
 
 from triton.experimental import gluon
@@ -30,31 +32,44 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 LN2 = gl.constexpr(0.6931471805599453)
 BLOCK_M = 64  # query rows a program: one wgmma row tile, shared by both warpgroups
 CHUNK = 64  # columns of a Q / K chunk, and of each TMA box of V (one 128-byte swizzle row of 16-bit data)
+V_BOX_ROWS = 32  # rows of a TMA box of V (the launcher's descriptor): 8 boxes fill a ring stage
+_V_BOX = gl.constexpr(V_BOX_ROWS)
 
 
 @gluon.jit
 def _issue(c, q_desc, k_desc, v_desc, ring, q_ring, ready, b, q0, qh_col, kh_col, vh_col, total,
-           NK: gl.constexpr, NV: gl.constexpr, BN: gl.constexpr, KC: gl.constexpr, VK: gl.constexpr,
-           DVP: gl.constexpr, STAGES: gl.constexpr):
-    """Start the TMA load of chunk c of the stream (per key tile: NK K chunks, then NV V chunks) into
-    ring stage c % STAGES; chunks past the walk's end (c >= total) are predicated off. c's place in its
-    key tile is computed at run time: with it a compile-time constant (unrolled loops), the compiler
-    hoisted a register per chunk's coordinates and smem address out of the key loop and spilled them
-    (Dqk = 640 / 1024 ran 139 / 153 TFLOP/s, docs/perf_notes.md session 37)."""
+           NK: gl.constexpr, NV: gl.constexpr, NVB: gl.constexpr, BN: gl.constexpr, KC: gl.constexpr,
+           VK: gl.constexpr, VKB: gl.constexpr, DVA: gl.constexpr, STAGES: gl.constexpr):
+    """Start the TMA load of chunk c of the stream (per key tile: NK chunks of Q and K, NV chunks of
+    V [VK, DVA], NVB chunks of V [VKB, DVB]) into ring stage c % STAGES; chunks past the walk's end
+    (c >= total) are predicated off. c's place in its key tile is computed at run time: with it a
+    compile-time constant (unrolled loops), the compiler hoisted a register per chunk's coordinates
+    and smem address out of the key loop and spilled them (Dqk = 640 / 1024 ran 139 / 153 TFLOP/s,
+    docs/perf_notes.md session 37)."""
     s = c % STAGES
-    t = c // (NK + NV)
-    i = c - t * (NK + NV)
+    t = c // (NK + NV + NVB)
+    i = c - t * (NK + NV + NVB)
     bar = ready.index(s)
     do = c < total
+    # a V chunk is 8 TMA boxes [VBOX, 64] (32 KB, a stage), placed as the [rows, width] tile the MMA
+    # reads: 64-column blocks one after another, each its rows top to bottom
+    VBOX: gl.constexpr = _V_BOX
+    vbuf = ring.index(s)._reinterpret(v_desc.dtype, [8, 1, VBOX, 64], v_desc.layout)
     if i < NK:  # Q's chunk travels with K's
         mbarrier.expect(bar, k_desc.block_type.nbytes + q_desc.block_type.nbytes, pred=do)
         tma.async_copy_global_to_shared(q_desc, [b, q0, qh_col + i * KC], bar, q_ring.index(s), pred=do)
         tma.async_copy_global_to_shared(k_desc, [b, t * BN, kh_col + i * KC], bar, ring.index(s), pred=do)
-    else:  # the stage as DVP / 64 boxes of [VK, 64]: the same bytes as the [VK, DVP] tile the MMA reads
-        vbuf = ring.index(s)._reinterpret(v_desc.dtype, [DVP // 64, 1, VK, 64], v_desc.layout)
-        mbarrier.expect(bar, (DVP // 64) * v_desc.block_type.nbytes, pred=do)
-        for jj in gl.static_range(DVP // 64):
-            tma.async_copy_global_to_shared(v_desc, [b, t * BN + (i - NK) * VK, vh_col + jj * 64], bar,
+    elif i < NK + NV:  # V [VK, DVA]: O's first register tile
+        mbarrier.expect(bar, 8 * v_desc.block_type.nbytes, pred=do)
+        for jj in gl.static_range(8):
+            tma.async_copy_global_to_shared(v_desc, [b, t * BN + (i - NK) * VK + (jj % (VK // VBOX)) * VBOX,
+                                                     vh_col + (jj // (VK // VBOX)) * 64],
+                                            bar, vbuf.index(jj), pred=do)
+    else:  # V [VKB, DVB]: the second tile's columns
+        mbarrier.expect(bar, 8 * v_desc.block_type.nbytes, pred=do)
+        for jj in gl.static_range(8):
+            tma.async_copy_global_to_shared(v_desc, [b, t * BN + (i - NK - NV) * VKB + (jj % (VKB // VBOX)) * VBOX,
+                                                     vh_col + DVA + (jj // (VKB // VBOX)) * 64], bar,
                                             vbuf.index(jj), pred=do)
 
 
@@ -74,29 +89,32 @@ def _store_o(acc, l_safe, out_base, stride_os, q0, col0, seqlen_q, DV: gl.conste
 def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
                           seqlen_q, seqlen_k, heads_q, group_size, qk_scale, n_pass, v_col_base,
                           DQK: gl.constexpr, DV: gl.constexpr, DVP: gl.constexpr, BM: gl.constexpr,
-                          BN: gl.constexpr, KC: gl.constexpr, VK: gl.constexpr, STAGES: gl.constexpr,
-                          CAUSAL: gl.constexpr):
-    """q_desc / k_desc: [B, S, H * DQK] boxes [1, rows, KC]; v_desc: [B, Sk, Hkv * DV] boxes [1, VK, 64]
+                          BN: gl.constexpr, KC: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+    """q_desc / k_desc: [B, S, H * DQK] boxes [1, rows, KC]; v_desc: [B, Sk, Hkv * DV] boxes [1, V_BOX_ROWS, 64]
     -> Out [B, Sq, Hq, DV] (pointer stores), Lse fp32 [B, Hq, Sq] (natural log; -inf for a row that
     sees no key). qk_scale = softmax_scale * log2(e). CAUSAL: key j is visible to query i iff
     j <= i + Sk - Sq. Grid: (n_pass * ceil(Sq / BM) * B * Hq,), O slices fastest: program slice p owns
     O columns v_col_base + p * DVP + [0, DVP) below DV; the slice at column 0 writes Lse."""
     dtype: gl.constexpr = q_desc.dtype
     NK: gl.constexpr = DQK // KC
-    NV: gl.constexpr = BN // VK
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                        instr_shape=[16, BN // 2, 16])
-    # O [64, DVP] as two register tiles when DVP is not a power of two: 320 = 256 + 64, 384 = 256 + 128
-    DVA: gl.constexpr = 256 if (DVP == 320 or DVP == 384) else DVP
+    # O [64, DVP] as two register tiles when DVP is not a power of two (register tensors are):
+    # DVA = the largest power of two <= DVP, DVB = the rest (320 = 256 + 64, 576 = 512 + 64, ...)
+    DVA: gl.constexpr = 512 if DVP >= 512 else (256 if DVP >= 256 else (128 if DVP >= 128 else 64))
     DVB: gl.constexpr = DVP - DVA
-    VW: gl.constexpr = BN * KC // VK  # a ring stage as V rows [VK, VW]
+    # V streams as chunks that fill a stage: NV of [VK, DVA], then NVB of [VKB, DVB]
+    VK: gl.constexpr = BN * KC // DVA
+    NV: gl.constexpr = BN // VK
+    VKB: gl.constexpr = BN * KC // max(DVB, 64)
+    NVB: gl.constexpr = BN // VKB if DVB > 0 else 0
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                        instr_shape=[16, DVA // 2, 16])
     # the second tile's layout (unused, but still a valid layout, when DVB == 0)
     ob_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                         instr_shape=[16, max(DVB, 16) // 2, 16])
     v_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    # 64-byte swizzle: the PV loop reads P in VK-column slices, VK = 32 at BN = 256
+    # 64-byte swizzle: the PV loop reads P in VK-column slices, VK = 32 at DVA = 512
     p_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=16, rank=2)
 
     n_m = gl.cdiv(seqlen_q, BM)
@@ -117,6 +135,7 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
     p_smem = gl.allocate_shared_memory(dtype, [BM, BN], p_layout)
     # the same bytes as NV column blocks [BM, VK] (a 64-byte swizzle stores VK = 32 columns a block)
     p_blocks = p_smem._reinterpret(dtype, [NV, BM, VK], p_layout)
+    p_blocks_b = p_smem._reinterpret(dtype, [max(NVB, 1), BM, VKB], p_layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
@@ -126,14 +145,14 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
     if CAUSAL:
         hi = gl.maximum(gl.minimum(seqlen_k, q0 + BM + seqlen_k - seqlen_q), 0)
     n_tiles = gl.cdiv(hi, BN)
-    total = n_tiles * (NK + NV)
+    total = n_tiles * (NK + NV + NVB)
     qh_col = h * DQK
     kh_col = h_kv * DQK
     vh_col = h_kv * DV + v_col0
 
     for c in gl.static_range(STAGES - 1):  # prologue: STAGES - 1 chunks in flight
         _issue(c, q_desc, k_desc, v_desc, ring, q_smem, ready, b, q0, qh_col, kh_col, vh_col, total,
-               NK, NV, BN, KC, VK, DVP, STAGES)
+               NK, NV, NVB, BN, KC, VK, VKB, DVA, STAGES)
 
     m_i = gl.full([BM], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
@@ -156,47 +175,58 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
             s_acc = warpgroup_mma_wait(1, deps=(s_acc, ))
             gl.thread_barrier()
             _issue(c + STAGES - 1, q_desc, k_desc, v_desc, ring, q_smem, ready, b, q0,
-                   qh_col, kh_col, vh_col, total, NK, NV, BN, KC, VK, DVP, STAGES)
+                   qh_col, kh_col, vh_col, total, NK, NV, NVB, BN, KC, VK, VKB, DVA, STAGES)
             c += 1
         s_acc = warpgroup_mma_wait(0, deps=(s_acc, ))
 
         # -- online softmax in the log2 domain; keys past Sk (zero-filled by TMA) and, causal, past
-        # the diagonal are -inf; a row that has seen no key keeps m = -inf and p = 0 --
-        cols = t * BN + cols0
-        s = s_acc * qk_scale
-        ok = gl.expand_dims(cols, 0) < seqlen_k
+        # the diagonal are -inf (only the tiles that have such keys pay for the mask); a row that has
+        # seen no key keeps m = -inf and p = 0. The row max is taken over the raw scores (the scale
+        # is positive, so it commutes with the max) and the scale folds into exp2's FMA --
+        edge = (t + 1) * BN > seqlen_k
         if CAUSAL:
-            ok = ok & (gl.expand_dims(cols, 0) <= gl.expand_dims(rows, 1) + (seqlen_k - seqlen_q))
-        s = gl.where(ok, s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+            edge = edge | ((t + 1) * BN > q0 + 1 + seqlen_k - seqlen_q)
+        if edge:
+            cols = t * BN + cols0
+            ok = gl.expand_dims(cols, 0) < seqlen_k
+            if CAUSAL:
+                ok = ok & (gl.expand_dims(cols, 0) <= gl.expand_dims(rows, 1) + (seqlen_k - seqlen_q))
+            s_acc = gl.where(ok, s_acc, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s_acc, axis=1) * qk_scale)
         m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = gl.exp2(m_i - m_safe)
-        p = gl.exp2(s - gl.expand_dims(m_safe, 1))
+        p = gl.exp2(s_acc * qk_scale - gl.expand_dims(m_safe, 1))
         l_i = l_i * alpha + gl.sum(p, axis=1)
         m_i = m_new
+        p_smem.store(p.to(dtype))
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
         if DVB > 0:
             acc_b = acc_b * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, ob_layout)), 1)
-        p_smem.store(p.to(dtype))
         fence_async_shared()
         gl.thread_barrier()  # both warpgroups' halves of P are in shared memory
 
-        # -- O += P V, NV chunks of VK keys --
+        # -- O += P V: NV chunks of V [VK, DVA] into acc, then NVB of V [VKB, DVB] into acc_b --
         for j in range(NV):
             st = c % STAGES
             mbarrier.wait(ready.index(st), (c // STAGES) & 1)
-            v_rows = ring.index(st)._reinterpret(dtype, [VK, VW], v_layout)
-            acc = warpgroup_mma(p_blocks.index(j), v_rows.slice(0, DVA, dim=1), acc, is_async=True)
-            if DVB > 0:
-                acc_b = warpgroup_mma(p_blocks.index(j), v_rows.slice(DVA, DVB, dim=1), acc_b, is_async=True)
-                acc, acc_b = warpgroup_mma_wait(2, deps=(acc, acc_b))
-            else:
-                acc = warpgroup_mma_wait(1, deps=(acc, ))
+            v_chunk = ring.index(st)._reinterpret(dtype, [VK, DVA], v_layout)
+            acc = warpgroup_mma(p_blocks.index(j), v_chunk, acc, is_async=True)
+            acc = warpgroup_mma_wait(1, deps=(acc, ))
             gl.thread_barrier()
             _issue(c + STAGES - 1, q_desc, k_desc, v_desc, ring, q_smem, ready,
-                   b, q0, qh_col, kh_col, vh_col, total, NK, NV, BN, KC, VK, DVP, STAGES)
+                   b, q0, qh_col, kh_col, vh_col, total, NK, NV, NVB, BN, KC, VK, VKB, DVA, STAGES)
             c += 1
         if DVB > 0:
+            for j in range(NVB):
+                st = c % STAGES
+                mbarrier.wait(ready.index(st), (c // STAGES) & 1)
+                v_chunk = ring.index(st)._reinterpret(dtype, [VKB, DVB], v_layout)
+                acc_b = warpgroup_mma(p_blocks_b.index(j), v_chunk, acc_b, is_async=True)
+                acc, acc_b = warpgroup_mma_wait(1, deps=(acc, acc_b))
+                gl.thread_barrier()
+                _issue(c + STAGES - 1, q_desc, k_desc, v_desc, ring, q_smem, ready,
+                       b, q0, qh_col, kh_col, vh_col, total, NK, NV, NVB, BN, KC, VK, VKB, DVA, STAGES)
+                c += 1
             acc, acc_b = warpgroup_mma_wait(0, deps=(acc, acc_b))
         else:
             acc = warpgroup_mma_wait(0, deps=(acc, ))
