@@ -19,7 +19,7 @@ from flashtile.dispatch import gluon_forward_heads
 from flashtile.row_align import SPLIT_D_COLUMNS, padded_width
 
 STAGES = 4  # ring stages of 32 KB (Q's 8 KB chunks beside): 197 KB of shared memory with P
-KEYS_PER_TILE = 256  # keys of one S tile (128 per warpgroup); 128 ran 264 against 372 TFLOP/s at D=512
+KEYS_PER_TILE = 256  # keys of one S tile, 128 per warpgroup (at 128, 64 a warpgroup, 316 against 502 TFLOP/s at D=512)
 WIDEST_SLICE = 640  # the widest O slice one program holds: 160 registers a thread (768 spilled 1.3 KB)
 O_SLICE = 512  # the O slice of wider heads (128 registers a thread over two warpgroups)
 CHUNK_COLUMNS = 64  # the narrowest O slice: one TMA box of V
@@ -71,12 +71,12 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
     views = [_tma_view(t) for t in (q, k, v)]
     if any(view is None for view in views) or min(q.shape[1], k.shape[1]) == 0:
         return False
-    from flashtile.kernels.attention_wide_gluon import BLOCK_M, CHUNK, V_BOX_ROWS, wide_fwd_gluon_kernel
+    from flashtile.kernels.attention_wide_gluon import BLOCK_M, CHUNK, wide_fwd_gluon_kernel
 
     B, Sq, Hq, D = q.shape
     Sk, Hkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
     descs = (_descriptor(q, views[0], BLOCK_M), _descriptor(k, views[1], KEYS_PER_TILE),
-             _descriptor(v, views[2], V_BOX_ROWS))
+             _descriptor(v, views[2], KEYS_PER_TILE // 8))  # 8 boxes of V fill a stage
     n_m = triton.cdiv(Sq, BLOCK_M)
     with torch.cuda.device(q.device):
         for col0, dvp, n_pass in o_slices(Dv):

@@ -32,8 +32,6 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 LN2 = gl.constexpr(0.6931471805599453)
 BLOCK_M = 64  # query rows a program: one wgmma row tile, shared by both warpgroups
 CHUNK = 64  # columns of a Q / K chunk, and of each TMA box of V (one 128-byte swizzle row of 16-bit data)
-V_BOX_ROWS = 32  # rows of a TMA box of V (the launcher's descriptor): 8 boxes fill a ring stage
-_V_BOX = gl.constexpr(V_BOX_ROWS)
 
 
 @gluon.jit
@@ -53,7 +51,7 @@ def _issue(c, q_desc, k_desc, v_desc, ring, q_ring, ready, b, q0, qh_col, kh_col
     do = c < total
     # a V chunk is 8 TMA boxes [VBOX, 64] (32 KB, a stage), placed as the [rows, width] tile the MMA
     # reads: 64-column blocks one after another, each its rows top to bottom
-    VBOX: gl.constexpr = _V_BOX
+    VBOX: gl.constexpr = BN // 8  # rows of a box [VBOX, 64]: the launcher's V descriptor
     vbuf = ring.index(s)._reinterpret(v_desc.dtype, [8, 1, VBOX, 64], v_desc.layout)
     if i < NK:  # Q's chunk travels with K's
         mbarrier.expect(bar, k_desc.block_type.nbytes + q_desc.block_type.nbytes, pred=do)
@@ -90,7 +88,7 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
                           seqlen_q, seqlen_k, heads_q, group_size, qk_scale, n_pass, v_col_base,
                           DQK: gl.constexpr, DV: gl.constexpr, DVP: gl.constexpr, BM: gl.constexpr,
                           BN: gl.constexpr, KC: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
-    """q_desc / k_desc: [B, S, H * DQK] boxes [1, rows, KC]; v_desc: [B, Sk, Hkv * DV] boxes [1, V_BOX_ROWS, 64]
+    """q_desc / k_desc: [B, S, H * DQK] boxes [1, rows, KC]; v_desc: [B, Sk, Hkv * DV] boxes [1, BN // 8, 64]
     -> Out [B, Sq, Hq, DV] (pointer stores), Lse fp32 [B, Hq, Sq] (natural log; -inf for a row that
     sees no key). qk_scale = softmax_scale * log2(e). CAUSAL: key j is visible to query i iff
     j <= i + Sk - Sq. Grid: (n_pass * ceil(Sq / BM) * B * Hq,), O slices fastest: program slice p owns
@@ -114,8 +112,9 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
     ob_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                         instr_shape=[16, max(DVB, 16) // 2, 16])
     v_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    # 64-byte swizzle: the PV loop reads P in VK-column slices, VK = 32 at DVA = 512
-    p_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=16, rank=2)
+    # the PV loop reads P in VK-column slices (VK = 32 at BN = 256 and DVA = 512): a swizzle of at most
+    # VK columns (64 bytes; 32 at VK = 16) stores them as whole blocks one after another
+    p_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(64, 2 * VK), element_bitwidth=16, rank=2)
 
     n_m = gl.cdiv(seqlen_q, BM)
     pid = gl.program_id(0)
