@@ -19,7 +19,7 @@ HOPPER = HAS_GPU and torch.cuda.get_device_capability() == (9, 0)
 needs_hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon kernel is written for sm_90 (wgmma, TMA)")
 
 # (batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, head_dim_v): head dims in [321, 1024] (some
-# padded to 64 columns first; Dv > 640 runs two O slices), odd lengths, Sq != Sk both ways, GQA / MQA, Dqk != Dv
+# padded to 64 columns first; Dv > 768 runs two O slices), odd lengths, Sq != Sk both ways, GQA / MQA, Dqk != Dv
 SHAPES = [
     (1, 1, 1, 1, 1, 512, 512),
     (1, 100, 130, 2, 1, 384, 384),  # one O slice of 256 + 128 columns
@@ -36,13 +36,14 @@ SHAPES = [
     (1, 300, 257, 2, 1, 576, 512),  # MLA's pair: Q streamed with K
     (1, 129, 77, 2, 1, 700, 333),  # padded to 704 / 384
     (1, 100, 100, 2, 2, 768, 512),
-    (2, 77, 130, 2, 1, 576, 576),  # one O slice of 512 + 64 columns
+    (2, 77, 130, 2, 1, 576, 576),  # one O slice of 512 + 64 columns (the 64 parked in shared memory)
     (1, 150, 150, 4, 1, 640, 640),  # 512 + 128
+    (1, 130, 170, 4, 2, 704, 704),  # 512 + 256 (Dv padded), 3 stages
     (1, 50, 80, 2, 2, 600, 200),  # one of 256 (Dv padded)
     (1, 70, 90, 2, 1, 512, 100),  # one of 128
     (2, 33, 40, 2, 1, 400, 64),  # one of 64
-    (1, 96, 200, 2, 2, 768, 768),  # slices of 512 and 256
-    (1, 64, 99, 2, 1, 832, 700),  # slices of 512 and 128 + 64
+    (1, 96, 200, 2, 2, 768, 768),  # one slice of 512 + 256
+    (1, 64, 99, 2, 1, 832, 700),  # one slice of 512 + 256 (Dv padded)
     (1, 90, 120, 2, 2, 320, 832),  # slices of 512 and 256 + 64
     (1, 200, 300, 2, 2, 1000, 1000),  # two of 512
     (1, 33, 65, 1, 1, 1024, 1024),
@@ -140,6 +141,15 @@ def test_rule(dims, dtype, device, want):
     assert dispatch.gluon_forward_heads(*dims, dtype, device) is want
 
 
+def test_park_and_stages():
+    """Slices past 512 columns park their second tile; the ring keeps 4 stages while shared memory
+    holds them (576, 640) and drops to 3 at 768."""
+    assert wide_gluon_launch._park_and_stages(512) == (False, 4)
+    assert wide_gluon_launch._park_and_stages(576) == (True, 4)
+    assert wide_gluon_launch._park_and_stages(640) == (True, 4)
+    assert wide_gluon_launch._park_and_stages(768) == (True, 3)
+
+
 def test_o_slices():
     """One O slice up to WIDEST_SLICE columns, else whole 512-column slices and one for the rest; a
     slice is one register tile (a power of two >= 64) or two (a power of two plus a smaller one), the
@@ -149,8 +159,9 @@ def test_o_slices():
     assert wide_gluon_launch.o_slices(448) == [(0, 512, 1)]
     assert wide_gluon_launch.o_slices(576) == [(0, 576, 1)]
     assert wide_gluon_launch.o_slices(600) == [(0, 640, 1)]
-    assert wide_gluon_launch.o_slices(700) == [(0, 512, 1), (512, 192, 1)]
-    assert wide_gluon_launch.o_slices(768) == [(0, 512, 1), (512, 256, 1)]
+    assert wide_gluon_launch.o_slices(700) == [(0, 768, 1)]
+    assert wide_gluon_launch.o_slices(768) == [(0, 768, 1)]
+    assert wide_gluon_launch.o_slices(800) == [(0, 512, 1), (512, 320, 1)]
     assert wide_gluon_launch.o_slices(832) == [(0, 512, 1), (512, 320, 1)]
     assert wide_gluon_launch.o_slices(960) == [(0, 512, 2)]
     assert wide_gluon_launch.o_slices(1088) == [(0, 512, 2), (1024, 64, 1)]

@@ -20,7 +20,9 @@ from flashtile.row_align import SPLIT_D_COLUMNS, padded_width
 
 STAGES = 4  # ring stages of 32 KB (Q's 8 KB chunks beside): 197 KB of shared memory with P
 KEYS_PER_TILE = 256  # keys of one S tile, 128 per warpgroup (at 128, 64 a warpgroup, 316 against 502 TFLOP/s at D=512)
-WIDEST_SLICE = 640  # the widest O slice one program holds: 160 registers a thread (768 spilled 1.3 KB)
+WIDEST_SLICE = 768  # the widest O slice one program holds (512 + 256, the 256 parked)
+REGISTER_SLICE = 512  # wider slices park their second register tile in shared memory between key tiles
+SHARED_MEMORY = 232448  # bytes a program may use on sm_90
 O_SLICE = 512  # the O slice of wider heads (128 registers a thread over two warpgroups)
 CHUNK_COLUMNS = 64  # the narrowest O slice: one TMA box of V
 LOG2E = 1.4426950408889634
@@ -80,11 +82,26 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
     n_m = triton.cdiv(Sq, BLOCK_M)
     with torch.cuda.device(q.device):
         for col0, dvp, n_pass in o_slices(Dv):
+            park, stages = _park_and_stages(dvp)
             wide_fwd_gluon_kernel[(n_pass * n_m * B * Hq,)](
                 *descs, out, lse, *out.stride()[:3], *lse.stride()[:2], Sq, Sk, Hq, Hq // Hkv, softmax_scale * LOG2E,
-                n_pass, col0, D, Dv, dvp, BLOCK_M, KEYS_PER_TILE, CHUNK, STAGES, right == 0,
+                n_pass, col0, D, Dv, dvp, BLOCK_M, KEYS_PER_TILE, CHUNK, stages, right == 0, park,
                 num_warps=8)
     return True
+
+
+def _park_and_stages(dvp: int) -> Tuple[bool, int]:
+    """Whether an O slice of dvp columns parks its second register tile (kernel's PARK), and the ring
+    stages that fit beside it. Held in registers past 512 columns, that tile spilled (576: 40 bytes a
+    thread, 640: 264, 768: 1.3 KB); parked, a 64 x DVB fp32 tile in shared memory, nothing spills."""
+    if dvp <= REGISTER_SLICE:
+        return False, STAGES
+    # ring stages of 32 KB + Q's 8 KB chunks, P [64, 256] (32 KB), the parked tile, barriers
+    park_bytes = 64 * (dvp - REGISTER_SLICE) * 4
+    stages = STAGES
+    while stages > 2 and stages * 40 * 1024 + 32 * 1024 + park_bytes + 1024 > SHARED_MEMORY:
+        stages -= 1
+    return True, stages
 
 
 def slice_width(dv: int) -> int:

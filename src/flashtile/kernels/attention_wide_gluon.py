@@ -1,4 +1,4 @@
-"""Wide-head forward in Gluon (sm_90): one S shared by two warpgroups, so Dv <= 640 never recomputes S.
+"""Wide-head forward in Gluon (sm_90): one S shared by two warpgroups, so Dv <= 768 never recomputes S.
 
 The split-D Triton forward (attention_wide.py) keeps a program's O slice in one warpgroup's registers,
 which holds at most 256 columns next to S: a 512-wide head runs two slices, each recomputing S (3
@@ -9,16 +9,19 @@ here (it gave 64x16 wgmmas and spills, docs/perf_notes.md session 31). Gluon lay
 - S = Q K^T [64, BN] is one wgmma over both warpgroups (each takes BN / 2 keys, warps_per_cta [4, 2]),
   its K-loop over KC-column chunks of Q and K;
 - P goes through shared memory, so O = P V [64, DVP] is one wgmma over both warpgroups as well, each
-  owning DVP / 2 columns of O: DVP / 4 fp32 registers a thread, 128 at DVP = 512, 160 at 640. Register
+  owning DVP / 2 columns of O: DVP / 4 fp32 registers a thread, 128 at DVP = 512. Register
   tensors are powers of two, so a DVP that is not one is held as two tiles, DVA (the largest power of
-  two below it) + DVB (320 = 256 + 64, 576 = 512 + 64, 640 = 512 + 128), each fed by its own V chunks;
+  two below it) + DVB (320 = 256 + 64, 576 = 512 + 64, 768 = 512 + 256), each fed by its own V chunks;
+- past 512 columns (PARK) the second tile waits in shared memory while S is computed, so S's 64
+  registers a thread fit beside acc's 128 (held in registers, 576 / 640 / 768 spilled 40 / 264 /
+  1300 bytes a thread);
 - Q chunks [BM, KC] with K chunks [BN, KC], then V chunks [VK, DVA] and [VKB, DVB], stream through
   one ring of TMA stages of 32 KB (Q's travel beside K's), in the order the products consume them
   (keeping Q resident in shared memory at D <= 512 measured no faster, docs/perf_notes.md session 37);
 - the loops over chunks are not unrolled, so no per-chunk coordinate or address lives in a register
   across the key loop (unrolled, they spilled: _issue);
 - only the key tiles that hold keys past Sk or past the causal diagonal pay for the mask.
-O widths above 640 run more programs per query tile, one O slice each (the launcher picks DVP and
+O widths above 768 run more programs per query tile, one O slice each (the launcher picks DVP and
 v_col_base per launch, wide_gluon_launch.o_slices), each recomputing S. The launcher
 (wide_gluon_launch.gluon_forward) takes this kernel only where dispatch.gluon_forward_heads says so;
 the features it lacks (softcap, ALiBi, windows, dropout, attn_mask, varlen) stay on attention_wide.py.
@@ -87,12 +90,14 @@ def _store_o(acc, l_safe, out_base, stride_os, q0, col0, seqlen_q, DV: gl.conste
 def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
                           seqlen_q, seqlen_k, heads_q, group_size, qk_scale, n_pass, v_col_base,
                           DQK: gl.constexpr, DV: gl.constexpr, DVP: gl.constexpr, BM: gl.constexpr,
-                          BN: gl.constexpr, KC: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                          BN: gl.constexpr, KC: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                          PARK: gl.constexpr):
     """q_desc / k_desc: [B, S, H * DQK] boxes [1, rows, KC]; v_desc: [B, Sk, Hkv * DV] boxes [1, BN // 8, 64]
     -> Out [B, Sq, Hq, DV] (pointer stores), Lse fp32 [B, Hq, Sq] (natural log; -inf for a row that
     sees no key). qk_scale = softmax_scale * log2(e). CAUSAL: key j is visible to query i iff
     j <= i + Sk - Sq. Grid: (n_pass * ceil(Sq / BM) * B * Hq,), O slices fastest: program slice p owns
-    O columns v_col_base + p * DVP + [0, DVP) below DV; the slice at column 0 writes Lse."""
+    O columns v_col_base + p * DVP + [0, DVP) below DV; the slice at column 0 writes Lse. PARK: keep
+    O's second register tile (DVP - DVA columns) in shared memory between key tiles."""
     dtype: gl.constexpr = q_desc.dtype
     NK: gl.constexpr = DQK // KC
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
@@ -135,6 +140,10 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
     # the same bytes as NV column blocks [BM, VK] (a 64-byte swizzle stores VK = 32 columns a block)
     p_blocks = p_smem._reinterpret(dtype, [NV, BM, VK], p_layout)
     p_blocks_b = p_smem._reinterpret(dtype, [max(NVB, 1), BM, VKB], p_layout)
+    if PARK:  # acc_b waits in shared memory while S is computed: registers for S beside acc
+        park_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+        park = gl.allocate_shared_memory(gl.float32, [BM, DVB], park_layout)
+        park.store(gl.zeros([BM, DVB], gl.float32, ob_layout))
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
@@ -157,7 +166,8 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
     l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
     acc = gl.zeros([BM, DVA], gl.float32, o_layout)
     if DVB > 0:
-        acc_b = gl.zeros([BM, DVB], gl.float32, ob_layout)
+        if not PARK:
+            acc_b = gl.zeros([BM, DVB], gl.float32, ob_layout)
     rows = q0 + gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout))
     cols0 = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
     c = 0
@@ -199,8 +209,6 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
         m_i = m_new
         p_smem.store(p.to(dtype))
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-        if DVB > 0:
-            acc_b = acc_b * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, ob_layout)), 1)
         fence_async_shared()
         gl.thread_barrier()  # both warpgroups' halves of P are in shared memory
 
@@ -216,17 +224,26 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
                    b, q0, qh_col, kh_col, vh_col, total, NK, NV, NVB, BN, KC, VK, VKB, DVA, STAGES)
             c += 1
         if DVB > 0:
+            if PARK:
+                acc_x = park.load(ob_layout)
+            else:
+                acc_x = acc_b
+            acc_x = acc_x * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, ob_layout)), 1)
             for j in range(NVB):
                 st = c % STAGES
                 mbarrier.wait(ready.index(st), (c // STAGES) & 1)
                 v_chunk = ring.index(st)._reinterpret(dtype, [VKB, DVB], v_layout)
-                acc_b = warpgroup_mma(p_blocks_b.index(j), v_chunk, acc_b, is_async=True)
-                acc, acc_b = warpgroup_mma_wait(1, deps=(acc, acc_b))
+                acc_x = warpgroup_mma(p_blocks_b.index(j), v_chunk, acc_x, is_async=True)
+                acc, acc_x = warpgroup_mma_wait(1, deps=(acc, acc_x))
                 gl.thread_barrier()
                 _issue(c + STAGES - 1, q_desc, k_desc, v_desc, ring, q_smem, ready,
                        b, q0, qh_col, kh_col, vh_col, total, NK, NV, NVB, BN, KC, VK, VKB, DVA, STAGES)
                 c += 1
-            acc, acc_b = warpgroup_mma_wait(0, deps=(acc, acc_b))
+            acc, acc_x = warpgroup_mma_wait(0, deps=(acc, acc_x))
+            if PARK:
+                park.store(acc_x)  # read back after the barrier below
+            else:
+                acc_b = acc_x
         else:
             acc = warpgroup_mma_wait(0, deps=(acc, ))
         gl.thread_barrier()  # the next tile rewrites p_smem
@@ -237,6 +254,8 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
     out_base = Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
     _store_o(acc, l_safe, out_base, stride_os, q0, v_col0, seqlen_q, DV, BM, DVA, o_layout)
     if DVB > 0:
+        if PARK:
+            acc_b = park.load(ob_layout)
         _store_o(acc_b, l_safe, out_base, stride_os, q0, v_col0 + DVA, seqlen_q, DV, BM, DVB, ob_layout)
     lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
     lse_ptrs = Lse + b.to(gl.int64) * stride_lse_b + h.to(gl.int64) * stride_lse_h + rows
