@@ -107,10 +107,10 @@ def gluon_forward_heads(head_dim: int, head_dim_v: int, dtype: torch.dtype, devi
 
     The wider head dim in [GLUON_FORWARD_MIN_HEAD_DIM, GLUON_FORWARD_MAX_HEAD_DIM], 16-bit, on sm_90
     (the kernel is written for Hopper's wgmma and TMA). There one S [64, 256] is shared by two
-    warpgroups that each own half of an O slice of up to 640 columns (512 past 640), so S is computed
-    once for Dv <= 640, where the split-D kernel computes it once per 256 columns of V. H200, bf16,
+    warpgroups that each own half of an O slice of up to 768 columns (512 past 768), so S is computed
+    once for Dv <= 768, where the split-D kernel computes it once per 256 columns of V. H200, bf16,
     B=1, H=48, S=8192, non-causal forward TFLOP/s, split-D (session 37 A/B) -> Gluon (wide suite,
-    session 38): D=448 277 -> 461, D=512 292 -> 499, D=576 244 -> 493, D=768 240 -> 358, D=1024 200
+    session 38): D=448 277 -> 461, D=512 292 -> 499, D=576 244 -> 502, D=768 240 -> 445, D=1024 200
     -> 371; MLA's Dqk=576 / Dv=512 296 -> 516. Against the dense Triton forward (wide_forward_heads false, which attention_forward
     runs where this kernel does not apply): D=384 390 -> 464 (causal 405 -> 419), but D=320 454 ->
     431 (causal 446 -> 389), so 257..320 stay dense. The launcher also needs the call's features to
