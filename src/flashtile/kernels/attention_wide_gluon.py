@@ -103,7 +103,7 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                        instr_shape=[16, BN // 2, 16])
     # O [64, DVP] as two register tiles when DVP is not a power of two (register tensors are):
-    # DVA = the largest power of two <= DVP, DVB = the rest (320 = 256 + 64, 576 = 512 + 64, ...)
+    # DVA = the largest power of two <= DVP (at most 512), DVB = the rest (320 = 256 + 64, 576 = 512 + 64)
     DVA: gl.constexpr = 512 if DVP >= 512 else (256 if DVP >= 256 else (128 if DVP >= 128 else 64))
     DVB: gl.constexpr = DVP - DVA
     # V streams as chunks that fill a stage: NV of [VK, DVA], then NVB of [VKB, DVB]
