@@ -96,10 +96,12 @@ def _park_and_stages(dvp: int) -> Tuple[bool, int]:
     thread, 640: 264, 768: 1.3 KB); parked, a 64 x DVB fp32 tile in shared memory, nothing spills."""
     if dvp <= REGISTER_SLICE:
         return False, STAGES
-    # ring stages of 32 KB + Q's 8 KB chunks, P [64, 256] (32 KB), the parked tile, barriers
-    park_bytes = 64 * (dvp - REGISTER_SLICE) * 4
+    from flashtile.kernels.attention_wide_gluon import BLOCK_M, CHUNK
+
+    stage_bytes = (KEYS_PER_TILE + BLOCK_M) * CHUNK * 2  # a K (or V) chunk and Q's chunk beside it
+    fixed_bytes = BLOCK_M * KEYS_PER_TILE * 2 + BLOCK_M * (dvp - REGISTER_SLICE) * 4 + 1024  # P, parked tile, barriers
     stages = STAGES
-    while stages > 2 and stages * 40 * 1024 + 32 * 1024 + park_bytes + 1024 > SHARED_MEMORY:
+    while stages > 2 and stages * stage_bytes + fixed_bytes > SHARED_MEMORY:
         stages -= 1
     return True, stages
 
@@ -107,15 +109,12 @@ def _park_and_stages(dvp: int) -> Tuple[bool, int]:
 def slice_width(dv: int) -> int:
     """The narrowest O slice the kernel has that holds dv columns: a power of two >= 64 (one register
     tile) or a power of two plus a smaller one of at least 64 (two tiles: 320 = 256 + 64, 576 = 512 + 64)."""
-    a = max(CHUNK_COLUMNS, 1 << (dv - 1).bit_length())
-    best = a
-    if a // 2 >= CHUNK_COLUMNS:
-        rest = dv - a // 2
-        if rest > 0:
-            b = max(CHUNK_COLUMNS, 1 << (rest - 1).bit_length())
-            if b < a // 2:
-                best = a // 2 + b
-    return best
+    a = max(CHUNK_COLUMNS, 1 << (dv - 1).bit_length())  # one tile
+    half = a // 2  # past 64 columns, dv > half: a tile of half and one for the rest
+    if half < CHUNK_COLUMNS:
+        return a
+    b = max(CHUNK_COLUMNS, 1 << (dv - half - 1).bit_length())
+    return half + b if b < half else a
 
 
 def o_slices(dv: int) -> List[Tuple[int, int, int]]:

@@ -61,17 +61,20 @@ def _issue(c, q_desc, k_desc, v_desc, ring, q_ring, ready, b, q0, qh_col, kh_col
         tma.async_copy_global_to_shared(q_desc, [b, q0, qh_col + i * KC], bar, q_ring.index(s), pred=do)
         tma.async_copy_global_to_shared(k_desc, [b, t * BN, kh_col + i * KC], bar, ring.index(s), pred=do)
     elif i < NK + NV:  # V [VK, DVA]: O's first register tile
-        mbarrier.expect(bar, 8 * v_desc.block_type.nbytes, pred=do)
-        for jj in gl.static_range(8):
-            tma.async_copy_global_to_shared(v_desc, [b, t * BN + (i - NK) * VK + (jj % (VK // VBOX)) * VBOX,
-                                                     vh_col + (jj // (VK // VBOX)) * 64],
-                                            bar, vbuf.index(jj), pred=do)
+        _issue_v(v_desc, vbuf, bar, b, t * BN + (i - NK) * VK, vh_col, do, VK, VBOX)
     else:  # V [VKB, DVB]: the second tile's columns
-        mbarrier.expect(bar, 8 * v_desc.block_type.nbytes, pred=do)
-        for jj in gl.static_range(8):
-            tma.async_copy_global_to_shared(v_desc, [b, t * BN + (i - NK - NV) * VKB + (jj % (VKB // VBOX)) * VBOX,
-                                                     vh_col + DVA + (jj // (VKB // VBOX)) * 64], bar,
-                                            vbuf.index(jj), pred=do)
+        _issue_v(v_desc, vbuf, bar, b, t * BN + (i - NK - NV) * VKB, vh_col + DVA, do, VKB, VBOX)
+
+
+@gluon.jit
+def _issue_v(v_desc, vbuf, bar, b, row0, col0, do, ROWS: gl.constexpr, VBOX: gl.constexpr):
+    """The TMA load of V [row0 : row0 + ROWS, col0 : col0 + 8 * VBOX * 64 / ROWS] as 8 boxes [VBOX, 64]
+    into vbuf, box jj at column block jj // (ROWS / VBOX), row block jj % (ROWS / VBOX)."""
+    mbarrier.expect(bar, 8 * v_desc.block_type.nbytes, pred=do)
+    for jj in gl.static_range(8):
+        row = row0 + (jj % (ROWS // VBOX)) * VBOX
+        col = col0 + (jj // (ROWS // VBOX)) * 64
+        tma.async_copy_global_to_shared(v_desc, [b, row, col], bar, vbuf.index(jj), pred=do)
 
 
 @gluon.jit
