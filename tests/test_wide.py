@@ -279,7 +279,9 @@ def test_forward_runs_the_chosen_kernel(dtype, monkeypatch):
 def test_backward_runs_the_chosen_dq_kernel(dtype, kw, monkeypatch):
     """The split-D backward takes its dQ (and delta) from the dense dQ kernel where
     dispatch.dense_dq_heads says so (16-bit D=320 here), else from the split-D dQ kernel; either way
-    dK / dV stay split-D and every gradient matches the oracle (GQA, Sq != Sk)."""
+    dK / dV stay split-D and every gradient matches the oracle (GQA, Sq != Sk). The Gluon backward,
+    which would take the 16-bit causal case on sm_90, is switched off here."""
+    monkeypatch.setattr(wide_launch, "gluon_backward_applies", lambda *a, **kw: False)
     ran = []
     real = wide_launch._run
     monkeypatch.setattr(wide_launch, "_run", lambda kernel, *a: ran.append(kernel) or real(kernel, *a))
@@ -319,7 +321,9 @@ def test_explicit_wide_config_keeps_the_split_d_dq(monkeypatch):
 def test_split_d_kernels_get_aligned_rows(dtype, monkeypatch):
     """Head dims that are not multiples of 64 (and rows that start off a 16-byte boundary) reach the
     split-D kernels as zero-padded copies (row_align.SPLIT_D_COLUMNS): every [.., H, D] tensor a wide
-    launch gets has 64-column rows, and the results, narrowed back, match the oracle."""
+    launch gets has 64-column rows, and the results, narrowed back, match the oracle. (The Gluon
+    backward, which would take the 16-bit case on sm_90, is switched off; it reads the same padded rows.)"""
+    monkeypatch.setattr(wide_launch, "gluon_backward_applies", lambda *a, **kw: False)
     seen = []
     real = wide_launch._run
 

@@ -1,9 +1,10 @@
-"""The Gluon wide forward (kernels/attention_wide_gluon.py, sm_90 only) against the oracle, and its rule.
+"""The Gluon wide forward and backward (kernels/attention_wide_gluon.py, attention_wide_gluon_bwd.py, sm_90
+only) against the oracle, and their rules.
 
-On an H200 every case checks that the Gluon kernel ran (or, for the features it lacks, that the
-split-D kernel did) and compares out, lse and the gradients (the split-D backward, from the Gluon
-forward's out and lse) with the float64 / float32 oracle under FlashAttention's rule. Without a GPU
-(CI) the rule and the launcher's refusals are checked: the interpreter cannot run Gluon.
+On an H200 every case checks that the Gluon kernels ran (or, for the features they lack, that the
+split-D kernels did) and compares out, lse and the gradients with the float64 / float32 oracle under
+FlashAttention's rule. Without a GPU (CI) the rules and the launchers' refusals are checked: the
+interpreter cannot run Gluon.
 """
 
 import pytest
@@ -59,15 +60,56 @@ def gluon_runs(monkeypatch):
     return answers
 
 
+@pytest.fixture
+def gluon_backward_runs(monkeypatch):
+    """How many backward calls ran the Gluon backward kernel during a test."""
+    runs = []
+    real = wide_launch.gluon_backward
+    monkeypatch.setattr(wide_launch, "gluon_backward", lambda *a, **kw: runs.append(real(*a, **kw)))
+    return runs
+
+
 @needs_hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_matches_oracle(shape, causal, dtype, gluon_runs):
+def test_matches_oracle(shape, causal, dtype, gluon_runs, gluon_backward_runs):
     q, k, v = _make(shape, dtype)
     with ft.use_backend("triton"):
         check_against_oracle(q, k, v, causal=causal)
-    assert gluon_runs == [True]
+    assert gluon_runs == [True] and len(gluon_backward_runs) == 1
+
+
+@needs_hopper
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(1, 90, 70, 2, 1, 257, 257), (2, 70, 130, 2, 2, 320, 320), (1, 100, 80, 3, 1, 320, 64),
+                                   (1, 65, 300, 2, 2, 128, 320)], ids=lambda s: "x".join(map(str, s)))
+def test_backward_where_the_forward_is_dense(shape, causal, gluon_runs, gluon_backward_runs):
+    """Head dims 257..320: the dense forward, the Gluon backward (from the dense forward's out and lse)."""
+    q, k, v = _make(shape, torch.bfloat16)
+    with ft.use_backend("triton"):
+        check_against_oracle(q, k, v, causal=causal)
+    assert not any(gluon_runs) and len(gluon_backward_runs) == 1
+
+
+@needs_hopper
+def test_backward_is_deterministic_and_nan_stays_in_its_batch(gluon_backward_runs):
+    """Two backward calls give the same bits (no atomics); a NaN in one batch's V reaches that batch's
+    dQ and dK (through dP = dO V^T), and no other batch's gradients (dV = P^T dO does not read V)."""
+    q, k, v = _make((2, 150, 170, 4, 2, 512, 512), torch.bfloat16)
+    dout = torch.randn(2, 150, 4, 512, device=DEVICE, dtype=torch.bfloat16)
+    with ft.use_backend("triton"):
+        out = ft.flash_attn_func(q, k, v, causal=True)
+        first = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+        second = torch.autograd.grad(out, (q, k, v), dout)
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
+        v = v.detach().clone()
+        v[1, 9, 0, 3] = float("nan")
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        grads = torch.autograd.grad(ft.flash_attn_func(q, k, v), (q, k, v), dout)
+    assert len(gluon_backward_runs) == 3
+    assert all(torch.isnan(g[1]).any() for g in grads[:2])
+    assert not any(torch.isnan(g[0]).any() for g in grads) and not torch.isnan(grads[2]).any()
 
 
 @needs_hopper
@@ -100,14 +142,14 @@ def test_strided_views_and_nan(gluon_runs):
                                 dict(window_size=(-1, 4))],
                          ids=["softcap", "window", "alibi", "right_edge"])
 @pytest.mark.parametrize("d", [448, 384])
-def test_other_features_keep_the_triton_kernels(kw, d, gluon_runs):
-    """Split-D above 384, dense at 384 (dispatch.wide_forward_heads)."""
+def test_other_features_keep_the_triton_kernels(kw, d, gluon_runs, gluon_backward_runs):
+    """Split-D above 384, dense at 384 (dispatch.wide_forward_heads); the split-D backward."""
     q, k, v = _make((1, 77, 90, 2, 1, d, d), torch.bfloat16)
     if kw.get("alibi_slopes") is True:
         kw = dict(alibi_slopes=torch.rand(2, device=DEVICE))
     with ft.use_backend("triton"):
         check_against_oracle(q, k, v, **kw)
-    assert not any(gluon_runs)  # refused before the launcher or by it
+    assert not any(gluon_runs) and not gluon_backward_runs  # refused before the launcher or by it
 
 
 @needs_hopper
@@ -139,6 +181,23 @@ def test_rule(dims, dtype, device, want):
             device = torch.device("cpu")
             want = False
     assert dispatch.gluon_forward_heads(*dims, dtype, device) is want
+
+
+@pytest.mark.parametrize("dims, dtype, device, want", [
+    ((320, 320), torch.bfloat16, "cuda", True), ((257, 64), torch.float16, "cuda", True),
+    ((256, 256), torch.bfloat16, "cuda", False), ((1024, 1024), torch.bfloat16, "cuda", True),
+    ((1088, 512), torch.bfloat16, "cuda", False), ((512, 512), torch.float32, "cuda", False),
+    ((512, 512), torch.bfloat16, "cpu", False),
+], ids=str)
+def test_backward_rule(dims, dtype, device, want):
+    """The wider of the (padded) head dims in [257, 1024]; 16-bit, sm_90 only."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        want = want and HOPPER
+        if not HAS_GPU:
+            device = torch.device("cpu")
+            want = False
+    assert dispatch.gluon_backward_heads(*dims, dtype, device) is want
 
 
 def test_park_and_stages():
@@ -196,3 +255,13 @@ def test_launcher_refuses_what_the_kernel_lacks(kw):
     args = dict(softcap=0.0, left=None, right=None, alibi_slopes=None, attn_mask=None, dropout_p=0.0, varlen=False)
     args.update(kw)
     assert wide_gluon_launch.gluon_forward(q, q, q, torch.empty_like(q), torch.empty(1, 2, 8), 0.1, **args) is False
+
+
+@pytest.mark.parametrize("kw", [dict(softcap=1.0), dict(left=3), dict(right=2), dict(dropout_p=0.1), dict(varlen=True),
+                                dict()], ids=str)
+def test_backward_launcher_refuses_what_the_kernel_lacks(kw):
+    """gluon_backward_applies answers False for features the kernel lacks, and on a CPU for all."""
+    q = torch.randn(1, 8, 2, 512, dtype=torch.bfloat16)
+    args = dict(softcap=0.0, left=None, right=None, alibi_slopes=None, attn_mask=None, dropout_p=0.0, varlen=False)
+    args.update(kw)
+    assert wide_gluon_launch.gluon_backward_applies(q, q, q, q, **args) is False

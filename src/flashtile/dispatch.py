@@ -125,6 +125,24 @@ def gluon_forward_heads(head_dim: int, head_dim_v: int, dtype: torch.dtype, devi
     return _arch(device) == (9, 0)
 
 
+# The Gluon wide backward (kernels/attention_wide_gluon_bwd.py): the wider (padded) head dim in this range
+GLUON_BACKWARD_MIN_HEAD_DIM = 257
+GLUON_BACKWARD_MAX_HEAD_DIM = 1024
+
+
+def gluon_backward_heads(head_dim: int, head_dim_v: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """True when a wide backward of these (64-column padded) head dims runs the Gluon kernel: the wider
+    in [GLUON_BACKWARD_MIN_HEAD_DIM, GLUON_BACKWARD_MAX_HEAD_DIM], 16-bit, on sm_90. The launcher also
+    needs the call's features to be ones the kernel has (wide_gluon_launch.gluon_backward_applies)."""
+    from flashtile.tuning import _arch  # tuning imports this module
+
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if not GLUON_BACKWARD_MIN_HEAD_DIM <= max(head_dim, head_dim_v) <= GLUON_BACKWARD_MAX_HEAD_DIM:
+        return False
+    return _arch(device) == (9, 0)
+
+
 def dense_dq_heads(head_dim: int, head_dim_v: int, dtype: torch.dtype, device: torch.device,
                    masked: bool = False) -> bool:
     """True when the split-D backward of a wide head runs its dQ on the dense dQ kernel instead.

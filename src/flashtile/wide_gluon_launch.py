@@ -15,7 +15,7 @@ from typing import List, Optional, Tuple
 import torch
 import triton
 
-from flashtile.dispatch import gluon_forward_heads
+from flashtile.dispatch import gluon_backward_heads, gluon_forward_heads
 from flashtile.row_align import SPLIT_D_COLUMNS, padded_width
 
 STAGES = 4  # ring stages of 32 KB (Q's 8 KB chunks beside): 197 KB of shared memory with P
@@ -49,17 +49,18 @@ def _descriptor(t: torch.Tensor, view: tuple, rows: int):
 
 
 def gluon_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: Optional[int], right: Optional[int],
-                   softcap: float, alibi_slopes, attn_mask, dropout_p: float, varlen: bool) -> bool:
+                   softcap: float, alibi_slopes, attn_mask, dropout_p: float, varlen: bool,
+                   rule=gluon_forward_heads) -> bool:
     """True when the call's features (plain or causal, GQA), dtypes, device and head dims (padded to
-    64 columns) are ones the Gluon kernel has; whether TMA can read the tensors is gluon_forward's."""
+    64 columns; `rule`: the forward's or the backward's) are ones the Gluon kernels have; whether TMA
+    can read the tensors is gluon_forward's."""
     if varlen or softcap > 0 or alibi_slopes is not None or attn_mask is not None or dropout_p > 0:
         return False
     if left is not None or right not in (None, 0):  # windows stay split-D; causal is right == 0
         return False
     if q.dtype != k.dtype or q.dtype != v.dtype:
         return False
-    return gluon_forward_heads(padded_width(q.shape[-1], SPLIT_D_COLUMNS), padded_width(v.shape[-1], SPLIT_D_COLUMNS),
-                               q.dtype, q.device)
+    return rule(padded_width(q.shape[-1], SPLIT_D_COLUMNS), padded_width(v.shape[-1], SPLIT_D_COLUMNS), q.dtype, q.device)
 
 
 def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
@@ -88,6 +89,54 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
                 n_pass, col0, D, Dv, dvp, BLOCK_M, KEYS_PER_TILE, CHUNK, stages, right == 0, park,
                 num_warps=8)
     return True
+
+
+def gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
+                   delta: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, softmax_scale: float,
+                   causal: bool) -> None:
+    """dq, dk, dv [B, S, H, D] of one backward on the Gluon kernel (kernels/attention_wide_gluon_bwd.py):
+    one launch per gradient and slice width, dV first (it needs no delta). The caller checked
+    gluon_backward_applies; delta = rowsum(dO * O) is ready, with lse's strides."""
+    from flashtile.kernels.attention_wide_gluon import BLOCK_M, CHUNK
+    from flashtile.kernels.attention_wide_gluon_bwd import DK_MODE, DQ_MODE, DV_MODE, wide_bwd_gluon_kernel
+
+    B, Sq, Hq, D = q.shape
+    Sk, Hkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    tensors = dict(q=q, k=k, v=v, do=dout)
+
+    def own(name):  # a tensor read as the owner's rows: boxes [1, 64, 64]
+        return _descriptor(tensors[name], _tma_view(tensors[name]), BLOCK_M)
+
+    def walk(name):  # read as the walked tile's rows: boxes [1, 256, 64]
+        return _descriptor(tensors[name], _tma_view(tensors[name]), KEYS_PER_TILE)
+
+    def z(name):  # read as the produced gradient's operand: 8 boxes [1, 32, 64] fill a stage
+        return _descriptor(tensors[name], _tma_view(tensors[name]), KEYS_PER_TILE // 8)
+
+    if lse.stride() != delta.stride():  # the kernel reads both with lse's strides
+        lse = lse.contiguous()
+    launches = ((DV_MODE, (own("k"), walk("q"), own("k"), walk("q"), z("do")), dv, Sk, Hkv, Dv, 1.0),
+                (DK_MODE, (own("k"), walk("q"), own("v"), walk("do"), z("q")), dk, Sk, Hkv, D, softmax_scale),
+                (DQ_MODE, (own("q"), walk("k"), own("do"), walk("v"), z("k")), dq, Sq, Hq, D, softmax_scale))
+    with torch.cuda.device(q.device):
+        for mode, descs, grad, n_rows, heads, width, scale in launches:
+            for col0, dzp, n_pass in o_slices(width):
+                park, stages = _park_and_stages(dzp)
+                wide_bwd_gluon_kernel[(n_pass * triton.cdiv(n_rows, BLOCK_M) * B * heads,)](
+                    *descs, grad, lse, delta, *grad.stride()[:3], *lse.stride()[:2], Sq, Sk, Hq, Hq // Hkv,
+                    softmax_scale * LOG2E, scale, n_pass, col0, mode, D, Dv, dzp, BLOCK_M, KEYS_PER_TILE, CHUNK,
+                    stages, causal, park, num_warps=8)
+
+
+def gluon_backward_applies(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           left: Optional[int], right: Optional[int], softcap: float, alibi_slopes, attn_mask,
+                           dropout_p: float, varlen: bool) -> bool:
+    """True when gluon_backward can run this call: the features, dtypes and head dims of gluon_features
+    under dispatch.gluon_backward_heads, and tensors TMA reads in place (rows padded to 64 columns)."""
+    if not gluon_features(q, k, v, left, right, softcap, alibi_slopes, attn_mask, dropout_p, varlen,
+                          rule=gluon_backward_heads) or dout.dtype != q.dtype:
+        return False
+    return all(_tma_view(t) is not None for t in (dout, q, k, v)) and min(q.shape[1], k.shape[1]) > 0
 
 
 def _park_and_stages(dvp: int) -> Tuple[bool, int]:

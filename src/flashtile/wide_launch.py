@@ -26,7 +26,7 @@ from flashtile.key_layout import keys_in_range
 from flashtile.launch_fit import launch_fitting
 from flashtile.row_align import SPLIT_D_COLUMNS, aligned_rows, narrowed
 from flashtile.tuning import WideBackwardConfig, WideConfig, wide_backward_config, wide_forward_config, wide_parts
-from flashtile.wide_gluon_launch import gluon_features, gluon_forward
+from flashtile.wide_gluon_launch import gluon_backward, gluon_backward_applies, gluon_features, gluon_forward
 
 DELTA_BLOCK = (64, 64)  # rows x columns per step of wide_delta_kernel
 
@@ -116,6 +116,15 @@ def gluon_wide_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softma
     return None
 
 
+def _delta(out: torch.Tensor, dout: torch.Tensor, delta: torch.Tensor, cu_q, layout: _Layout) -> None:
+    """delta = rowsum(dO * O) [B, Hq, Sq] fp32 (wide_delta_kernel), what dS = P * (dP - delta) needs."""
+    bm, bk = DELTA_BLOCK
+    Sq, Hq = layout.seqlen_q, out.shape[-2]
+    wide_delta_kernel[(triton.cdiv(Sq, bm) * layout.batch * Hq,)](
+        out, dout, delta, cu_q, *layout.bsh(out), *layout.bsh(dout), *layout.lse_bh(delta), Sq, Hq, out.shape[-1],
+        BLOCK_M=bm, BLOCK_K=bk, VARLEN=layout.varlen)
+
+
 def wide_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, softmax_scale: float, left: Optional[int] = None, right: Optional[int] = None,
                   softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
@@ -148,16 +157,19 @@ def wide_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     inputs = (*layout.bsh(q), *layout.bsh(k), *layout.bsh(v), *layout.bsh(dout))
     launches = [(wide_dkdv_kernel, dk, cfg.dk, Sk, Hkv, D, dict(DKDV=1)),
                 (wide_dkdv_kernel, dv, cfg.dv, Sk, Hkv, Dv, dict(DKDV=0))]
+    if config is None and gluon_backward_applies(dout, q, k, v, left_asked, right_asked, softcap, alibi_slopes, attn_mask,
+                                                 dropout_p, layout.varlen):
+        with _device_ctx(q):
+            _delta(out, dout, delta, cu_q, layout)
+            gluon_backward(dout, q, k, v, lse, delta, dq, dk, dv, softmax_scale, right_asked == 0)
+        return narrowed(dq, d_asked), narrowed(dk, d_asked), narrowed(dv, dv_asked)
     dense = config is None and dense_dq_heads(D, Dv, q.dtype, q.device, meta["HAS_LEFT"] or meta["HAS_RIGHT"])
     with _device_ctx(q):
         if dense:  # dq and delta from the dense dQ kernel (dispatch.dense_dq_heads)
             dense_dq(dout, q, k, v, out, lse, delta, dq, softmax_scale, layout, left_asked, right_asked, softcap,
                      alibi_slopes, attn_mask, dropout_p, dropout_seed, dbias)
         else:
-            bm, bk = DELTA_BLOCK
-            wide_delta_kernel[(triton.cdiv(Sq, bm) * B * Hq,)](
-                out, dout, delta, cu_q, *layout.bsh(out), *layout.bsh(dout), *layout.lse_bh(delta), Sq, Hq, Dv,
-                BLOCK_M=bm, BLOCK_K=bk, VARLEN=layout.varlen)
+            _delta(out, dout, delta, cu_q, layout)
             launches.insert(0, (wide_dq_kernel, dq, cfg.dq, Sq, Hq, D, dict(BIAS_GRAD=dbias is not None)))
         for kernel, dx, c, rows, heads, width, extra in launches:
             part_a, part_b, n_split = wide_parts(width, c.max_part)
