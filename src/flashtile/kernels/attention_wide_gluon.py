@@ -37,56 +37,167 @@ BLOCK_M = 64  # query rows a program: one wgmma row tile, shared by both warpgro
 CHUNK = 64  # columns of a Q / K chunk, and of each TMA box of V (one 128-byte swizzle row of 16-bit data)
 
 
+@gluon.constexpr_function
+def slice_tiles(dzp, bn, kc, which):
+    """DVA, DVB, VK, NV, VKB or NVB (`which`) of an output slice of dzp columns, streamed per walk tile
+    of bn rows: register tensors are powers of two, so the slice is held as DVA (the largest power of
+    two <= dzp, at most 512) + DVB columns (320 = 256 + 64, 576 = 512 + 64); its operand streams as NV
+    chunks [VK, DVA], then NVB chunks [VKB, DVB], each filling one ring stage of bn * kc elements."""
+    dzp, bn, kc, which = (getattr(x, "value", x) for x in (dzp, bn, kc, which))
+    dva = 512 if dzp >= 512 else (256 if dzp >= 256 else (128 if dzp >= 128 else 64))
+    dvb = dzp - dva
+    vk, vkb = bn * kc // dva, bn * kc // max(dvb, 64)
+    return dict(DVA=dva, DVB=dvb, VK=vk, NV=bn // vk, VKB=vkb, NVB=bn // vkb if dvb > 0 else 0)[which]
+
+
 @gluon.jit
-def _issue(c, q_desc, k_desc, v_desc, ring, q_ring, ready, b, q0, qh_col, kh_col, vh_col, total,
-           NK: gl.constexpr, NV: gl.constexpr, NVB: gl.constexpr, BN: gl.constexpr, KC: gl.constexpr,
-           VK: gl.constexpr, VKB: gl.constexpr, DVA: gl.constexpr, STAGES: gl.constexpr):
-    """Start the TMA load of chunk c of the stream (per key tile: NK chunks of Q and K, NV chunks of
-    V [VK, DVA], NVB chunks of V [VKB, DVB]) into ring stage c % STAGES; chunks past the walk's end
-    (c >= total) are predicated off. c's place in its key tile is computed at run time: with it a
-    compile-time constant (unrolled loops), the compiler hoisted a register per chunk's coordinates
-    and smem address out of the key loop and spilled them (Dqk = 640 / 1024 ran 139 / 153 TFLOP/s,
-    docs/perf_notes.md session 37)."""
+def _issue(c, descs, coords, ring, x_ring, ready, NK1: gl.constexpr, NK2: gl.constexpr, DZP: gl.constexpr,
+           BN: gl.constexpr, KC: gl.constexpr, STAGES: gl.constexpr, DY1: gl.constexpr, DY2: gl.constexpr,
+           DZ: gl.constexpr):
+    """Start the TMA load of chunk c of a program's stream into ring stage c % STAGES (predicated off
+    past `total`). descs = (x1, y1, x2, y2, z); coords = (b, x0, x1_col, x2_col, y1_col, y2_col, z_col,
+    t_lo, n_t, total). Per walk step w = g * n_t + (t - t_lo) (walk tile t of head g of a GQA group
+    walk, whose Y / Z columns are g * DY1 / DY2 / DZ further on): NK1 chunks of X1 [BM, KC] with Y1
+    [BN, KC], NK2 of X2 with Y2, then Z's NV chunks [VK, DVA] and NVB [VKB, DVB] (slice_tiles). The
+    forward is X1 = Q, Y1 = K, Z = V; the backward, kernels/attention_wide_gluon_bwd.py. c's place is
+    computed at run time: with it a compile-time constant (unrolled loops), the compiler hoisted a
+    register per chunk's coordinates and smem address out of the walk and spilled them (Dqk = 640 /
+    1024 ran 139 / 153 TFLOP/s, docs/perf_notes.md session 37). Without a group walk (DY1 = 0: the
+    forward, dQ) there is no division by n_t."""
+    x1_desc, y1_desc, x2_desc, y2_desc, z_desc = descs
+    b, x0, x1_col, x2_col, y1_col, y2_col, z_col, t_lo, n_t, total = coords
+    DVA: gl.constexpr = slice_tiles(DZP, BN, KC, "DVA")
+    VK: gl.constexpr = slice_tiles(DZP, BN, KC, "VK")
+    NV: gl.constexpr = slice_tiles(DZP, BN, KC, "NV")
+    VKB: gl.constexpr = slice_tiles(DZP, BN, KC, "VKB")
+    NVB: gl.constexpr = slice_tiles(DZP, BN, KC, "NVB")
+    PER: gl.constexpr = NK1 + NK2 + NV + NVB
     s = c % STAGES
-    t = c // (NK + NV + NVB)
-    i = c - t * (NK + NV + NVB)
+    w = c // PER
+    i = c - w * PER
+    g = 0
+    y0 = (t_lo + w) * BN
+    if DY1 > 0:  # a GQA group walk (the column steps are 0 otherwise)
+        g = w // gl.maximum(n_t, 1)
+        y0 = (t_lo + w - g * n_t) * BN
     bar = ready.index(s)
     do = c < total
-    # a V chunk is 8 TMA boxes [VBOX, 64] (32 KB, a stage), placed as the [rows, width] tile the MMA
-    # reads: 64-column blocks one after another, each its rows top to bottom
-    VBOX: gl.constexpr = BN // 8  # rows of a box [VBOX, 64]: the launcher's V descriptor
-    vbuf = ring.index(s)._reinterpret(v_desc.dtype, [8, 1, VBOX, 64], v_desc.layout)
-    if i < NK:  # Q's chunk travels with K's
-        mbarrier.expect(bar, k_desc.block_type.nbytes + q_desc.block_type.nbytes, pred=do)
-        tma.async_copy_global_to_shared(q_desc, [b, q0, qh_col + i * KC], bar, q_ring.index(s), pred=do)
-        tma.async_copy_global_to_shared(k_desc, [b, t * BN, kh_col + i * KC], bar, ring.index(s), pred=do)
-    elif i < NK + NV:  # V [VK, DVA]: O's first register tile
-        _issue_v(v_desc, vbuf, bar, b, t * BN + (i - NK) * VK, vh_col, do, VK, VBOX)
-    else:  # V [VKB, DVB]: the second tile's columns
-        _issue_v(v_desc, vbuf, bar, b, t * BN + (i - NK - NV) * VKB, vh_col + DVA, do, VKB, VBOX)
+    # a Z chunk is 8 TMA boxes [VBOX, 64] (a stage), placed as the [rows, width] tile the MMA reads:
+    # 64-column blocks one after another, each its rows top to bottom
+    VBOX: gl.constexpr = BN // 8  # rows of a Z box: the launchers' Z descriptor
+    zbuf = ring.index(s)._reinterpret(z_desc.dtype, [8, 1, VBOX, 64], z_desc.layout)
+    if i < NK1:  # X1's chunk travels with Y1's
+        mbarrier.expect(bar, y1_desc.block_type.nbytes + x1_desc.block_type.nbytes, pred=do)
+        tma.async_copy_global_to_shared(x1_desc, [b, x0, x1_col + i * KC], bar, x_ring.index(s), pred=do)
+        tma.async_copy_global_to_shared(y1_desc, [b, y0, y1_col + g * DY1 + i * KC], bar, ring.index(s), pred=do)
+    elif i < NK1 + NK2:
+        mbarrier.expect(bar, y2_desc.block_type.nbytes + x2_desc.block_type.nbytes, pred=do)
+        tma.async_copy_global_to_shared(x2_desc, [b, x0, x2_col + (i - NK1) * KC], bar, x_ring.index(s), pred=do)
+        tma.async_copy_global_to_shared(y2_desc, [b, y0, y2_col + g * DY2 + (i - NK1) * KC], bar, ring.index(s),
+                                        pred=do)
+    elif i < NK1 + NK2 + NV:  # Z [VK, DVA]: the slice's first register tile
+        _issue_z(z_desc, zbuf, bar, b, y0 + (i - NK1 - NK2) * VK, z_col + g * DZ, do, VK, VBOX)
+    else:  # Z [VKB, DVB]: the second tile's columns
+        _issue_z(z_desc, zbuf, bar, b, y0 + (i - NK1 - NK2 - NV) * VKB, z_col + g * DZ + DVA, do, VKB, VBOX)
 
 
 @gluon.jit
-def _issue_v(v_desc, vbuf, bar, b, row0, col0, do, ROWS: gl.constexpr, VBOX: gl.constexpr):
-    """The TMA load of V [row0 : row0 + ROWS, col0 : col0 + 8 * VBOX * 64 / ROWS] as 8 boxes [VBOX, 64]
-    into vbuf, box jj at column block jj // (ROWS / VBOX), row block jj % (ROWS / VBOX)."""
-    mbarrier.expect(bar, 8 * v_desc.block_type.nbytes, pred=do)
+def _issue_z(z_desc, zbuf, bar, b, row0, col0, do, ROWS: gl.constexpr, VBOX: gl.constexpr):
+    """The TMA load of Z [row0 : row0 + ROWS, col0 : col0 + 8 * VBOX * 64 / ROWS] as 8 boxes [VBOX, 64]
+    into zbuf, box jj at column block jj // (ROWS / VBOX), row block jj % (ROWS / VBOX)."""
+    mbarrier.expect(bar, 8 * z_desc.block_type.nbytes, pred=do)
     for jj in gl.static_range(8):
         row = row0 + (jj % (ROWS // VBOX)) * VBOX
         col = col0 + (jj // (ROWS // VBOX)) * 64
-        tma.async_copy_global_to_shared(v_desc, [b, row, col], bar, vbuf.index(jj), pred=do)
+        tma.async_copy_global_to_shared(z_desc, [b, row, col], bar, zbuf.index(jj), pred=do)
 
 
 @gluon.jit
-def _store_o(acc, l_safe, out_base, stride_os, q0, col0, seqlen_q, DV: gl.constexpr, BM: gl.constexpr,
-             W: gl.constexpr, layout: gl.constexpr):
-    """Out[q0 : q0 + BM, col0 : col0 + W] = acc / l (rows below seqlen_q, columns below DV)."""
-    out = acc / gl.expand_dims(gl.convert_layout(l_safe, gl.SliceLayout(1, layout)), 1)
-    o_rows = q0 + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
-    o_cols = col0 + gl.arange(0, W, layout=gl.SliceLayout(0, layout))
-    o_ptrs = out_base + gl.expand_dims(o_rows.to(gl.int64) * stride_os, 1) + gl.expand_dims(o_cols, 0)
-    gl.store(o_ptrs, out.to(out_base.dtype.element_ty),
-             mask=(gl.expand_dims(o_rows, 1) < seqlen_q) & (gl.expand_dims(o_cols, 0) < DV))
+def reduce_chunks(acc, c, NCH, descs, coords, ring, x_ring, ready, NK1: gl.constexpr, NK2: gl.constexpr,
+                  DZP: gl.constexpr, BN: gl.constexpr, KC: gl.constexpr, STAGES: gl.constexpr, DY1: gl.constexpr,
+                  DY2: gl.constexpr, DZ: gl.constexpr, BM: gl.constexpr):
+    """acc [BM, BN] += the stream's next NCH chunk pairs (X chunk times Y chunk transposed); after each
+    wgmma is issued the previous one is done in this warpgroup, and the thread barrier makes its stage
+    free in both before it is refilled. Returns (acc, c)."""
+    for kc in range(NCH):
+        st = c % STAGES
+        mbarrier.wait(ready.index(st), (c // STAGES) & 1)
+        x_chunk = x_ring.index(st).reshape([BM, KC])
+        y_chunk = ring.index(st).reshape([BN, KC])
+        acc = warpgroup_mma(x_chunk, y_chunk.permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(1, deps=(acc, ))
+        gl.thread_barrier()
+        _issue(c + STAGES - 1, descs, coords, ring, x_ring, ready, NK1, NK2, DZP, BN, KC, STAGES, DY1, DY2, DZ)
+        c += 1
+    acc = warpgroup_mma_wait(0, deps=(acc, ))
+    return acc, c
+
+
+@gluon.jit
+def produce_chunks(acc, acc_b, park, alpha, t_smem, c, descs, coords, ring, x_ring, ready, RESCALE: gl.constexpr,
+                   PARK: gl.constexpr, ob_layout: gl.constexpr, NK1: gl.constexpr, NK2: gl.constexpr,
+                   DZP: gl.constexpr, BN: gl.constexpr, KC: gl.constexpr, STAGES: gl.constexpr, DY1: gl.constexpr,
+                   DY2: gl.constexpr, DZ: gl.constexpr, BM: gl.constexpr):
+    """acc [BM, DVA] += T Z[:, :DVA] and the second tile [BM, DVB] += T Z[:, DVA:], T [BM, BN] in t_smem
+    and Z from the stream (slice_tiles). The second tile is acc_b, or with PARK the fp32 tile in `park`
+    (loaded here and stored back; the caller's tile-end barrier orders the store before the next
+    load); RESCALE multiplies it by alpha first (the forward's online softmax; acc the caller rescales).
+    Returns (acc, acc_b, c)."""
+    DVA: gl.constexpr = slice_tiles(DZP, BN, KC, "DVA")
+    DVB: gl.constexpr = slice_tiles(DZP, BN, KC, "DVB")
+    VK: gl.constexpr = slice_tiles(DZP, BN, KC, "VK")
+    NV: gl.constexpr = slice_tiles(DZP, BN, KC, "NV")
+    VKB: gl.constexpr = slice_tiles(DZP, BN, KC, "VKB")
+    NVB: gl.constexpr = slice_tiles(DZP, BN, KC, "NVB")
+    dtype: gl.constexpr = t_smem.dtype
+    z_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    # the same bytes as NV column blocks [BM, VK] (the caller's swizzle of at most VK columns)
+    blocks = t_smem._reinterpret(dtype, [NV, BM, VK], t_smem.layout)
+    blocks_b = t_smem._reinterpret(dtype, [max(NVB, 1), BM, VKB], t_smem.layout)
+    for j in range(NV):
+        st = c % STAGES
+        mbarrier.wait(ready.index(st), (c // STAGES) & 1)
+        z_chunk = ring.index(st)._reinterpret(dtype, [VK, DVA], z_layout)
+        acc = warpgroup_mma(blocks.index(j), z_chunk, acc, is_async=True)
+        acc = warpgroup_mma_wait(1, deps=(acc, ))
+        gl.thread_barrier()
+        _issue(c + STAGES - 1, descs, coords, ring, x_ring, ready, NK1, NK2, DZP, BN, KC, STAGES, DY1, DY2, DZ)
+        c += 1
+    if DVB > 0:
+        if PARK:
+            acc_x = park.load(ob_layout)
+        else:
+            acc_x = acc_b
+        if RESCALE:
+            acc_x = acc_x * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, ob_layout)), 1)
+        for j in range(NVB):
+            st = c % STAGES
+            mbarrier.wait(ready.index(st), (c // STAGES) & 1)
+            z_chunk = ring.index(st)._reinterpret(dtype, [VKB, DVB], z_layout)
+            acc_x = warpgroup_mma(blocks_b.index(j), z_chunk, acc_x, is_async=True)
+            acc, acc_x = warpgroup_mma_wait(1, deps=(acc, acc_x))
+            gl.thread_barrier()
+            _issue(c + STAGES - 1, descs, coords, ring, x_ring, ready, NK1, NK2, DZP, BN, KC, STAGES, DY1, DY2, DZ)
+            c += 1
+        acc, acc_x = warpgroup_mma_wait(0, deps=(acc, acc_x))
+        if PARK:
+            park.store(acc_x)
+        else:
+            acc_b = acc_x
+    else:
+        acc = warpgroup_mma_wait(0, deps=(acc, ))
+    return acc, acc_b, c
+
+
+@gluon.jit
+def store_tile(x, base, stride_s, r0, col0, n_rows, WIDTH: gl.constexpr, BM: gl.constexpr, W: gl.constexpr,
+               layout: gl.constexpr):
+    """base[r0 : r0 + BM, col0 : col0 + W] = x (rows below n_rows, columns below WIDTH; base points at
+    one (batch, head) of a [.., S, H, WIDTH] tensor with row stride stride_s)."""
+    rows = r0 + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+    cols = col0 + gl.arange(0, W, layout=gl.SliceLayout(0, layout))
+    ptrs = base + gl.expand_dims(rows.to(gl.int64) * stride_s, 1) + gl.expand_dims(cols, 0)
+    gl.store(ptrs, x.to(base.dtype.element_ty), mask=(gl.expand_dims(rows, 1) < n_rows) & (gl.expand_dims(cols, 0) < WIDTH))
 
 
 @gluon.jit
@@ -105,21 +216,18 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
     NK: gl.constexpr = DQK // KC
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                        instr_shape=[16, BN // 2, 16])
-    # O [64, DVP] as two register tiles when DVP is not a power of two (register tensors are):
-    # DVA = the largest power of two <= DVP (at most 512), DVB = the rest (320 = 256 + 64, 576 = 512 + 64)
-    DVA: gl.constexpr = 512 if DVP >= 512 else (256 if DVP >= 256 else (128 if DVP >= 128 else 64))
-    DVB: gl.constexpr = DVP - DVA
-    # V streams as chunks that fill a stage: NV of [VK, DVA], then NVB of [VKB, DVB]
-    VK: gl.constexpr = BN * KC // DVA
-    NV: gl.constexpr = BN // VK
-    VKB: gl.constexpr = BN * KC // max(DVB, 64)
-    NVB: gl.constexpr = BN // VKB if DVB > 0 else 0
+    # O [64, DVP] as two register tiles when DVP is not a power of two (slice_tiles), fed by V chunks
+    # [VK, DVA] and [VKB, DVB]
+    DVA: gl.constexpr = slice_tiles(DVP, BN, KC, "DVA")
+    DVB: gl.constexpr = slice_tiles(DVP, BN, KC, "DVB")
+    VK: gl.constexpr = slice_tiles(DVP, BN, KC, "VK")
+    NV: gl.constexpr = slice_tiles(DVP, BN, KC, "NV")
+    NVB: gl.constexpr = slice_tiles(DVP, BN, KC, "NVB")
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                        instr_shape=[16, DVA // 2, 16])
     # the second tile's layout (unused, but still a valid layout, when DVB == 0)
     ob_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                         instr_shape=[16, max(DVB, 16) // 2, 16])
-    v_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     # the PV loop reads P in VK-column slices (VK = 32 at BN = 256 and DVA = 512): a swizzle of at most
     # VK columns (64 bytes; 32 at VK = 16) stores them as whole blocks one after another
     p_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(64, 2 * VK), element_bitwidth=16, rank=2)
@@ -140,10 +248,8 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
     ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BN, KC], k_desc.layout)
     q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BM, KC], q_desc.layout)
     p_smem = gl.allocate_shared_memory(dtype, [BM, BN], p_layout)
-    # the same bytes as NV column blocks [BM, VK] (a 64-byte swizzle stores VK = 32 columns a block)
-    p_blocks = p_smem._reinterpret(dtype, [NV, BM, VK], p_layout)
-    p_blocks_b = p_smem._reinterpret(dtype, [max(NVB, 1), BM, VKB], p_layout)
-    if PARK:  # acc_b waits in shared memory while S is computed: registers for S beside acc
+    park = p_smem  # PARK: acc_b waits in shared memory while S is computed (registers for S beside acc)
+    if PARK:
         park_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
         park = gl.allocate_shared_memory(gl.float32, [BM, DVB], park_layout)
         park.store(gl.zeros([BM, DVB], gl.float32, ob_layout))
@@ -156,14 +262,13 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
     if CAUSAL:
         hi = gl.maximum(gl.minimum(seqlen_k, q0 + BM + seqlen_k - seqlen_q), 0)
     n_tiles = gl.cdiv(hi, BN)
-    total = n_tiles * (NK + NV + NVB)
-    qh_col = h * DQK
-    kh_col = h_kv * DQK
-    vh_col = h_kv * DV + v_col0
-
+    # the stream per key tile: NK chunks of Q [BM, KC] with K [BN, KC], then V (no second product, no
+    # GQA walk: the column steps are 0)
+    descs = (q_desc, k_desc, q_desc, k_desc, v_desc)
+    coords = (b, q0, h * DQK, h * DQK, h_kv * DQK, h_kv * DQK, h_kv * DV + v_col0, 0, n_tiles,
+              n_tiles * (NK + NV + NVB))
     for c in gl.static_range(STAGES - 1):  # prologue: STAGES - 1 chunks in flight
-        _issue(c, q_desc, k_desc, v_desc, ring, q_smem, ready, b, q0, qh_col, kh_col, vh_col, total,
-               NK, NV, NVB, BN, KC, VK, VKB, DVA, STAGES)
+        _issue(c, descs, coords, ring, q_smem, ready, NK, 0, DVP, BN, KC, STAGES, 0, 0, 0)
 
     m_i = gl.full([BM], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
     l_i = gl.zeros([BM], gl.float32, gl.SliceLayout(1, s_layout))
@@ -175,21 +280,9 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
     cols0 = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
     c = 0
     for t in range(n_tiles):
-        # -- S = Q K^T, NK chunks; after each wgmma is issued the previous one is done in this
-        # warpgroup, and the thread barrier makes its stage free in both before it is refilled --
-        s_acc = gl.zeros([BM, BN], gl.float32, s_layout)
-        for kc in range(NK):
-            st = c % STAGES
-            mbarrier.wait(ready.index(st), (c // STAGES) & 1)
-            q_chunk = q_smem.index(st).reshape([BM, KC])
-            k_chunk = ring.index(st).reshape([BN, KC])
-            s_acc = warpgroup_mma(q_chunk, k_chunk.permute((1, 0)), s_acc, is_async=True)
-            s_acc = warpgroup_mma_wait(1, deps=(s_acc, ))
-            gl.thread_barrier()
-            _issue(c + STAGES - 1, q_desc, k_desc, v_desc, ring, q_smem, ready, b, q0,
-                   qh_col, kh_col, vh_col, total, NK, NV, NVB, BN, KC, VK, VKB, DVA, STAGES)
-            c += 1
-        s_acc = warpgroup_mma_wait(0, deps=(s_acc, ))
+        # -- S = Q K^T, NK chunks --
+        s_acc, c = reduce_chunks(gl.zeros([BM, BN], gl.float32, s_layout), c, NK, descs, coords, ring, q_smem, ready,
+                                 NK, 0, DVP, BN, KC, STAGES, 0, 0, 0, BM)
 
         # -- online softmax in the log2 domain; keys past Sk (zero-filled by TMA) and, causal, past
         # the diagonal are -inf (only the tiles that have such keys pay for the mask); a row that has
@@ -215,51 +308,26 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
         fence_async_shared()
         gl.thread_barrier()  # both warpgroups' halves of P are in shared memory
 
-        # -- O += P V: NV chunks of V [VK, DVA] into acc, then NVB of V [VKB, DVB] into acc_b --
-        for j in range(NV):
-            st = c % STAGES
-            mbarrier.wait(ready.index(st), (c // STAGES) & 1)
-            v_chunk = ring.index(st)._reinterpret(dtype, [VK, DVA], v_layout)
-            acc = warpgroup_mma(p_blocks.index(j), v_chunk, acc, is_async=True)
-            acc = warpgroup_mma_wait(1, deps=(acc, ))
-            gl.thread_barrier()
-            _issue(c + STAGES - 1, q_desc, k_desc, v_desc, ring, q_smem, ready,
-                   b, q0, qh_col, kh_col, vh_col, total, NK, NV, NVB, BN, KC, VK, VKB, DVA, STAGES)
-            c += 1
-        if DVB > 0:
-            if PARK:
-                acc_x = park.load(ob_layout)
-            else:
-                acc_x = acc_b
-            acc_x = acc_x * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, ob_layout)), 1)
-            for j in range(NVB):
-                st = c % STAGES
-                mbarrier.wait(ready.index(st), (c // STAGES) & 1)
-                v_chunk = ring.index(st)._reinterpret(dtype, [VKB, DVB], v_layout)
-                acc_x = warpgroup_mma(p_blocks_b.index(j), v_chunk, acc_x, is_async=True)
-                acc, acc_x = warpgroup_mma_wait(1, deps=(acc, acc_x))
-                gl.thread_barrier()
-                _issue(c + STAGES - 1, q_desc, k_desc, v_desc, ring, q_smem, ready,
-                       b, q0, qh_col, kh_col, vh_col, total, NK, NV, NVB, BN, KC, VK, VKB, DVA, STAGES)
-                c += 1
-            acc, acc_x = warpgroup_mma_wait(0, deps=(acc, acc_x))
-            if PARK:
-                park.store(acc_x)  # read back after the barrier below
-            else:
-                acc_b = acc_x
-        else:
-            acc = warpgroup_mma_wait(0, deps=(acc, ))
-        gl.thread_barrier()  # the next tile rewrites p_smem
+        # -- O += P V: NV chunks of V [VK, DVA] into acc, then NVB of V [VKB, DVB] into the second tile --
+        if DVB > 0 and not PARK:
+            acc, acc_b, c = produce_chunks(acc, acc_b, park, alpha, p_smem, c, descs, coords, ring, q_smem, ready,
+                                           True, PARK, ob_layout, NK, 0, DVP, BN, KC, STAGES, 0, 0, 0, BM)
+        else:  # no second tile in registers (acc stands in for it)
+            acc, _, c = produce_chunks(acc, acc, park, alpha, p_smem, c, descs, coords, ring, q_smem, ready, True,
+                                       PARK, ob_layout, NK, 0, DVP, BN, KC, STAGES, 0, 0, 0, BM)
+        gl.thread_barrier()  # the next tile rewrites p_smem (and reloads the parked tile)
 
     # -- epilogue: normalise; a row that saw no key gives out 0 and lse -inf --
     empty = l_i == 0.0
     l_safe = gl.where(empty, 1.0, l_i)
     out_base = Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
-    _store_o(acc, l_safe, out_base, stride_os, q0, v_col0, seqlen_q, DV, BM, DVA, o_layout)
+    inv_l = gl.expand_dims(gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, o_layout)), 1)
+    store_tile(acc * inv_l, out_base, stride_os, q0, v_col0, seqlen_q, DV, BM, DVA, o_layout)
     if DVB > 0:
         if PARK:
             acc_b = park.load(ob_layout)
-        _store_o(acc_b, l_safe, out_base, stride_os, q0, v_col0 + DVA, seqlen_q, DV, BM, DVB, ob_layout)
+        inv_lb = gl.expand_dims(gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, ob_layout)), 1)
+        store_tile(acc_b * inv_lb, out_base, stride_os, q0, v_col0 + DVA, seqlen_q, DV, BM, DVB, ob_layout)
     lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
     lse_ptrs = Lse + b.to(gl.int64) * stride_lse_b + h.to(gl.int64) * stride_lse_h + rows
     gl.store(lse_ptrs, lse, mask=(rows < seqlen_q) & (v_col0 == 0))

@@ -29,84 +29,14 @@ past the sequence end pay for the mask. Features the kernel lacks stay on attent
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                               warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 
-from flashtile.kernels.attention_wide_gluon import _issue_v
+from flashtile.kernels.attention_wide_gluon import _issue, produce_chunks, reduce_chunks, slice_tiles, store_tile
 
 LOG2E = gl.constexpr(1.4426950408889634)
 DV_MODE = gl.constexpr(0)
 DK_MODE = gl.constexpr(1)
 DQ_MODE = gl.constexpr(2)
-
-
-@gluon.jit
-def _issue(c, x1_desc, y1_desc, x2_desc, y2_desc, z_desc, ring, x_ring, ready, b, x0, x1_col, x2_col, y1_col, y2_col,
-           z_col, t_lo, n_t, total, NK1: gl.constexpr, NK2: gl.constexpr, NV: gl.constexpr, NVB: gl.constexpr,
-           BN: gl.constexpr, KC: gl.constexpr, VK: gl.constexpr, VKB: gl.constexpr, DVA: gl.constexpr,
-           STAGES: gl.constexpr, DQK: gl.constexpr, DV: gl.constexpr, DZ: gl.constexpr):
-    """Start the TMA load of chunk c of the stream into ring stage c % STAGES (predicated off past
-    `total`). Per walk step w = g * n_t + (t - t_lo) (query head g of the group, walk tile t): NK1
-    chunks of X1 / Y1, NK2 of X2 / Y2, NV of Z [VK, DVA], NVB of Z [VKB, DVB]. As in the forward, c's
-    place is computed at run time, so no per-chunk coordinate lives in a register across the walk."""
-    PER: gl.constexpr = NK1 + NK2 + NV + NVB
-    s = c % STAGES
-    w = c // PER
-    i = c - w * PER
-    g = w // gl.maximum(n_t, 1)
-    y0 = (t_lo + w - g * n_t) * BN
-    bar = ready.index(s)
-    do = c < total
-    VBOX: gl.constexpr = BN // 8  # rows of a Z box [VBOX, 64]: the launcher's Z descriptor
-    zbuf = ring.index(s)._reinterpret(z_desc.dtype, [8, 1, VBOX, 64], z_desc.layout)
-    if i < NK1:  # X1's chunk travels with Y1's
-        mbarrier.expect(bar, y1_desc.block_type.nbytes + x1_desc.block_type.nbytes, pred=do)
-        tma.async_copy_global_to_shared(x1_desc, [b, x0, x1_col + i * KC], bar, x_ring.index(s), pred=do)
-        tma.async_copy_global_to_shared(y1_desc, [b, y0, y1_col + g * DQK + i * KC], bar, ring.index(s), pred=do)
-    elif i < NK1 + NK2:
-        mbarrier.expect(bar, y2_desc.block_type.nbytes + x2_desc.block_type.nbytes, pred=do)
-        tma.async_copy_global_to_shared(x2_desc, [b, x0, x2_col + (i - NK1) * KC], bar, x_ring.index(s), pred=do)
-        tma.async_copy_global_to_shared(y2_desc, [b, y0, y2_col + g * DV + (i - NK1) * KC], bar, ring.index(s),
-                                        pred=do)
-    elif i < NK1 + NK2 + NV:  # Z [VK, DVA]: the slice's first register tile
-        _issue_v(z_desc, zbuf, bar, b, y0 + (i - NK1 - NK2) * VK, z_col + g * DZ, do, VK, VBOX)
-    else:  # Z [VKB, DVB]: the second tile's columns
-        _issue_v(z_desc, zbuf, bar, b, y0 + (i - NK1 - NK2 - NV) * VKB, z_col + g * DZ + DVA, do, VKB, VBOX)
-
-
-@gluon.jit
-def _reduce(acc, c, NCH, x1_desc, y1_desc, x2_desc, y2_desc, z_desc, ring, x_ring, ready, b, x0, x1_col, x2_col,
-            y1_col, y2_col, z_col, t_lo, n_t, total, NK1: gl.constexpr, NK2: gl.constexpr, NV: gl.constexpr,
-            NVB: gl.constexpr, BN: gl.constexpr, KC: gl.constexpr, VK: gl.constexpr, VKB: gl.constexpr,
-            DVA: gl.constexpr, STAGES: gl.constexpr, DQK: gl.constexpr, DV: gl.constexpr, DZ: gl.constexpr,
-            BM: gl.constexpr):
-    """acc [BM, BN] += the next NCH chunk pairs of the ring (X chunk times Y chunk transposed); after
-    each wgmma is issued the previous one is done in this warpgroup, and the thread barrier makes its
-    stage free in both before it is refilled. Returns (acc, c)."""
-    for kc in range(NCH):
-        st = c % STAGES
-        mbarrier.wait(ready.index(st), (c // STAGES) & 1)
-        x_chunk = x_ring.index(st).reshape([BM, KC])
-        y_chunk = ring.index(st).reshape([BN, KC])
-        acc = warpgroup_mma(x_chunk, y_chunk.permute((1, 0)), acc, is_async=True)
-        acc = warpgroup_mma_wait(1, deps=(acc, ))
-        gl.thread_barrier()
-        _issue(c + STAGES - 1, x1_desc, y1_desc, x2_desc, y2_desc, z_desc, ring, x_ring, ready, b, x0, x1_col, x2_col,
-               y1_col, y2_col, z_col, t_lo, n_t, total, NK1, NK2, NV, NVB, BN, KC, VK, VKB, DVA, STAGES, DQK, DV, DZ)
-        c += 1
-    acc = warpgroup_mma_wait(0, deps=(acc, ))
-    return acc, c
-
-
-@gluon.jit
-def _store_grad(acc, scale, dx_base, stride_xs, x0, col0, rows_len, DZ: gl.constexpr, BM: gl.constexpr,
-                W: gl.constexpr, layout: gl.constexpr):
-    """dX[x0 : x0 + BM, col0 : col0 + W] = acc * scale (rows below rows_len, columns below DZ)."""
-    rows = x0 + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
-    cols = col0 + gl.arange(0, W, layout=gl.SliceLayout(0, layout))
-    ptrs = dx_base + gl.expand_dims(rows.to(gl.int64) * stride_xs, 1) + gl.expand_dims(cols, 0)
-    gl.store(ptrs, (acc * scale).to(dx_base.dtype.element_ty),
-             mask=(gl.expand_dims(rows, 1) < rows_len) & (gl.expand_dims(cols, 0) < DZ))
 
 
 @gluon.jit
@@ -136,18 +66,17 @@ def wide_bwd_gluon_kernel(x1_desc, y1_desc, x2_desc, y2_desc, z_desc, DX, Lse, D
     NK2: gl.constexpr = 0 if MODE == DV_MODE else DV // KC
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                        instr_shape=[16, BN // 2, 16])
-    # the slice as two register tiles when DZP is not a power of two (the forward's DVA / DVB)
-    DVA: gl.constexpr = 512 if DZP >= 512 else (256 if DZP >= 256 else (128 if DZP >= 128 else 64))
-    DVB: gl.constexpr = DZP - DVA
-    VK: gl.constexpr = BN * KC // DVA
-    NV: gl.constexpr = BN // VK
-    VKB: gl.constexpr = BN * KC // max(DVB, 64)
-    NVB: gl.constexpr = BN // VKB if DVB > 0 else 0
+    # the slice as two register tiles when DZP is not a power of two, fed by Z chunks [VK, DVA] and
+    # [VKB, DVB] (attention_wide_gluon.slice_tiles)
+    DVA: gl.constexpr = slice_tiles(DZP, BN, KC, "DVA")
+    DVB: gl.constexpr = slice_tiles(DZP, BN, KC, "DVB")
+    VK: gl.constexpr = slice_tiles(DZP, BN, KC, "VK")
+    NV: gl.constexpr = slice_tiles(DZP, BN, KC, "NV")
+    NVB: gl.constexpr = slice_tiles(DZP, BN, KC, "NVB")
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                        instr_shape=[16, DVA // 2, 16])
     ob_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
                                                         instr_shape=[16, max(DVB, 16) // 2, 16])
-    z_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     t_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(64, 2 * VK), element_bitwidth=16, rank=2)
 
     # -- which rows this program owns and which tiles it walks --
@@ -195,14 +124,17 @@ def wide_bwd_gluon_kernel(x1_desc, y1_desc, x2_desc, y2_desc, z_desc, DX, Lse, D
             hi = gl.maximum(gl.minimum(seqlen_k, x0 + BM + off), 0)
         n_t = gl.cdiv(hi, BN)
     n_walk = n_t * n_walk_heads
-    PER: gl.constexpr = NK1 + NK2 + NV + NVB
-    total = n_walk * PER
+    descs = (x1_desc, y1_desc, x2_desc, y2_desc, z_desc)
+    coords = (b, x0, x1_col, x2_col, y1_col, y2_col, z_col, t_lo, n_t, n_walk * (NK1 + NK2 + NV + NVB))
+    # the column steps from one query head of the group to the next (a group walk only where TRANS)
+    DY1: gl.constexpr = DQK if TRANS else 0
+    DY2: gl.constexpr = DV if TRANS else 0
+    DZS: gl.constexpr = DZ if TRANS else 0
 
     ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BN, KC], y1_desc.layout)
     x_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BM, KC], x1_desc.layout)
     t_smem = gl.allocate_shared_memory(dtype, [BM, BN], t_layout)
-    t_blocks = t_smem._reinterpret(dtype, [NV, BM, VK], t_layout)
-    t_blocks_b = t_smem._reinterpret(dtype, [max(NVB, 1), BM, VKB], t_layout)
+    park = t_smem
     if PARK:
         park_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
         park = gl.allocate_shared_memory(gl.float32, [BM, DVB], park_layout)
@@ -212,8 +144,7 @@ def wide_bwd_gluon_kernel(x1_desc, y1_desc, x2_desc, y2_desc, z_desc, DX, Lse, D
         mbarrier.init(ready.index(i), count=1)
 
     for c in gl.static_range(STAGES - 1):  # prologue: STAGES - 1 chunks in flight
-        _issue(c, x1_desc, y1_desc, x2_desc, y2_desc, z_desc, ring, x_ring, ready, b, x0, x1_col, x2_col, y1_col,
-               y2_col, z_col, t_lo, n_t, total, NK1, NK2, NV, NVB, BN, KC, VK, VKB, DVA, STAGES, DQK, DV, DZ)
+        _issue(c, descs, coords, ring, x_ring, ready, NK1, NK2, DZP, BN, KC, STAGES, DY1, DY2, DZS)
 
     rows = x0 + gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout))
     cols0 = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
@@ -233,9 +164,8 @@ def wide_bwd_gluon_kernel(x1_desc, y1_desc, x2_desc, y2_desc, z_desc, DX, Lse, D
         t = t_lo + w - g * n_t
         cols = t * BN + cols0
         # -- R1 = S (or S^T), NK1 chunks over Dqk --
-        s_acc, c = _reduce(gl.zeros([BM, BN], gl.float32, s_layout), c, NK1, x1_desc, y1_desc, x2_desc, y2_desc,
-                           z_desc, ring, x_ring, ready, b, x0, x1_col, x2_col, y1_col, y2_col, z_col, t_lo, n_t,
-                           total, NK1, NK2, NV, NVB, BN, KC, VK, VKB, DVA, STAGES, DQK, DV, DZ, BM)
+        s_acc, c = reduce_chunks(gl.zeros([BM, BN], gl.float32, s_layout), c, NK1, descs, coords, ring, x_ring, ready,
+                                 NK1, NK2, DZP, BN, KC, STAGES, DY1, DY2, DZS, BM)
 
         # -- P = exp2(S * qk_scale - lse2); pairs past the sequence ends or (causal) invisible are
         # -inf before the exp (only the walk tiles that hold such pairs pay for the mask) --
@@ -266,9 +196,8 @@ def wide_bwd_gluon_kernel(x1_desc, y1_desc, x2_desc, y2_desc, z_desc, DX, Lse, D
 
         if MODE != DV_MODE:
             # -- R2 = dP (or dP^T), NK2 chunks over Dv; then dS = P * (dP - delta) replaces P --
-            dp, c = _reduce(gl.zeros([BM, BN], gl.float32, s_layout), c, NK2, x1_desc, y1_desc, x2_desc, y2_desc,
-                            z_desc, ring, x_ring, ready, b, x0, x1_col, x2_col, y1_col, y2_col, z_col, t_lo, n_t,
-                            total, NK1, NK2, NV, NVB, BN, KC, VK, VKB, DVA, STAGES, DQK, DV, DZ, BM)
+            dp, c = reduce_chunks(gl.zeros([BM, BN], gl.float32, s_layout), c, NK2, descs, coords, ring, x_ring, ready,
+                                  NK1, NK2, DZP, BN, KC, STAGES, DY1, DY2, DZS, BM)
             if TRANS:
                 delta = gl.expand_dims(gl.load(Delta + stats, mask=col_ok, other=0.0), 0)
             else:
@@ -278,47 +207,19 @@ def wide_bwd_gluon_kernel(x1_desc, y1_desc, x2_desc, y2_desc, z_desc, DX, Lse, D
         fence_async_shared()
         gl.thread_barrier()  # both warpgroups' halves of T are in shared memory
 
-        # -- acc += T Z: NV chunks of Z [VK, DVA] into acc, then NVB of Z [VKB, DVB] into acc_b --
-        for j in range(NV):
-            st = c % STAGES
-            mbarrier.wait(ready.index(st), (c // STAGES) & 1)
-            z_chunk = ring.index(st)._reinterpret(dtype, [VK, DVA], z_layout)
-            acc = warpgroup_mma(t_blocks.index(j), z_chunk, acc, is_async=True)
-            acc = warpgroup_mma_wait(1, deps=(acc, ))
-            gl.thread_barrier()
-            _issue(c + STAGES - 1, x1_desc, y1_desc, x2_desc, y2_desc, z_desc, ring, x_ring, ready, b, x0, x1_col,
-                   x2_col, y1_col, y2_col, z_col, t_lo, n_t, total, NK1, NK2, NV, NVB, BN, KC, VK, VKB, DVA, STAGES,
-                   DQK, DV, DZ)
-            c += 1
-        if DVB > 0:
-            if PARK:
-                acc_x = park.load(ob_layout)
-            else:
-                acc_x = acc_b
-            for j in range(NVB):
-                st = c % STAGES
-                mbarrier.wait(ready.index(st), (c // STAGES) & 1)
-                z_chunk = ring.index(st)._reinterpret(dtype, [VKB, DVB], z_layout)
-                acc_x = warpgroup_mma(t_blocks_b.index(j), z_chunk, acc_x, is_async=True)
-                acc, acc_x = warpgroup_mma_wait(1, deps=(acc, acc_x))
-                gl.thread_barrier()
-                _issue(c + STAGES - 1, x1_desc, y1_desc, x2_desc, y2_desc, z_desc, ring, x_ring, ready, b, x0, x1_col,
-                       x2_col, y1_col, y2_col, z_col, t_lo, n_t, total, NK1, NK2, NV, NVB, BN, KC, VK, VKB, DVA,
-                       STAGES, DQK, DV, DZ)
-                c += 1
-            acc, acc_x = warpgroup_mma_wait(0, deps=(acc, acc_x))
-            if PARK:
-                park.store(acc_x)  # read back after the barrier below
-            else:
-                acc_b = acc_x
-        else:
-            acc = warpgroup_mma_wait(0, deps=(acc, ))
-        gl.thread_barrier()  # the next walk tile rewrites t_smem
+        # -- acc += T Z: NV chunks of Z [VK, DVA] into acc, then NVB of Z [VKB, DVB] into the second tile --
+        if DVB > 0 and not PARK:
+            acc, acc_b, c = produce_chunks(acc, acc_b, park, rows, t_smem, c, descs, coords, ring, x_ring, ready,
+                                           False, PARK, ob_layout, NK1, NK2, DZP, BN, KC, STAGES, DY1, DY2, DZS, BM)
+        else:  # no second tile in registers (acc stands in for it)
+            acc, _, c = produce_chunks(acc, acc, park, rows, t_smem, c, descs, coords, ring, x_ring, ready, False,
+                                       PARK, ob_layout, NK1, NK2, DZP, BN, KC, STAGES, DY1, DY2, DZS, BM)
+        gl.thread_barrier()  # the next walk tile rewrites t_smem (and reloads the parked tile)
 
     # -- epilogue: the gradient slice, scaled (dK, dQ: softmax_scale) --
     dx_base = DX + b.to(gl.int64) * stride_xb + h_row.to(gl.int64) * stride_xh
-    _store_grad(acc, out_scale, dx_base, stride_xs, x0, z_col0, rows_len, DZ, BM, DVA, o_layout)
+    store_tile(acc * out_scale, dx_base, stride_xs, x0, z_col0, rows_len, DZ, BM, DVA, o_layout)
     if DVB > 0:
         if PARK:
             acc_b = park.load(ob_layout)
-        _store_grad(acc_b, out_scale, dx_base, stride_xs, x0, z_col0 + DVA, rows_len, DZ, BM, DVB, ob_layout)
+        store_tile(acc_b * out_scale, dx_base, stride_xs, x0, z_col0 + DVA, rows_len, DZ, BM, DVB, ob_layout)
