@@ -133,7 +133,11 @@ GLUON_BACKWARD_MAX_HEAD_DIM = 1024
 def gluon_backward_heads(head_dim: int, head_dim_v: int, dtype: torch.dtype, device: torch.device) -> bool:
     """True when a wide backward of these (64-column padded) head dims runs the Gluon kernel: the wider
     in [GLUON_BACKWARD_MIN_HEAD_DIM, GLUON_BACKWARD_MAX_HEAD_DIM], 16-bit, on sm_90. The launcher also
-    needs the call's features to be ones the kernel has (wide_gluon_launch.gluon_backward_applies)."""
+    needs the call's features to be ones the kernel has (wide_gluon_launch.gluon_backward_applies).
+    H200, bf16, B=1, H=48, S=8192, forward+backward TFLOP/s, split-D (dense dQ at 320 / 384) -> Gluon
+    (same run, session 39): D=320 215 -> 281, causal 236 -> 272; 384 204 -> 305; 512 193 -> 326; 576
+    147 -> 307; 768 144 -> 297; 1024 139 -> 225. It wins from the lowest wide head dim, so it starts
+    there (257)."""
     from flashtile.tuning import _arch  # tuning imports this module
 
     if dtype not in (torch.float16, torch.bfloat16):

@@ -1,11 +1,14 @@
-"""Launcher of the Gluon wide forward (kernels/attention_wide_gluon.py), called by wide_launch.wide_forward.
+"""Launchers of the Gluon wide forward and backward (kernels/attention_wide_gluon.py, attention_wide_gluon_bwd.py),
+called by wide_launch.wide_forward / wide_backward.
 
 `gluon_forward` runs the kernel and returns True where it applies: dispatch.gluon_forward_heads (head
 dims, dtype, sm_90), features the kernel has (plain or causal, GQA; no softcap, ALiBi, window,
 dropout, attn_mask or packed sequences) and tensors that TMA can read in place: each of q, k, v
 viewed as [B, S, H * D] with unit stride along the head dim, heads adjacent, 16-byte aligned base and
 strides. Otherwise it returns False and wide_forward runs the split-D Triton kernel, which has every
-feature and the same results within the tolerance rule.
+feature and the same results within the tolerance rule. `gluon_backward_applies` asks the same of a
+backward call (with dispatch.gluon_backward_heads, and dout too); `gluon_backward` then launches dV,
+dK and dQ on the slices of `o_slices`.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ ops, varlen and autograd layers do not know which tiling runs. Head dims that ar
 300, 333, 350) had run the split-D forward at 12-15 TFLOP/s on the H200, against 280-290 at D = 320 /
 384, and rows aligned to 16 but not 64 columns ran the backward 1.4-1.8x slower than padded ones.
 The one feature the wide kernels do not have yet (block_mask) raises UnsupportedError. On sm_90 the
-forward of some 16-bit head dims runs the Gluon kernel instead (wide_gluon_launch.gluon_forward).
+forward of some 16-bit head dims runs the Gluon kernel instead (wide_gluon_launch.gluon_forward), and
+so does their backward (wide_gluon_launch.gluon_backward, after the delta launch here).
 """
 
 from __future__ import annotations

@@ -18,6 +18,8 @@ dim over several programs, each recomputing S for its slice. Nothing is S x S, n
                     GQA group in registers
 Masking (causal / sliding window, torch SDPA's attn_mask), softcap, ALiBi and dropout reuse
 kernels/common.py's helpers, so the semantics (and the dropout pattern) are the dense kernels'.
+On sm_90 the plain, causal and GQA 16-bit calls run the Gluon kernels instead (attention_wide_gluon.py,
+attention_wide_gluon_bwd.py): there one S is shared by two warpgroups, so it is recomputed far less.
 """
 
 import triton
