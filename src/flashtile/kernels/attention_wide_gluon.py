@@ -50,6 +50,13 @@ def slice_tiles(dzp, bn, kc, which):
     return dict(DVA=dva, DVB=dvb, VK=vk, NV=bn // vk, VKB=vkb, NVB=bn // vkb if dvb > 0 else 0)[which]
 
 
+@gluon.constexpr_function
+def split_layout(n):
+    """The register layout of a [64, n] wgmma tile split over two warpgroups, n / 2 columns each."""
+    n = getattr(n, "value", n)
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, n // 2, 16])
+
+
 @gluon.jit
 def _issue(c, descs, coords, ring, x_ring, ready, NK1: gl.constexpr, NK2: gl.constexpr, DZP: gl.constexpr,
            BN: gl.constexpr, KC: gl.constexpr, STAGES: gl.constexpr, DY1: gl.constexpr, DY2: gl.constexpr,
@@ -214,8 +221,7 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
     O's second register tile (DVP - DVA columns) in shared memory between key tiles."""
     dtype: gl.constexpr = q_desc.dtype
     NK: gl.constexpr = DQK // KC
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                       instr_shape=[16, BN // 2, 16])
+    s_layout: gl.constexpr = split_layout(BN)
     # O [64, DVP] as two register tiles when DVP is not a power of two (slice_tiles), fed by V chunks
     # [VK, DVA] and [VKB, DVB]
     DVA: gl.constexpr = slice_tiles(DVP, BN, KC, "DVA")
@@ -223,11 +229,9 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
     VK: gl.constexpr = slice_tiles(DVP, BN, KC, "VK")
     NV: gl.constexpr = slice_tiles(DVP, BN, KC, "NV")
     NVB: gl.constexpr = slice_tiles(DVP, BN, KC, "NVB")
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                       instr_shape=[16, DVA // 2, 16])
+    o_layout: gl.constexpr = split_layout(DVA)
     # the second tile's layout (unused, but still a valid layout, when DVB == 0)
-    ob_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                        instr_shape=[16, max(DVB, 16) // 2, 16])
+    ob_layout: gl.constexpr = split_layout(max(DVB, 16))
     # the PV loop reads P in VK-column slices (VK = 32 at BN = 256 and DVA = 512): a swizzle of at most
     # VK columns (64 bytes; 32 at VK = 16) stores them as whole blocks one after another
     p_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(64, 2 * VK), element_bitwidth=16, rank=2)

@@ -31,7 +31,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 
-from flashtile.kernels.attention_wide_gluon import _issue, produce_chunks, reduce_chunks, slice_tiles, store_tile
+from flashtile.kernels.attention_wide_gluon import (_issue, produce_chunks, reduce_chunks, slice_tiles, split_layout,
+                                                     store_tile)
 
 LOG2E = gl.constexpr(1.4426950408889634)
 DV_MODE = gl.constexpr(0)
@@ -64,8 +65,7 @@ def wide_bwd_gluon_kernel(x1_desc, y1_desc, x2_desc, y2_desc, z_desc, DX, Lse, D
     DZ: gl.constexpr = DV if MODE == DV_MODE else DQK
     NK1: gl.constexpr = DQK // KC
     NK2: gl.constexpr = 0 if MODE == DV_MODE else DV // KC
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                       instr_shape=[16, BN // 2, 16])
+    s_layout: gl.constexpr = split_layout(BN)
     # the slice as two register tiles when DZP is not a power of two, fed by Z chunks [VK, DVA] and
     # [VKB, DVB] (attention_wide_gluon.slice_tiles)
     DVA: gl.constexpr = slice_tiles(DZP, BN, KC, "DVA")
@@ -73,10 +73,8 @@ def wide_bwd_gluon_kernel(x1_desc, y1_desc, x2_desc, y2_desc, z_desc, DX, Lse, D
     VK: gl.constexpr = slice_tiles(DZP, BN, KC, "VK")
     NV: gl.constexpr = slice_tiles(DZP, BN, KC, "NV")
     NVB: gl.constexpr = slice_tiles(DZP, BN, KC, "NVB")
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                       instr_shape=[16, DVA // 2, 16])
-    ob_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
-                                                        instr_shape=[16, max(DVB, 16) // 2, 16])
+    o_layout: gl.constexpr = split_layout(DVA)
+    ob_layout: gl.constexpr = split_layout(max(DVB, 16))
     t_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(64, 2 * VK), element_bitwidth=16, rank=2)
 
     # -- which rows this program owns and which tiles it walks --
