@@ -162,42 +162,41 @@ def test_heads_not_adjacent_fall_back(gluon_runs):
     assert gluon_runs == [False]
 
 
-@pytest.mark.parametrize("dims, dtype, device, want", [
-    ((512, 512), torch.bfloat16, "cuda", True), ((448, 448), torch.float16, "cuda", True),
-    ((192, 512), torch.bfloat16, "cuda", True), ((448, 64), torch.bfloat16, "cuda", True),
-    ((384, 384), torch.bfloat16, "cuda", True), ((320, 320), torch.bfloat16, "cuda", False),
-    ((320, 384), torch.float16, "cuda", True), ((576, 512), torch.bfloat16, "cuda", True),
-    ((768, 256), torch.float16, "cuda", True), ((1024, 1024), torch.bfloat16, "cuda", True),
-    ((512, 1024), torch.bfloat16, "cuda", True), ((1088, 512), torch.bfloat16, "cuda", False),
-    ((512, 1088), torch.bfloat16, "cuda", False), ((512, 512), torch.float32, "cuda", False),
-    ((512, 512), torch.bfloat16, "cpu", False),
+@pytest.mark.parametrize("rule, dims, dtype, device, want", [
+    ("forward", (512, 512), torch.bfloat16, "cuda", True),
+    ("forward", (448, 448), torch.float16, "cuda", True),
+    ("forward", (192, 512), torch.bfloat16, "cuda", True),
+    ("forward", (448, 64), torch.bfloat16, "cuda", True),
+    ("forward", (384, 384), torch.bfloat16, "cuda", True),
+    ("forward", (320, 320), torch.bfloat16, "cuda", False),
+    ("forward", (320, 384), torch.float16, "cuda", True),
+    ("forward", (576, 512), torch.bfloat16, "cuda", True),
+    ("forward", (768, 256), torch.float16, "cuda", True),
+    ("forward", (1024, 1024), torch.bfloat16, "cuda", True),
+    ("forward", (512, 1024), torch.bfloat16, "cuda", True),
+    ("forward", (1088, 512), torch.bfloat16, "cuda", False),
+    ("forward", (512, 1088), torch.bfloat16, "cuda", False),
+    ("forward", (512, 512), torch.float32, "cuda", False),
+    ("forward", (512, 512), torch.bfloat16, "cpu", False),
+    ("backward", (320, 320), torch.bfloat16, "cuda", True),
+    ("backward", (257, 64), torch.float16, "cuda", True),
+    ("backward", (256, 256), torch.bfloat16, "cuda", False),
+    ("backward", (1024, 1024), torch.bfloat16, "cuda", True),
+    ("backward", (1088, 512), torch.bfloat16, "cuda", False),
+    ("backward", (512, 512), torch.float32, "cuda", False),
+    ("backward", (512, 512), torch.bfloat16, "cpu", False),
 ], ids=str)
-def test_rule(dims, dtype, device, want):
-    """The wider of the (padded) head dims in [321, 1024]; 16-bit, sm_90 only."""
+def test_rule(rule, dims, dtype, device, want):
+    """The wider of the (padded) head dims in [321, 1024] (forward) or [257, 1024] (backward); 16-bit,
+    sm_90 only."""
     device = torch.device(device)
     if device.type == "cuda":
         want = want and HOPPER
         if not HAS_GPU:
             device = torch.device("cpu")
             want = False
-    assert dispatch.gluon_forward_heads(*dims, dtype, device) is want
-
-
-@pytest.mark.parametrize("dims, dtype, device, want", [
-    ((320, 320), torch.bfloat16, "cuda", True), ((257, 64), torch.float16, "cuda", True),
-    ((256, 256), torch.bfloat16, "cuda", False), ((1024, 1024), torch.bfloat16, "cuda", True),
-    ((1088, 512), torch.bfloat16, "cuda", False), ((512, 512), torch.float32, "cuda", False),
-    ((512, 512), torch.bfloat16, "cpu", False),
-], ids=str)
-def test_backward_rule(dims, dtype, device, want):
-    """The wider of the (padded) head dims in [257, 1024]; 16-bit, sm_90 only."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        want = want and HOPPER
-        if not HAS_GPU:
-            device = torch.device("cpu")
-            want = False
-    assert dispatch.gluon_backward_heads(*dims, dtype, device) is want
+    heads = dispatch.gluon_forward_heads if rule == "forward" else dispatch.gluon_backward_heads
+    assert heads(*dims, dtype, device) is want
 
 
 def test_park_and_stages():
@@ -249,19 +248,14 @@ def test_tma_view():
 
 @pytest.mark.parametrize("kw", [dict(softcap=1.0), dict(left=3), dict(right=2), dict(dropout_p=0.1), dict(varlen=True),
                                 dict()], ids=str)
-def test_launcher_refuses_what_the_kernel_lacks(kw):
-    """gluon_forward launches nothing and answers False for features it lacks, and on a CPU for all."""
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_launcher_refuses_what_the_kernel_lacks(kw, direction):
+    """gluon_forward launches nothing and answers False, and gluon_backward_applies answers False, for
+    features the kernels lack, and on a CPU for all."""
     q = torch.randn(1, 8, 2, 512, dtype=torch.bfloat16)
     args = dict(softcap=0.0, left=None, right=None, alibi_slopes=None, attn_mask=None, dropout_p=0.0, varlen=False)
     args.update(kw)
-    assert wide_gluon_launch.gluon_forward(q, q, q, torch.empty_like(q), torch.empty(1, 2, 8), 0.1, **args) is False
-
-
-@pytest.mark.parametrize("kw", [dict(softcap=1.0), dict(left=3), dict(right=2), dict(dropout_p=0.1), dict(varlen=True),
-                                dict()], ids=str)
-def test_backward_launcher_refuses_what_the_kernel_lacks(kw):
-    """gluon_backward_applies answers False for features the kernel lacks, and on a CPU for all."""
-    q = torch.randn(1, 8, 2, 512, dtype=torch.bfloat16)
-    args = dict(softcap=0.0, left=None, right=None, alibi_slopes=None, attn_mask=None, dropout_p=0.0, varlen=False)
-    args.update(kw)
-    assert wide_gluon_launch.gluon_backward_applies(q, q, q, q, **args) is False
+    if direction == "forward":
+        assert wide_gluon_launch.gluon_forward(q, q, q, torch.empty_like(q), torch.empty(1, 2, 8), 0.1, **args) is False
+    else:
+        assert wide_gluon_launch.gluon_backward_applies(q, q, q, q, **args) is False

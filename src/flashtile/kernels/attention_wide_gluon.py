@@ -208,6 +208,28 @@ def store_tile(x, base, stride_s, r0, col0, n_rows, WIDTH: gl.constexpr, BM: gl.
 
 
 @gluon.jit
+def stream_buffers(x_desc, y_desc, t_layout: gl.constexpr, ob_layout: gl.constexpr, PARK: gl.constexpr,
+                   DVB: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, KC: gl.constexpr, STAGES: gl.constexpr):
+    """Shared memory of a program: the ring (STAGES stages of a Y / Z chunk [BN, KC]), the X chunks
+    beside it, the [BM, BN] tile T of the product's A operand (P or dS), the fp32 tile a PARK slice's
+    second register tile waits in between walk tiles (zeroed; T stands in for it without PARK), and
+    the stages' mbarriers. Returns (ring, x_ring, t_smem, park, ready)."""
+    dtype: gl.constexpr = x_desc.dtype
+    ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BN, KC], y_desc.layout)
+    x_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BM, KC], x_desc.layout)
+    t_smem = gl.allocate_shared_memory(dtype, [BM, BN], t_layout)
+    park = t_smem
+    if PARK:
+        park_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+        park = gl.allocate_shared_memory(gl.float32, [BM, DVB], park_layout)
+        park.store(gl.zeros([BM, DVB], gl.float32, ob_layout))
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+    return ring, x_ring, t_smem, park, ready
+
+
+@gluon.jit
 def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os, stride_oh, stride_lse_b, stride_lse_h,
                           seqlen_q, seqlen_k, heads_q, group_size, qk_scale, n_pass, v_col_base,
                           DQK: gl.constexpr, DV: gl.constexpr, DVP: gl.constexpr, BM: gl.constexpr,
@@ -249,17 +271,9 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
     q0 = tile * BM
     v_col0 = v_col_base + vpass * DVP
 
-    ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BN, KC], k_desc.layout)
-    q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BM, KC], q_desc.layout)
-    p_smem = gl.allocate_shared_memory(dtype, [BM, BN], p_layout)
-    park = p_smem  # PARK: acc_b waits in shared memory while S is computed (registers for S beside acc)
-    if PARK:
-        park_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
-        park = gl.allocate_shared_memory(gl.float32, [BM, DVB], park_layout)
-        park.store(gl.zeros([BM, DVB], gl.float32, ob_layout))
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
+    # PARK: acc_b waits in shared memory while S is computed (registers for S beside acc)
+    ring, q_smem, p_smem, park, ready = stream_buffers(q_desc, k_desc, p_layout, ob_layout, PARK, DVB, BM, BN, KC,
+                                                       STAGES)
 
     # keys [0, hi): a causal row sees keys up to its own index + Sk - Sq
     hi = seqlen_k

@@ -29,10 +29,10 @@ past the sequence end pay for the mask. Features the kernel lacks stay on attent
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared
 
 from flashtile.kernels.attention_wide_gluon import (_issue, produce_chunks, reduce_chunks, slice_tiles, split_layout,
-                                                     store_tile)
+                                                     store_tile, stream_buffers)
 
 LOG2E = gl.constexpr(1.4426950408889634)
 DV_MODE = gl.constexpr(0)
@@ -129,17 +129,8 @@ def wide_bwd_gluon_kernel(x1_desc, y1_desc, x2_desc, y2_desc, z_desc, DX, Lse, D
     DY2: gl.constexpr = DV if TRANS else 0
     DZS: gl.constexpr = DZ if TRANS else 0
 
-    ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BN, KC], y1_desc.layout)
-    x_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BM, KC], x1_desc.layout)
-    t_smem = gl.allocate_shared_memory(dtype, [BM, BN], t_layout)
-    park = t_smem
-    if PARK:
-        park_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
-        park = gl.allocate_shared_memory(gl.float32, [BM, DVB], park_layout)
-        park.store(gl.zeros([BM, DVB], gl.float32, ob_layout))
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
+    ring, x_ring, t_smem, park, ready = stream_buffers(x1_desc, y1_desc, t_layout, ob_layout, PARK, DVB, BM, BN, KC,
+                                                       STAGES)
 
     for c in gl.static_range(STAGES - 1):  # prologue: STAGES - 1 chunks in flight
         _issue(c, descs, coords, ring, x_ring, ready, NK1, NK2, DZP, BN, KC, STAGES, DY1, DY2, DZS)
