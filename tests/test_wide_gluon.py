@@ -13,6 +13,7 @@ import torch
 import flashtile as ft
 from conftest import DEVICE, HAS_GPU
 from flashtile import dispatch, wide_gluon_launch, wide_launch
+from flashtile.kernels.attention_wide_gluon import slice_tiles
 from test_attention import check_against_oracle
 from test_wide import _make
 
@@ -75,6 +76,26 @@ def gluon_backward_runs(monkeypatch):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_oracle(shape, causal, dtype, gluon_runs, gluon_backward_runs):
     q, k, v = _make(shape, dtype)
+    with ft.use_backend("triton"):
+        check_against_oracle(q, k, v, causal=causal)
+    assert gluon_runs == [True] and len(gluon_backward_runs) == 1
+
+
+@needs_hopper
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [
+    (1, 129, 77, 2, 1, 700, 333),  # 704 = 512 + 128 + 64
+    (1, 64, 99, 2, 1, 832, 700),  # 832 = 512 + 256 + 64 (three Z streams), 2 ring stages
+    (1, 90, 120, 2, 2, 320, 832),
+    (1, 100, 140, 2, 1, 896, 896),  # 512 + 256 + 128
+    (2, 70, 333, 3, 1, 900, 900),  # padded to 960 = 512 + 256 + 128 + 64
+    (1, 257, 129, 2, 2, 960, 512),
+    (1, 33, 65, 2, 1, 1000, 1000),  # still two slices of 512
+], ids=lambda s: "x".join(map(str, s)))
+def test_slices_with_more_parked_tiles(shape, causal, monkeypatch, gluon_runs, gluon_backward_runs):
+    """PARKED_TILES = 3: one slice of up to 960 columns, its tiles past 512 parked in shared memory."""
+    monkeypatch.setattr(wide_gluon_launch, "PARKED_TILES", 3)
+    q, k, v = _make(shape, torch.bfloat16)
     with ft.use_backend("triton"):
         check_against_oracle(q, k, v, causal=causal)
     assert gluon_runs == [True] and len(gluon_backward_runs) == 1
@@ -200,36 +221,52 @@ def test_rule(rule, dims, dtype, device, want):
 
 
 def test_park_and_stages():
-    """Slices past 512 columns park their second tile; the ring keeps 4 stages while shared memory
-    holds them (576, 640) and drops to 3 at 768."""
+    """Slices past 512 columns park their further tiles; the ring keeps 4 stages while shared memory
+    holds them (576, 640), 3 at 704 / 768, 2 from 832 to the widest slice, 960."""
     assert wide_gluon_launch._park_and_stages(512) == (False, 4)
     assert wide_gluon_launch._park_and_stages(576) == (True, 4)
     assert wide_gluon_launch._park_and_stages(640) == (True, 4)
+    assert wide_gluon_launch._park_and_stages(704) == (True, 3)
     assert wide_gluon_launch._park_and_stages(768) == (True, 3)
+    assert wide_gluon_launch._park_and_stages(832) == (True, 2)
+    assert wide_gluon_launch._park_and_stages(960) == (True, 2)
+    with pytest.raises(AssertionError, match="1024 columns"):
+        wide_gluon_launch._park_and_stages(1024)
 
 
-def test_o_slices():
-    """One O slice up to WIDEST_SLICE columns, else whole 512-column slices and one for the rest; a
-    slice is one register tile (a power of two >= 64) or two (a power of two plus a smaller one), the
-    narrowest that holds its columns; together they cover Dv."""
+@pytest.mark.parametrize("parked_tiles", [1, 3])
+def test_o_slices(parked_tiles, monkeypatch):
+    """One O slice up to widest_slice() columns (768 with PARKED_TILES = 1, 960 with 3), else whole
+    512-column slices and one for the rest. Up to 512 columns a slice is one register tile (a power of
+    two >= 64) or two (a power of two plus a smaller one), the narrowest that holds its columns; past
+    512, the narrowest multiple of 64 that holds them with at most PARKED_TILES tiles past the 512
+    (slice_tiles: the rest's powers of two from the largest down). Together the slices cover Dv."""
+    monkeypatch.setattr(wide_gluon_launch, "PARKED_TILES", parked_tiles)
+    widest = {1: 768, 3: 960}[parked_tiles]
+    assert wide_gluon_launch.widest_slice() == widest
     assert wide_gluon_launch.o_slices(100) == [(0, 128, 1)]
     assert wide_gluon_launch.o_slices(333) == [(0, 384, 1)]
     assert wide_gluon_launch.o_slices(448) == [(0, 512, 1)]
     assert wide_gluon_launch.o_slices(576) == [(0, 576, 1)]
     assert wide_gluon_launch.o_slices(600) == [(0, 640, 1)]
-    assert wide_gluon_launch.o_slices(700) == [(0, 768, 1)]
+    assert wide_gluon_launch.o_slices(700) == [(0, {1: 768, 3: 704}[parked_tiles], 1)]
     assert wide_gluon_launch.o_slices(768) == [(0, 768, 1)]
-    assert wide_gluon_launch.o_slices(800) == [(0, 512, 1), (512, 320, 1)]
-    assert wide_gluon_launch.o_slices(832) == [(0, 512, 1), (512, 320, 1)]
-    assert wide_gluon_launch.o_slices(960) == [(0, 512, 2)]
+    assert wide_gluon_launch.o_slices(800) == {1: [(0, 512, 1), (512, 320, 1)], 3: [(0, 832, 1)]}[parked_tiles]
+    assert wide_gluon_launch.o_slices(960) == {1: [(0, 512, 2)], 3: [(0, 960, 1)]}[parked_tiles]
+    assert wide_gluon_launch.o_slices(1000) == [(0, 512, 2)]
     assert wide_gluon_launch.o_slices(1088) == [(0, 512, 2), (1024, 64, 1)]
     pow2 = lambda w: w >= 64 and w & (w - 1) == 0
     for dv in range(1, 2049):
         covered = 0
         for col0, width, n in wide_gluon_launch.o_slices(dv):
-            a = 1 << (width.bit_length() - 1)
-            assert col0 == covered and width <= wide_gluon_launch.WIDEST_SLICE
-            assert pow2(a) and (width == a or (pow2(width - a) and width - a < a))
+            tiles = [slice_tiles(width, 256, 64, "DV" + x) for x in "ABCD"]
+            assert col0 == covered and width <= widest and sum(tiles) == width
+            assert all(pow2(t) for t in tiles if t) and all(t > u for t, u in zip(tiles, tiles[1:]) if u)
+            if width <= 512:
+                assert tiles[2] == 0
+            else:
+                assert tiles[0] == 512 and 0 < sum(t > 0 for t in tiles[1:]) <= parked_tiles
+                wide_gluon_launch._park_and_stages(width)  # fits shared memory
             covered += width * n
         assert dv <= covered < dv + 512
         assert len(wide_gluon_launch.o_slices(dv)) == 1 or covered - dv < 256

@@ -23,8 +23,13 @@ from flashtile.row_align import SPLIT_D_COLUMNS, padded_width
 
 STAGES = 4  # ring stages of 32 KB (Q's 8 KB chunks beside): 197 KB of shared memory with P
 KEYS_PER_TILE = 256  # keys of one S tile, 128 per warpgroup (at 128, 64 a warpgroup, 316 against 502 TFLOP/s at D=512)
-WIDEST_SLICE = 768  # the widest O slice one program holds (512 + 256, the 256 parked)
-REGISTER_SLICE = 512  # wider slices park their second register tile in shared memory between key tiles
+REGISTER_SLICE = 512  # wider slices park their further register tiles in shared memory between key tiles
+# How many further register tiles a slice past 512 columns may park. 1 (measured, sessions 38-39):
+# slices of 576, 640 and 768 columns, at most 768 (512 + 256; 1024 does not fit). 3: every multiple of
+# 64 up to 960 (512 + 256 + 128 + 64 with 2 ring stages), so 769..960 runs one slice instead of two
+# (each recomputing S, and dK / dQ dP): compiled (kernels/attention_wide_gluon.slice_tiles), its speed
+# not measured yet (docs/perf_notes.md, session 40).
+PARKED_TILES = 1
 SHARED_MEMORY = 232448  # bytes a program may use on sm_90
 O_SLICE = 512  # the O slice of wider heads (128 registers a thread over two warpgroups)
 CHUNK_COLUMNS = 64  # the narrowest O slice: one TMA box of V
@@ -143,24 +148,38 @@ def gluon_backward_applies(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 
 
 def _park_and_stages(dvp: int) -> Tuple[bool, int]:
-    """Whether an O slice of dvp columns parks its second register tile (kernel's PARK), and the ring
-    stages that fit beside it. Held in registers past 512 columns, that tile spilled (576: 40 bytes a
-    thread, 640: 264, 768: 1.3 KB); parked, a 64 x DVB fp32 tile in shared memory, nothing spills."""
+    """Whether an O slice of dvp columns parks its further register tiles (kernel's PARK), and the ring
+    stages that fit beside them (at least 2). Held in registers past 512 columns, a second tile
+    spilled (576: 40 bytes a thread, 640: 264, 768: 1.3 KB); parked, 64 x (dvp - 512) fp32 in shared
+    memory, nothing spills."""
     if dvp <= REGISTER_SLICE:
         return False, STAGES
-    from flashtile.kernels.attention_wide_gluon import BLOCK_M, CHUNK
-
-    stage_bytes = (KEYS_PER_TILE + BLOCK_M) * CHUNK * 2  # a K (or V) chunk and Q's chunk beside it
-    fixed_bytes = BLOCK_M * KEYS_PER_TILE * 2 + BLOCK_M * (dvp - REGISTER_SLICE) * 4 + 1024  # P, parked tile, barriers
     stages = STAGES
-    while stages > 2 and stages * stage_bytes + fixed_bytes > SHARED_MEMORY:
+    while stages > 2 and _shared_bytes(dvp, stages) > SHARED_MEMORY:
         stages -= 1
+    assert _shared_bytes(dvp, stages) <= SHARED_MEMORY, f"an O slice of {dvp} columns does not fit"
     return True, stages
 
 
+def _shared_bytes(dvp: int, stages: int) -> int:
+    """Shared memory of a program holding an O slice of dvp columns: the ring's stages (a K or V chunk,
+    Q's chunk beside it), P, the parked fp32 tiles past 512 columns, and room for the barriers."""
+    from flashtile.kernels.attention_wide_gluon import BLOCK_M, CHUNK
+
+    parked = max(dvp - REGISTER_SLICE, 0)
+    return stages * (KEYS_PER_TILE + BLOCK_M) * CHUNK * 2 + BLOCK_M * KEYS_PER_TILE * 2 + BLOCK_M * parked * 4 + 1024
+
+
 def slice_width(dv: int) -> int:
-    """The narrowest O slice the kernel has that holds dv columns: a power of two >= 64 (one register
-    tile) or a power of two plus a smaller one of at least 64 (two tiles: 320 = 256 + 64, 576 = 512 + 64)."""
+    """The narrowest O slice the kernel has that holds dv columns: up to 512, a power of two >= 64 (one
+    register tile) or a power of two plus a smaller one of at least 64 (two tiles in registers: 320 =
+    256 + 64); past 512, a multiple of 64 (512 in registers, the rest parked as powers of two: 832 =
+    512 + 256 + 64, kernels/attention_wide_gluon.slice_tiles)."""
+    if dv > REGISTER_SLICE:  # the narrowest multiple of 64 with at most PARKED_TILES further tiles
+        width = triton.cdiv(dv, CHUNK_COLUMNS) * CHUNK_COLUMNS
+        while _parked_tiles(width) > PARKED_TILES:
+            width += CHUNK_COLUMNS
+        return width
     a = max(CHUNK_COLUMNS, 1 << (dv - 1).bit_length())  # one tile
     half = a // 2  # past 64 columns, dv > half: a tile of half and one for the rest
     if half < CHUNK_COLUMNS:
@@ -171,13 +190,26 @@ def slice_width(dv: int) -> int:
 
 def o_slices(dv: int) -> List[Tuple[int, int, int]]:
     """Launches covering Dv columns of O: (first column, slice width DVP, slices). One slice up to
-    WIDEST_SLICE columns; wider heads run whole 512-column slices, then the rest in one slice (the
+    widest_slice() columns; wider heads run whole 512-column slices, then the rest in one slice (the
     narrowest that holds it, slice_width): a wasted column of P V costs less than another program
     recomputing S."""
-    if dv <= WIDEST_SLICE:
+    if dv <= widest_slice():
         return [(0, slice_width(dv), 1)]
     full, rest = divmod(dv, O_SLICE)
     width = slice_width(rest) if rest else 0
     if width == O_SLICE:
         return [(0, O_SLICE, full + 1)]
     return [(0, O_SLICE, full)] + [(full * O_SLICE, width, 1)] * (rest > 0)
+
+
+def _parked_tiles(width: int) -> int:
+    """The further register tiles of a slice of width columns past 512 (a multiple of 64): one per
+    power of two in width - 512 (kernels/attention_wide_gluon.slice_tiles)."""
+    return bin((width - REGISTER_SLICE) // CHUNK_COLUMNS).count("1")
+
+
+def widest_slice() -> int:
+    """The widest O slice one program holds: at most PARKED_TILES further tiles, whose fp32 tiles fit
+    shared memory beside 2 ring stages (768 with 1, 960 with 3)."""
+    return max(w for w in range(REGISTER_SLICE + CHUNK_COLUMNS, 2 * REGISTER_SLICE + 1, CHUNK_COLUMNS)
+               if _parked_tiles(w) <= PARKED_TILES and _shared_bytes(w, 2) <= SHARED_MEMORY)

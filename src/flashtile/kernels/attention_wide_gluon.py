@@ -10,19 +10,21 @@ here (it gave 64x16 wgmmas and spills, docs/perf_notes.md session 31). Gluon lay
   its K-loop over KC-column chunks of Q and K;
 - P goes through shared memory, so O = P V [64, DVP] is one wgmma over both warpgroups as well, each
   owning DVP / 2 columns of O: DVP / 4 fp32 registers a thread, 128 at DVP = 512. Register
-  tensors are powers of two, so a DVP that is not one is held as two tiles, DVA (the largest power of
-  two below it) + DVB (320 = 256 + 64, 576 = 512 + 64, 768 = 512 + 256), each fed by its own V chunks;
-- past 512 columns (PARK) the second tile waits in shared memory while S is computed, so S's 64
-  registers a thread fit beside acc's 128 (held in registers, 576 / 640 / 768 spilled 40 / 264 /
-  1300 bytes a thread);
+  tensors are powers of two, so a DVP that is not one is held as tiles of powers of two, DVA (the
+  largest below it, at most 512) + DVB (+ DVC + DVD) (320 = 256 + 64, 576 = 512 + 64, 768 = 512 +
+  256, 832 = 512 + 256 + 64: slice_tiles), each fed by its own V chunks;
+- past 512 columns (PARK) the further tiles wait in shared memory while S is computed, so S's 64
+  registers a thread fit beside acc's 128 (a second tile held in registers, 576 / 640 / 768 spilled
+  40 / 264 / 1300 bytes a thread);
 - Q chunks [BM, KC] with K chunks [BN, KC], then V chunks [VK, DVA] and [VKB, DVB], stream through
   one ring of TMA stages of 32 KB (Q's travel beside K's), in the order the products consume them
   (keeping Q resident in shared memory at D <= 512 measured no faster, docs/perf_notes.md session 37);
 - the loops over chunks are not unrolled, so no per-chunk coordinate or address lives in a register
   across the key loop (unrolled, they spilled: _issue);
 - only the key tiles that hold keys past Sk or past the causal diagonal pay for the mask.
-O widths above 768 run more programs per query tile, one O slice each (the launcher picks DVP and
-v_col_base per launch, wide_gluon_launch.o_slices), each recomputing S. The launcher
+O widths above the widest slice (768, or 960 with wide_gluon_launch.PARKED_TILES = 3) run more
+programs per query tile, one O slice each (the launcher picks DVP and v_col_base per launch,
+wide_gluon_launch.o_slices), each recomputing S. The launcher
 (wide_gluon_launch.gluon_forward) takes this kernel only where dispatch.gluon_forward_heads says so;
 the features it lacks (softcap, ALiBi, windows, dropout, attn_mask, varlen) stay on attention_wide.py.
 """
@@ -38,16 +40,25 @@ CHUNK = 64  # columns of a Q / K chunk, and of each TMA box of V (one 128-byte s
 
 
 @gluon.constexpr_function
-def slice_tiles(dzp, bn, kc, which):
-    """DVA, DVB, VK, NV, VKB or NVB (`which`) of an output slice of dzp columns, streamed per walk tile
-    of bn rows: register tensors are powers of two, so the slice is held as DVA (the largest power of
-    two <= dzp, at most 512) + DVB columns (320 = 256 + 64, 576 = 512 + 64); its operand streams as NV
-    chunks [VK, DVA], then NVB chunks [VKB, DVB], each filling one ring stage of bn * kc elements."""
-    dzp, bn, kc, which = (getattr(x, "value", x) for x in (dzp, bn, kc, which))
+def slice_tiles(dzp, bn, kc, which, tile=""):
+    """DVA, DVB, DVC, DVD (register tiles' widths), VK.. / NV.. (rows and count of their Z chunks) and
+    AT.. (their first columns) of an output slice of dzp columns, streamed per walk tile of bn rows
+    (`which` names one). Register tensors are powers of two, so the slice is held as DVA (the largest
+    power of two <= dzp, at most 512) plus the rest's powers of two from the largest down, each at
+    least 64 (320 = 256 + 64, 576 = 512 + 64, 832 = 512 + 256 + 64, 960 = 512 + 256 + 128 + 64; 0: no
+    such tile). Tile X's operand streams as NVX chunks [VKX, DVX], each filling one ring stage of
+    bn * kc elements. `tile` (a constexpr) may carry the name's last letter: ("DV", "B") is "DVB"."""
+    dzp, bn, kc, which, tile = (getattr(x, "value", x) for x in (dzp, bn, kc, which, tile))
+    which += tile
     dva = 512 if dzp >= 512 else (256 if dzp >= 256 else (128 if dzp >= 128 else 64))
-    dvb = dzp - dva
-    vk, vkb = bn * kc // dva, bn * kc // max(dvb, 64)
-    return dict(DVA=dva, DVB=dvb, VK=vk, NV=bn // vk, VKB=vkb, NVB=bn // vkb if dvb > 0 else 0)[which]
+    widths, rest = dict(A=dva), dzp - dva
+    for name in "BCD":
+        widths[name] = max(1 << (rest.bit_length() - 1), 64) if rest > 0 else 0
+        rest -= widths[name]
+    name = which[-1]
+    vk = bn * kc // max(widths[name], 64)
+    at = sum(widths[x] for x in "ABCD" if x < name)  # the tile's first column in the slice
+    return dict(DV=widths[name], VK=vk, NV=bn // vk if widths[name] > 0 else 0, AT=at)[which[:2]]
 
 
 @gluon.constexpr_function
@@ -73,12 +84,12 @@ def _issue(c, descs, coords, ring, x_ring, ready, NK1: gl.constexpr, NK2: gl.con
     forward, dQ) there is no division by n_t."""
     x1_desc, y1_desc, x2_desc, y2_desc, z_desc = descs
     b, x0, x1_col, x2_col, y1_col, y2_col, z_col, t_lo, n_t, total = coords
-    DVA: gl.constexpr = slice_tiles(DZP, BN, KC, "DVA")
-    VK: gl.constexpr = slice_tiles(DZP, BN, KC, "VK")
-    NV: gl.constexpr = slice_tiles(DZP, BN, KC, "NV")
-    VKB: gl.constexpr = slice_tiles(DZP, BN, KC, "VKB")
+    VKA: gl.constexpr = slice_tiles(DZP, BN, KC, "VKA")
+    NVA: gl.constexpr = slice_tiles(DZP, BN, KC, "NVA")
     NVB: gl.constexpr = slice_tiles(DZP, BN, KC, "NVB")
-    PER: gl.constexpr = NK1 + NK2 + NV + NVB
+    NVC: gl.constexpr = slice_tiles(DZP, BN, KC, "NVC")
+    NVD: gl.constexpr = slice_tiles(DZP, BN, KC, "NVD")
+    PER: gl.constexpr = NK1 + NK2 + NVA + NVB + NVC + NVD
     s = c % STAGES
     w = c // PER
     i = c - w * PER
@@ -102,10 +113,38 @@ def _issue(c, descs, coords, ring, x_ring, ready, NK1: gl.constexpr, NK2: gl.con
         tma.async_copy_global_to_shared(x2_desc, [b, x0, x2_col + (i - NK1) * KC], bar, x_ring.index(s), pred=do)
         tma.async_copy_global_to_shared(y2_desc, [b, y0, y2_col + g * DY2 + (i - NK1) * KC], bar, ring.index(s),
                                         pred=do)
-    elif i < NK1 + NK2 + NV:  # Z [VK, DVA]: the slice's first register tile
-        _issue_z(z_desc, zbuf, bar, b, y0 + (i - NK1 - NK2) * VK, z_col + g * DZ, do, VK, VBOX)
-    else:  # Z [VKB, DVB]: the second tile's columns
-        _issue_z(z_desc, zbuf, bar, b, y0 + (i - NK1 - NK2 - NV) * VKB, z_col + g * DZ + DVA, do, VKB, VBOX)
+    elif i < NK1 + NK2 + NVA:  # Z [VKA, DVA]: the slice's first register tile
+        _issue_z(z_desc, zbuf, bar, b, y0 + (i - NK1 - NK2) * VKA, z_col + g * DZ, do, VKA, VBOX)
+    else:  # the further tiles' columns
+        _issue_further(i - NK1 - NK2 - NVA, z_desc, zbuf, bar, b, y0, z_col + g * DZ, do, DZP, BN, KC, VBOX)
+
+
+@gluon.jit
+def _issue_further(j, z_desc, zbuf, bar, b, y0, col0, do, DZP: gl.constexpr, BN: gl.constexpr, KC: gl.constexpr,
+                   VBOX: gl.constexpr):
+    """The TMA load of Z chunk j past the first tile's (slice_tiles): NVB chunks [VKB, DVB], then NVC
+    chunks [VKC, DVC] and NVD [VKD, DVD] of the tiles after it, each at its tile's columns."""
+    NVB: gl.constexpr = slice_tiles(DZP, BN, KC, "NVB")
+    NVC: gl.constexpr = slice_tiles(DZP, BN, KC, "NVC")
+    NVD: gl.constexpr = slice_tiles(DZP, BN, KC, "NVD")
+    if NVC == 0:
+        _issue_tile(j, "B", z_desc, zbuf, bar, b, y0, col0, do, DZP, BN, KC, VBOX)
+    elif j < NVB:
+        _issue_tile(j, "B", z_desc, zbuf, bar, b, y0, col0, do, DZP, BN, KC, VBOX)
+    elif NVD == 0:
+        _issue_tile(j - NVB, "C", z_desc, zbuf, bar, b, y0, col0, do, DZP, BN, KC, VBOX)
+    elif j < NVB + NVC:
+        _issue_tile(j - NVB, "C", z_desc, zbuf, bar, b, y0, col0, do, DZP, BN, KC, VBOX)
+    else:
+        _issue_tile(j - NVB - NVC, "D", z_desc, zbuf, bar, b, y0, col0, do, DZP, BN, KC, VBOX)
+
+
+@gluon.jit
+def _issue_tile(j, TILE: gl.constexpr, z_desc, zbuf, bar, b, y0, col0, do, DZP: gl.constexpr, BN: gl.constexpr,
+                KC: gl.constexpr, VBOX: gl.constexpr):
+    """The TMA load of chunk j [VKX, DVX] of tile X = TILE's Z (rows y0 + j * VKX, its columns past col0)."""
+    VKX: gl.constexpr = slice_tiles(DZP, BN, KC, "VK", TILE)
+    _issue_z(z_desc, zbuf, bar, b, y0 + j * VKX, col0 + slice_tiles(DZP, BN, KC, "AT", TILE), do, VKX, VBOX)
 
 
 @gluon.jit
@@ -141,59 +180,91 @@ def reduce_chunks(acc, c, NCH, descs, coords, ring, x_ring, ready, NK1: gl.const
 
 
 @gluon.jit
-def produce_chunks(acc, acc_b, park, alpha, t_smem, c, descs, coords, ring, x_ring, ready, RESCALE: gl.constexpr,
-                   PARK: gl.constexpr, ob_layout: gl.constexpr, NK1: gl.constexpr, NK2: gl.constexpr,
-                   DZP: gl.constexpr, BN: gl.constexpr, KC: gl.constexpr, STAGES: gl.constexpr, DY1: gl.constexpr,
-                   DY2: gl.constexpr, DZ: gl.constexpr, BM: gl.constexpr):
-    """acc [BM, DVA] += T Z[:, :DVA] and the second tile [BM, DVB] += T Z[:, DVA:], T [BM, BN] in t_smem
-    and Z from the stream (slice_tiles). The second tile is acc_b, or with PARK the fp32 tile in `park`
-    (loaded here and stored back; the caller's tile-end barrier orders the store before the next
-    load); RESCALE multiplies it by alpha first (the forward's online softmax; acc the caller rescales).
-    Returns (acc, acc_b, c)."""
+def produce_chunks(acc, acc_b, parks, alpha, t_smem, c, descs, coords, ring, x_ring, ready, RESCALE: gl.constexpr,
+                   PARK: gl.constexpr, NK1: gl.constexpr, NK2: gl.constexpr, DZP: gl.constexpr, BN: gl.constexpr,
+                   KC: gl.constexpr, STAGES: gl.constexpr, DY1: gl.constexpr, DY2: gl.constexpr, DZ: gl.constexpr,
+                   BM: gl.constexpr):
+    """acc [BM, DVA] += T Z[:, :DVA], then each further register tile of the slice += T Z[its columns]
+    (slice_tiles), T [BM, BN] in t_smem and Z from the stream. The second tile is acc_b; with PARK each
+    further tile is instead the fp32 tile of `parks` (B, C, D), loaded here and stored back (the
+    caller's tile-end barrier orders the store before the next load). RESCALE multiplies the further
+    tiles by alpha first (the forward's online softmax; acc the caller rescales). Returns (acc, acc_b, c)."""
     DVA: gl.constexpr = slice_tiles(DZP, BN, KC, "DVA")
     DVB: gl.constexpr = slice_tiles(DZP, BN, KC, "DVB")
-    VK: gl.constexpr = slice_tiles(DZP, BN, KC, "VK")
-    NV: gl.constexpr = slice_tiles(DZP, BN, KC, "NV")
-    VKB: gl.constexpr = slice_tiles(DZP, BN, KC, "VKB")
-    NVB: gl.constexpr = slice_tiles(DZP, BN, KC, "NVB")
+    DVC: gl.constexpr = slice_tiles(DZP, BN, KC, "DVC")
+    DVD: gl.constexpr = slice_tiles(DZP, BN, KC, "DVD")
+    VKA: gl.constexpr = slice_tiles(DZP, BN, KC, "VKA")
+    NVA: gl.constexpr = slice_tiles(DZP, BN, KC, "NVA")
     dtype: gl.constexpr = t_smem.dtype
     z_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    # the same bytes as NV column blocks [BM, VK] (the caller's swizzle of at most VK columns)
-    blocks = t_smem._reinterpret(dtype, [NV, BM, VK], t_smem.layout)
-    blocks_b = t_smem._reinterpret(dtype, [max(NVB, 1), BM, VKB], t_smem.layout)
-    for j in range(NV):
+    # the same bytes as NVA column blocks [BM, VKA] (the caller's swizzle of at most VKA columns)
+    blocks = t_smem._reinterpret(dtype, [NVA, BM, VKA], t_smem.layout)
+    for j in range(NVA):
         st = c % STAGES
         mbarrier.wait(ready.index(st), (c // STAGES) & 1)
-        z_chunk = ring.index(st)._reinterpret(dtype, [VK, DVA], z_layout)
+        z_chunk = ring.index(st)._reinterpret(dtype, [VKA, DVA], z_layout)
         acc = warpgroup_mma(blocks.index(j), z_chunk, acc, is_async=True)
         acc = warpgroup_mma_wait(1, deps=(acc, ))
         gl.thread_barrier()
         _issue(c + STAGES - 1, descs, coords, ring, x_ring, ready, NK1, NK2, DZP, BN, KC, STAGES, DY1, DY2, DZ)
         c += 1
-    if DVB > 0:
-        if PARK:
-            acc_x = park.load(ob_layout)
-        else:
-            acc_x = acc_b
-        if RESCALE:
-            acc_x = acc_x * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, ob_layout)), 1)
-        for j in range(NVB):
-            st = c % STAGES
-            mbarrier.wait(ready.index(st), (c // STAGES) & 1)
-            z_chunk = ring.index(st)._reinterpret(dtype, [VKB, DVB], z_layout)
-            acc_x = warpgroup_mma(blocks_b.index(j), z_chunk, acc_x, is_async=True)
-            acc, acc_x = warpgroup_mma_wait(1, deps=(acc, acc_x))
-            gl.thread_barrier()
-            _issue(c + STAGES - 1, descs, coords, ring, x_ring, ready, NK1, NK2, DZP, BN, KC, STAGES, DY1, DY2, DZ)
-            c += 1
-        acc, acc_x = warpgroup_mma_wait(0, deps=(acc, acc_x))
-        if PARK:
-            park.store(acc_x)
-        else:
-            acc_b = acc_x
-    else:
+    if DVB == 0:
         acc = warpgroup_mma_wait(0, deps=(acc, ))
+    elif PARK:
+        acc, c = _produce_parked(acc, parks[0], "B", alpha, t_smem, c, descs, coords, ring, x_ring, ready, RESCALE,
+                                 NK1, NK2, DZP, BN, KC, STAGES, DY1, DY2, DZ, BM)
+        if DVC > 0:
+            acc, c = _produce_parked(acc, parks[1], "C", alpha, t_smem, c, descs, coords, ring, x_ring, ready,
+                                     RESCALE, NK1, NK2, DZP, BN, KC, STAGES, DY1, DY2, DZ, BM)
+        if DVD > 0:
+            acc, c = _produce_parked(acc, parks[2], "D", alpha, t_smem, c, descs, coords, ring, x_ring, ready,
+                                     RESCALE, NK1, NK2, DZP, BN, KC, STAGES, DY1, DY2, DZ, BM)
+    else:
+        acc, acc_b, c = _produce_tile(acc, acc_b, "B", alpha, t_smem, c, descs, coords, ring, x_ring, ready, RESCALE,
+                                      NK1, NK2, DZP, BN, KC, STAGES, DY1, DY2, DZ, BM)
     return acc, acc_b, c
+
+
+@gluon.jit
+def _produce_parked(acc, park, TILE: gl.constexpr, alpha, t_smem, c, descs, coords, ring, x_ring, ready,
+                    RESCALE: gl.constexpr, NK1: gl.constexpr, NK2: gl.constexpr, DZP: gl.constexpr, BN: gl.constexpr,
+                    KC: gl.constexpr, STAGES: gl.constexpr, DY1: gl.constexpr, DY2: gl.constexpr, DZ: gl.constexpr,
+                    BM: gl.constexpr):
+    """_produce_tile on the tile parked in `park`: loaded, produced into, stored back. Returns (acc, c)."""
+    acc_x = park.load(split_layout(slice_tiles(DZP, BN, KC, "DV", TILE)))
+    acc, acc_x, c = _produce_tile(acc, acc_x, TILE, alpha, t_smem, c, descs, coords, ring, x_ring, ready, RESCALE,
+                                  NK1, NK2, DZP, BN, KC, STAGES, DY1, DY2, DZ, BM)
+    park.store(acc_x)
+    return acc, c
+
+
+@gluon.jit
+def _produce_tile(acc, acc_x, TILE: gl.constexpr, alpha, t_smem, c, descs, coords, ring, x_ring, ready,
+                  RESCALE: gl.constexpr, NK1: gl.constexpr, NK2: gl.constexpr, DZP: gl.constexpr, BN: gl.constexpr,
+                  KC: gl.constexpr, STAGES: gl.constexpr, DY1: gl.constexpr, DY2: gl.constexpr, DZ: gl.constexpr,
+                  BM: gl.constexpr):
+    """acc_x [BM, DVX] (X = TILE: "B", "C" or "D") += T Z[:, its columns] over its NVX chunks [VKX, DVX],
+    rescaled by alpha first with RESCALE; acc's last product may still be in flight on entry, none is
+    on return. Returns (acc, acc_x, c)."""
+    DVX: gl.constexpr = slice_tiles(DZP, BN, KC, "DV", TILE)
+    VKX: gl.constexpr = slice_tiles(DZP, BN, KC, "VK", TILE)
+    NVX: gl.constexpr = slice_tiles(DZP, BN, KC, "NV", TILE)
+    dtype: gl.constexpr = t_smem.dtype
+    z_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    blocks = t_smem._reinterpret(dtype, [NVX, BM, VKX], t_smem.layout)
+    if RESCALE:
+        acc_x = acc_x * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, split_layout(DVX))), 1)
+    for j in range(NVX):
+        st = c % STAGES
+        mbarrier.wait(ready.index(st), (c // STAGES) & 1)
+        z_chunk = ring.index(st)._reinterpret(dtype, [VKX, DVX], z_layout)
+        acc_x = warpgroup_mma(blocks.index(j), z_chunk, acc_x, is_async=True)
+        acc, acc_x = warpgroup_mma_wait(1, deps=(acc, acc_x))
+        gl.thread_barrier()
+        _issue(c + STAGES - 1, descs, coords, ring, x_ring, ready, NK1, NK2, DZP, BN, KC, STAGES, DY1, DY2, DZ)
+        c += 1
+    acc, acc_x = warpgroup_mma_wait(0, deps=(acc, acc_x))
+    return acc, acc_x, c
 
 
 @gluon.jit
@@ -208,25 +279,64 @@ def store_tile(x, base, stride_s, r0, col0, n_rows, WIDTH: gl.constexpr, BM: gl.
 
 
 @gluon.jit
-def stream_buffers(x_desc, y_desc, t_layout: gl.constexpr, ob_layout: gl.constexpr, PARK: gl.constexpr,
-                   DVB: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, KC: gl.constexpr, STAGES: gl.constexpr):
+def store_slice(acc, acc_b, parks, row_scale, base, stride_s, r0, col0, n_rows, WIDTH: gl.constexpr,
+                PARK: gl.constexpr, DZP: gl.constexpr, BN: gl.constexpr, KC: gl.constexpr, BM: gl.constexpr):
+    """base[r0 : r0 + BM, col0 : col0 + DZP] = the slice (acc, then acc_b or the parked tiles) times
+    row_scale [BM] (a row's factor, in the rows' slice of the S layout); store_tile's bounds."""
+    DVA: gl.constexpr = slice_tiles(DZP, BN, KC, "DVA")
+    DVB: gl.constexpr = slice_tiles(DZP, BN, KC, "DVB")
+    DVC: gl.constexpr = slice_tiles(DZP, BN, KC, "DVC")
+    DVD: gl.constexpr = slice_tiles(DZP, BN, KC, "DVD")
+    _store_scaled(acc, row_scale, base, stride_s, r0, col0, n_rows, WIDTH, BM, DVA)
+    if DVB > 0:
+        if PARK:
+            acc_b = parks[0].load(split_layout(DVB))
+        _store_scaled(acc_b, row_scale, base, stride_s, r0, col0 + DVA, n_rows, WIDTH, BM, DVB)
+    if DVC > 0:
+        _store_scaled(parks[1].load(split_layout(DVC)), row_scale, base, stride_s, r0, col0 + DVA + DVB, n_rows,
+                      WIDTH, BM, DVC)
+    if DVD > 0:
+        _store_scaled(parks[2].load(split_layout(DVD)), row_scale, base, stride_s, r0, col0 + DVA + DVB + DVC,
+                      n_rows, WIDTH, BM, DVD)
+
+
+@gluon.jit
+def _store_scaled(x, row_scale, base, stride_s, r0, col0, n_rows, WIDTH: gl.constexpr, BM: gl.constexpr,
+                  W: gl.constexpr):
+    layout: gl.constexpr = split_layout(W)
+    scale = gl.expand_dims(gl.convert_layout(row_scale, gl.SliceLayout(1, layout)), 1)
+    store_tile(x * scale, base, stride_s, r0, col0, n_rows, WIDTH, BM, W, layout)
+
+
+@gluon.jit
+def stream_buffers(x_desc, y_desc, t_layout: gl.constexpr, PARK: gl.constexpr, DZP: gl.constexpr, BM: gl.constexpr,
+                   BN: gl.constexpr, KC: gl.constexpr, STAGES: gl.constexpr):
     """Shared memory of a program: the ring (STAGES stages of a Y / Z chunk [BN, KC]), the X chunks
-    beside it, the [BM, BN] tile T of the product's A operand (P or dS), the fp32 tile a PARK slice's
-    second register tile waits in between walk tiles (zeroed; T stands in for it without PARK), and
-    the stages' mbarriers. Returns (ring, x_ring, t_smem, park, ready)."""
+    beside it, the [BM, BN] tile T of the product's A operand (P or dS), with PARK the fp32 tiles
+    (zeroed) the slice's further register tiles B, C, D (slice_tiles) wait in between walk tiles (T
+    stands in for those absent), and the stages' mbarriers. Returns (ring, x_ring, t_smem, parks, ready)."""
     dtype: gl.constexpr = x_desc.dtype
     ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BN, KC], y_desc.layout)
     x_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BM, KC], x_desc.layout)
     t_smem = gl.allocate_shared_memory(dtype, [BM, BN], t_layout)
-    park = t_smem
-    if PARK:
-        park_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
-        park = gl.allocate_shared_memory(gl.float32, [BM, DVB], park_layout)
-        park.store(gl.zeros([BM, DVB], gl.float32, ob_layout))
+    parks = (_park_buffer(t_smem, PARK, slice_tiles(DZP, BN, KC, "DVB"), BM),
+             _park_buffer(t_smem, PARK, slice_tiles(DZP, BN, KC, "DVC"), BM),
+             _park_buffer(t_smem, PARK, slice_tiles(DZP, BN, KC, "DVD"), BM))
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-    return ring, x_ring, t_smem, park, ready
+    return ring, x_ring, t_smem, parks, ready
+
+
+@gluon.jit
+def _park_buffer(stand_in, PARK: gl.constexpr, W: gl.constexpr, BM: gl.constexpr):
+    """A zeroed fp32 [BM, W] tile in shared memory where PARK and W > 0, else stand_in."""
+    park = stand_in
+    if PARK and W > 0:
+        park_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+        park = gl.allocate_shared_memory(gl.float32, [BM, W], park_layout)
+        park.store(gl.zeros([BM, W], gl.float32, split_layout(W)))
+    return park
 
 
 @gluon.jit
@@ -240,23 +350,20 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
     sees no key). qk_scale = softmax_scale * log2(e). CAUSAL: key j is visible to query i iff
     j <= i + Sk - Sq. Grid: (n_pass * ceil(Sq / BM) * B * Hq,), O slices fastest: program slice p owns
     O columns v_col_base + p * DVP + [0, DVP) below DV; the slice at column 0 writes Lse. PARK: keep
-    O's second register tile (DVP - DVA columns) in shared memory between key tiles."""
+    O's further register tiles (DVP - DVA columns) in shared memory between key tiles."""
     dtype: gl.constexpr = q_desc.dtype
     NK: gl.constexpr = DQK // KC
     s_layout: gl.constexpr = split_layout(BN)
-    # O [64, DVP] as two register tiles when DVP is not a power of two (slice_tiles), fed by V chunks
-    # [VK, DVA] and [VKB, DVB]
+    # O [64, DVP] as register tiles of powers of two (slice_tiles), fed by V chunks [VKA, DVA], [VKB, DVB], ..
     DVA: gl.constexpr = slice_tiles(DVP, BN, KC, "DVA")
     DVB: gl.constexpr = slice_tiles(DVP, BN, KC, "DVB")
-    VK: gl.constexpr = slice_tiles(DVP, BN, KC, "VK")
-    NV: gl.constexpr = slice_tiles(DVP, BN, KC, "NV")
-    NVB: gl.constexpr = slice_tiles(DVP, BN, KC, "NVB")
+    VKA: gl.constexpr = slice_tiles(DVP, BN, KC, "VKA")
+    NV_ALL: gl.constexpr = (slice_tiles(DVP, BN, KC, "NVA") + slice_tiles(DVP, BN, KC, "NVB") +
+                            slice_tiles(DVP, BN, KC, "NVC") + slice_tiles(DVP, BN, KC, "NVD"))
     o_layout: gl.constexpr = split_layout(DVA)
-    # the second tile's layout (unused, but still a valid layout, when DVB == 0)
-    ob_layout: gl.constexpr = split_layout(max(DVB, 16))
-    # the PV loop reads P in VK-column slices (VK = 32 at BN = 256 and DVA = 512): a swizzle of at most
-    # VK columns (64 bytes; 32 at VK = 16) stores them as whole blocks one after another
-    p_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(64, 2 * VK), element_bitwidth=16, rank=2)
+    # the PV loop reads P in VKA-column slices (VKA = 32 at BN = 256 and DVA = 512): a swizzle of at
+    # most VKA columns (64 bytes; 32 at VKA = 16) stores them as whole blocks one after another
+    p_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(64, 2 * VKA), element_bitwidth=16, rank=2)
 
     n_m = gl.cdiv(seqlen_q, BM)
     pid = gl.program_id(0)
@@ -271,9 +378,8 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
     q0 = tile * BM
     v_col0 = v_col_base + vpass * DVP
 
-    # PARK: acc_b waits in shared memory while S is computed (registers for S beside acc)
-    ring, q_smem, p_smem, park, ready = stream_buffers(q_desc, k_desc, p_layout, ob_layout, PARK, DVB, BM, BN, KC,
-                                                       STAGES)
+    # PARK: the further tiles wait in shared memory while S is computed (registers for S beside acc)
+    ring, q_smem, p_smem, parks, ready = stream_buffers(q_desc, k_desc, p_layout, PARK, DVP, BM, BN, KC, STAGES)
 
     # keys [0, hi): a causal row sees keys up to its own index + Sk - Sq
     hi = seqlen_k
@@ -284,7 +390,7 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
     # GQA walk: the column steps are 0)
     descs = (q_desc, k_desc, q_desc, k_desc, v_desc)
     coords = (b, q0, h * DQK, h * DQK, h_kv * DQK, h_kv * DQK, h_kv * DV + v_col0, 0, n_tiles,
-              n_tiles * (NK + NV + NVB))
+              n_tiles * (NK + NV_ALL))
     for c in gl.static_range(STAGES - 1):  # prologue: STAGES - 1 chunks in flight
         _issue(c, descs, coords, ring, q_smem, ready, NK, 0, DVP, BN, KC, STAGES, 0, 0, 0)
 
@@ -293,7 +399,7 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
     acc = gl.zeros([BM, DVA], gl.float32, o_layout)
     if DVB > 0:
         if not PARK:
-            acc_b = gl.zeros([BM, DVB], gl.float32, ob_layout)
+            acc_b = gl.zeros([BM, DVB], gl.float32, split_layout(DVB))
     rows = q0 + gl.arange(0, BM, layout=gl.SliceLayout(1, s_layout))
     cols0 = gl.arange(0, BN, layout=gl.SliceLayout(0, s_layout))
     c = 0
@@ -326,26 +432,24 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
         fence_async_shared()
         gl.thread_barrier()  # both warpgroups' halves of P are in shared memory
 
-        # -- O += P V: NV chunks of V [VK, DVA] into acc, then NVB of V [VKB, DVB] into the second tile --
+        # -- O += P V: NVA chunks of V [VKA, DVA] into acc, then those of the further tiles --
         if DVB > 0 and not PARK:
-            acc, acc_b, c = produce_chunks(acc, acc_b, park, alpha, p_smem, c, descs, coords, ring, q_smem, ready,
-                                           True, PARK, ob_layout, NK, 0, DVP, BN, KC, STAGES, 0, 0, 0, BM)
+            acc, acc_b, c = produce_chunks(acc, acc_b, parks, alpha, p_smem, c, descs, coords, ring, q_smem, ready,
+                                           True, PARK, NK, 0, DVP, BN, KC, STAGES, 0, 0, 0, BM)
         else:  # no second tile in registers (acc stands in for it)
-            acc, _, c = produce_chunks(acc, acc, park, alpha, p_smem, c, descs, coords, ring, q_smem, ready, True,
-                                       PARK, ob_layout, NK, 0, DVP, BN, KC, STAGES, 0, 0, 0, BM)
-        gl.thread_barrier()  # the next tile rewrites p_smem (and reloads the parked tile)
+            acc, _, c = produce_chunks(acc, acc, parks, alpha, p_smem, c, descs, coords, ring, q_smem, ready, True,
+                                       PARK, NK, 0, DVP, BN, KC, STAGES, 0, 0, 0, BM)
+        gl.thread_barrier()  # the next tile rewrites p_smem (and reloads the parked tiles)
 
     # -- epilogue: normalise; a row that saw no key gives out 0 and lse -inf --
     empty = l_i == 0.0
     l_safe = gl.where(empty, 1.0, l_i)
     out_base = Out + b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh
-    inv_l = gl.expand_dims(gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, o_layout)), 1)
-    store_tile(acc * inv_l, out_base, stride_os, q0, v_col0, seqlen_q, DV, BM, DVA, o_layout)
-    if DVB > 0:
-        if PARK:
-            acc_b = park.load(ob_layout)
-        inv_lb = gl.expand_dims(gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, ob_layout)), 1)
-        store_tile(acc_b * inv_lb, out_base, stride_os, q0, v_col0 + DVA, seqlen_q, DV, BM, DVB, ob_layout)
+    if DVB > 0 and not PARK:
+        store_slice(acc, acc_b, parks, 1.0 / l_safe, out_base, stride_os, q0, v_col0, seqlen_q, DV, PARK, DVP, BN, KC,
+                    BM)
+    else:
+        store_slice(acc, acc, parks, 1.0 / l_safe, out_base, stride_os, q0, v_col0, seqlen_q, DV, PARK, DVP, BN, KC, BM)
     lse = gl.where(empty, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
     lse_ptrs = Lse + b.to(gl.int64) * stride_lse_b + h.to(gl.int64) * stride_lse_h + rows
     gl.store(lse_ptrs, lse, mask=(rows < seqlen_q) & (v_col0 == 0))

@@ -21,7 +21,7 @@ walk tile's X / Y chunks [64, KC] + [256, KC], then Z chunks [VK, DVA] and [VKB,
 forward), so shared memory does not depend on the head dims. Nothing is S x S, nothing is atomic: the
 GQA group's query heads are summed in registers (dK, dV), and dQ recomputes S and dP (FlashAttention-2's
 deterministic split). A gradient wider than a slice runs more programs, each recomputing R1 (and R2).
-PARK: past 512 columns the slice's second register tile waits in shared memory while S is computed.
+PARK: past 512 columns the slice's further register tiles wait in shared memory while S is computed.
 Causal: key j is visible to query i iff j <= i + Sk - Sq; only walk tiles that hold such pairs or rows
 past the sequence end pay for the mask. Features the kernel lacks stay on attention_wide.py
 (wide_gluon_launch.gluon_features).
@@ -32,7 +32,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared
 
 from flashtile.kernels.attention_wide_gluon import (_issue, produce_chunks, reduce_chunks, slice_tiles, split_layout,
-                                                     store_tile, stream_buffers)
+                                                     store_slice, stream_buffers)
 
 LOG2E = gl.constexpr(1.4426950408889634)
 DV_MODE = gl.constexpr(0)
@@ -66,16 +66,15 @@ def wide_bwd_gluon_kernel(x1_desc, y1_desc, x2_desc, y2_desc, z_desc, DX, Lse, D
     NK1: gl.constexpr = DQK // KC
     NK2: gl.constexpr = 0 if MODE == DV_MODE else DV // KC
     s_layout: gl.constexpr = split_layout(BN)
-    # the slice as two register tiles when DZP is not a power of two, fed by Z chunks [VK, DVA] and
-    # [VKB, DVB] (attention_wide_gluon.slice_tiles)
+    # the slice as register tiles of powers of two, fed by Z chunks [VKA, DVA], [VKB, DVB], ..
+    # (attention_wide_gluon.slice_tiles)
     DVA: gl.constexpr = slice_tiles(DZP, BN, KC, "DVA")
     DVB: gl.constexpr = slice_tiles(DZP, BN, KC, "DVB")
-    VK: gl.constexpr = slice_tiles(DZP, BN, KC, "VK")
-    NV: gl.constexpr = slice_tiles(DZP, BN, KC, "NV")
-    NVB: gl.constexpr = slice_tiles(DZP, BN, KC, "NVB")
+    VKA: gl.constexpr = slice_tiles(DZP, BN, KC, "VKA")
+    NV_ALL: gl.constexpr = (slice_tiles(DZP, BN, KC, "NVA") + slice_tiles(DZP, BN, KC, "NVB") +
+                            slice_tiles(DZP, BN, KC, "NVC") + slice_tiles(DZP, BN, KC, "NVD"))
     o_layout: gl.constexpr = split_layout(DVA)
-    ob_layout: gl.constexpr = split_layout(max(DVB, 16))
-    t_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(64, 2 * VK), element_bitwidth=16, rank=2)
+    t_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(64, 2 * VKA), element_bitwidth=16, rank=2)
 
     # -- which rows this program owns and which tiles it walks --
     off = seqlen_k - seqlen_q  # causal: key j visible to query i iff j <= i + off
@@ -123,14 +122,13 @@ def wide_bwd_gluon_kernel(x1_desc, y1_desc, x2_desc, y2_desc, z_desc, DX, Lse, D
         n_t = gl.cdiv(hi, BN)
     n_walk = n_t * n_walk_heads
     descs = (x1_desc, y1_desc, x2_desc, y2_desc, z_desc)
-    coords = (b, x0, x1_col, x2_col, y1_col, y2_col, z_col, t_lo, n_t, n_walk * (NK1 + NK2 + NV + NVB))
+    coords = (b, x0, x1_col, x2_col, y1_col, y2_col, z_col, t_lo, n_t, n_walk * (NK1 + NK2 + NV_ALL))
     # the column steps from one query head of the group to the next (a group walk only where TRANS)
     DY1: gl.constexpr = DQK if TRANS else 0
     DY2: gl.constexpr = DV if TRANS else 0
     DZS: gl.constexpr = DZ if TRANS else 0
 
-    ring, x_ring, t_smem, park, ready = stream_buffers(x1_desc, y1_desc, t_layout, ob_layout, PARK, DVB, BM, BN, KC,
-                                                       STAGES)
+    ring, x_ring, t_smem, parks, ready = stream_buffers(x1_desc, y1_desc, t_layout, PARK, DZP, BM, BN, KC, STAGES)
 
     for c in gl.static_range(STAGES - 1):  # prologue: STAGES - 1 chunks in flight
         _issue(c, descs, coords, ring, x_ring, ready, NK1, NK2, DZP, BN, KC, STAGES, DY1, DY2, DZS)
@@ -146,7 +144,7 @@ def wide_bwd_gluon_kernel(x1_desc, y1_desc, x2_desc, y2_desc, z_desc, DX, Lse, D
     acc = gl.zeros([BM, DVA], gl.float32, o_layout)
     if DVB > 0:
         if not PARK:
-            acc_b = gl.zeros([BM, DVB], gl.float32, ob_layout)
+            acc_b = gl.zeros([BM, DVB], gl.float32, split_layout(DVB))
     c = 0
     for w in range(n_walk):
         g = w // n_t
@@ -196,19 +194,19 @@ def wide_bwd_gluon_kernel(x1_desc, y1_desc, x2_desc, y2_desc, z_desc, DX, Lse, D
         fence_async_shared()
         gl.thread_barrier()  # both warpgroups' halves of T are in shared memory
 
-        # -- acc += T Z: NV chunks of Z [VK, DVA] into acc, then NVB of Z [VKB, DVB] into the second tile --
+        # -- acc += T Z: NVA chunks of Z [VKA, DVA] into acc, then those of the further tiles --
         if DVB > 0 and not PARK:
-            acc, acc_b, c = produce_chunks(acc, acc_b, park, rows, t_smem, c, descs, coords, ring, x_ring, ready,
-                                           False, PARK, ob_layout, NK1, NK2, DZP, BN, KC, STAGES, DY1, DY2, DZS, BM)
+            acc, acc_b, c = produce_chunks(acc, acc_b, parks, rows, t_smem, c, descs, coords, ring, x_ring, ready,
+                                           False, PARK, NK1, NK2, DZP, BN, KC, STAGES, DY1, DY2, DZS, BM)
         else:  # no second tile in registers (acc stands in for it)
-            acc, _, c = produce_chunks(acc, acc, park, rows, t_smem, c, descs, coords, ring, x_ring, ready, False,
-                                       PARK, ob_layout, NK1, NK2, DZP, BN, KC, STAGES, DY1, DY2, DZS, BM)
-        gl.thread_barrier()  # the next walk tile rewrites t_smem (and reloads the parked tile)
+            acc, _, c = produce_chunks(acc, acc, parks, rows, t_smem, c, descs, coords, ring, x_ring, ready, False,
+                                       PARK, NK1, NK2, DZP, BN, KC, STAGES, DY1, DY2, DZS, BM)
+        gl.thread_barrier()  # the next walk tile rewrites t_smem (and reloads the parked tiles)
 
     # -- epilogue: the gradient slice, scaled (dK, dQ: softmax_scale) --
     dx_base = DX + b.to(gl.int64) * stride_xb + h_row.to(gl.int64) * stride_xh
-    store_tile(acc * out_scale, dx_base, stride_xs, x0, z_col0, rows_len, DZ, BM, DVA, o_layout)
-    if DVB > 0:
-        if PARK:
-            acc_b = park.load(ob_layout)
-        store_tile(acc_b * out_scale, dx_base, stride_xs, x0, z_col0 + DVA, rows_len, DZ, BM, DVB, ob_layout)
+    scale = gl.full([BM], out_scale, gl.float32, gl.SliceLayout(1, s_layout))
+    if DVB > 0 and not PARK:
+        store_slice(acc, acc_b, parks, scale, dx_base, stride_xs, x0, z_col0, rows_len, DZ, PARK, DZP, BN, KC, BM)
+    else:
+        store_slice(acc, acc, parks, scale, dx_base, stride_xs, x0, z_col0, rows_len, DZ, PARK, DZP, BN, KC, BM)
