@@ -92,9 +92,12 @@ def test_matches_oracle(shape, causal, dtype, gluon_runs, gluon_backward_runs):
     (1, 257, 129, 2, 2, 960, 512),
     (1, 33, 65, 2, 1, 1000, 1000),  # still two slices of 512
 ], ids=lambda s: "x".join(map(str, s)))
-def test_slices_with_more_parked_tiles(shape, causal, monkeypatch, gluon_runs, gluon_backward_runs):
-    """PARKED_TILES = 3: one slice of up to 960 columns, its tiles past 512 parked in shared memory."""
+@pytest.mark.parametrize("narrow", [False, True], ids=["chunks64", "chunks32"])
+def test_slices_with_more_parked_tiles(shape, causal, narrow, monkeypatch, gluon_runs, gluon_backward_runs):
+    """PARKED_TILES = 3: one slice of up to 960 columns, its tiles past 512 parked in shared memory; with
+    NARROW_CHUNKS, the slices left with 2 ring stages (832 and wider) stream 32-column chunks."""
     monkeypatch.setattr(wide_gluon_launch, "PARKED_TILES", 3)
+    monkeypatch.setattr(wide_gluon_launch, "NARROW_CHUNKS", narrow)
     q, k, v = _make(shape, torch.bfloat16)
     with ft.use_backend("triton"):
         check_against_oracle(q, k, v, causal=causal)
@@ -220,18 +223,21 @@ def test_rule(rule, dims, dtype, device, want):
     assert heads(*dims, dtype, device) is want
 
 
-def test_park_and_stages():
-    """Slices past 512 columns park their further tiles; the ring keeps 4 stages while shared memory
-    holds them (576, 640), 3 at 704 / 768, 2 from 832 to the widest slice, 960."""
-    assert wide_gluon_launch._park_and_stages(512) == (False, 4)
-    assert wide_gluon_launch._park_and_stages(576) == (True, 4)
-    assert wide_gluon_launch._park_and_stages(640) == (True, 4)
-    assert wide_gluon_launch._park_and_stages(704) == (True, 3)
-    assert wide_gluon_launch._park_and_stages(768) == (True, 3)
-    assert wide_gluon_launch._park_and_stages(832) == (True, 2)
-    assert wide_gluon_launch._park_and_stages(960) == (True, 2)
+def test_ring_plan(monkeypatch):
+    """Slices past 512 columns park their further tiles; the ring keeps 4 stages of 64-column chunks
+    while shared memory holds them (576, 640), 3 at 704 / 768, 2 from 832 to the widest slice, 960;
+    with NARROW_CHUNKS those with 2 stream 32-column chunks, as many as fit."""
+    plan = wide_gluon_launch.ring_plan
+    assert [plan(w) for w in (512, 576, 640, 704, 768, 832, 960)] == [
+        (False, 4, 64), (True, 4, 64), (True, 4, 64), (True, 3, 64), (True, 3, 64), (True, 2, 64), (True, 2, 64)]
     with pytest.raises(AssertionError, match="1024 columns"):
-        wide_gluon_launch._park_and_stages(1024)
+        plan(1024)
+    monkeypatch.setattr(wide_gluon_launch, "NARROW_CHUNKS", True)
+    assert [plan(w) for w in (512, 768, 832, 896, 960)] == [
+        (False, 4, 64), (True, 3, 64), (True, 5, 32), (True, 4, 32), (True, 4, 32)]
+    for w in range(576, 961, 64):
+        park, stages, kc = plan(w)
+        assert wide_gluon_launch._shared_bytes(w, stages, kc) <= wide_gluon_launch.SHARED_MEMORY
 
 
 @pytest.mark.parametrize("parked_tiles", [1, 3])
@@ -266,7 +272,7 @@ def test_o_slices(parked_tiles, monkeypatch):
                 assert tiles[2] == 0
             else:
                 assert tiles[0] == 512 and 0 < sum(t > 0 for t in tiles[1:]) <= parked_tiles
-                wide_gluon_launch._park_and_stages(width)  # fits shared memory
+                wide_gluon_launch.ring_plan(width)  # fits shared memory
             covered += width * n
         assert dv <= covered < dv + 512
         assert len(wide_gluon_launch.o_slices(dv)) == 1 or covered - dv < 256

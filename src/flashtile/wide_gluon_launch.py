@@ -30,9 +30,12 @@ REGISTER_SLICE = 512  # wider slices park their further register tiles in shared
 # (each recomputing S, and dK / dQ dP): compiled (kernels/attention_wide_gluon.slice_tiles), its speed
 # not measured yet (docs/perf_notes.md, session 40).
 PARKED_TILES = 1
+# Whether a slice whose ring holds only 2 stages of 64-column chunks streams 32-column ones (ring_plan):
+# compiled, not measured yet.
+NARROW_CHUNKS = False
 SHARED_MEMORY = 232448  # bytes a program may use on sm_90
 O_SLICE = 512  # the O slice of wider heads (128 registers a thread over two warpgroups)
-CHUNK_COLUMNS = 64  # the narrowest O slice: one TMA box of V
+CHUNK_COLUMNS = 64  # the narrowest O slice, one TMA box of V; a ring chunk's columns (kernels' CHUNK)
 LOG2E = 1.4426950408889634
 
 
@@ -46,14 +49,14 @@ def _tma_view(t: torch.Tensor) -> Optional[tuple]:
     return [B, S, H * D], [sb, ss, 1]
 
 
-def _descriptor(t: torch.Tensor, view: tuple, rows: int):
+def _descriptor(t: torch.Tensor, view: tuple, rows: int, cols: int):
+    """A TMA descriptor over view of t (16-bit) with boxes [1, rows, cols], swizzled by their row's bytes
+    (at most 128)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from flashtile.kernels.attention_wide_gluon import CHUNK
-
-    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=3)
-    return TensorDescriptor(t, view[0], view[1], [1, rows, CHUNK], layout)
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=min(128, 2 * cols), element_bitwidth=16, rank=3)
+    return TensorDescriptor(t, view[0], view[1], [1, rows, cols], layout)
 
 
 def gluon_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, left: Optional[int], right: Optional[int],
@@ -86,15 +89,15 @@ def gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
 
     B, Sq, Hq, D = q.shape
     Sk, Hkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    descs = (_descriptor(q, views[0], BLOCK_M), _descriptor(k, views[1], KEYS_PER_TILE),
-             _descriptor(v, views[2], KEYS_PER_TILE // 8))  # 8 boxes of V fill a stage
     n_m = triton.cdiv(Sq, BLOCK_M)
     with torch.cuda.device(q.device):
         for col0, dvp, n_pass in o_slices(Dv):
-            park, stages = _park_and_stages(dvp)
+            park, stages, kc = ring_plan(dvp)
+            descs = (_descriptor(q, views[0], BLOCK_M, kc), _descriptor(k, views[1], KEYS_PER_TILE, kc),
+                     _descriptor(v, views[2], KEYS_PER_TILE * kc // 512, CHUNK))  # 8 boxes of V fill a stage
             wide_fwd_gluon_kernel[(n_pass * n_m * B * Hq,)](
                 *descs, out, lse, *out.stride()[:3], *lse.stride()[:2], Sq, Sk, Hq, Hq // Hkv, softmax_scale * LOG2E,
-                n_pass, col0, D, Dv, dvp, BLOCK_M, KEYS_PER_TILE, CHUNK, stages, right == 0, park,
+                n_pass, col0, D, Dv, dvp, BLOCK_M, KEYS_PER_TILE, kc, stages, right == 0, park,
                 num_warps=8)
     return True
 
@@ -112,27 +115,29 @@ def gluon_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     Sk, Hkv, Dv = k.shape[1], k.shape[2], v.shape[-1]
     tensors = dict(q=q, k=k, v=v, do=dout)
 
-    def own(name):  # a tensor read as the owner's rows: boxes [1, 64, 64]
-        return _descriptor(tensors[name], _tma_view(tensors[name]), BLOCK_M)
+    def own(name, kc):  # a tensor read as the owner's rows: boxes [1, 64, kc]
+        return _descriptor(tensors[name], _tma_view(tensors[name]), BLOCK_M, kc)
 
-    def walk(name):  # read as the walked tile's rows: boxes [1, 256, 64]
-        return _descriptor(tensors[name], _tma_view(tensors[name]), KEYS_PER_TILE)
+    def walk(name, kc):  # read as the walked tile's rows: boxes [1, 256, kc]
+        return _descriptor(tensors[name], _tma_view(tensors[name]), KEYS_PER_TILE, kc)
 
-    def z(name):  # read as the produced gradient's operand: 8 boxes [1, 32, 64] fill a stage
-        return _descriptor(tensors[name], _tma_view(tensors[name]), KEYS_PER_TILE // 8)
+    def z(name, kc):  # read as the produced gradient's operand: 8 boxes [1, 256 * kc / 512, 64] fill a stage
+        return _descriptor(tensors[name], _tma_view(tensors[name]), KEYS_PER_TILE * kc // 512, CHUNK)
 
     if lse.stride() != delta.stride():  # the kernel reads both with lse's strides
         lse = lse.contiguous()
-    launches = ((DV_MODE, (own("k"), walk("q"), own("k"), walk("q"), z("do")), dv, Sk, Hkv, Dv, 1.0),
-                (DK_MODE, (own("k"), walk("q"), own("v"), walk("do"), z("q")), dk, Sk, Hkv, D, softmax_scale),
-                (DQ_MODE, (own("q"), walk("k"), own("do"), walk("v"), z("k")), dq, Sq, Hq, D, softmax_scale))
+    # (mode, (X1, Y1, X2, Y2, Z), gradient, its rows, its heads, its width, its scale)
+    launches = ((DV_MODE, ("k", "q", "k", "q", "do"), dv, Sk, Hkv, Dv, 1.0),
+                (DK_MODE, ("k", "q", "v", "do", "q"), dk, Sk, Hkv, D, softmax_scale),
+                (DQ_MODE, ("q", "k", "do", "v", "k"), dq, Sq, Hq, D, softmax_scale))
     with torch.cuda.device(q.device):
-        for mode, descs, grad, n_rows, heads, width, scale in launches:
+        for mode, (x1, y1, x2, y2, zz), grad, n_rows, heads, width, scale in launches:
             for col0, dzp, n_pass in o_slices(width):
-                park, stages = _park_and_stages(dzp)
+                park, stages, kc = ring_plan(dzp)
+                descs = (own(x1, kc), walk(y1, kc), own(x2, kc), walk(y2, kc), z(zz, kc))
                 wide_bwd_gluon_kernel[(n_pass * triton.cdiv(n_rows, BLOCK_M) * B * heads,)](
                     *descs, grad, lse, delta, *grad.stride()[:3], *lse.stride()[:2], Sq, Sk, Hq, Hq // Hkv,
-                    softmax_scale * LOG2E, scale, n_pass, col0, mode, D, Dv, dzp, BLOCK_M, KEYS_PER_TILE, CHUNK,
+                    softmax_scale * LOG2E, scale, n_pass, col0, mode, D, Dv, dzp, BLOCK_M, KEYS_PER_TILE, kc,
                     stages, causal, park, num_warps=8)
 
 
@@ -147,27 +152,37 @@ def gluon_backward_applies(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     return all(_tma_view(t) is not None for t in (dout, q, k, v)) and min(q.shape[1], k.shape[1]) > 0
 
 
-def _park_and_stages(dvp: int) -> Tuple[bool, int]:
-    """Whether an O slice of dvp columns parks its further register tiles (kernel's PARK), and the ring
-    stages that fit beside them (at least 2). Held in registers past 512 columns, a second tile
-    spilled (576: 40 bytes a thread, 640: 264, 768: 1.3 KB); parked, 64 x (dvp - 512) fp32 in shared
-    memory, nothing spills."""
-    if dvp <= REGISTER_SLICE:
-        return False, STAGES
-    stages = STAGES
-    while stages > 2 and _shared_bytes(dvp, stages) > SHARED_MEMORY:
+def ring_plan(dvp: int) -> Tuple[bool, int, int]:
+    """(PARK, ring stages, chunk columns KC) of a program holding an O slice of dvp columns. Past 512
+    columns it parks its further register tiles (held in registers, a second tile spilled: 576: 40
+    bytes a thread, 640: 264, 768: 1.3 KB; parked, 64 x (dvp - 512) fp32 in shared memory, nothing
+    spills); the ring keeps as many of its STAGES 64-column stages as fit beside them, at least 2.
+    With NARROW_CHUNKS a slice left with 2 streams 32-column chunks instead (half a stage's bytes),
+    as many stages as fit up to 2 * STAGES: more chunks in flight in the same memory."""
+    park = dvp > REGISTER_SLICE
+    stages = _stages(dvp, CHUNK_COLUMNS, STAGES)
+    if NARROW_CHUNKS and stages == 2:
+        return park, _stages(dvp, CHUNK_COLUMNS // 2, 2 * STAGES), CHUNK_COLUMNS // 2
+    return park, stages, CHUNK_COLUMNS
+
+
+def _stages(dvp: int, kc: int, most: int) -> int:
+    """The most ring stages of kc-column chunks (at most `most`, at least 2) that fit beside the rest."""
+    stages = most
+    while stages > 2 and _shared_bytes(dvp, stages, kc) > SHARED_MEMORY:
         stages -= 1
-    assert _shared_bytes(dvp, stages) <= SHARED_MEMORY, f"an O slice of {dvp} columns does not fit"
-    return True, stages
+    assert _shared_bytes(dvp, stages, kc) <= SHARED_MEMORY, f"an O slice of {dvp} columns does not fit"
+    return stages
 
 
-def _shared_bytes(dvp: int, stages: int) -> int:
-    """Shared memory of a program holding an O slice of dvp columns: the ring's stages (a K or V chunk,
-    Q's chunk beside it), P, the parked fp32 tiles past 512 columns, and room for the barriers."""
-    from flashtile.kernels.attention_wide_gluon import BLOCK_M, CHUNK
+def _shared_bytes(dvp: int, stages: int, kc: int = CHUNK_COLUMNS) -> int:
+    """Shared memory of a program holding an O slice of dvp columns: the ring's stages (a K or V chunk
+    of kc columns, Q's chunk beside it), P, the parked fp32 tiles past 512 columns, and room for the
+    barriers."""
+    from flashtile.kernels.attention_wide_gluon import BLOCK_M
 
     parked = max(dvp - REGISTER_SLICE, 0)
-    return stages * (KEYS_PER_TILE + BLOCK_M) * CHUNK * 2 + BLOCK_M * KEYS_PER_TILE * 2 + BLOCK_M * parked * 4 + 1024
+    return stages * (KEYS_PER_TILE + BLOCK_M) * kc * 2 + BLOCK_M * KEYS_PER_TILE * 2 + BLOCK_M * parked * 4 + 1024
 
 
 def slice_width(dv: int) -> int:

@@ -36,7 +36,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 LN2 = gl.constexpr(0.6931471805599453)
 BLOCK_M = 64  # query rows a program: one wgmma row tile, shared by both warpgroups
-CHUNK = 64  # columns of a Q / K chunk, and of each TMA box of V (one 128-byte swizzle row of 16-bit data)
+CHUNK = 64  # columns of a TMA box of V (one 128-byte swizzle row of 16-bit data), and of a Q / K chunk
+# (KC; wide_gluon_launch.ring_plan may stream 32-column chunks instead)
 
 
 @gluon.constexpr_function
@@ -100,9 +101,9 @@ def _issue(c, descs, coords, ring, x_ring, ready, NK1: gl.constexpr, NK2: gl.con
         y0 = (t_lo + w - g * n_t) * BN
     bar = ready.index(s)
     do = c < total
-    # a Z chunk is 8 TMA boxes [VBOX, 64] (a stage), placed as the [rows, width] tile the MMA reads:
-    # 64-column blocks one after another, each its rows top to bottom
-    VBOX: gl.constexpr = BN // 8  # rows of a Z box: the launchers' Z descriptor
+    # a Z chunk is 8 TMA boxes [VBOX, 64] (a stage of BN * KC elements), placed as the [rows, width]
+    # tile the MMA reads: 64-column blocks one after another, each its rows top to bottom
+    VBOX: gl.constexpr = BN * KC // 512  # rows of a Z box: the launchers' Z descriptor
     zbuf = ring.index(s)._reinterpret(z_desc.dtype, [8, 1, VBOX, 64], z_desc.layout)
     if i < NK1:  # X1's chunk travels with Y1's
         mbarrier.expect(bar, y1_desc.block_type.nbytes + x1_desc.block_type.nbytes, pred=do)
