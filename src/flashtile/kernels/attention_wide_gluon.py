@@ -48,7 +48,8 @@ def slice_tiles(dzp, bn, kc, which, tile=""):
     power of two <= dzp, at most 512) plus the rest's powers of two from the largest down, each at
     least 64 (320 = 256 + 64, 576 = 512 + 64, 832 = 512 + 256 + 64, 960 = 512 + 256 + 128 + 64; 0: no
     such tile). Tile X's operand streams as NVX chunks [VKX, DVX], each filling one ring stage of
-    bn * kc elements. `tile` (a constexpr) may carry the name's last letter: ("DV", "B") is "DVB"."""
+    bn * kc elements (NZ: all tiles' chunks). `tile` (a constexpr) may carry the name's last letter:
+    ("DV", "B") is "DVB"."""
     dzp, bn, kc, which, tile = (getattr(x, "value", x) for x in (dzp, bn, kc, which, tile))
     which += tile
     dva = 512 if dzp >= 512 else (256 if dzp >= 256 else (128 if dzp >= 128 else 64))
@@ -56,6 +57,8 @@ def slice_tiles(dzp, bn, kc, which, tile=""):
     for name in "BCD":
         widths[name] = max(1 << (rest.bit_length() - 1), 64) if rest > 0 else 0
         rest -= widths[name]
+    if which == "NZ":  # Z chunks a walk tile, all tiles together
+        return sum(bn // (bn * kc // width) for width in widths.values() if width > 0)
     name = which[-1]
     vk = bn * kc // max(widths[name], 64)
     at = sum(widths[x] for x in "ABCD" if x < name)  # the tile's first column in the slice
@@ -67,6 +70,15 @@ def split_layout(n):
     """The register layout of a [64, n] wgmma tile split over two warpgroups, n / 2 columns each."""
     n = getattr(n, "value", n)
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, n // 2, 16])
+
+
+@gluon.constexpr_function
+def t_layout(dzp, bn, kc):
+    """The shared layout of the [64, bn] tile T (P or dS) that the product reads in VKA-column blocks
+    (VKA = 32 at bn = 256, kc = 64 and DVA = 512): a swizzle of at most VKA columns (64 bytes; 32 at
+    VKA = 16) stores them as whole blocks one after another."""
+    vka = slice_tiles(dzp, bn, kc, "VKA")
+    return gl.NVMMASharedLayout(swizzle_byte_width=min(64, 2 * vka), element_bitwidth=16, rank=2)
 
 
 @gluon.jit
@@ -310,8 +322,8 @@ def _store_scaled(x, row_scale, base, stride_s, r0, col0, n_rows, WIDTH: gl.cons
 
 
 @gluon.jit
-def stream_buffers(x_desc, y_desc, t_layout: gl.constexpr, PARK: gl.constexpr, DZP: gl.constexpr, BM: gl.constexpr,
-                   BN: gl.constexpr, KC: gl.constexpr, STAGES: gl.constexpr):
+def stream_buffers(x_desc, y_desc, PARK: gl.constexpr, DZP: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                   KC: gl.constexpr, STAGES: gl.constexpr):
     """Shared memory of a program: the ring (STAGES stages of a Y / Z chunk [BN, KC]), the X chunks
     beside it, the [BM, BN] tile T of the product's A operand (P or dS), with PARK the fp32 tiles
     (zeroed) the slice's further register tiles B, C, D (slice_tiles) wait in between walk tiles (T
@@ -319,7 +331,7 @@ def stream_buffers(x_desc, y_desc, t_layout: gl.constexpr, PARK: gl.constexpr, D
     dtype: gl.constexpr = x_desc.dtype
     ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BN, KC], y_desc.layout)
     x_ring = gl.allocate_shared_memory(dtype, [STAGES, 1, BM, KC], x_desc.layout)
-    t_smem = gl.allocate_shared_memory(dtype, [BM, BN], t_layout)
+    t_smem = gl.allocate_shared_memory(dtype, [BM, BN], t_layout(DZP, BN, KC))
     parks = (_park_buffer(t_smem, PARK, slice_tiles(DZP, BN, KC, "DVB"), BM),
              _park_buffer(t_smem, PARK, slice_tiles(DZP, BN, KC, "DVC"), BM),
              _park_buffer(t_smem, PARK, slice_tiles(DZP, BN, KC, "DVD"), BM))
@@ -355,16 +367,11 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
     dtype: gl.constexpr = q_desc.dtype
     NK: gl.constexpr = DQK // KC
     s_layout: gl.constexpr = split_layout(BN)
-    # O [64, DVP] as register tiles of powers of two (slice_tiles), fed by V chunks [VKA, DVA], [VKB, DVB], ..
+    # O [64, DVP] as register tiles of powers of two (slice_tiles), fed by NZ V chunks [VKA, DVA], [VKB, DVB], ..
     DVA: gl.constexpr = slice_tiles(DVP, BN, KC, "DVA")
     DVB: gl.constexpr = slice_tiles(DVP, BN, KC, "DVB")
-    VKA: gl.constexpr = slice_tiles(DVP, BN, KC, "VKA")
-    NV_ALL: gl.constexpr = (slice_tiles(DVP, BN, KC, "NVA") + slice_tiles(DVP, BN, KC, "NVB") +
-                            slice_tiles(DVP, BN, KC, "NVC") + slice_tiles(DVP, BN, KC, "NVD"))
+    NZ: gl.constexpr = slice_tiles(DVP, BN, KC, "NZ")
     o_layout: gl.constexpr = split_layout(DVA)
-    # the PV loop reads P in VKA-column slices (VKA = 32 at BN = 256 and DVA = 512): a swizzle of at
-    # most VKA columns (64 bytes; 32 at VKA = 16) stores them as whole blocks one after another
-    p_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(64, 2 * VKA), element_bitwidth=16, rank=2)
 
     n_m = gl.cdiv(seqlen_q, BM)
     pid = gl.program_id(0)
@@ -380,7 +387,7 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
     v_col0 = v_col_base + vpass * DVP
 
     # PARK: the further tiles wait in shared memory while S is computed (registers for S beside acc)
-    ring, q_smem, p_smem, parks, ready = stream_buffers(q_desc, k_desc, p_layout, PARK, DVP, BM, BN, KC, STAGES)
+    ring, q_smem, p_smem, parks, ready = stream_buffers(q_desc, k_desc, PARK, DVP, BM, BN, KC, STAGES)
 
     # keys [0, hi): a causal row sees keys up to its own index + Sk - Sq
     hi = seqlen_k
@@ -391,7 +398,7 @@ def wide_fwd_gluon_kernel(q_desc, k_desc, v_desc, Out, Lse, stride_ob, stride_os
     # GQA walk: the column steps are 0)
     descs = (q_desc, k_desc, q_desc, k_desc, v_desc)
     coords = (b, q0, h * DQK, h * DQK, h_kv * DQK, h_kv * DQK, h_kv * DV + v_col0, 0, n_tiles,
-              n_tiles * (NK + NV_ALL))
+              n_tiles * (NK + NZ))
     for c in gl.static_range(STAGES - 1):  # prologue: STAGES - 1 chunks in flight
         _issue(c, descs, coords, ring, q_smem, ready, NK, 0, DVP, BN, KC, STAGES, 0, 0, 0)
 

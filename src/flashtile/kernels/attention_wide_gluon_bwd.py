@@ -66,15 +66,12 @@ def wide_bwd_gluon_kernel(x1_desc, y1_desc, x2_desc, y2_desc, z_desc, DX, Lse, D
     NK1: gl.constexpr = DQK // KC
     NK2: gl.constexpr = 0 if MODE == DV_MODE else DV // KC
     s_layout: gl.constexpr = split_layout(BN)
-    # the slice as register tiles of powers of two, fed by Z chunks [VKA, DVA], [VKB, DVB], ..
+    # the slice as register tiles of powers of two, fed by NZ Z chunks [VKA, DVA], [VKB, DVB], ..
     # (attention_wide_gluon.slice_tiles)
     DVA: gl.constexpr = slice_tiles(DZP, BN, KC, "DVA")
     DVB: gl.constexpr = slice_tiles(DZP, BN, KC, "DVB")
-    VKA: gl.constexpr = slice_tiles(DZP, BN, KC, "VKA")
-    NV_ALL: gl.constexpr = (slice_tiles(DZP, BN, KC, "NVA") + slice_tiles(DZP, BN, KC, "NVB") +
-                            slice_tiles(DZP, BN, KC, "NVC") + slice_tiles(DZP, BN, KC, "NVD"))
+    NZ: gl.constexpr = slice_tiles(DZP, BN, KC, "NZ")
     o_layout: gl.constexpr = split_layout(DVA)
-    t_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=min(64, 2 * VKA), element_bitwidth=16, rank=2)
 
     # -- which rows this program owns and which tiles it walks --
     off = seqlen_k - seqlen_q  # causal: key j visible to query i iff j <= i + off
@@ -122,13 +119,13 @@ def wide_bwd_gluon_kernel(x1_desc, y1_desc, x2_desc, y2_desc, z_desc, DX, Lse, D
         n_t = gl.cdiv(hi, BN)
     n_walk = n_t * n_walk_heads
     descs = (x1_desc, y1_desc, x2_desc, y2_desc, z_desc)
-    coords = (b, x0, x1_col, x2_col, y1_col, y2_col, z_col, t_lo, n_t, n_walk * (NK1 + NK2 + NV_ALL))
+    coords = (b, x0, x1_col, x2_col, y1_col, y2_col, z_col, t_lo, n_t, n_walk * (NK1 + NK2 + NZ))
     # the column steps from one query head of the group to the next (a group walk only where TRANS)
     DY1: gl.constexpr = DQK if TRANS else 0
     DY2: gl.constexpr = DV if TRANS else 0
     DZS: gl.constexpr = DZ if TRANS else 0
 
-    ring, x_ring, t_smem, parks, ready = stream_buffers(x1_desc, y1_desc, t_layout, PARK, DZP, BM, BN, KC, STAGES)
+    ring, x_ring, t_smem, parks, ready = stream_buffers(x1_desc, y1_desc, PARK, DZP, BM, BN, KC, STAGES)
 
     for c in gl.static_range(STAGES - 1):  # prologue: STAGES - 1 chunks in flight
         _issue(c, descs, coords, ring, x_ring, ready, NK1, NK2, DZP, BN, KC, STAGES, DY1, DY2, DZS)
