@@ -81,19 +81,25 @@ def test_matches_oracle(shape, causal, dtype, gluon_runs, gluon_backward_runs):
     assert gluon_runs == [True] and len(gluon_backward_runs) == 1
 
 
+# shapes whose slices use PARKED_TILES = 3, and whether one of them is left with 2 ring stages (832..960
+# columns), the ones NARROW_CHUNKS changes
+MORE_PARKED = [
+    ((1, 129, 77, 2, 1, 700, 333), False),  # 704 = 512 + 128 + 64
+    ((1, 64, 99, 2, 1, 832, 700), True),  # 832 = 512 + 256 + 64 (three Z streams)
+    ((1, 90, 120, 2, 2, 320, 832), True),
+    ((1, 100, 140, 2, 1, 896, 896), True),  # 512 + 256 + 128
+    ((2, 70, 333, 3, 1, 900, 900), True),  # padded to 960 = 512 + 256 + 128 + 64
+    ((1, 257, 129, 2, 2, 960, 512), True),
+    ((1, 33, 65, 2, 1, 1000, 1000), False),  # still two slices of 512
+]
+
+
 @needs_hopper
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("shape", [
-    (1, 129, 77, 2, 1, 700, 333),  # 704 = 512 + 128 + 64
-    (1, 64, 99, 2, 1, 832, 700),  # 832 = 512 + 256 + 64 (three Z streams), 2 ring stages
-    (1, 90, 120, 2, 2, 320, 832),
-    (1, 100, 140, 2, 1, 896, 896),  # 512 + 256 + 128
-    (2, 70, 333, 3, 1, 900, 900),  # padded to 960 = 512 + 256 + 128 + 64
-    (1, 257, 129, 2, 2, 960, 512),
-    (1, 33, 65, 2, 1, 1000, 1000),  # still two slices of 512
-], ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("narrow", [False, True], ids=["chunks64", "chunks32"])
-def test_slices_with_more_parked_tiles(shape, causal, narrow, monkeypatch, gluon_runs, gluon_backward_runs):
+@pytest.mark.parametrize("shape, narrow", [(shape, False) for shape, _ in MORE_PARKED] +
+                         [(shape, True) for shape, two_stages in MORE_PARKED if two_stages],
+                         ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else ("chunks32" if x else "chunks64"))
+def test_slices_with_more_parked_tiles(shape, narrow, causal, monkeypatch, gluon_runs, gluon_backward_runs):
     """PARKED_TILES = 3: one slice of up to 960 columns, its tiles past 512 parked in shared memory; with
     NARROW_CHUNKS, the slices left with 2 ring stages (832 and wider) stream 32-column chunks."""
     monkeypatch.setattr(wide_gluon_launch, "PARKED_TILES", 3)
@@ -221,6 +227,19 @@ def test_rule(rule, dims, dtype, device, want):
             want = False
     heads = dispatch.gluon_forward_heads if rule == "forward" else dispatch.gluon_backward_heads
     assert heads(*dims, dtype, device) is want
+
+
+@pytest.mark.parametrize("shape, two_stages", MORE_PARKED, ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple)
+                         else str(x))
+def test_more_parked_shapes(shape, two_stages, monkeypatch):
+    """MORE_PARKED's flag says whether a slice of the shape's (padded) head dims, under PARKED_TILES = 3,
+    has 2 ring stages of 64-column chunks (where NARROW_CHUNKS applies), and each shape parks more
+    than one tile somewhere or runs two slices."""
+    monkeypatch.setattr(wide_gluon_launch, "PARKED_TILES", 3)
+    slices = [s for dim in shape[5:] for s in wide_gluon_launch.o_slices(-(-dim // 64) * 64)]
+    assert any(wide_gluon_launch.ring_plan(width)[1] == 2 for _, width, _ in slices) == two_stages
+    assert any(wide_gluon_launch._parked_tiles(width) > 1 for _, width, _ in slices if width > 512) or \
+        any(n > 1 for _, _, n in slices)
 
 
 def test_ring_plan(monkeypatch):

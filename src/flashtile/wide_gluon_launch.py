@@ -218,9 +218,10 @@ def o_slices(dv: int) -> List[Tuple[int, int, int]]:
 
 
 def _parked_tiles(width: int) -> int:
-    """The further register tiles of a slice of width columns past 512 (a multiple of 64): one per
-    power of two in width - 512 (kernels/attention_wide_gluon.slice_tiles)."""
-    return bin((width - REGISTER_SLICE) // CHUNK_COLUMNS).count("1")
+    """The register tiles past the first of a slice of width columns (kernels/attention_wide_gluon.slice_tiles)."""
+    from flashtile.kernels.attention_wide_gluon import slice_tiles
+
+    return sum(slice_tiles(width, KEYS_PER_TILE, CHUNK_COLUMNS, "DV" + tile) > 0 for tile in "BCD")
 
 
 def widest_slice() -> int:

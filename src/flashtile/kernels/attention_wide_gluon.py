@@ -99,10 +99,7 @@ def _issue(c, descs, coords, ring, x_ring, ready, NK1: gl.constexpr, NK2: gl.con
     b, x0, x1_col, x2_col, y1_col, y2_col, z_col, t_lo, n_t, total = coords
     VKA: gl.constexpr = slice_tiles(DZP, BN, KC, "VKA")
     NVA: gl.constexpr = slice_tiles(DZP, BN, KC, "NVA")
-    NVB: gl.constexpr = slice_tiles(DZP, BN, KC, "NVB")
-    NVC: gl.constexpr = slice_tiles(DZP, BN, KC, "NVC")
-    NVD: gl.constexpr = slice_tiles(DZP, BN, KC, "NVD")
-    PER: gl.constexpr = NK1 + NK2 + NVA + NVB + NVC + NVD
+    PER: gl.constexpr = NK1 + NK2 + slice_tiles(DZP, BN, KC, "NZ")
     s = c % STAGES
     w = c // PER
     i = c - w * PER
@@ -296,29 +293,31 @@ def store_slice(acc, acc_b, parks, row_scale, base, stride_s, r0, col0, n_rows, 
                 PARK: gl.constexpr, DZP: gl.constexpr, BN: gl.constexpr, KC: gl.constexpr, BM: gl.constexpr):
     """base[r0 : r0 + BM, col0 : col0 + DZP] = the slice (acc, then acc_b or the parked tiles) times
     row_scale [BM] (a row's factor, in the rows' slice of the S layout); store_tile's bounds."""
-    DVA: gl.constexpr = slice_tiles(DZP, BN, KC, "DVA")
     DVB: gl.constexpr = slice_tiles(DZP, BN, KC, "DVB")
     DVC: gl.constexpr = slice_tiles(DZP, BN, KC, "DVC")
     DVD: gl.constexpr = slice_tiles(DZP, BN, KC, "DVD")
-    _store_scaled(acc, row_scale, base, stride_s, r0, col0, n_rows, WIDTH, BM, DVA)
+    _store_scaled(acc, "A", row_scale, base, stride_s, r0, col0, n_rows, WIDTH, DZP, BN, KC, BM)
     if DVB > 0:
         if PARK:
             acc_b = parks[0].load(split_layout(DVB))
-        _store_scaled(acc_b, row_scale, base, stride_s, r0, col0 + DVA, n_rows, WIDTH, BM, DVB)
+        _store_scaled(acc_b, "B", row_scale, base, stride_s, r0, col0, n_rows, WIDTH, DZP, BN, KC, BM)
     if DVC > 0:
-        _store_scaled(parks[1].load(split_layout(DVC)), row_scale, base, stride_s, r0, col0 + DVA + DVB, n_rows,
-                      WIDTH, BM, DVC)
+        _store_scaled(parks[1].load(split_layout(DVC)), "C", row_scale, base, stride_s, r0, col0, n_rows, WIDTH, DZP,
+                      BN, KC, BM)
     if DVD > 0:
-        _store_scaled(parks[2].load(split_layout(DVD)), row_scale, base, stride_s, r0, col0 + DVA + DVB + DVC,
-                      n_rows, WIDTH, BM, DVD)
+        _store_scaled(parks[2].load(split_layout(DVD)), "D", row_scale, base, stride_s, r0, col0, n_rows, WIDTH, DZP,
+                      BN, KC, BM)
 
 
 @gluon.jit
-def _store_scaled(x, row_scale, base, stride_s, r0, col0, n_rows, WIDTH: gl.constexpr, BM: gl.constexpr,
-                  W: gl.constexpr):
+def _store_scaled(x, TILE: gl.constexpr, row_scale, base, stride_s, r0, col0, n_rows, WIDTH: gl.constexpr,
+                  DZP: gl.constexpr, BN: gl.constexpr, KC: gl.constexpr, BM: gl.constexpr):
+    """store_tile of the slice's register tile TILE (its columns past col0), times row_scale per row."""
+    W: gl.constexpr = slice_tiles(DZP, BN, KC, "DV", TILE)
     layout: gl.constexpr = split_layout(W)
     scale = gl.expand_dims(gl.convert_layout(row_scale, gl.SliceLayout(1, layout)), 1)
-    store_tile(x * scale, base, stride_s, r0, col0, n_rows, WIDTH, BM, W, layout)
+    store_tile(x * scale, base, stride_s, r0, col0 + slice_tiles(DZP, BN, KC, "AT", TILE), n_rows, WIDTH, BM, W,
+               layout)
 
 
 @gluon.jit
